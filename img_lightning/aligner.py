@@ -1,0 +1,208 @@
+"""The IMG Implicit Aligner ``f_theta(h, c_I) -> c_I'`` (DESIGN §1).
+
+Parameter names and shapes follow the released checkpoints (``aligner_sdxl.pth``,
+``aligner_flux.pth``) so that :meth:`ImplicitAligner.load_official` and
+:meth:`ImplicitAligner.save_official` round-trip with the official demo. Unlike the official
+module (batch size 1 only), this one takes a key-padding mask so variable-length MLLM guidance can
+be batched; a padded sample gets exactly the output it gets alone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+class AlignerAttention(nn.Module):
+    """Perceiver-style attention: IP latents attend to ``[guidance; latents]``."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        inner = heads * dim_head
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def _split_heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+
+    def forward(self, x: Tensor, latents: Tensor, x_mask: Optional[Tensor] = None) -> Tensor:
+        x = self.norm1(x)
+        latents = self.norm2(latents)
+        b, n_lat, _ = latents.shape
+        q = self._split_heads(self.to_q(latents))
+        k, v = self.to_kv(torch.cat((x, latents), dim=1)).chunk(2, dim=-1)
+        k, v = self._split_heads(k), self._split_heads(v)
+        # Scaling q and k by dim_head^-1/4 each (not the product by ^-1/2) keeps fp16 logits small;
+        # it is what the released weights were trained with.
+        s = self.dim_head**-0.25
+        scores = (q * s) @ (k * s).transpose(-2, -1)  # [b, heads, n_lat, n_x + n_lat]
+        if x_mask is not None:
+            keep = torch.cat((x_mask, x_mask.new_ones(b, n_lat)), dim=1)
+            scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        out = (weights @ v).transpose(1, 2).reshape(b, n_lat, -1)
+        return self.to_out(out)
+
+
+def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+    # Index layout 0..3 is part of the checkpoint format (layers.{i}.1.{0,1,3}).
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, dim * mult, bias=False),
+        nn.GELU(),
+        nn.Linear(dim * mult, dim, bias=False),
+    )
+
+
+class ImplicitAligner(nn.Module):
+    """Maps IP tokens ``c_I`` ([B, N, dim]) to aligned tokens, guided by MLLM states ``h``.
+
+    The IP tokens themselves are the queries (no learned latents) and the output layer
+    ``zero_linear`` starts at zero, so a fresh aligner is the identity map.
+    """
+
+    def __init__(
+        self,
+        guidance_dim: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        dim_head: int,
+        ff_mult: int = 4,
+    ) -> None:
+        super().__init__()
+        self.dims = dict(
+            guidance_dim=guidance_dim, dim=dim, depth=depth, heads=heads, dim_head=dim_head, ff_mult=ff_mult
+        )
+        self.proj_in = nn.Linear(guidance_dim, dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([AlignerAttention(dim, heads, dim_head), _feed_forward(dim, ff_mult)])
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(dim, dim)
+        self.norm_out = nn.LayerNorm(dim)
+        self.zero_linear = nn.Linear(dim, dim)
+        nn.init.zeros_(self.zero_linear.weight)
+        nn.init.zeros_(self.zero_linear.bias)
+
+    def forward(self, guidance: Tensor, ip_tokens: Tensor, guidance_mask: Optional[Tensor] = None) -> Tensor:
+        """One aligner pass.
+
+        Args:
+            guidance: MLLM hidden states ``[B, T, guidance_dim]`` (padded along T).
+            ip_tokens: IP features ``[B, N, dim]``.
+            guidance_mask: ``[B, T]`` bool, True for real tokens; None when nothing is padded.
+        """
+        if guidance_mask is not None:
+            guidance_mask = guidance_mask.to(torch.bool)
+        x = self.proj_in(guidance)
+        latents = ip_tokens
+        for attn, ff in self.layers:
+            latents = attn(x, latents, guidance_mask) + latents
+            latents = ff(latents) + latents
+        return ip_tokens + self.zero_linear(self.norm_out(self.proj_out(latents)))
+
+    @torch.no_grad()
+    def refine(
+        self, guidance: Tensor, ip_tokens: Tensor, guidance_mask: Optional[Tensor] = None, passes: int = 3
+    ) -> Tensor:
+        """Inference: apply the aligner ``passes`` times, ``c <- f(h, c)`` (paper: 3)."""
+        if passes < 1:
+            raise ValueError(f"passes must be >= 1, got {passes}")
+        out = ip_tokens
+        for _ in range(passes):
+            out = self(guidance, out, guidance_mask)
+        return out
+
+    # ------------------------------------------------------------------ official checkpoints
+    @staticmethod
+    def infer_dims(state_dict: Mapping[str, Tensor], dim_head: int = 64) -> dict[str, int]:
+        """Read guidance_dim, dim, depth, heads and ff_mult off a state dict's shapes.
+
+        ``heads`` and ``dim_head`` are only known through their product, so ``dim_head`` is given.
+        """
+        sd = _strip_module_prefix(state_dict)
+        try:
+            dim, guidance_dim = sd["proj_in.weight"].shape
+            depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+            inner = sd["layers.0.0.to_q.weight"].shape[0]
+            ff_hidden = sd["layers.0.1.1.weight"].shape[0]
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"not an Implicit Aligner state dict (missing {err})") from None
+        if inner % dim_head:
+            raise ValueError(f"attention width {inner} is not a multiple of dim_head={dim_head}")
+        return dict(
+            guidance_dim=int(guidance_dim),
+            dim=int(dim),
+            depth=depth,
+            heads=inner // dim_head,
+            dim_head=dim_head,
+            ff_mult=ff_hidden // dim,
+        )
+
+    @classmethod
+    def load_official(cls, path: str | Path, **dims: int) -> "ImplicitAligner":
+        """Load a released checkpoint (``.pth`` state dict, optional DDP ``module.`` prefix) or one of
+        our ``.safetensors`` exports. Dims not given are inferred from the tensor shapes."""
+        state_dict = load_state_dict_file(path)
+        inferred = cls.infer_dims(state_dict, dim_head=dims.get("dim_head", 64))
+        mismatched = {k: (v, inferred[k]) for k, v in dims.items() if k in inferred and inferred[k] != v}
+        if mismatched:
+            detail = ", ".join(f"{k}: asked {a}, checkpoint has {b}" for k, (a, b) in mismatched.items())
+            raise ValueError(f"{path}: aligner dims do not match the checkpoint ({detail})")
+        model = cls(**{**inferred, **dims})
+        model.load_state_dict(state_dict, strict=True)
+        return model
+
+    def save_official(self, path: str | Path) -> Path:
+        """Write a plain ``.pth`` state dict the official demo loads with ``load_state_dict``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp)
+        tmp.replace(path)
+        return path
+
+    def save_safetensors(self, path: str | Path) -> Path:
+        """Same tensors as :meth:`save_official`, in safetensors, with the dims as metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in self.dims.items()})
+        tmp.replace(path)
+        return path
+
+
+def _strip_module_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Load tensors from ``.safetensors`` or, safely (``weights_only=True``), from ``.pth``/``.pt``/``.bin``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"aligner checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return _strip_module_prefix(state)

@@ -1,0 +1,155 @@
+"""The feature-cache sample format: the single definition the writer and the readers share.
+
+A cache is a directory of WebDataset shards (plain POSIX tar) plus JSON side files::
+
+    manifest.json              cache key, recipe, tensor shapes, per-shard count/bytes/sha256
+    shard-000000.tar           the samples
+    shard-000000.index.json    per-shard manifest entry + byte offsets of every member
+
+Each sample (one Pick-a-Pic preference pair) is two tar members sharing the sample key:
+
+* ``{key}.safetensors`` - ``guidance`` [T, D_mllm] (real tokens only, no padding), ``ip_lose``
+  [N, D] and ``ip_win`` [N, D], fp16 or bf16. Safetensors, so reading never unpickles anything.
+* ``{key}.json`` - metadata: ``pair_id``, ``caption``, ``winner_uid``, ``loser_uid``,
+  ``winner_index`` (0 if ``jpg_0`` won), ``template_id``, ``num_tokens`` and whatever else the
+  writer adds.
+
+The shards stay standard WebDataset, so ``webdataset.WebDataset(urls)`` can stream them too; our
+training loader uses the side-file offsets for random access instead (exact resume, one copy).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+FORMAT_NAME = "img-lightning-cache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TENSOR_EXT = "safetensors"
+META_EXT = "json"
+INDEX_SUFFIX = ".index.json"
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+TENSOR_KEYS = ("guidance", "ip_lose", "ip_win")
+REQUIRED_META = ("pair_id", "caption", "winner_uid", "loser_uid", "template_id", "num_tokens")
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+# safetensors dtype names -> torch
+_ST_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CacheFormatError(ValueError):
+    """Bytes that are not a valid cache sample/shard; the message names the file and key."""
+
+
+def check_key(key: str) -> str:
+    # WebDataset splits member names at the first dot, so keys must not contain one.
+    if not _KEY_RE.match(key):
+        raise ValueError(f"sample key {key!r} must match {_KEY_RE.pattern} (no dots or slashes)")
+    return key
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor sits inside a safetensors payload."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # byte offset from the start of the payload
+    end: int
+
+
+def parse_safetensors_header(prefix: bytes | memoryview) -> tuple[int, dict[str, TensorSpec]]:
+    """Parse the header of a safetensors payload from its first ``8 + header_len`` bytes.
+
+    Returns ``(data_start, specs)`` where ``specs[name].begin`` is relative to the payload start.
+    We parse the (simple, documented) header ourselves so tensors can be read straight into a
+    batch buffer without an intermediate copy.
+    """
+    if len(prefix) < 8:
+        raise CacheFormatError("safetensors payload shorter than its 8-byte header length")
+    (header_len,) = struct.unpack_from("<Q", prefix, 0)
+    if header_len > 100_000_000 or len(prefix) < 8 + header_len:
+        raise CacheFormatError(f"safetensors header length {header_len} is implausible or truncated")
+    try:
+        header = json.loads(bytes(prefix[8 : 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheFormatError(f"safetensors header is not JSON: {err}") from None
+    data_start = 8 + header_len
+    specs: dict[str, TensorSpec] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = tuple(int(s) for s in info["shape"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CacheFormatError(f"safetensors entry {name!r} malformed: {err}") from None
+        specs[name] = TensorSpec(dtype, shape, data_start + int(begin), data_start + int(end))
+    return data_start, specs
+
+
+def encode_sample(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, bytes]:
+    """Serialise one sample to its tar members (extension -> bytes). Deterministic byte output."""
+    from safetensors.torch import save
+
+    missing = [k for k in TENSOR_KEYS if k not in tensors]
+    if missing:
+        raise ValueError(f"sample lacks tensors {missing}")
+    missing_meta = [k for k in REQUIRED_META if k not in meta]
+    if missing_meta:
+        raise ValueError(f"sample metadata lacks {missing_meta}")
+    guidance = tensors["guidance"]
+    if guidance.ndim != 2 or int(meta["num_tokens"]) != guidance.shape[0]:
+        raise ValueError(
+            f"guidance must be [T, D] with T == meta num_tokens; got {tuple(guidance.shape)} "
+            f"and num_tokens={meta['num_tokens']}"
+        )
+    if tensors["ip_lose"].shape != tensors["ip_win"].shape or tensors["ip_lose"].ndim != 2:
+        raise ValueError("ip_lose and ip_win must both be [N, D] with equal shapes")
+    payload = save({k: tensors[k].detach().cpu().contiguous() for k in TENSOR_KEYS})
+    meta_bytes = json.dumps(dict(meta), sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return {TENSOR_EXT: payload, META_EXT: meta_bytes}
+
+
+def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` member as views into ``payload`` (no copy)."""
+    _, specs = parse_safetensors_header(payload)
+    out = {}
+    for name, spec in specs.items():
+        if spec.end > len(payload):
+            raise CacheFormatError(f"tensor {name!r} runs past the end of the payload")
+        count = (spec.end - spec.begin) // torch.empty((), dtype=spec.dtype).element_size()
+        if count == 0:
+            out[name] = torch.empty(spec.shape, dtype=spec.dtype)
+            continue
+        flat = torch.frombuffer(payload, dtype=spec.dtype, count=count, offset=spec.begin)
+        out[name] = flat.view(spec.shape)
+    return out
+
+
+def decode_meta(payload: bytes) -> dict[str, Any]:
+    try:
+        return json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheFormatError(f"sample metadata is not UTF-8 JSON: {err}") from None

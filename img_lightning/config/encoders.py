@@ -1,0 +1,68 @@
+"""Encoder configs shared by preprocessing and evaluation, so both compute features identically.
+
+Fields split in two: *identity* fields (model ids, revisions, dtype, layer, templates, image
+preprocessing) go into the cache key; *location/speed* fields (local paths, device, batch size) do
+not. ``recipe_fields`` lists the identity fields of each block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class MLLMConfig:
+    backend: str = "llava"  # "llava" (LLaVA-1.5, llava-hf) | "qwen2_5_vl"
+    model: str = "llava-hf/llava-1.5-13b-hf"  # Hugging Face id: the model's identity
+    revision: Optional[str] = None
+    path: Optional[str] = None  # local directory to load from instead of the HF cache
+    layer: int = -1  # index into hidden_states (-1 = last layer, as in the paper)
+    dtype: str = "bfloat16"  # compute dtype of the MLLM
+    templates: str = "img-v1"  # question template set
+    image_mode: str = "pad"  # "pad": LLaVA-1.5's pad-to-square; "processor": the HF processor as is
+    device: str = "auto"
+    batch_size: int = 4
+
+    recipe_fields = ("backend", "model", "revision", "layer", "dtype", "templates", "image_mode")
+
+
+@dataclass
+class IPEncoderConfig:
+    kind: str = "sdxl_plus"  # "sdxl_plus" (IP-Adapter-Plus SDXL, ViT-H) | "flux_xlabs"
+    image_encoder: str = "h94/IP-Adapter"  # HF id of the CLIP vision tower
+    image_encoder_subfolder: str = "models/image_encoder"
+    adapter: str = "h94/IP-Adapter"  # HF id holding the adapter checkpoint
+    adapter_subfolder: str = "sdxl_models"
+    adapter_weight_name: str = "ip-adapter-plus_sdxl_vit-h.safetensors"
+    revision: Optional[str] = None
+    image_encoder_path: Optional[str] = None  # local overrides (not part of the cache key)
+    adapter_path: Optional[str] = None
+    dtype: str = "float16"
+    device: str = "auto"
+    batch_size: int = 16
+
+    recipe_fields = (
+        "kind",
+        "image_encoder",
+        "image_encoder_subfolder",
+        "adapter",
+        "adapter_subfolder",
+        "adapter_weight_name",
+        "revision",
+        "dtype",
+    )
+
+
+@dataclass
+class EncodersConfig:
+    mllm: MLLMConfig = field(default_factory=MLLMConfig)
+    ip: IPEncoderConfig = field(default_factory=IPEncoderConfig)
+
+
+def recipe_of_encoders(cfg) -> dict:
+    """The identity part of an encoders config (goes into the cache key)."""
+    return {
+        "mllm": {k: cfg.mllm[k] for k in MLLMConfig.recipe_fields},
+        "ip": {k: cfg.ip[k] for k in IPEncoderConfig.recipe_fields},
+    }
