@@ -1,0 +1,50 @@
+"""Pieces every CLI shares: config arguments, ``--print-config``, logging, friendly errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from ..config.loading import ConfigError, load_config, split_cli_args, to_yaml
+
+CONFIG_EPILOG = (
+    "Configs merge as: schema defaults <- each YAML file in order <- key=value overrides "
+    "(dotted keys, e.g. data.batch_size=16). A misspelled key is an error."
+)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="*", metavar="CONFIG.yaml|key=value",
+                        help="YAML config files and key=value overrides, in merge order")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every key, with defaults) and exit")
+
+
+def resolve_config(schema: Any, args: argparse.Namespace) -> Any:
+    files, overrides = split_cli_args(args.config)
+    return load_config(schema, files, overrides, require_complete=not args.print_config)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_cli(body: Callable[[], int], known_errors: Sequence[type[BaseException]] = ()) -> int:
+    """Run a CLI body; expected user errors become one line on stderr and exit code 2."""
+    errors = (ConfigError, FileNotFoundError, FileExistsError, *known_errors)
+    try:
+        return body()
+    except errors as err:  # type: ignore[misc]
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def print_config(cfg: Any) -> int:
+    print(to_yaml(cfg), end="")
+    return 0

@@ -1,0 +1,67 @@
+"""``img-train``: train the Implicit Aligner on a feature cache."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional, Sequence
+
+from ..cache.format import CacheFormatError
+from ..config.train import TrainConfig
+from ..data import CacheMismatchError
+from .common import CONFIG_EPILOG, add_config_arguments, print_config, resolve_config, run_cli, setup_logging
+
+log = logging.getLogger("img_lightning.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="img-train",
+        description=(
+            "Train the IMG Implicit Aligner with the Iteratively Updated Preference Objective on a "
+            "feature cache made by img-preprocess. Runs on CPU, one GPU, or many nodes (DDP; under "
+            "SLURM use slurm/train.sbatch). Resume an interrupted run with run.ckpt_path=last."
+        ),
+        epilog=CONFIG_EPILOG + " Example: img-train configs/train/sdxl_llava13b.yaml data.cache=/data/cache "
+        "run.name=sdxl-a trainer.devices=8",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def body() -> int:
+        cfg = resolve_config(TrainConfig, args)
+        if args.print_config:
+            return print_config(cfg)
+        from ..training import run_training
+
+        result = run_training(cfg)
+        if result.is_global_zero:
+            report(result)
+        return 0
+
+    return run_cli(body, (CacheMismatchError, CacheFormatError))
+
+
+def report(result) -> None:
+    m = result.metrics
+    lines = [f"run directory: {result.run_dir}"]
+    if "val/identity" in m:
+        lines.append(
+            f"validation ||c_w - f(c)||^2: identity baseline {m['val/identity']:.5f} -> trained "
+            f"{m['val/base']:.5f} ({100 * m['val/rel_improvement']:.1f}% lower); "
+            f"implicit accuracy {m['val/implicit_acc']:.3f}"
+        )
+    for name, path in result.exports.items():
+        lines.append(f"exported {name}: {path}")
+    lines.append(f"TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""The DataModule owns the distributed data semantics: cache checks, rank balance, exact resume.
+
+Resume works through Lightning's DataModule state in the checkpoint: every training batch carries
+``(epoch, position)``; :meth:`on_before_batch_transfer` (called only for the batch about to be
+trained on, never for the one Lightning prefetches) records it, the checkpoint saves it, and after
+a restart the sampler skips exactly the batches already trained on in that epoch.
+
+The data epoch is derived from that position too, not from ``trainer.current_epoch``: Lightning
+(2.6) never calls ``set_epoch`` on our sampler after a mid-epoch resume, and after a resume from a
+checkpoint taken on an epoch's last batch its epoch counter runs one ahead of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..cache.reader import CacheView
+from .dataset import CacheBatchDataset, passthrough_collate
+from .plan import ResumableBatchSampler
+
+log = logging.getLogger(__name__)
+
+
+class CacheMismatchError(ValueError):
+    """The cache was made by a different recipe, or its shapes do not fit the model."""
+
+
+@dataclass(frozen=True)
+class ExpectedFeatures:
+    """What the model needs from the cache."""
+
+    cache_key: Optional[str]  # None: accept any key (only for tests and ad-hoc use)
+    guidance_dim: int
+    ip_tokens: int
+    ip_dim: int
+
+
+def check_cache(view: CacheView, expected: ExpectedFeatures, max_bad_fraction: float) -> None:
+    root = view.root
+    if expected.cache_key is not None and view.manifest.cache_key != expected.cache_key:
+        raise CacheMismatchError(
+            f"{root}: cache key {view.manifest.cache_key} does not match the key of this config's recipe "
+            f"({expected.cache_key}). The features were extracted with different encoders/settings "
+            f"(the cache's recipe is in {root}/manifest.json). Point data.cache at a cache made with "
+            f"data.recipe, or set data.recipe/data.cache_key to the recipe that made this cache."
+        )
+    if view.guidance_dim != expected.guidance_dim:
+        raise CacheMismatchError(
+            f"{root}: guidance features have width {view.guidance_dim}, but model.guidance_dim="
+            f"{expected.guidance_dim}; set model.guidance_dim={view.guidance_dim}"
+        )
+    if view.ip_shape != (expected.ip_tokens, expected.ip_dim):
+        raise CacheMismatchError(
+            f"{root}: IP features are {list(view.ip_shape)}, but the model expects "
+            f"[{expected.ip_tokens}, {expected.ip_dim}] (model.num_tokens, model.dim)"
+        )
+    if view.skipped_fraction > max_bad_fraction:
+        names = ", ".join(f"{s.name} ({s.reason})" for s in view.skipped[:5])
+        raise CacheMismatchError(
+            f"{root}: {len(view.skipped)} shards ({view.skipped_fraction:.1%} of the samples) are unusable, "
+            f"above data.max_bad_fraction={max_bad_fraction}: {names}. Run `img-preprocess verify {root}` "
+            f"and re-run preprocessing for those shards."
+        )
+    if view.num_samples == 0:
+        raise CacheMismatchError(f"{root}: the cache holds no readable samples")
+
+
+class FeatureCacheDataModule(L.LightningDataModule):
+    def __init__(self, cfg: Any, expected: ExpectedFeatures) -> None:
+        """``cfg`` is the ``data`` block of the training config (see ``config/train.py``)."""
+        super().__init__()
+        self.cfg = cfg
+        self.expected = expected
+        self.train_view: Optional[CacheView] = None
+        self.val_view: Optional[CacheView] = None
+        self.train_ids: Optional[np.ndarray] = None
+        self.val_ids: Optional[np.ndarray] = None
+        # Training position: last (epoch, batches done) handed to the training step.
+        self.epoch = 0
+        self.batches_done = 0
+        self._resume: Optional[tuple[int, int]] = None
+        self._trained_any = False
+        self.bad_samples = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_view is not None:
+            return
+        cfg = self.cfg
+        self.train_view = CacheView.open(cfg.cache, verify_checksums=cfg.verify_checksums)
+        check_cache(self.train_view, self.expected, cfg.max_bad_fraction)
+        all_ids = np.arange(self.train_view.num_samples, dtype=np.int64)
+        if cfg.val_cache:
+            self.val_view = CacheView.open(cfg.val_cache, verify_checksums=cfg.verify_checksums)
+            check_cache(self.val_view, self.expected, cfg.max_bad_fraction)
+            self.train_ids = all_ids
+            self.val_ids = np.arange(self.val_view.num_samples, dtype=np.int64)
+        elif cfg.val_fraction > 0:
+            if not 0 < cfg.val_fraction < 1:
+                raise ValueError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+            n_val = max(1, int(round(cfg.val_fraction * len(all_ids))))
+            perm = np.random.default_rng([int(cfg.val_split_seed), 7919]).permutation(len(all_ids))
+            self.val_view = self.train_view
+            self.val_ids = np.sort(all_ids[perm[:n_val]])
+            self.train_ids = np.sort(all_ids[perm[n_val:]])
+        else:
+            self.train_ids = all_ids
+        world = self._world_size()
+        if len(self.train_ids) < cfg.batch_size * world:
+            raise ValueError(
+                f"{cfg.cache}: {len(self.train_ids)} training samples cannot fill one batch of "
+                f"{cfg.batch_size} on each of {world} ranks"
+            )
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, view: CacheView, ids: np.ndarray, batch_size: int, train: bool) -> DataLoader:
+        cfg = self.cfg
+        sampler = ResumableBatchSampler(
+            ids,
+            batch_size=batch_size,
+            rank=self._rank(),
+            world_size=self._world_size(),
+            seed=cfg.seed,
+            shuffle=train,
+            start_fn=self._next_pass if train else (lambda: (0, 0)),
+        )
+        workers = cfg.num_workers
+        return DataLoader(
+            CacheBatchDataset(view, max_open_shards=cfg.max_open_shards),
+            batch_sampler=sampler,
+            collate_fn=passthrough_collate,
+            num_workers=workers,
+            pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+            persistent_workers=cfg.persistent_workers and workers > 0 and train,
+            prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_view is not None and self.train_ids is not None, "call setup() first"
+        return self._loader(self.train_view, self.train_ids, self.cfg.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_view is None or self.val_ids is None:
+            return []
+        return self._loader(self.val_view, self.val_ids, self.cfg.val_batch_size or self.cfg.batch_size, train=False)
+
+    # ------------------------------------------------------------------ resume state
+    def _next_pass(self) -> tuple[int, int]:
+        """``(epoch, first batch)`` of a new training pass over the data."""
+        if self._resume is not None:
+            epoch, done = self._resume
+            self._resume = None
+            per_epoch = len(self.train_ids) // (self.cfg.batch_size * self._world_size())
+            return (epoch, done) if done < per_epoch else (epoch + 1, 0)
+        # A new pass follows the epoch of the last batch trained on (stable if iter() is called twice).
+        return (self.epoch + 1, 0) if self._trained_any else (0, 0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and "position" in batch:
+            self.epoch = int(batch["epoch"])
+            self.batches_done = int(batch["position"]) + 1
+            self._trained_any = True
+            self._account_bad(int(batch["num_bad"]))
+        return batch
+
+    def _account_bad(self, n: int) -> None:
+        if n == 0:
+            return
+        self.bad_samples += n
+        view = self.train_view
+        total = view.manifest.num_samples if view is not None else 0
+        skipped = sum(s.num_samples for s in view.skipped) if view is not None else 0
+        fraction = (self.bad_samples + skipped) / max(total, 1)
+        if fraction > self.cfg.max_bad_fraction:
+            raise RuntimeError(
+                f"{self.cfg.cache}: {self.bad_samples} samples failed to decode and {skipped} sit in skipped "
+                f"shards ({fraction:.2%} of the cache), above data.max_bad_fraction={self.cfg.max_bad_fraction}. "
+                f"Run `img-preprocess verify {self.cfg.cache}` and re-create the bad shards."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "bad_samples": self.bad_samples}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch = int(state_dict["epoch"])
+        self.batches_done = int(state_dict["batches_done"])
+        self.bad_samples = int(state_dict.get("bad_samples", 0))
+        self._resume = (self.epoch, self.batches_done)
+        self._trained_any = True
+
+    # ------------------------------------------------------------------ info
+    def describe(self) -> str:
+        v = self.train_view
+        if v is None:
+            return "data not set up"
+        world = self._world_size()
+        steps = len(self.train_ids) // (self.cfg.batch_size * world)
+        return (
+            f"cache {v.root}: {v.num_samples} pairs in {len(v.shard_paths)} shards "
+            f"({len(v.skipped)} skipped), key {v.manifest.cache_key}; train {len(self.train_ids)}, "
+            f"val {0 if self.val_ids is None else len(self.val_ids)}; {steps} steps/epoch at "
+            f"{self.cfg.batch_size} x {world} ranks; {math.ceil(v.manifest.num_bytes / 2**20)} MiB"
+        )

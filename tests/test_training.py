@@ -1,0 +1,159 @@
+"""Training: exact resume, reference swaps, run directory, TensorBoard, export, CLI, SLURM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from img_lightning.aligner import ImplicitAligner
+from img_lightning.cache.synthetic import write_synthetic_cache
+from img_lightning.cli.train import main as train_main
+from img_lightning.training import build_trainer, run_training
+from train_utils import tiny_config, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    train = write_synthetic_cache(root / "train", 26, seed=0, **dims)  # 6 steps/epoch at batch 4
+    val = write_synthetic_cache(root / "val", 12, seed=1, **dims)
+    return root / "train", root / "val", train.cache_key
+
+
+class RecordBatches(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append((int(batch["epoch"]), int(batch["position"]), batch["index"].tolist()))
+
+
+class CrashAt(Callback):
+    """Simulates a kill: raises after step `step`'s optimizer update, before its checkpoint."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def _final_state(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return ckpt
+
+
+@pytest.mark.parametrize("crash_step", [5, 7])
+def test_killed_and_resumed_run_matches_uninterrupted_run(caches, tmp_path, crash_step):
+    train, val, key = caches
+    extra = {"data.num_workers": 2, "data.val_cache": str(val), "trainer.max_steps": 12,
+             "trainer.checkpoint_every_n_steps": 3}
+
+    straight = RecordBatches()
+    run_training(tiny_config(train, key, tmp_path, "straight", **extra), [straight])
+
+    first = RecordBatches()
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run_training(tiny_config(train, key, tmp_path, "killed", **extra), [first, CrashAt(crash_step)])
+    resumed = RecordBatches()
+    cfg = tiny_config(train, key, tmp_path, "killed", **{**extra, "run.ckpt_path": "last"})
+    run_training(cfg, [resumed])
+
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
+    assert a["global_step"] == b["global_step"] == 12
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0, msg=k)
+    assert a["callbacks"]["ReferenceSwap"] == b["callbacks"]["ReferenceSwap"]
+    assert a["callbacks"]["ReferenceSwap"]["swaps"] >= 1
+    assert a["FeatureCacheDataModule"] == b["FeatureCacheDataModule"]  # loader position is checkpointed
+
+    # Samples: the resumed run trains exactly on what the uninterrupted one did after the checkpoint.
+    checkpoint_step = (crash_step // 3) * 3
+    assert first.seen[:checkpoint_step] == straight.seen[:checkpoint_step]
+    assert resumed.seen == straight.seen[checkpoint_step:]
+    # and within each epoch every training sample appears exactly once
+    epoch0 = [i for e, _, idx in straight.seen if e == 0 for i in idx]
+    assert len(epoch0) == len(set(epoch0)) == 24
+
+
+def test_run_directory_tensorboard_and_export(caches, tmp_path):
+    train, val, key = caches
+    cfg = tiny_config(train, key, tmp_path, "run", **{"data.val_cache": str(val)})
+    result = run_training(cfg)
+    run_dir = tmp_path / "run"
+    assert result.run_dir == run_dir
+    assert (run_dir / "config.yaml").read_text().count("guidance_dim: 16") == 1
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert len(info["git"]["sha"]) == 40 or info["git"]["sha"] == "unknown"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert result.best_checkpoint and "best-step" in result.best_checkpoint
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/base", "train/pref", "train/dpo_margin", "train/spin_margin",
+                "train/implicit_acc", "reference/swaps", "reference/streak", "lr-AdamW",
+                "perf/samples_per_s", "perf/data_wait_share", "val/base", "val/identity",
+                "val/rel_improvement", "val/implicit_acc"):
+        assert tag in tags, tag
+    swaps = [e.value for e in events.Scalars("reference/swaps")]
+    assert swaps[-1] >= 1
+
+    # export: official layout loads strictly; safetensors gives the same function
+    official = ImplicitAligner.load_official(run_dir / "export" / "aligner.pth", dim_head=4)
+    from_st = ImplicitAligner.load_official(run_dir / "export" / "aligner.safetensors", dim_head=4)
+    g, ip = torch.randn(2, 5, 16), torch.randn(2, 4, 8)
+    torch.testing.assert_close(official(g, ip), from_st(g, ip))
+    assert not torch.allclose(official(g, ip), ip)  # it trained away from the identity
+    assert result.metrics["val/base"] < result.metrics["val/identity"]
+
+    # starting again in the same directory without asking to resume is refused
+    with pytest.raises(FileExistsError, match="run.ckpt_path=last"):
+        run_training(cfg)
+
+
+def test_cli_help_print_config_and_misspelled_key(capsys, caches, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--help"])
+    assert exc.value.code == 0
+    assert "img-train" in capsys.readouterr().out
+
+    assert train_main(["--print-config", "trainer.max_steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "patience: 10" in out
+
+    assert train_main(["trainer.max_stepz=7"]) == 2
+    assert "trainer.max_stepz" in capsys.readouterr().err
+
+    train, _, _ = caches
+    assert train_main(tiny_overrides(train, "0000000000000000", tmp_path, "badkey")) == 2
+    assert "does not match" in capsys.readouterr().err
+
+
+def test_cli_trains_and_reports(caches, tmp_path, capsys):
+    train, val, key = caches
+    args = tiny_overrides(train, key, tmp_path, "cli", **{"data.val_cache": str(val), "trainer.max_steps": 4})
+    assert train_main(args) == 0
+    out = capsys.readouterr().out
+    assert "identity baseline" in out and "tensorboard --logdir" in out
+    assert (tmp_path / "cli" / "export" / "aligner.pth").is_file()
+
+
+def test_slurm_environment_is_picked_under_srun(monkeypatch, tmp_path, caches):
+    train, _, key = caches
+    for name, value in {
+        "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "img-train", "SLURM_JOB_ID": "4242",
+        "SLURM_NODELIST": "node001", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+    }.items():
+        monkeypatch.setenv(name, value)
+    cfg = tiny_config(train, key, tmp_path, "slurm")
+    trainer = build_trainer(cfg, tmp_path / "slurm")
+    env = trainer._accelerator_connector.cluster_environment
+    assert isinstance(env, SLURMEnvironment)
+    assert env.auto_requeue and env.job_id() == 4242
