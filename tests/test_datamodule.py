@@ -77,7 +77,7 @@ def test_each_sample_exactly_once_per_epoch_across_ranks_and_workers(cache, work
     root, manifest = cache
     seen = []
     for rank in range(2):
-        dm = _datamodule(root, manifest.cache_key, batch_size=5, num_workers=workers, persistent_workers=False)
+        dm = _datamodule(root, manifest.cache_key, batch_size=5, num_workers=workers)
         dm.setup("fit")
         loader = dm.train_dataloader()
         loader.batch_sampler.rank, loader.batch_sampler.world_size = rank, 2

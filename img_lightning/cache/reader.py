@@ -1,11 +1,11 @@
 """Random-access reading of a feature cache, one copy from the page cache into the batch.
 
-:class:`CacheView` is built in the main process on every rank from the manifest and the shard
-index files (cheap: no tensor bytes are read) and is identical everywhere, which is what lets
-ranks agree on the sample space. :class:`BatchReader` lives in a loader worker: it reads each
-tensor with ``preadv`` directly into its row of the padded batch, so tensor bytes are copied
-exactly once (kernel to batch); in a worker the batch is allocated in shared memory, so handing it
-to the main process copies nothing either.
+:class:`CacheView` is built on every rank from the manifest and the shard index files (cheap: no
+tensor bytes are read) and is identical everywhere, which is what lets ranks agree on the sample
+space. :class:`BatchReader` reads each sample with one ``preadv`` straight into its rows of the
+padded batch (pinned memory when feeding a GPU), so tensor bytes are copied exactly once: kernel
+page cache to batch. There is no decode step and no inter-process hand-off (see data/loader.py for
+why the loader uses threads rather than worker processes).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -129,30 +130,78 @@ def _shard_problem(path: Path, expected_bytes: int, expected_sha: Optional[str])
     return None
 
 
-def alloc(shape: Sequence[int], dtype: torch.dtype, shared: bool) -> Tensor:
-    """Uninitialised tensor, in shared memory when built inside a DataLoader worker."""
-    if not shared:
-        return torch.empty(tuple(shape), dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+class StoragePool:
+    """Recycles CPU batch memory once no tensor references it any more.
+
+    A fresh multi-megabyte allocation is page-faulted and zeroed by the kernel on first touch, which
+    costs about as much as reading the bytes; recycling storages avoids it. A storage is reused only
+    when its use count says the pool holds the sole reference (every tensor or view made from it
+    holds one), so a batch still in use is never overwritten. Pinned (GPU-bound) batches do not use
+    this pool: PyTorch's caching host allocator already recycles them, after their copies finish.
+    """
+
+    _ALIGN = 64
+
+    def __init__(self, max_buffers: int = 16) -> None:
+        self.max_buffers = max_buffers
+        self._storages: list[torch.UntypedStorage] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _in_use(storage: torch.UntypedStorage) -> bool:
+        return torch._C._storage_Use_Count(storage._cdata) > 1
+
+    def tensors(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[Tensor]:
+        """Uninitialised tensors of the given shapes/dtypes, carved from one recycled storage."""
+        offsets, nbytes = [], 0
+        for shape, dtype in specs:
+            nbytes = -(-nbytes // self._ALIGN) * self._ALIGN
+            offsets.append(nbytes)
+            nbytes += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        with self._lock:
+            free = [s for s in self._storages if s.nbytes() >= nbytes and not self._in_use(s)]
+            if free:
+                storage = min(free, key=lambda s: s.nbytes())
+            else:
+                storage = torch.UntypedStorage(max(1, nbytes + nbytes // 8))  # slack for longer batches
+                if len(self._storages) < self.max_buffers:
+                    self._storages.append(storage)
+                else:  # replace the smallest idle buffer, if any; otherwise this one is not pooled
+                    idle = [s for s in self._storages if not self._in_use(s)]
+                    if idle:
+                        self._storages.remove(min(idle, key=lambda s: s.nbytes()))
+                        self._storages.append(storage)
+            out = []
+            for (shape, dtype), offset in zip(specs, offsets):
+                elsize = torch.empty((), dtype=dtype).element_size()
+                out.append(torch.empty(0, dtype=dtype).set_(storage, offset // elsize, shape))
+            return out
 
 
-def _pread_into(fd: int, dest: Tensor, offset: int) -> None:
-    view = memoryview(dest.view(torch.uint8).numpy()).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+def _byte_view(t: Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _pread_into(fd: int, dests: list[Tensor], offset: int) -> None:
+    """Fill ``dests`` (contiguous, in order) from ``offset`` with as few ``preadv`` calls as possible."""
+    views = [_byte_view(d) for d in dests if d.numel()]
+    while views:
+        n = os.preadv(fd, views, offset)
         if n <= 0:
-            raise CacheFormatError(f"unexpected end of file at byte {offset + done}")
-        done += n
+            raise CacheFormatError(f"unexpected end of file at byte {offset}")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
 
 
 class BatchReader:
     """Reads batches of samples by index into padded tensors (one copy per tensor byte)."""
 
-    def __init__(self, view: CacheView, max_open: int = 64) -> None:
+    def __init__(self, view: CacheView, max_open: int = 64, pool: Optional[StoragePool] = None) -> None:
         self.view = view
+        self.pool = pool
         self.max_open = max_open
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._warned: set[int] = set()
@@ -208,11 +257,9 @@ class BatchReader:
                 raise CacheFormatError(f"tensor {name!r} runs past its tar member")
         return fd, off, specs
 
-    def read(self, indices: Sequence[int], shared: Optional[bool] = None) -> dict[str, Tensor]:
+    def read(self, indices: Sequence[int], pin_memory: bool = False) -> dict[str, Tensor]:
         """Batch dict: ``guidance`` [B, T_max, D], ``guidance_mask`` [B, T_max] (True = real token),
         ``ip_lose``/``ip_win`` [B, N, D], ``index`` [B] and ``num_bad`` (samples dropped as corrupt)."""
-        if shared is None:
-            shared = torch.utils.data.get_worker_info() is not None
         located, good = [], []
         for i in indices:
             try:
@@ -224,22 +271,32 @@ class BatchReader:
         n, d = self.ip_shape
         lengths = [int(self.view.num_tokens[i]) for i in good]
         t_max = max(lengths, default=0)
-        guidance = alloc((b, t_max, self.guidance_dim), self.dtype, shared)
-        mask = alloc((b, t_max), torch.bool, shared)
-        ip_lose = alloc((b, n, d), self.dtype, shared)
-        ip_win = alloc((b, n, d), self.dtype, shared)
+        specs = [((b, t_max, self.guidance_dim), self.dtype), ((b, t_max), torch.bool),
+                 ((b, n, d), self.dtype), ((b, n, d), self.dtype)]
+        if self.pool is not None and not pin_memory:
+            guidance, mask, ip_lose, ip_win = self.pool.tensors(specs)
+        else:
+            guidance, mask, ip_lose, ip_win = (torch.empty(sh, dtype=dt, pin_memory=pin_memory) for sh, dt in specs)
         keep = []
         for row, ((fd, off, specs), t) in enumerate(zip(located, lengths)):
+            parts = [("guidance", guidance[row, :t]), ("ip_lose", ip_lose[row]), ("ip_win", ip_win[row])]
             try:
-                _pread_into(fd, guidance[row, :t], off + specs["guidance"].begin)
-                _pread_into(fd, ip_lose[row], off + specs["ip_lose"].begin)
-                _pread_into(fd, ip_win[row], off + specs["ip_win"].begin)
+                parts.sort(key=lambda p: specs[p[0]].begin)
+                contiguous = all(specs[a].end == specs[b].begin for (a, _), (b, _) in zip(parts, parts[1:]))
+                if contiguous:  # the usual layout: one syscall for the whole sample
+                    _pread_into(fd, [dest for _, dest in parts], off + specs[parts[0][0]].begin)
+                else:
+                    for name, dest in parts:
+                        _pread_into(fd, [dest], off + specs[name].begin)
             except (CacheFormatError, OSError) as err:
                 self._report_bad(good[row], err)
                 continue
-            guidance[row, t:].zero_()
-            mask[row, :t] = True
-            mask[row, t:] = False
+            # numpy, not torch: a torch fill may wake the intra-op thread pool from a reader thread
+            # for a few hundred kB of padding, which costs more than the read itself.
+            guidance[row, t:].view(torch.uint8).numpy().fill(0)
+            row_mask = mask[row].numpy()
+            row_mask[:t] = True
+            row_mask[t:] = False
             keep.append(row)
         num_bad = len(indices) - len(keep)
         if len(keep) != b:  # rare: a read failed after allocation; compact the batch

@@ -66,10 +66,9 @@ class DataConfig:
     cache_key: Optional[str] = None
     batch_size: int = 8  # per GPU
     val_batch_size: Optional[int] = None
-    num_workers: int = 4
-    prefetch_factor: int = 4
-    pin_memory: bool = True
-    persistent_workers: bool = True
+    num_workers: int = 4  # reader threads (see data/loader.py); 0 reads inline
+    prefetch_factor: int = 2  # batches in flight per reader thread
+    pin_memory: bool = True  # read straight into pinned memory when training on a GPU
     seed: int = 0  # shuffle seed; the permutation of epoch e uses (seed, e)
     # Shards whose size differs from the manifest are skipped; samples that fail to decode are
     # dropped from their batch. Above this fraction of the data the run stops.

@@ -20,10 +20,8 @@ from typing import Any, Optional
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-
 from ..cache.reader import CacheView
-from .dataset import CacheBatchDataset, passthrough_collate
+from .loader import ThreadedBatchLoader
 from .plan import ResumableBatchSampler
 
 log = logging.getLogger(__name__)
@@ -127,7 +125,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, view: CacheView, ids: np.ndarray, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, view: CacheView, ids: np.ndarray, batch_size: int, train: bool) -> ThreadedBatchLoader:
         cfg = self.cfg
         sampler = ResumableBatchSampler(
             ids,
@@ -138,22 +136,21 @@ class FeatureCacheDataModule(L.LightningDataModule):
             shuffle=train,
             start_fn=self._next_pass if train else (lambda: (0, 0)),
         )
-        workers = cfg.num_workers
-        return DataLoader(
-            CacheBatchDataset(view, max_open_shards=cfg.max_open_shards),
-            batch_sampler=sampler,
-            collate_fn=passthrough_collate,
-            num_workers=workers,
-            pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-            persistent_workers=cfg.persistent_workers and workers > 0 and train,
-            prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return ThreadedBatchLoader(
+            view,
+            sampler,
+            num_workers=cfg.num_workers,
+            prefetch=cfg.prefetch_factor,
+            pin_memory=cfg.pin_memory and on_gpu and torch.cuda.is_available(),
+            max_open_shards=cfg.max_open_shards,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ThreadedBatchLoader:
         assert self.train_view is not None and self.train_ids is not None, "call setup() first"
         return self._loader(self.train_view, self.train_ids, self.cfg.batch_size, train=True)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> ThreadedBatchLoader | list:
         if self.val_view is None or self.val_ids is None:
             return []
         return self._loader(self.val_view, self.val_ids, self.cfg.val_batch_size or self.cfg.batch_size, train=False)

@@ -1,0 +1,128 @@
+"""Loader throughput vs raw read throughput of the same shard files, measured in one run.
+
+    python benchmarks/loader.py                      # builds a full-size cache in a temp dir
+    python benchmarks/loader.py --cache /data/cache  # or measures an existing one
+
+(a) raw: sequential ``readinto`` of every shard file into one reusable buffer (page-cached: the
+    files are read once to warm the cache first) -> GB/s of file bytes.
+(b) loader: the training DataLoader of ``FeatureCacheDataModule``, batches fully collated
+    (padded guidance + mask + IP tokens), for 0, 1 and 2 workers -> GB/s of tensor payload
+    (the real, unpadded tensor bytes) and pairs/s.
+Prints (b)/(a) per worker count. Samples are LLaVA-13B shaped by default: guidance ~600 x 5120,
+IP tokens 16 x 2048 for the loser and the winner, fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from img_lightning.cache import CacheView, CacheWriter, Manifest, cache_key  # noqa: E402
+from img_lightning.config.loading import load_config  # noqa: E402
+from img_lightning.config.train import TrainConfig  # noqa: E402
+from img_lightning.data import ExpectedFeatures, FeatureCacheDataModule  # noqa: E402
+
+
+def build_cache(root: Path, pairs: int, guidance_dim: int, ip_tokens: int, ip_dim: int, tokens: tuple[int, int]) -> None:
+    recipe = {"benchmark": "loader", "guidance_dim": guidance_dim, "ip": [ip_tokens, ip_dim]}
+    rng = np.random.default_rng(0)
+    # Random bytes are as good as features for I/O; make them once and slice.
+    pool = torch.from_numpy(rng.standard_normal((tokens[1] + 2 * ip_tokens) * guidance_dim).astype(np.float16))
+    with CacheWriter(root, cache_key(recipe), recipe, shard_size=32) as writer:
+        for i in range(pairs):
+            t = int(rng.integers(tokens[0], tokens[1] + 1))
+            g = pool[: t * guidance_dim].view(t, guidance_dim)
+            ip = pool[-2 * ip_tokens * ip_dim :].view(2, ip_tokens, ip_dim)
+            meta = {"pair_id": str(i), "caption": "benchmark", "winner_uid": "w", "loser_uid": "l",
+                    "template_id": 0, "num_tokens": t}
+            writer.write(f"b{i:07d}", {"guidance": g, "ip_lose": ip[0], "ip_win": ip[1]}, meta)
+
+
+def raw_read_gbps(paths: list[Path], repeats: int) -> float:
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    total, best = sum(p.stat().st_size for p in paths), 0.0
+    for _ in range(repeats + 1):  # the first pass only warms the page cache
+        start = time.perf_counter()
+        for path in paths:
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(view):
+                    pass
+        best = max(best, total / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def loader_throughput(root: Path, key: str, dims: tuple[int, int, int], workers: int, batch: int, epochs: int):
+    overrides = [f"data.cache={root}", f"data.cache_key={key}", f"data.batch_size={batch}",
+                 f"data.num_workers={workers}", "data.pin_memory=false"]
+    cfg = load_config(TrainConfig, [], overrides)
+    dm = FeatureCacheDataModule(cfg.data, ExpectedFeatures(key, *dims))
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    elsize = 2
+    best_gbps, best_pairs = 0.0, 0.0
+    for epoch in range(epochs + 1):  # epoch 0 starts the workers and is not counted
+        dm._trained_any, dm.epoch = epoch > 0, epoch - 1
+        payload = pairs = 0
+        start = time.perf_counter()
+        for b in loader:
+            n = b["index"].numel()
+            payload += int(b["guidance_mask"].sum()) * dims[0] * elsize + 2 * n * dims[1] * dims[2] * elsize
+            pairs += n
+        elapsed = time.perf_counter() - start
+        if epoch > 0:
+            best_gbps, best_pairs = max(best_gbps, payload / elapsed / 1e9), max(best_pairs, pairs / elapsed)
+    return best_gbps, best_pairs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, help="existing cache (default: build one in a temp dir)")
+    parser.add_argument("--pairs", type=int, default=256, help="pairs in the built cache (must fit in RAM)")
+    parser.add_argument("--guidance-dim", type=int, default=5120)
+    parser.add_argument("--ip-tokens", type=int, default=16)
+    parser.add_argument("--ip-dim", type=int, default=2048)
+    parser.add_argument("--min-tokens", type=int, default=580)
+    parser.add_argument("--max-tokens", type=int, default=640)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    tmp = None
+    root = args.cache
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="img-loader-bench-")
+        root = Path(tmp.name)
+        t0 = time.perf_counter()
+        build_cache(root, args.pairs, args.guidance_dim, args.ip_tokens, args.ip_dim, (args.min_tokens, args.max_tokens))
+        print(f"built {args.pairs} pairs in {time.perf_counter() - t0:.1f}s at {root}")
+    manifest = Manifest.load(root)
+    view = CacheView.open(root)
+    dims = (view.guidance_dim, *view.ip_shape)
+    paths = view.shard_paths
+    size = sum(p.stat().st_size for p in paths)
+    print(f"cache: {view.num_samples} pairs, {len(paths)} shards, {size / 1e9:.2f} GB, "
+          f"{size / view.num_samples / 1e6:.2f} MB/pair; cpus={os.cpu_count()} torch threads={torch.get_num_threads()}")
+    raw = raw_read_gbps(paths, args.repeats)
+    print(f"(a) raw sequential read, page-cached: {raw:.2f} GB/s")
+    print(f"{'workers':>8} {'GB/s':>8} {'pairs/s':>9} {'ratio b/a':>10}")
+    for workers in args.workers:
+        gbps, pairs = loader_throughput(root, manifest.cache_key, dims, workers, args.batch_size, args.repeats)
+        print(f"{workers:>8} {gbps:>8.2f} {pairs:>9.1f} {gbps / raw:>10.2f}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
