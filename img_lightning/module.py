@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from .aligner import ImplicitAligner, load_state_dict_file
+from .log_steps import is_logging_step
 from .objective import REDUCTIONS, preference_objective, squared_distance
 
 _TRAIN_LOGS = ("loss", "base", "pref", "dpo_margin", "spin_margin", "implicit_acc", "ref_acc")
@@ -86,9 +87,10 @@ class AlignerModule(L.LightningModule):
         out, _, _ = self._forward_pair(batch)
         with torch.no_grad():
             self.swap_distances += torch.stack((out["dist_win"].sum(), out["dist_win_ref"].sum())).double()
-        bs = batch["ip_lose"].shape[0]
-        for key in _TRAIN_LOGS:
-            self.log(f"train/{key}", out[key], on_step=True, on_epoch=False, batch_size=bs, prog_bar=key == "loss")
+        if is_logging_step(self._trainer):
+            bs = batch["ip_lose"].shape[0]
+            for key in _TRAIN_LOGS:
+                self.log(f"train/{key}", out[key], on_step=True, on_epoch=False, batch_size=bs, prog_bar=key == "loss")
         return out["loss"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -129,7 +129,7 @@ def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
     t = cfg.trainer
     return [
         ReferenceSwap(patience=cfg.reference.patience, log_dir=run_dir / "reference_swaps"),
-        Throughput(every_n_steps=t.log_every_n_steps),
+        Throughput(),
         LearningRateMonitor(logging_interval="step"),
         # `last.ckpt` every N optimizer steps: what exact resume restarts from.
         ModelCheckpoint(

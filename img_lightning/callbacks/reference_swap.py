@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..log_steps import is_logging_step
+
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over the raw bytes of every parameter (exact equality check across ranks)."""
@@ -52,6 +54,8 @@ class ReferenceSwap(Callback):
         self.streak = self.streak + 1 if closer else 0
         if self.streak >= self.patience:
             self._swap(trainer, pl_module, step)
+        if not is_logging_step(trainer):
+            return
         pl_module.log("reference/streak", float(self.streak), on_step=True, on_epoch=False, batch_size=1)
         pl_module.log("reference/swaps", float(self.swaps), on_step=True, on_epoch=False, batch_size=1)
 

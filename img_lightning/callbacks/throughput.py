@@ -9,17 +9,19 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..log_steps import is_logging_step
+
 
 class Throughput(Callback):
-    """Logs ``perf/samples_per_s`` (global, all ranks), ``perf/data_wait_share`` and ``data/bad_samples``.
+    """Logs ``perf/samples_per_s`` (global, all ranks), ``perf/data_wait_share`` and ``data/bad_samples``
+    over the window since the previous logging step.
 
     Data wait = time from the end of one training batch to the start of the next (fetching and
     host-to-device transfer); compute = the batch itself. On CUDA the device is synchronised once per
     logging window, so asynchronous kernels are charged to compute rather than to data.
     """
 
-    def __init__(self, every_n_steps: int = 50) -> None:
-        self.every_n_steps = max(1, every_n_steps)
+    def __init__(self) -> None:
         self._reset()
         self._last_end: float | None = None
         self._batch_start = 0.0
@@ -39,7 +41,7 @@ class Throughput(Callback):
         self._batch_start = now
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        log_now = (batch_idx + 1) % self.every_n_steps == 0
+        log_now = is_logging_step(trainer)
         if log_now and pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         now = time.perf_counter()
