@@ -49,21 +49,12 @@ def expected_cache_key(data_cfg: Any) -> str:
     if data_cfg.recipe:
         from .config.preprocess import PreprocessConfig, cache_key_of
 
-        recipe_cfg = load_config(PreprocessConfig, [resolve_config_path(data_cfg.recipe)], require_complete=False)
+        recipe_cfg = load_config(PreprocessConfig, [data_cfg.recipe], require_complete=False)
         return cache_key_of(recipe_cfg)
     raise ConfigError(
         "data.recipe (the configs/preprocess YAML the cache was made with) or data.cache_key must be set, "
         "so training can refuse a cache made by another recipe"
     )
-
-
-def resolve_config_path(path: str) -> Path:
-    """A config path as given, or relative to the repository root (shipped configs work from any CWD)."""
-    given = Path(path)
-    if given.is_file() or given.is_absolute():
-        return given
-    shipped = Path(__file__).resolve().parents[1] / given
-    return shipped if shipped.is_file() else given
 
 
 def parse_devices(value: Any) -> Any:

@@ -157,3 +157,30 @@ def test_slurm_environment_is_picked_under_srun(monkeypatch, tmp_path, caches):
     env = trainer._accelerator_connector.cluster_environment
     assert isinstance(env, SLURMEnvironment)
     assert env.auto_requeue and env.job_id() == 4242
+
+
+def test_slurm_sbatch_script_passes_the_job_to_img_train(tmp_path):
+    """Run slurm/train.sbatch with a stand-in `srun` and `--print-config`: the run directory comes from
+    the job id, resume is on, one task per GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    srun = fake_bin / "srun"
+    srun.write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    srun.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "CACHE": "/data/cache", "SLURM_JOB_NAME": "img-train", "SLURM_JOB_ID": "4242",
+           "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "6",
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["bash", str(repo / "slurm" / "train.sbatch"), "optim.lr=5e-5", "--print-config"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for line in ("name: img-train-4242", "ckpt_path: last", "devices: '4'", "num_nodes: 2", "strategy: ddp",
+                 "cache: /data/cache", "lr: 5.0e-05", "num_workers: 4", "guidance_dim: 5120"):
+        assert line in out, line

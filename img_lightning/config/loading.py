@@ -19,6 +19,19 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file or key and what to do."""
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, else relative to the repository root, so the shipped
+    ``configs/...`` files can be named from any working directory."""
+    given = Path(path)
+    if given.is_file() or given.is_absolute():
+        return given
+    shipped = REPO_ROOT / given
+    return shipped if shipped.is_file() else given
+
+
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
@@ -48,7 +61,7 @@ def load_config(
     """
     cfg = OmegaConf.structured(schema)
     for path in files:
-        path = Path(path)
+        path = resolve_config_path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
