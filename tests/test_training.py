@@ -184,3 +184,24 @@ def test_slurm_sbatch_script_passes_the_job_to_img_train(tmp_path):
     for line in ("name: img-train-4242", "ckpt_path: last", "devices: '4'", "num_nodes: 2", "strategy: ddp",
                  "cache: /data/cache", "lr: 5.0e-05", "num_workers: 4", "guidance_dim: 5120"):
         assert line in out, line
+
+
+def test_data_wait_share_reflects_a_slow_loader(caches, tmp_path, monkeypatch):
+    import time as _time
+
+    from img_lightning.data.loader import ThreadedBatchLoader
+
+    read = ThreadedBatchLoader._read
+
+    def slow_read(self, request):
+        _time.sleep(0.3)
+        return read(self, request)
+
+    monkeypatch.setattr(ThreadedBatchLoader, "_read", slow_read)
+    train, _, key = caches
+    run_training(tiny_config(train, key, tmp_path, "slow", **{"trainer.max_steps": 8, "trainer.log_every_n_steps": 4}))
+    events = EventAccumulator(str(tmp_path / "slow" / "tensorboard")).Reload()
+    shares = [e.value for e in events.Scalars("perf/data_wait_share")]
+    assert len(shares) == 2 and all(0.5 < s <= 1.0 for s in shares), shares
+    rates = [e.value for e in events.Scalars("perf/samples_per_s")]
+    assert all(r < 4 / 0.3 for r in rates)  # at most one batch of 4 per 300 ms

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -13,48 +13,48 @@ from ..log_steps import is_logging_step
 
 
 class Throughput(Callback):
-    """Logs ``perf/samples_per_s`` (global, all ranks), ``perf/data_wait_share`` and ``data/bad_samples``
-    over the window since the previous logging step.
+    """Logs, over the window since the previous logging step, ``perf/samples_per_s`` (global: all
+    ranks), ``perf/data_wait_share`` (wall time the training loop was blocked on the loader) and
+    ``data/bad_samples``.
 
-    Data wait = time from the end of one training batch to the start of the next (fetching and
-    host-to-device transfer); compute = the batch itself. On CUDA the device is synchronised once per
-    logging window, so asynchronous kernels are charged to compute rather than to data.
+    The wait is measured inside our loader (time blocked on reader threads), so validation and
+    checkpointing in the window count as wall time but not as data wait. On CUDA the device is
+    synchronised at logging steps only, so the window's wall time includes its queued kernels.
     """
 
     def __init__(self) -> None:
-        self._reset()
-        self._last_end: float | None = None
-        self._batch_start = 0.0
+        self._window_start: Optional[float] = None
+        self._wait_start = 0.0
+        self._samples = 0
 
-    def _reset(self) -> None:
-        self.wait = 0.0
-        self.compute = 0.0
-        self.samples = 0
+    @staticmethod
+    def _loader_wait(trainer: L.Trainer) -> float:
+        loader = getattr(getattr(trainer, "datamodule", None), "train_loader", None)
+        return float(getattr(loader, "wait_seconds", 0.0))
+
+    def _open_window(self, trainer: L.Trainer) -> None:
+        self._window_start = time.perf_counter()
+        self._wait_start = self._loader_wait(trainer)
+        self._samples = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._last_end = None  # do not charge epoch-boundary work (worker start-up) to data
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_end is not None:
-            self.wait += now - self._last_end
-        self._batch_start = now
+        if self._window_start is None:
+            self._open_window(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        log_now = is_logging_step(trainer)
-        if log_now and pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        now = time.perf_counter()
-        self.compute += now - self._batch_start
-        self.samples += int(batch["ip_lose"].shape[0]) * trainer.world_size
-        self._last_end = now
-        if not log_now:
+        if self._window_start is None:
+            self._open_window(trainer)
+        self._samples += int(batch["ip_lose"].shape[0]) * trainer.world_size
+        if not is_logging_step(trainer):
             return
-        total = self.wait + self.compute
-        if total > 0:
-            pl_module.log("perf/samples_per_s", self.samples / total, on_step=True, on_epoch=False, batch_size=1)
-            pl_module.log("perf/data_wait_share", self.wait / total, on_step=True, on_epoch=False, batch_size=1)
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        wall = time.perf_counter() - self._window_start
+        wait = self._loader_wait(trainer) - self._wait_start
+        if wall > 0:
+            pl_module.log("perf/samples_per_s", self._samples / wall, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log("perf/data_wait_share", min(1.0, wait / wall), on_step=True, on_epoch=False, batch_size=1)
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "bad_samples"):
             pl_module.log("data/bad_samples", float(datamodule.bad_samples), on_step=True, on_epoch=False, batch_size=1)
-        self._reset()
+        self._open_window(trainer)

@@ -87,6 +87,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
         self._resume: Optional[tuple[int, int]] = None
         self._trained_any = False
         self.bad_samples = 0
+        self.train_loader: Optional[ThreadedBatchLoader] = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: Optional[str] = None) -> None:
@@ -148,7 +149,8 @@ class FeatureCacheDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ThreadedBatchLoader:
         assert self.train_view is not None and self.train_ids is not None, "call setup() first"
-        return self._loader(self.train_view, self.train_ids, self.cfg.batch_size, train=True)
+        self.train_loader = self._loader(self.train_view, self.train_ids, self.cfg.batch_size, train=True)
+        return self.train_loader
 
     def val_dataloader(self) -> ThreadedBatchLoader | list:
         if self.val_view is None or self.val_ids is None:

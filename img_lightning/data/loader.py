@@ -15,6 +15,7 @@ exact resume relies on.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Optional
@@ -45,6 +46,7 @@ class ThreadedBatchLoader:
         self.max_open_shards = max_open_shards
         self._local = threading.local()
         self._executor: Optional[ThreadPoolExecutor] = None
+        self.wait_seconds = 0.0  # time the consumer spent blocked on data (read by the Throughput callback)
         # Enough recycled batches for those in flight plus the few the consumer holds.
         self._pool = StoragePool(max_buffers=max(1, self.num_workers) * self.prefetch + 4)
 
@@ -70,7 +72,10 @@ class ThreadedBatchLoader:
         requests = iter(self.batch_sampler)  # start_fn runs here, when iteration begins
         if self.num_workers == 0:
             for request in requests:
-                yield self._read(request)
+                start = time.perf_counter()
+                batch = self._read(request)
+                self.wait_seconds += time.perf_counter() - start
+                yield batch
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="img-cache-reader")
@@ -79,12 +84,18 @@ class ThreadedBatchLoader:
             for request in requests:
                 pending.append(self._executor.submit(self._read, request))
                 if len(pending) >= self.num_workers * self.prefetch:
-                    yield pending.popleft().result()
+                    yield self._next_ready(pending)
             while pending:
-                yield pending.popleft().result()
+                yield self._next_ready(pending)
         finally:
             for future in pending:
                 future.cancel()
+
+    def _next_ready(self, pending: deque) -> dict[str, Any]:
+        start = time.perf_counter()
+        batch = pending.popleft().result()
+        self.wait_seconds += time.perf_counter() - start
+        return batch
 
     def close(self) -> None:
         if self._executor is not None:
