@@ -1,0 +1,145 @@
+"""Typed schema of ``img-eval`` configs (``configs/eval/*.yaml``).
+
+Defaults follow the paper (DESIGN §1): 3 aligner passes, IP scale 0.2, SDXL 50 steps / CFG 7.5
+(FLUX: 30 steps / guidance 3.5). ``encoders`` is the very block of the preprocessing recipe the
+aligner was trained on; ``recipe: PATH`` copies it from that YAML so inference features come from
+exactly the training-time settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .encoders import EncodersConfig
+
+
+@dataclass
+class PromptSetConfig:
+    name: str = "???"  # short name; images go to {run}/images/{arm}/{uid}.png
+    format: str = "???"  # text | partiprompts | drawbench | hpd_benchmark | hpd_csv | pickapic | t2i_compbench
+    path: str = "???"  # the official file (or directory for hpd_benchmark)
+    categories: list[str] = field(default_factory=list)  # keep only these categories
+    limit: Optional[int] = None  # first N prompts (after the category filter)
+    subset_dir: Optional[str] = None  # t2i_compbench complex: where complex_val_{spatial,action}.txt are
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = 50
+    guidance_scale: float = 7.5  # SDXL: CFG; FLUX: the distilled guidance
+    negative_prompt: str = ""
+    height: Optional[int] = None  # None: the pipeline default (1024 for SDXL)
+    width: Optional[int] = None
+    true_cfg_scale: float = 1.0  # FLUX only: > 1 runs real CFG with the negative prompt
+
+
+@dataclass
+class PipelineConfig:
+    kind: str = "sdxl"  # sdxl | flux
+    model: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    path: Optional[str] = None  # local copy of `model`
+    revision: Optional[str] = None
+    variant: Optional[str] = None  # e.g. "fp16"
+    # SDXL-DPO = the SDXL pipeline with another UNet (mhdang/dpo-sdxl-text2image-v1).
+    unet: Optional[str] = None
+    unet_path: Optional[str] = None
+    unet_subfolder: Optional[str] = None
+    dtype: str = "float16"
+    device: str = "auto"
+    cpu_offload: bool = False  # enable_model_cpu_offload (saves GPU memory, slower)
+    batch_size: int = 4
+
+
+@dataclass
+class IPAdapterConfig:
+    # Where pipe.load_ip_adapter finds the adapter (original {"image_proj", "ip_adapter"} layout).
+    model: str = "h94/IP-Adapter"
+    path: Optional[str] = None  # local directory holding `subfolder/weight_name`
+    subfolder: str = "sdxl_models"
+    weight_name: str = "ip-adapter-plus_sdxl_vit-h.safetensors"
+
+
+@dataclass
+class AlignerEvalConfig:
+    checkpoint: str = "???"  # official .pth or our .safetensors export
+    passes: int = 3
+    dim_head: int = 64  # only the product heads*dim_head is in the checkpoint
+
+
+@dataclass
+class IMGConfig:
+    rounds: int = 1  # multi-round IMG: round r regenerates from round r-1's image
+    ip_scale: float = 0.2
+    control: bool = True  # the control arm: same regeneration settings, IP scale 0
+    ip_adapter: IPAdapterConfig = field(default_factory=IPAdapterConfig)
+    aligner: AlignerEvalConfig = field(default_factory=AlignerEvalConfig)
+    # Sampler of the regeneration; unset fields fall back to `generation.sampler`.
+    regen_negative_prompt: Optional[str] = None
+    save_features: bool = True  # aligned IP tokens per image (safetensors) for inspection and resume
+    free_encoders: bool = True  # drop the MLLM and IP encoder before regenerating (GPU memory)
+
+
+@dataclass
+class GenerationConfig:
+    seed: int = 0  # per-prompt seed = hash(seed, prompt uid): stable under chunking and resume
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    image_format: str = "png"
+
+
+@dataclass
+class ScorerConfig:
+    kind: str = "???"  # hps | pickscore | clip | blip_vqa | spatial_proxy | t2i_complex
+    name: Optional[str] = None  # column in the report (default: kind)
+    model: Optional[str] = None  # HF id, or the open_clip architecture for hps
+    path: Optional[str] = None  # local directory of `model` (HF format)
+    processor: Optional[str] = None  # HF id of the processor when separate (PickScore: CLIP-H's)
+    processor_path: Optional[str] = None
+    checkpoint: Optional[str] = None  # hps: the {"state_dict": ...} file
+    model_config: Optional[str] = None  # hps: an extra open_clip model-config JSON to register
+    version: Optional[str] = None  # hps: "v2.0" | "v2.1" (not comparable; printed in the report)
+    scale: Optional[float] = None  # multiply the score (hps: 100; clip: 100)
+    clamp_zero: Optional[bool] = None  # clip: max(cos, 0) as in CLIPScore
+    noun_phrases: str = "rules"  # blip_vqa: "rules" (built-in chunker) | "spacy:en_core_web_sm"
+    threshold: float = 0.1  # spatial_proxy: detection score threshold
+    reference_size: int = 512  # spatial_proxy: image side the 150 px distance rule refers to
+    subset_dir: Optional[str] = None  # t2i_complex: T2I-CompBench dataset dir (complex_val_*.txt)
+    # t2i_complex: names of the scorers (in this list) it combines
+    attribute: str = "blip_vqa"
+    spatial: str = "spatial_proxy"
+    action: str = "non_spatial"
+    categories: list[str] = field(default_factory=list)  # score only prompts of these categories
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 16
+
+
+@dataclass
+class ReportConfig:
+    bootstrap: int = 1000
+    seed: int = 0
+    tie_tolerance: float = 0.0
+    gallery_limit: int = 200  # prompts shown in the HTML gallery
+    thumb_size: int = 256
+
+
+@dataclass
+class ChunkConfig:
+    index: int = 0  # SLURM_ARRAY_TASK_ID when run under an array (see slurm/eval.sbatch)
+    count: int = 1
+
+
+@dataclass
+class EvalConfig:
+    run_dir: str = "???"
+    prompts: PromptSetConfig = field(default_factory=PromptSetConfig)
+    # The preprocessing recipe YAML the aligner's cache came from; its `encoders` block replaces
+    # the one below (CLI overrides of encoders.* still apply on top).
+    recipe: Optional[str] = None
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    img: IMGConfig = field(default_factory=IMGConfig)
+    scorers: list[ScorerConfig] = field(default_factory=list)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)

@@ -1,0 +1,67 @@
+"""The one scorer interface: ``score(images, prompts) -> Tensor`` with one score per (image, prompt).
+
+Every metric (HPS v2, PickScore, CLIP, T2I-CompBench's BLIP-VQA / CLIP / spatial / 3-in-1) is a
+:class:`Scorer`, built from a :class:`~img_lightning.config.eval.ScorerConfig` whose model paths are
+local, so the score stage runs the same code on tiny test models and on the real checkpoints.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+class Scorer(ABC):
+    """Scores image-prompt pairs; higher is better for every metric we report."""
+
+    name: str = "scorer"
+    batch_size: int = 16
+
+    @abstractmethod
+    def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
+        """One batch: float32 tensor ``[len(images)]`` on CPU."""
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> Tensor:
+        if len(images) != len(prompts):
+            raise ValueError(f"{self.name}: {len(images)} images but {len(prompts)} prompts")
+        if not images:
+            return torch.zeros(0)
+        out = [
+            self._score_batch(list(images[i : i + self.batch_size]), list(prompts[i : i + self.batch_size]))
+            .detach()
+            .float()
+            .cpu()
+            .reshape(-1)
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return torch.cat(out)
+
+    def describe(self) -> dict[str, Any]:
+        """What the report prints about this metric (model, version, caveats)."""
+        return {"name": self.name}
+
+
+def rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
+    return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+
+
+def batched(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+ScorerFactory = Callable[..., Scorer]
+REGISTRY: dict[str, ScorerFactory] = {}
+
+
+def register(kind: str) -> Callable[[ScorerFactory], ScorerFactory]:
+    def deco(factory: ScorerFactory) -> ScorerFactory:
+        REGISTRY[kind] = factory
+        return factory
+
+    return deco

@@ -1,0 +1,112 @@
+"""T2I-CompBench attribute binding: BLIP-VQA on transformers' ``BlipForQuestionAnswering``.
+
+Each noun phrase of the prompt becomes the question ``"{np}?"``. The answer probability is the one
+of T2I-CompBench's ``vqa_prob``: one decoder step from the decoder start token, softmax over the
+vocabulary, ``p(yes) / (p(yes) + p(no))``. The image score is the product over the phrases (1 for a
+prompt without any phrase, as the official script scores an empty question).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..loading import from_pretrained, resolve_device, resolve_dtype
+from .base import Scorer, register, rgb
+from .noun_phrases import noun_phrase_extractor
+
+
+def yes_probability(logits: Tensor, yes_id: int, no_id: int) -> Tensor:
+    """``p(yes) / (p(yes) + p(no))`` from first-step decoder logits ``[B, vocab]``.
+
+    Equal to ``sigmoid(logit_yes - logit_no)``: the softmax normaliser cancels, which keeps it exact
+    in low precision.
+    """
+    logits = logits.float()
+    return torch.sigmoid(logits[:, yes_id] - logits[:, no_id])
+
+
+def product_over_phrases(probs: Sequence[float] | Tensor, owners: Sequence[int], n: int) -> Tensor:
+    """Multiply question probabilities into one score per image; images without questions get 1."""
+    out = torch.ones(n, dtype=torch.float64)
+    for p, i in zip(torch.as_tensor(probs, dtype=torch.float64).tolist(), owners):
+        out[i] *= p
+    return out.float()
+
+
+class BlipVQAScorer(Scorer):
+    def __init__(self, model: Any, processor: Any, device: torch.device, noun_phrases: str = "rules",
+                 batch_size: int = 16, name: str = "blip_vqa", model_id: str = "") -> None:
+        self.model = model.eval().to(device)
+        self.processor = processor
+        self.device = device
+        self.phrases = noun_phrase_extractor(noun_phrases)
+        self.noun_phrases = noun_phrases
+        self.batch_size = batch_size
+        self.name = name
+        self.model_id = model_id
+        tok = processor.tokenizer
+        self.yes_id = tok.convert_tokens_to_ids("yes")
+        self.no_id = tok.convert_tokens_to_ids("no")
+        if tok.unk_token_id in (self.yes_id, self.no_id):
+            raise ValueError("BLIP tokenizer has no single tokens for 'yes'/'no'")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "BlipVQAScorer":
+        from transformers import BlipForQuestionAnswering, BlipProcessor
+
+        device = resolve_device(cfg.device)
+        model_id = cfg.model or "Salesforce/blip-vqa-base"
+        key = f"scorers[{cfg.name or 'blip_vqa'}]"
+        model = from_pretrained(BlipForQuestionAnswering.from_pretrained, "BLIP VQA model", model_id, cfg.path,
+                                f"{key}.path", dtype=resolve_dtype(cfg.dtype, device))
+        processor = from_pretrained(BlipProcessor.from_pretrained, "BLIP processor", cfg.processor or model_id,
+                                    cfg.processor_path or cfg.path, f"{key}.processor_path")
+        return cls(model, processor, device, cfg.noun_phrases, cfg.batch_size, cfg.name or "blip_vqa", model_id)
+
+    def questions(self, prompt: str) -> list[str]:
+        return [f"{np}?" for np in self.phrases(prompt)]
+
+    @torch.no_grad()
+    def answer_yes(self, images: list[Image.Image], questions: list[str]) -> Tensor:
+        """p(yes)/(p(yes)+p(no)) for each (image, question) pair."""
+        dtype = next(self.model.parameters()).dtype
+        enc = self.processor(images=rgb(images), text=questions, padding=True, return_tensors="pt")
+        pixel_values = enc["pixel_values"].to(self.device, dtype)
+        input_ids = enc["input_ids"].to(self.device)
+        mask = enc["attention_mask"].to(self.device)
+        image_embeds = self.model.vision_model(pixel_values=pixel_values)[0]
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        question = self.model.text_encoder(
+            input_ids=input_ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask, return_dict=True,
+        ).last_hidden_state
+        start = torch.full((len(images), 1), self.model.decoder_start_token_id, device=self.device)
+        logits = self.model.text_decoder(
+            input_ids=start, encoder_hidden_states=question, encoder_attention_mask=mask, return_dict=True,
+        ).logits[:, 0, :]
+        return yes_probability(logits, self.yes_id, self.no_id)
+
+    def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
+        pair_images, questions, owners = [], [], []
+        for i, (im, p) in enumerate(zip(images, prompts)):
+            for q in self.questions(p):
+                pair_images.append(im)
+                questions.append(q)
+                owners.append(i)
+        probs = []
+        for s in range(0, len(questions), self.batch_size):
+            probs.append(self.answer_yes(pair_images[s : s + self.batch_size], questions[s : s + self.batch_size]).cpu())
+        flat = torch.cat(probs) if probs else torch.zeros(0)
+        return product_over_phrases(flat, owners, len(images))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "blip_vqa", "model": self.model_id, "noun_phrases": self.noun_phrases}
+
+
+@register("blip_vqa")
+def _build(cfg: Any, **_: Any) -> Scorer:
+    return BlipVQAScorer.from_config(cfg)

@@ -1,0 +1,103 @@
+"""CLIP-family scorers on transformers' ``CLIPModel`` + ``CLIPProcessor``.
+
+- PickScore: ``yuvalkirstain/PickScore_v1`` weights with the CLIP-H processor
+  (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``); score = ``logit_scale.exp() * cosine`` (DESIGN §6).
+- CLIP score: ``scale * cosine`` (default ``100 * max(cos, 0)``, the CLIPScore convention).
+- T2I-CompBench non-spatial: CLIP ViT-B/32, plain cosine (``scale=1``, no clamp).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..loading import from_pretrained, resolve_device, resolve_dtype
+from .base import Scorer, register, rgb
+
+
+def _pooled(out: Any) -> Tensor:
+    """``get_*_features`` returns a tensor (transformers 4.x) or an output with ``pooler_output`` (5.x)."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+class CLIPPairScorer(Scorer):
+    """Cosine of projected image and text embeddings, times a fixed or the learned logit scale."""
+
+    def __init__(
+        self, model: Any, processor: Any, device: torch.device, *, scale: Optional[float], clamp_zero: bool,
+        name: str, model_id: str, batch_size: int = 16,
+    ) -> None:
+        self.model = model.eval().to(device)
+        self.processor = processor
+        self.device = device
+        self.scale = scale  # None: the model's logit_scale.exp() (PickScore)
+        self.clamp_zero = clamp_zero
+        self.name = name
+        self.model_id = model_id
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, cfg: Any, *, default_model: str, default_processor: Optional[str], scale: Optional[float],
+             clamp_zero: bool, default_name: str) -> "CLIPPairScorer":
+        from transformers import CLIPModel, CLIPProcessor
+
+        device = resolve_device(cfg.device)
+        model_id = cfg.model or default_model
+        key = f"scorers[{cfg.name or default_name}]"
+        model = from_pretrained(
+            CLIPModel.from_pretrained, "CLIP model", model_id, cfg.path, f"{key}.path",
+            dtype=resolve_dtype(cfg.dtype, device),
+        )
+        proc_id = cfg.processor or default_processor or model_id
+        proc_path = cfg.processor_path or (cfg.path if not (cfg.processor or default_processor) else None)
+        processor = from_pretrained(CLIPProcessor.from_pretrained, "CLIP processor", proc_id, proc_path,
+                                    f"{key}.processor_path")
+        return cls(model, processor, device, scale=scale, clamp_zero=clamp_zero, name=cfg.name or default_name,
+                   model_id=model_id, batch_size=cfg.batch_size)
+
+    def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
+        dtype = next(self.model.parameters()).dtype
+        pix = self.processor(images=rgb(images), return_tensors="pt")["pixel_values"].to(self.device, dtype)
+        txt = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        img_emb = _pooled(self.model.get_image_features(pixel_values=pix)).float()
+        txt_emb = _pooled(self.model.get_text_features(
+            input_ids=txt["input_ids"].to(self.device), attention_mask=txt["attention_mask"].to(self.device)
+        )).float()
+        cos = torch.nn.functional.cosine_similarity(img_emb, txt_emb, dim=-1)
+        if self.clamp_zero:
+            cos = cos.clamp_min(0)
+        scale = self.model.logit_scale.exp().float() if self.scale is None else self.scale
+        return cos * scale
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model_id,
+                "scale": "logit_scale.exp()" if self.scale is None else self.scale, "clamp_zero": self.clamp_zero}
+
+
+@register("pickscore")
+def _pickscore(cfg: Any, **_: Any) -> Scorer:
+    return CLIPPairScorer.load(
+        cfg, default_model="yuvalkirstain/PickScore_v1", default_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        scale=cfg.scale, clamp_zero=bool(cfg.clamp_zero), default_name="pickscore",
+    )
+
+
+@register("clip")
+def _clip(cfg: Any, **_: Any) -> Scorer:
+    return CLIPPairScorer.load(
+        cfg, default_model="openai/clip-vit-large-patch14", default_processor=None,
+        scale=100.0 if cfg.scale is None else cfg.scale,
+        clamp_zero=True if cfg.clamp_zero is None else cfg.clamp_zero, default_name="clip",
+    )
+
+
+@register("t2i_non_spatial")
+def _non_spatial(cfg: Any, **_: Any) -> Scorer:
+    return CLIPPairScorer.load(
+        cfg, default_model="openai/clip-vit-base-patch32", default_processor=None,
+        scale=1.0 if cfg.scale is None else cfg.scale,
+        clamp_zero=False if cfg.clamp_zero is None else cfg.clamp_zero, default_name="non_spatial",
+    )

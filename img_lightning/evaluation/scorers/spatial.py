@@ -1,0 +1,161 @@
+"""T2I-CompBench 2-D spatial score with an open-vocabulary detector: a PROXY for UniDet.
+
+The official metric detects objects with UniDet (a closed-vocabulary detector outside transformers)
+and applies a position rule. Here the detector is OWL-ViT / OWLv2 from transformers, queried with
+the two object words of the prompt; the rule and the score arithmetic are T2I-CompBench's:
+``0.25*conf1 + 0.25*conf2 + position/2`` when both objects are found, ``0.25*conf`` when one is,
+0 otherwise, and scores below 0.5 become 0. Detector confidences are on another scale than UniDet's,
+so numbers are comparable between arms of one run, not with published tables: reports label this
+metric as a proxy.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..loading import from_pretrained, resolve_device, resolve_dtype
+from .base import Scorer, register, rgb
+from .noun_phrases import rule_noun_phrases
+
+# Longest first so "on the left of" wins over shorter matches; T2I-CompBench's locality words.
+RELATIONS = ("on the bottom of", "on the right of", "on the left of", "on the top of", "on top of",
+             "on side of", "next to", "near")
+
+
+def parse_spatial_prompt(prompt: str) -> Optional[tuple[str, str, str]]:
+    """``"a giraffe next to a lamp"`` -> ``("giraffe", "next to", "lamp")``; None when no relation.
+
+    obj1 = the last word of the last noun phrase before the relation, obj2 = the last word of the
+    first noun phrase after it (the head nouns).
+    """
+    low = prompt.lower()
+    for rel in RELATIONS:
+        m = re.search(rf"\b{re.escape(rel)}\b", low)
+        if m:
+            left, right = prompt[: m.start()], prompt[m.end() :]
+            lp, rp = rule_noun_phrases(left), rule_noun_phrases(right)
+            if not lp or not rp:
+                return None
+            canonical = "on the top of" if rel == "on top of" else rel
+            return lp[-1].split()[-1].lower(), canonical, rp[0].split()[-1].lower()
+    return None
+
+
+def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    xo = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    yo = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = xo * yo
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def position_score(relation: str, box1, box2, iou_threshold: float = 0.1, distance_threshold: float = 150.0) -> float:
+    """T2I-CompBench's soft position rule; boxes are (x_min, y_min, x_max, y_max) in pixels, y down."""
+    c1 = ((box1[0] + box1[2]) / 2, (box1[1] + box1[3]) / 2)
+    c2 = ((box2[0] + box2[2]) / 2, (box2[1] + box2[3]) / 2)
+    dx, dy = c2[0] - c1[0], c2[1] - c1[1]
+    iou = box_iou(box1, box2)
+    if relation in ("next to", "on side of", "near"):
+        if abs(dx) < distance_threshold or abs(dy) < distance_threshold:
+            return 1.0
+        return distance_threshold / max(abs(dx), abs(dy))
+    # obj1 left of obj2 <=> obj2's centre is to the right (dx > 0); "top of" <=> obj2 below (dy > 0)
+    sign, along, across = {
+        "on the left of": (1, dx, dy), "on the right of": (-1, dx, dy),
+        "on the top of": (1, dy, dx), "on the bottom of": (-1, dy, dx),
+    }.get(relation, (0, 0.0, 0.0))
+    if sign == 0 or sign * along <= 0 or abs(along) <= abs(across):
+        return 0.0
+    return 1.0 if iou < iou_threshold else iou_threshold / iou
+
+
+def combine(relation: str, det1, det2, distance_threshold: float) -> float:
+    """det = (confidence, box) or None; the official 0.25/0.25/0.5 weighting and the 0.5 floor."""
+    if det1 is not None and det2 is not None:
+        s = 0.25 * det1[0] + 0.25 * det2[0] + position_score(relation, det1[1], det2[1],
+                                                             distance_threshold=distance_threshold) / 2
+    elif det1 is not None:
+        s = 0.25 * det1[0]
+    elif det2 is not None:
+        s = 0.25 * det2[0]
+    else:
+        s = 0.0
+    return 0.0 if s < 0.5 else s
+
+
+class SpatialProxyScorer(Scorer):
+    def __init__(self, model: Any, processor: Any, device: torch.device, threshold: float = 0.1,
+                 reference_size: int = 512, name: str = "spatial_proxy", model_id: str = "", batch_size: int = 8) -> None:
+        self.model = model.eval().to(device)
+        self.processor = processor
+        self.device = device
+        self.threshold = threshold
+        self.reference_size = reference_size
+        self.name = name
+        self.model_id = model_id
+        self.batch_size = batch_size
+        # OWLv2 pads images to a square (bottom/right) before resizing; OWL-ViT stretches them.
+        self.padded = getattr(model.config, "model_type", "") == "owlv2"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "SpatialProxyScorer":
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        device = resolve_device(cfg.device)
+        model_id = cfg.model or "google/owlv2-base-patch16-ensemble"
+        key = f"scorers[{cfg.name or 'spatial_proxy'}]"
+        model = from_pretrained(AutoModelForZeroShotObjectDetection.from_pretrained, "detector", model_id, cfg.path,
+                                f"{key}.path", dtype=resolve_dtype(cfg.dtype, device))
+        processor = from_pretrained(AutoProcessor.from_pretrained, "detector processor", cfg.processor or model_id,
+                                    cfg.processor_path or cfg.path, f"{key}.processor_path")
+        return cls(model, processor, device, cfg.threshold, cfg.reference_size, cfg.name or "spatial_proxy",
+                   model_id, cfg.batch_size)
+
+    @torch.no_grad()
+    def detect(self, image: Image.Image, queries: list[str]) -> list[Optional[tuple[float, tuple]]]:
+        """Best box per query (confidence, pixel box) or None below the threshold."""
+        dtype = next(self.model.parameters()).dtype
+        enc = self.processor(text=[queries], images=image, return_tensors="pt")
+        enc = {k: (v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device)) for k, v in enc.items()}
+        out = self.model(**enc)
+        probs = out.logits[0].float().sigmoid()  # [patches, queries]
+        boxes = out.pred_boxes[0].float()  # [patches, 4] cx, cy, w, h in [0, 1]
+        w, h = image.size
+        sx, sy = (max(w, h), max(w, h)) if self.padded else (w, h)
+        dets = []
+        for q in range(len(queries)):
+            conf, idx = probs[:, q].max(dim=0)
+            if conf.item() < self.threshold:
+                dets.append(None)
+                continue
+            cx, cy, bw, bh = boxes[idx].tolist()
+            dets.append((conf.item(), ((cx - bw / 2) * sx, (cy - bh / 2) * sy, (cx + bw / 2) * sx, (cy + bh / 2) * sy)))
+        return dets
+
+    def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
+        out = []
+        for im, p in zip(rgb(images), prompts):
+            parsed = parse_spatial_prompt(p)
+            if parsed is None:
+                out.append(0.0)
+                continue
+            obj1, rel, obj2 = parsed
+            d1, d2 = self.detect(im, [obj1, obj2])
+            dist = 150.0 * max(im.size) / self.reference_size
+            out.append(combine(rel, d1, d2, dist))
+        return torch.tensor(out, dtype=torch.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "spatial_proxy", "model": self.model_id, "threshold": self.threshold,
+                "note": "PROXY for T2I-CompBench's UniDet spatial score (open-vocabulary detector); "
+                        "not comparable with published numbers"}
+
+
+@register("spatial_proxy")
+def _build(cfg: Any, **_: Any) -> Scorer:
+    return SpatialProxyScorer.from_config(cfg)

@@ -1,0 +1,80 @@
+"""The ``score`` stage: every configured scorer on every arm's images, resumable per image.
+
+Scores go to ``{run}/scores/{arm}/{metric}.{chunk}.jsonl`` (``{"uid", "score"}`` per line); an
+image already scored by a metric is skipped, so adding a scorer to a finished run only computes
+the new column.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from ..generation.store import ImageStore
+from .prompts import PromptRecord
+from .scorers import Scorer, build_scorers, scorer_name
+
+
+def read_scores(run_dir: str | Path, arm: str, metric: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    folder = Path(run_dir) / "scores" / arm
+    for f in sorted(folder.glob(f"{metric}.*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            v = rec.get("score")
+            out[rec["uid"]] = float("nan") if v is None else float(v)
+    return out
+
+
+def _append(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def score_run(
+    cfg: Any,
+    prompts: Sequence[PromptRecord],
+    run_dir: str | Path,
+    arms: Sequence[str],
+    tag: str,
+    scorers: dict[str, Scorer] | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, int]]:
+    """Score the finished images of ``prompts`` in every arm; returns counts of new scores."""
+    run_dir = Path(run_dir)
+    scorers = scorers if scorers is not None else build_scorers(cfg.scorers)
+    cats = {scorer_name(c): set(c.categories) for c in cfg.scorers}
+    counts: dict[str, dict[str, int]] = {}
+    for arm in arms:
+        store = ImageStore(run_dir, arm, tag, cfg.generation.image_format)
+        done = store.done()
+        for name, scorer in scorers.items():
+            have = read_scores(run_dir, arm, name)
+            todo = [
+                p for p in prompts
+                if p.uid in done and p.uid not in have and (not cats.get(name) or p.category in cats[name])
+            ]
+            counts.setdefault(arm, {})[name] = len(todo)
+            if not todo:
+                continue
+            out = run_dir / "scores" / arm / f"{name}.{tag}.jsonl"
+            size = max(1, scorer.batch_size)
+            bar = tqdm(range(0, len(todo), size), desc=f"{arm}/{name}", unit="batch", disable=not progress)
+            for i in bar:
+                batch = todo[i : i + size]
+                images = [store.load(p.uid) for p in batch]
+                values = scorer.score(images, [p.text for p in batch]).tolist()
+                _append(out, [{"uid": p.uid, "score": None if math.isnan(v) else v} for p, v in zip(batch, values)])
+    return counts

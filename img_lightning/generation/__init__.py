@@ -1,0 +1,1 @@
+"""Image generation for evaluation: base images, IMG re-generation and the control arm."""

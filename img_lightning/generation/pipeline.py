@@ -1,0 +1,156 @@
+"""Diffusers pipelines for evaluation: SDXL (optionally with another UNet, e.g. SDXL-DPO) and FLUX.
+
+One object, :class:`DiffusionBackend`, generates a batch of prompts with one seed per prompt
+(a CPU ``torch.Generator`` each, so an image does not depend on its batch neighbours' seeds, the
+device, or the batch size) and, once :meth:`load_ip_adapter` has run, conditions on given IP
+tokens through the pass-through projection (see ``ip_inject.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..evaluation.loading import ModelNotFoundError, missing_model_message, resolve_device
+from .ip_inject import cfg_pair, install_passthrough, ip_token_width
+
+PAPER_DEFAULTS = {"sdxl": {"steps": 50, "guidance_scale": 7.5}, "flux": {"steps": 30, "guidance_scale": 3.5}}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _load(loader: Any, what: str, model_id: str, path: Optional[str], key: str, **kwargs: Any) -> Any:
+    try:
+        return loader(path or model_id, **kwargs)
+    except (OSError, EnvironmentError) as err:
+        if path:
+            raise ModelNotFoundError(f"{what}: cannot load {path} (set by {key}): {err}") from None
+        raise ModelNotFoundError(missing_model_message(what, model_id, key)) from None
+
+
+class DiffusionBackend:
+    def __init__(self, pipe: Any, kind: str, device: torch.device, dtype: torch.dtype) -> None:
+        self.pipe = pipe
+        self.kind = kind
+        self.device = device
+        self.dtype = dtype
+        self.ip_loaded = False
+        pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "DiffusionBackend":
+        device = resolve_device(cfg.device)
+        dtype = _DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
+        common = dict(dtype=dtype, revision=cfg.revision)
+        if cfg.variant:
+            common["variant"] = cfg.variant
+        if cfg.kind == "sdxl":
+            from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+            extra = {}
+            if cfg.unet or cfg.unet_path:
+                unet_kwargs = dict(dtype=dtype)
+                if cfg.unet_subfolder:
+                    unet_kwargs["subfolder"] = cfg.unet_subfolder
+                extra["unet"] = _load(UNet2DConditionModel.from_pretrained, "UNet", cfg.unet or "", cfg.unet_path,
+                                      "generation.pipeline.unet_path", **unet_kwargs)
+            pipe = _load(StableDiffusionXLPipeline.from_pretrained, "SDXL pipeline", cfg.model, cfg.path,
+                         "generation.pipeline.path", **common, **extra)
+        elif cfg.kind == "flux":
+            from diffusers import FluxPipeline
+
+            pipe = _load(FluxPipeline.from_pretrained, "FLUX pipeline", cfg.model, cfg.path,
+                         "generation.pipeline.path", **common)
+        else:
+            raise ValueError(f"generation.pipeline.kind must be 'sdxl' or 'flux', got '{cfg.kind}'")
+        if cfg.cpu_offload and device.type == "cuda":
+            pipe.enable_model_cpu_offload()
+        else:
+            pipe.to(device)
+        return cls(pipe, cfg.kind, device, dtype)
+
+    # ------------------------------------------------------------------ IP-Adapter
+    def load_ip_adapter(self, cfg: Any) -> None:
+        """Load the adapter's attention layers (no image encoder: we pass tokens), then make the
+        model take our tokens as they are."""
+        if self.ip_loaded:
+            return
+        src = cfg.path or cfg.model
+        try:
+            if self.kind == "sdxl":
+                self.pipe.load_ip_adapter(src, subfolder=cfg.subfolder, weight_name=cfg.weight_name,
+                                          image_encoder_folder=None)
+            else:
+                self.pipe.load_ip_adapter(src, weight_name=cfg.weight_name, subfolder=cfg.subfolder or "",
+                                          image_encoder_pretrained_model_name_or_path=None)
+        except (OSError, EnvironmentError) as err:
+            if cfg.path:
+                raise ModelNotFoundError(f"IP-Adapter: cannot load {cfg.path} ({cfg.subfolder}/{cfg.weight_name}): {err}") from None
+            raise ModelNotFoundError(missing_model_message("IP-Adapter", cfg.model, "img.ip_adapter.path")) from None
+        install_passthrough(self.pipe)
+        self.ip_loaded = True
+
+    def set_ip_scale(self, scale: float) -> None:
+        self.pipe.set_ip_adapter_scale(scale)
+
+    def token_width(self) -> int:
+        return ip_token_width(self.pipe)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        sampler: Any,
+        negative_prompt: Optional[str] = None,
+        ip_tokens: Optional[Tensor] = None,
+        negative_ip_tokens: Optional[Tensor] = None,
+    ) -> list[Image.Image]:
+        """One batch. ``ip_tokens`` ``[B, N, D]`` (already projected) need :meth:`load_ip_adapter`."""
+        if len(prompts) != len(seeds):
+            raise ValueError("one seed per prompt")
+        if self.ip_loaded and ip_tokens is None:
+            raise ValueError("the IP-Adapter is loaded: pass ip_tokens (any tokens with IP scale 0 for the control)")
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        neg = sampler.negative_prompt if negative_prompt is None else negative_prompt
+        kwargs: dict[str, Any] = dict(
+            prompt=list(prompts), num_inference_steps=sampler.steps, guidance_scale=sampler.guidance_scale,
+            generator=gens, output_type="pil",
+        )
+        if sampler.height:
+            kwargs["height"] = sampler.height
+        if sampler.width:
+            kwargs["width"] = sampler.width
+        b = len(prompts)
+        if self.kind == "sdxl":
+            # An empty negative prompt is passed as None: SDXL then uses zero embeddings
+            # (force_zeros_for_empty_prompt), as in its reference sampling; "" would be encoded.
+            if neg:
+                kwargs["negative_prompt"] = [neg] * b
+            if ip_tokens is not None:
+                pos = ip_tokens.to(self.device, self.dtype)[:, None]
+                negt = (negative_ip_tokens if negative_ip_tokens is not None else torch.zeros_like(ip_tokens))
+                negt = negt.to(self.device, self.dtype)
+                negt = (negt[None] if negt.ndim == 2 else negt)[:, None].expand_as(pos)
+                embeds = cfg_pair(negt, pos) if sampler.guidance_scale > 1 else pos
+                kwargs["ip_adapter_image_embeds"] = [embeds]
+        else:
+            if sampler.true_cfg_scale > 1 and neg:
+                kwargs["negative_prompt"] = [neg] * b
+                kwargs["true_cfg_scale"] = sampler.true_cfg_scale
+            if ip_tokens is not None:
+                pos = ip_tokens.to(self.device, self.dtype)[:, None]
+                negt = negative_ip_tokens if negative_ip_tokens is not None else torch.zeros_like(ip_tokens)
+                negt = negt.to(self.device, self.dtype)
+                negt = (negt[None] if negt.ndim == 2 else negt)[:, None].expand_as(pos)
+                kwargs["ip_adapter_image_embeds"] = [pos]
+                kwargs["negative_ip_adapter_image_embeds"] = [negt.contiguous()]
+        return list(self.pipe(**kwargs).images)
+
+    def close(self) -> None:
+        self.pipe = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,199 @@
+"""The ``generate`` stage: base images, IMG rounds and the control arm, batched and resumable.
+
+Arms (folders under ``{run}/images/``):
+- ``base``: the pipeline alone (no IP-Adapter), one fixed seed per prompt;
+- ``img_r{r}``: round r of IMG, regenerated from round r-1's image (round 0 = base) with the same
+  prompt and seed, conditioned on the aligned IP tokens at ``img.ip_scale``;
+- ``control``: the same regeneration settings at IP scale 0, so base -> control isolates any
+  effect of the regeneration settings (negative prompt, adapter layers) from IMG's.
+Aligned tokens are saved per image under ``{run}/features/img_r{r}/`` (safetensors), so a resumed
+run does not reload the MLLM for images whose features exist.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..evaluation.prompts import PromptRecord
+from .conditioner import IMGConditioner
+from .pipeline import DiffusionBackend
+from .seeds import seed_for
+from .store import ImageStore, safe_uid
+
+
+def img_arm(round_index: int) -> str:
+    return f"img_r{round_index}"
+
+
+def arm_names(rounds: int, control: bool) -> list[str]:
+    return ["base", *(["control"] if control else []), *[img_arm(r) for r in range(1, rounds + 1)]]
+
+
+def chunk_tag(cfg: Any) -> str:
+    return f"{cfg.chunk.index}of{cfg.chunk.count}"
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+class GenerationRun:
+    def __init__(self, cfg: Any, prompts: Sequence[PromptRecord], run_dir: str | Path, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.prompts = list(prompts)
+        self.by_uid = {p.uid: p for p in self.prompts}
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        tag = chunk_tag(cfg)
+        arms = arm_names(cfg.img.rounds, cfg.img.control)
+        self.stores = {a: ImageStore(self.run_dir, a, tag, cfg.generation.image_format) for a in arms}
+        self._backend: Optional[DiffusionBackend] = None
+        self._conditioner: Optional[IMGConditioner] = None
+        self.counts = {a: 0 for a in arms}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def backend(self) -> DiffusionBackend:
+        if self._backend is None:
+            self._backend = DiffusionBackend.from_config(self.cfg.generation.pipeline)
+        return self._backend
+
+    @property
+    def conditioner(self) -> IMGConditioner:
+        if self._conditioner is None:
+            self._conditioner = IMGConditioner(self.cfg.encoders, self.cfg.img.aligner, self.cfg.generation.pipeline.device)
+        return self._conditioner
+
+    def seed(self, uid: str) -> int:
+        return seed_for(uid, self.cfg.generation.seed)
+
+    def _batches(self, uids: list[str], size: int, desc: str):
+        steps = range(0, len(uids), size)
+        bar = tqdm(steps, desc=desc, unit="batch", disable=not self.progress)
+        for i in bar:
+            yield uids[i : i + size]
+
+    def _meta(self, uid: str, **extra: Any) -> dict[str, Any]:
+        g = self.cfg.generation
+        return {
+            "prompt": self.by_uid[uid].text, "seed": self.seed(uid), "pipeline": g.pipeline.kind,
+            "model": g.pipeline.model, "unet": g.pipeline.unet, "steps": g.sampler.steps,
+            "guidance_scale": g.sampler.guidance_scale, "height": g.sampler.height, "width": g.sampler.width,
+            **extra,
+        }
+
+    def feature_path(self, arm: str, uid: str) -> Path:
+        return self.run_dir / "features" / arm / f"{safe_uid(uid)}.safetensors"
+
+    def unconditional(self) -> torch.Tensor:
+        path = self.run_dir / "features" / "unconditional.safetensors"
+        if path.is_file():
+            return load_file(str(path))["tokens"]
+        tokens = self.conditioner.unconditional()
+        _save_tensors(path, {"tokens": tokens}, {"source": "IPEncoder.unconditional()"})
+        return tokens
+
+    def _ensure_adapter(self) -> None:
+        if not self.backend.ip_loaded:
+            self.backend.load_ip_adapter(self.cfg.img.ip_adapter)
+
+    # ------------------------------------------------------------------ stages
+    def run_base(self) -> None:
+        store = self.stores["base"]
+        pending = store.pending([p.uid for p in self.prompts])
+        if not pending:
+            return
+        if self.backend.ip_loaded:
+            raise RuntimeError("base images must be generated before the IP-Adapter is loaded")
+        g = self.cfg.generation
+        for batch in self._batches(pending, g.pipeline.batch_size, "base"):
+            images = self.backend.generate([self.by_uid[u].text for u in batch], [self.seed(u) for u in batch], g.sampler)
+            for u, im in zip(batch, images):
+                store.save(u, im, self._meta(u, negative_prompt=g.sampler.negative_prompt, ip_scale=None))
+                self.counts["base"] += 1
+
+    def _features(self, round_index: int, uids: list[str]) -> None:
+        """Aligned tokens for every uid of this round that has none on disk yet."""
+        arm, src = img_arm(round_index), "base" if round_index == 1 else img_arm(round_index - 1)
+        need = [u for u in uids if not self.feature_path(arm, u).is_file()]
+        if not need:
+            return
+        self.conditioner.check_dims(self.backend.token_width())
+        size = max(1, int(self.cfg.encoders.mllm.batch_size))
+        for batch in self._batches(need, size, f"{arm} features"):
+            images = [self.stores[src].load(u) for u in batch]
+            texts = [self.by_uid[u].text for u in batch]
+            tids = [self.conditioner.template_id(f"{self.cfg.prompts.name}/{u}/r{round_index}") for u in batch]
+            ip, aligned = self.conditioner.align(images, texts, tids, self.cfg.img.aligner.passes)
+            for j, u in enumerate(batch):
+                meta = {"template_id": str(tids[j]), "source_arm": src, "passes": str(self.cfg.img.aligner.passes),
+                        "aligner": str(self.cfg.img.aligner.checkpoint)}
+                _save_tensors(self.feature_path(arm, u), {"ip": ip[j], "aligned": aligned[j]}, meta)
+
+    def run_img_round(self, round_index: int) -> None:
+        arm = img_arm(round_index)
+        store = self.stores[arm]
+        pending = store.pending([p.uid for p in self.prompts])
+        if not pending:
+            return
+        self._ensure_adapter()
+        uncond = self.unconditional()
+        self._features(round_index, pending)
+        if self.cfg.img.free_encoders and self._conditioner is not None:
+            self._conditioner.release_encoders()
+        g, img = self.cfg.generation, self.cfg.img
+        neg_prompt = img.regen_negative_prompt if img.regen_negative_prompt is not None else g.sampler.negative_prompt
+        self.backend.set_ip_scale(img.ip_scale)
+        for batch in self._batches(pending, g.pipeline.batch_size, arm):
+            feats = [load_file(str(self.feature_path(arm, u))) for u in batch]
+            tokens = torch.stack([f["aligned"] for f in feats])
+            images = self.backend.generate([self.by_uid[u].text for u in batch], [self.seed(u) for u in batch],
+                                           g.sampler, negative_prompt=neg_prompt, ip_tokens=tokens,
+                                           negative_ip_tokens=uncond)
+            src = "base" if round_index == 1 else img_arm(round_index - 1)
+            for u, im in zip(batch, images):
+                store.save(u, im, self._meta(u, negative_prompt=neg_prompt, ip_scale=img.ip_scale, round=round_index,
+                                             source_arm=src, passes=img.aligner.passes,
+                                             aligner=str(img.aligner.checkpoint)))
+                self.counts[arm] += 1
+
+    def run_control(self) -> None:
+        store = self.stores["control"]
+        pending = store.pending([p.uid for p in self.prompts])
+        if not pending:
+            return
+        self._ensure_adapter()
+        uncond = self.unconditional()
+        if self.cfg.img.free_encoders and self._conditioner is not None:
+            self._conditioner.release_encoders()
+        g, img = self.cfg.generation, self.cfg.img
+        neg_prompt = img.regen_negative_prompt if img.regen_negative_prompt is not None else g.sampler.negative_prompt
+        self.backend.set_ip_scale(0.0)
+        for batch in self._batches(pending, g.pipeline.batch_size, "control"):
+            tokens = uncond[None].expand(len(batch), *uncond.shape)
+            images = self.backend.generate([self.by_uid[u].text for u in batch], [self.seed(u) for u in batch],
+                                           g.sampler, negative_prompt=neg_prompt, ip_tokens=tokens,
+                                           negative_ip_tokens=uncond)
+            for u, im in zip(batch, images):
+                store.save(u, im, self._meta(u, negative_prompt=neg_prompt, ip_scale=0.0))
+                self.counts["control"] += 1
+
+    def run(self) -> dict[str, int]:
+        """All stages in order; returns how many images each arm generated in this call."""
+        self.run_base()
+        for r in range(1, self.cfg.img.rounds + 1):
+            self.run_img_round(r)
+        if self.cfg.img.control:
+            self.run_control()
+        if self._backend is not None:
+            self._backend.close()
+        return self.counts

@@ -1,0 +1,80 @@
+"""Where generated images live: deterministic names, atomic writes and JSONL metadata.
+
+``{run}/images/{arm}/{uid}.png``; metadata lines go to ``{run}/metadata/{arm}.{chunk}.jsonl`` (one
+file per array task, so concurrent tasks never append to the same file). An image counts as done
+when its file exists AND a metadata line names it, so a task killed between the two simply redoes
+that image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from PIL import Image
+
+
+def safe_uid(uid: str) -> str:
+    """Uids become file names; keep them portable."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in uid)
+
+
+class ImageStore:
+    def __init__(self, run_dir: str | Path, arm: str, chunk_tag: str = "0of1", image_format: str = "png") -> None:
+        self.run_dir = Path(run_dir)
+        self.arm = arm
+        self.dir = self.run_dir / "images" / arm
+        self.meta_dir = self.run_dir / "metadata"
+        self.meta_file = self.meta_dir / f"{arm}.{chunk_tag}.jsonl"
+        self.ext = image_format.lower()
+        self._done: dict[str, dict[str, Any]] | None = None
+
+    def path_for(self, uid: str) -> Path:
+        return self.dir / f"{safe_uid(uid)}.{self.ext}"
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """uid -> last metadata line, over every chunk's file of this arm."""
+        out: dict[str, dict[str, Any]] = {}
+        for f in sorted(self.meta_dir.glob(f"{self.arm}.*.jsonl")):
+            for line in f.read_text(encoding="utf-8").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: that image is redone
+                out[rec["uid"]] = rec
+        return out
+
+    def done(self) -> dict[str, dict[str, Any]]:
+        if self._done is None:
+            self._done = {u: r for u, r in self.records().items() if self.path_for(u).is_file()}
+        return self._done
+
+    def is_done(self, uid: str) -> bool:
+        return uid in self.done()
+
+    def pending(self, uids: Iterable[str]) -> list[str]:
+        done = self.done()
+        return [u for u in uids if u not in done]
+
+    def save(self, uid: str, image: Image.Image, meta: dict[str, Any]) -> Path:
+        path = self.path_for(uid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        image.save(tmp, format="PNG" if self.ext == "png" else self.ext.upper())
+        tmp.replace(path)
+        rec = {"uid": uid, "arm": self.arm, "file": str(path.relative_to(self.run_dir)), **meta}
+        self.meta_dir.mkdir(parents=True, exist_ok=True)
+        with self.meta_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done()[uid] = rec
+        return path
+
+    def load(self, uid: str) -> Image.Image:
+        with Image.open(self.path_for(uid)) as im:
+            return im.convert("RGB")

@@ -1,0 +1,131 @@
+"""`img-eval all` end to end on tiny SDXL + tiny IP-Adapter + tiny LLaVA + tiny aligner, resumed."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from img_lightning.aligner import ImplicitAligner
+from img_lightning.cli.eval import main, resolve_config
+from img_lightning.evaluation.demo import DEMO_CONFIG, DEMO_RECIPE, run_demo_eval, tiny_eval_overrides
+
+BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
+COLOR = BENCH / "t2i-compbench" / "color_val.txt"
+pytestmark = pytest.mark.skipif(not BENCH.is_dir(), reason="../shared/benchmarks not present")
+
+
+@pytest.fixture(scope="module")
+def tiny_aligner(tmp_path_factory):
+    torch.manual_seed(0)
+    aligner = ImplicitAligner(64, 64, 2, 4, 16)
+    torch.nn.init.normal_(aligner.zero_linear.weight, std=0.05)  # not the identity: IMG must change the tokens
+    return aligner.save_official(tmp_path_factory.mktemp("aligner") / "aligner_tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def world(tiny_sdxl_dir, tiny_ip_adapter_dir, tiny_llava_dir, tiny_scorer_dirs, tiny_aligner):
+    return dict(sdxl_dir=tiny_sdxl_dir, ip_adapter_dir=tiny_ip_adapter_dir, llava_dir=tiny_llava_dir,
+                aligner_path=tiny_aligner, scorer_dirs=tiny_scorer_dirs)
+
+
+def _args(world, run_dir, limit=3):
+    return [str(DEMO_CONFIG), *tiny_eval_overrides(run_dir, prompts_path=COLOR, limit=limit, **world),
+            f"recipe={DEMO_RECIPE}"]
+
+
+def _mtimes(run_dir):
+    return {p: p.stat().st_mtime_ns for p in (run_dir / "images").rglob("*.png")}
+
+
+def test_img_eval_all_end_to_end_and_resume(world, tmp_path, capsys):
+    # first run through the img-demo helper (= `img-eval all configs/eval/demo.yaml ...`)
+    html = run_demo_eval(tmp_path, prompts_path=COLOR, limit=3, progress=False, **world)
+    run_dir = tmp_path / "eval"
+    assert html == run_dir / "report" / "index.html" and "a green bench and a blue bowl" in html.read_text()
+    out = capsys.readouterr().out
+    assert "new images: {'base': 3, 'control': 3, 'img_r1': 3}" in out
+    for arm in ("base", "control", "img_r1"):
+        assert sorted(p.name for p in (run_dir / "images" / arm).iterdir()) == ["00000.png", "00001.png", "00002.png"]
+        meta = [json.loads(l) for l in (run_dir / "metadata" / f"{arm}.0of1.jsonl").read_text().splitlines()]
+        assert [m["uid"] for m in meta] == ["00000", "00001", "00002"]
+    meta = json.loads((run_dir / "metadata" / "img_r1.0of1.jsonl").read_text().splitlines()[0])
+    base_meta = json.loads((run_dir / "metadata" / "base.0of1.jsonl").read_text().splitlines()[0])
+    assert meta["seed"] == base_meta["seed"] and meta["prompt"] == base_meta["prompt"] == "a green bench and a blue bowl"
+    assert meta["ip_scale"] == 0.2 and meta["passes"] == 3 and meta["steps"] == 2
+    # control = same settings at IP scale 0 (identical to base here); IMG changes the image
+    base, control, img = (np.asarray(Image.open(run_dir / "images" / a / "00000.png"), dtype=int)
+                          for a in ("base", "control", "img_r1"))
+    assert np.abs(base - control).max() == 0 and np.abs(img - base).max() > 0
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert set(report["means"]) == {"hps", "pickscore", "blip_vqa"}
+    assert {(c["versus"], c["metric"]) for c in report["comparisons"]} == {
+        (v, m) for v in ("base", "control") for m in ("hps", "pickscore", "blip_vqa")}
+    assert report["metrics"]["hps"]["version"] == "tiny"
+    assert all(c["n"] == 3 for c in report["comparisons"])
+    for f in ("index.html", "report.csv", "winrate.png"):
+        assert (run_dir / "report" / f).is_file()
+    # the features came from the recipe's encoders block
+    cfg = resolve_config(_args(world, run_dir))
+    assert cfg.encoders.mllm.batch_size == 16 and cfg.encoders.ip.batch_size == 32
+    assert (run_dir / "features" / "img_r1" / "00000.safetensors").is_file()
+
+    # resumed run: nothing is regenerated or rescored
+    before = _mtimes(run_dir)
+    assert main(["all", *_args(world, run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "new images: {'base': 0, 'control': 0, 'img_r1': 0}" in out
+    assert "'hps': 0" in out and "'pickscore': 3" not in out
+    assert _mtimes(run_dir) == before
+
+    # a deleted IMG image (a kill) is redone from its saved features, the rest is kept
+    (run_dir / "images" / "img_r1" / "00001.png").unlink()
+    assert main(["generate", *_args(world, run_dir), "--no-progress"]) == 0
+    assert "new images: {'base': 0, 'control': 0, 'img_r1': 1}" in capsys.readouterr().out
+    redone = np.asarray(Image.open(run_dir / "images" / "img_r1" / "00001.png"), dtype=int)
+    assert redone.shape == img.shape
+
+
+def test_chunked_array_run_with_two_rounds(world, tmp_path, capsys):
+    run_dir = tmp_path / "chunks"
+    for i in range(2):
+        assert main(["generate", *_args(world, run_dir, limit=2), "img.rounds=2", "img.control=false",
+                     "img.free_encoders=false", "--task-index", str(i), "--num-tasks", "2", "--no-progress"]) == 0
+    assert (run_dir / "metadata" / "img_r2.0of2.jsonl").is_file() and (run_dir / "metadata" / "img_r2.1of2.jsonl").is_file()
+    assert main(["report", *_args(world, run_dir, limit=2), "img.rounds=2", "img.control=false", "--no-progress"]) == 0
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert report["arms"] == ["base", "img_r1", "img_r2"] and report["img_arm"] == "img_r2"
+    r2 = [json.loads(l) for l in (run_dir / "metadata" / "img_r2.1of2.jsonl").read_text().splitlines()]
+    assert [m["uid"] for m in r2] == ["00001"] and r2[0]["source_arm"] == "img_r1"
+
+
+def test_cli_errors_are_one_line(world, tmp_path, capsys):
+    rc = main(["generate", str(DEMO_CONFIG), f"run_dir={tmp_path}", f"prompts.path={COLOR}",
+               "img.aligner.checkpoint=x.pth", "generation.pipeline.model=nobody/no-such-sdxl"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nobody/no-such-sdxl" in err and "HF_HOME" in err and "Traceback" not in err
+    rc = main(["generate", str(DEMO_CONFIG), f"run_dir={tmp_path}", f"prompts.path={COLOR}", "img.bogus=1"])
+    assert rc == 2 and "img.bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "generate" in capsys.readouterr().out
+
+
+def test_every_benchmark_and_backbone_config_loads():
+    from img_lightning.config.eval import EvalConfig
+    from img_lightning.config.loading import load_config
+
+    root = DEMO_CONFIG.parent
+    benchmarks = sorted((root / "benchmarks").glob("*.yaml"))
+    backbones = sorted((root / "backbones").glob("*.yaml"))
+    assert len(benchmarks) >= 8 and {b.stem for b in backbones} == {"sdxl", "sdxl_dpo", "flux"}
+    for bench in benchmarks:
+        for bb in backbones:
+            cfg = load_config(EvalConfig, [bb, bench], ["run_dir=x"], require_complete=False)
+            assert cfg.scorers and cfg.img.aligner.passes == 3 and cfg.img.ip_scale == 0.2
+    flux = load_config(EvalConfig, [root / "backbones" / "flux.yaml"], [], require_complete=False)
+    sdxl = load_config(EvalConfig, [root / "backbones" / "sdxl.yaml"], [], require_complete=False)
+    assert (flux.generation.sampler.steps, flux.generation.sampler.guidance_scale) == (30, 3.5)
+    assert (sdxl.generation.sampler.steps, sdxl.generation.sampler.guidance_scale) == (50, 7.5)
