@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Callable, Sequence
 
+from ..hf_quiet import quiet_hf_progress
 from ..config.loading import ConfigError, load_config, split_cli_args, to_yaml
 
 CONFIG_EPILOG = (
@@ -27,12 +29,30 @@ def resolve_config(schema: Any, args: argparse.Namespace) -> Any:
     return load_config(schema, files, overrides, require_complete=not args.print_config)
 
 
+OUR_LOGGERS = ("img_lightning", "preprocessing", "img-preprocess", "img-eval")
+
+
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+    """Our loggers at INFO (DEBUG with -v); the root logger is left alone, so libraries that log
+    chatter at INFO on it (open_clip) stay quiet, and Lightning keeps its own handler (no doubled
+    lines). Without -v, model-loading progress bars of transformers/diffusers are hidden too."""
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(getattr(h, "_img_lightning", False) for h in logger.handlers):
+            handler._img_lightning = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.propagate = False
+    # An advertisement Lightning prints at every start.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
     )
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        quiet_hf_progress()
 
 
 def run_cli(body: Callable[[], int], known_errors: Sequence[type[BaseException]] = ()) -> int:

@@ -23,6 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ..config.eval import EvalConfig
+from .common import setup_logging
 from ..config.loading import ConfigError, load_config, split_cli_args, to_container, to_yaml
 
 STAGES = ("generate", "score", "report", "all")
@@ -190,6 +191,7 @@ def run(stage: str, args: Sequence[str], task_index: Optional[int] = None, num_t
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = build_parser().parse_intermixed_args(argv)
+    setup_logging(verbose=ns.debug)
     try:
         if ns.print_config:
             print(to_yaml(resolve_config(ns.args, ns.task_index, ns.num_tasks)))

@@ -21,10 +21,21 @@ class MLLMConfig:
     dtype: str = "bfloat16"  # compute dtype of the MLLM
     templates: str = "img-v1"  # question template set
     image_mode: str = "pad"  # "pad": LLaVA-1.5's pad-to-square; "processor": the HF processor as is
+    # How the question is wrapped: "llava_v1" = the original LLaVA-1.5 conversation (system line +
+    # "USER: <image>\n{q} ASSISTANT:", what the official IMG code feeds LLaVA); "chat_template" =
+    # the processor's own chat template; "auto" = llava_v1 for LLaVA, chat_template otherwise.
+    prompt_format: str = "auto"
+    # Qwen2.5-VL only: bounds on the resized image area (pixels), i.e. on the image token count
+    # (one token per 28x28 pixels). None keeps the processor's own setting.
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
     device: str = "auto"
     batch_size: int = 4
 
-    recipe_fields = ("backend", "model", "revision", "layer", "dtype", "templates", "image_mode")
+    recipe_fields = (
+        "backend", "model", "revision", "layer", "dtype", "templates", "image_mode", "prompt_format", "min_pixels",
+        "max_pixels",
+    )
 
 
 @dataclass

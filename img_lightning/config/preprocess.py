@@ -30,6 +30,28 @@ class CacheLayoutConfig:
     dtype: str = "float16"  # stored tensor dtype: "float16" | "bfloat16" (cache key)
     shard_size: int = 256  # pairs per shard (layout only)
     seed: int = 0  # seed of the global pair -> shard permutation (layout only)
+    # How the seeded global permutation is drawn (layout only; the features are the same):
+    #   "pairs":      uniform over all pairs. Every shard draws from every parquet row group, so
+    #                 each pair costs a row-group read: fine for small inputs, ~100x read
+    #                 amplification on full Pick-a-Pic (row groups of ~100 pairs).
+    #   "row_groups": permute the parquet row groups, then the pairs inside each one. Every row
+    #                 group is read once; what the full-dataset configs use.
+    shuffle: str = "pairs"
+
+
+@dataclass
+class PreprocessRunConfig:
+    """Throughput knobs (never part of the cache key)."""
+
+    decode_threads: int = 4  # JPEG decoding threads feeding the encoders (1: decode inline)
+    prefetch_batches: int = 4  # prepared batches queued ahead of the encoders
+    # "auto": prepare the next batches in a background thread when an encoder runs on a GPU,
+    # inline on CPU-only runs; "thread" / "inline" force either.
+    overlap: str = "auto"
+    # torch intra-op threads while extracting (None: torch's default). On a shared or small CPU
+    # box use 1: with tiny models, OpenMP threads waiting on a descheduled sibling are ~10x slower.
+    torch_threads: Optional[int] = None
+    row_group_cache: int = 8  # parquet row groups kept in memory (reused by neighbouring pairs)
 
 
 @dataclass
@@ -37,6 +59,7 @@ class PreprocessConfig:
     data: PreprocessDataConfig = field(default_factory=PreprocessDataConfig)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     cache: CacheLayoutConfig = field(default_factory=CacheLayoutConfig)
+    run: PreprocessRunConfig = field(default_factory=PreprocessRunConfig)
 
 
 def recipe_of(cfg) -> dict:

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..evaluation.loading import ModelNotFoundError, missing_model_message, resolve_device
+from ..hf_quiet import diffusers_errors_only, quiet_hf_progress
 from .ip_inject import cfg_pair, install_passthrough, ip_token_width
 
 PAPER_DEFAULTS = {"sdxl": {"steps": 50, "guidance_scale": 7.5}, "flux": {"steps": 30, "guidance_scale": 3.5}}
@@ -65,10 +66,12 @@ class DiffusionBackend:
                          "generation.pipeline.path", **common)
         else:
             raise ValueError(f"generation.pipeline.kind must be 'sdxl' or 'flux', got '{cfg.kind}'")
+        quiet_hf_progress()
         if cfg.cpu_offload and device.type == "cuda":
             pipe.enable_model_cpu_offload()
         else:
-            pipe.to(device)
+            with diffusers_errors_only():  # a dtype-cast advisory that does not apply to whole pipelines
+                pipe.to(device)
         return cls(pipe, cfg.kind, device, dtype)
 
     # ------------------------------------------------------------------ IP-Adapter
@@ -79,12 +82,14 @@ class DiffusionBackend:
             return
         src = cfg.path or cfg.model
         try:
-            if self.kind == "sdxl":
-                self.pipe.load_ip_adapter(src, subfolder=cfg.subfolder, weight_name=cfg.weight_name,
-                                          image_encoder_folder=None)
-            else:
-                self.pipe.load_ip_adapter(src, weight_name=cfg.weight_name, subfolder=cfg.subfolder or "",
-                                          image_encoder_pretrained_model_name_or_path=None)
+            # diffusers warns that no image encoder is loaded: by design, we pass projected tokens.
+            with diffusers_errors_only():
+                if self.kind == "sdxl":
+                    self.pipe.load_ip_adapter(src, subfolder=cfg.subfolder, weight_name=cfg.weight_name,
+                                              image_encoder_folder=None)
+                else:
+                    self.pipe.load_ip_adapter(src, weight_name=cfg.weight_name, subfolder=cfg.subfolder or "",
+                                              image_encoder_pretrained_model_name_or_path=None)
         except (OSError, EnvironmentError) as err:
             if cfg.path:
                 raise ModelNotFoundError(f"IP-Adapter: cannot load {cfg.path} ({cfg.subfolder}/{cfg.weight_name}): {err}") from None

@@ -1,0 +1,121 @@
+"""``img-preprocess``: Pick-a-Pic parquet -> feature cache (run / verify / manifest).
+
+    img-preprocess CONFIG.yaml [key=value ...]        extract (this task's shards; all if no array)
+    img-preprocess verify DIR                          check every shard; exit 1 with a report on problems
+    img-preprocess manifest DIR                        write manifest.json + summary.json after an array job
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from img_lightning.cache.format import CacheFormatError
+from img_lightning.cli.common import add_config_arguments, print_config, resolve_config, run_cli, setup_logging
+from img_lightning.config.preprocess import PreprocessConfig
+
+from .pickapic import ReaderError
+from .run import PlanMismatchError, finalize, run_preprocess
+
+log = logging.getLogger("img-preprocess")
+COMMANDS = ("run", "verify", "manifest")
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="img-preprocess",
+        description="Turn Pick-a-Pic v2 parquet files into the IMG feature cache that img-train reads: MLLM "
+                    "guidance for the losing image + IP-Adapter tokens of both images, in fixed-size shards.",
+        epilog="Without a command, `run` is assumed: img-preprocess CONFIG.yaml [key=value ...]. "
+               "`img-preprocess run -h` lists the run options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{run,verify,manifest}")
+    run = sub.add_parser("run", help="extract features for this task's shards (the default command)",
+                         description="Extract features. The input parquet path/glob and the output directory are "
+                                     "the config keys data.input and data.output.",
+                         epilog="Configs merge as: schema defaults <- each YAML file <- key=value overrides. "
+                                "Under a SLURM job array the task index/count come from SLURM_ARRAY_TASK_ID / "
+                                "SLURM_ARRAY_TASK_COUNT (task i does shards i mod n); a single process does all "
+                                "shards and also writes the manifest.")
+    add_config_arguments(run)
+    run.add_argument("--task-index", type=int, default=None, help="this task's index (default: SLURM or 0)")
+    run.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: SLURM or 1)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ver = sub.add_parser("verify", help="check every shard (sha256, counts, keys, shapes, dtypes, finite values, "
+                                        "cache key); exit status 1 and a report on any problem")
+    ver.add_argument("dir", help="cache directory")
+    ver.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel shard checks")
+    ver.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    man = sub.add_parser("manifest", help="assemble manifest.json and summary.json once all array tasks finished")
+    man.add_argument("dir", help="cache directory")
+    return parser, {"run": run, "verify": ver, "manifest": man}
+
+
+def _run(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    cfg = resolve_config(PreprocessConfig, args)
+    if args.print_config:
+        return print_config(cfg)
+    result = run_preprocess(cfg, task_index=args.task_index, num_tasks=args.num_tasks, progress=not args.no_progress)
+    log.info("task %d/%d: %d shards written (%d were already complete), %d pairs written, %d skipped, %.1f pairs/s",
+             result.task_index, result.num_tasks, result.shards_written, result.shards_already_done,
+             result.pairs_written, result.pairs_skipped, result.pairs_per_s)
+    if result.manifest is not None:
+        m = result.manifest
+        print(f"cache complete: {cfg.data.output} ({m.num_samples} samples, {len(m.shards)} shards, "
+              f"{m.num_bytes / 1e9:.3f} GB, cache key {m.cache_key}); check it with "
+              f"`img-preprocess verify {cfg.data.output}`")
+    else:
+        print(f"task {result.task_index}/{result.num_tasks} done; when every task has finished run "
+              f"`img-preprocess manifest {cfg.data.output}`")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_cache
+
+    report = verify_cache(args.dir, workers=max(1, args.workers))
+    print(report.render())
+    if args.json:
+        from img_lightning.cache.manifest import write_json_atomic
+
+        write_json_atomic(args.json, {"ok": report.ok, "problems": report.problems, "samples": report.num_samples,
+                                      "bytes": report.num_bytes, "shards": len(report.shards),
+                                      "cache_key": report.cache_key})
+    return 0 if report.ok else 1
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    m = finalize(args.dir)
+    print(f"wrote {args.dir}/manifest.json: {len(m.shards)} shards, {m.num_samples} samples, "
+          f"{m.num_bytes / 1e9:.3f} GB, cache key {m.cache_key}")
+    print(json.dumps(json.load(open(os.path.join(args.dir, "summary.json"), encoding="utf-8")), indent=1))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    parser, subs = _parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    if argv[0] in ("-h", "--help"):
+        parser.parse_args(argv)  # prints the overview and exits
+    # Each command parses on its own so options and key=value overrides may be interleaved.
+    command, rest = argv[0], argv[1:]
+    sub = subs[command]
+    args = sub.parse_intermixed_args(rest) if command == "run" else sub.parse_args(rest)
+    args.command = command
+    body = {"run": _run, "verify": _verify, "manifest": _manifest}[command]
+    return run_cli(lambda: body(args), known_errors=(ReaderError, PlanMismatchError, CacheFormatError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Pairs of images -> the three cached tensors, with the CPU and model halves kept apart.
+
+:meth:`FeatureExtractor.prepare` does all CPU work (processors, tokenisation) and
+:meth:`FeatureExtractor.forward` all model work, so the writer can prepare batch ``i+1`` in a
+thread while batch ``i`` runs on the accelerator. Per pair (DESIGN §1, §3):
+
+* ``guidance`` - MLLM hidden states for the LOSING image and the pair's templated question;
+* ``ip_lose`` / ``ip_win`` - IP tokens of the losing / winning image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from img_lightning.encoders.ip import IPEncoder, build_ip_encoder
+from img_lightning.encoders.mllm import GuidanceEncoder
+from img_lightning.encoders.templates import template_id_for
+
+
+@dataclass
+class PairItem:
+    """One decodable pair on its way through the pipeline (images dropped once prepared)."""
+
+    index: int  # global pair index in the PairTable
+    pair_id: str
+    caption: str
+    template_id: int
+    meta: dict
+    winner: Optional[Image.Image] = None
+    loser: Optional[Image.Image] = None
+
+
+@dataclass
+class PreparedBatch:
+    items: list[PairItem]
+    ip_pixels: Tensor  # [2B, 3, S, S]: losers first, then winners
+    mllm_inputs: Any  # processor output for the losers
+
+
+class FeatureExtractor:
+    def __init__(self, mllm: GuidanceEncoder, ip: IPEncoder) -> None:
+        self.mllm = mllm
+        self.ip = ip
+
+    @classmethod
+    def from_config(cls, encoders_cfg) -> "FeatureExtractor":
+        return cls(GuidanceEncoder.from_config(encoders_cfg.mllm), build_ip_encoder(encoders_cfg.ip))
+
+    @property
+    def template_set(self) -> str:
+        return self.mllm.template_set
+
+    @property
+    def batch_size(self) -> int:
+        """Pairs per prepared batch: one MLLM batch (the expensive model)."""
+        return self.mllm.batch_size
+
+    def template_id(self, pair_id: str) -> int:
+        return template_id_for(pair_id, self.template_set)
+
+    def prepare(self, items: list[PairItem]) -> PreparedBatch:
+        losers = [it.loser for it in items]
+        pixels = self.ip.prepare(losers + [it.winner for it in items])
+        mllm_inputs = self.mllm.prepare(losers, [it.caption for it in items], [it.template_id for it in items])
+        for it in items:
+            it.winner = it.loser = None
+        return PreparedBatch(items=items, ip_pixels=pixels, mllm_inputs=mllm_inputs)
+
+    def forward(self, batch: PreparedBatch) -> list[dict[str, Tensor]]:
+        """float32 CPU tensors per pair: ``guidance`` [T, Dg], ``ip_lose`` [N, D], ``ip_win`` [N, D]."""
+        n = len(batch.items)
+        step = self.ip.batch_size
+        tokens = torch.cat([self.ip.forward(batch.ip_pixels[i : i + step]) for i in range(0, 2 * n, step)])
+        guidance = self.mllm.forward(batch.mllm_inputs)
+        return [{"guidance": guidance[j], "ip_lose": tokens[j], "ip_win": tokens[n + j]} for j in range(n)]

@@ -1,0 +1,242 @@
+"""One preprocessing task: plan, skip finished shards, extract and write the rest, maybe finalize.
+
+The plan (``plan.json``) is recomputed by every task and must match what the output directory was
+started with; shards are the unit of work and of resumption (see :mod:`preprocessing.stages` for
+the extraction pipeline and its crash safety).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from img_lightning.cache.format import CACHE_DTYPES
+from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index, write_json_atomic
+from img_lightning.cache.writer import shard_is_complete
+from img_lightning.config.loading import ConfigError
+from img_lightning.config.preprocess import cache_key_of, recipe_of
+
+from .extract import FeatureExtractor
+from .pickapic import ImageFetcher, PairTable, ReaderError, scan_pairs
+from .plan import PLAN_NAME, ShardPlan, build_plan, load_plan_document, plan_document, task_from_env
+from .stages import REPORTS_DIR, Chunk, Prefetcher, ShardSink, ThreadedSink, report_path, source
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.json"
+
+
+class PlanMismatchError(ValueError):
+    """``data.output`` already holds a cache planned from other input or settings."""
+
+
+@dataclass
+class RunResult:
+    task_index: int
+    num_tasks: int
+    shards_owned: int
+    shards_already_done: int
+    shards_written: int
+    pairs_written: int
+    pairs_skipped: int
+    seconds: float  # extraction loop only (excludes scanning and model loading)
+    manifest: Optional[Manifest] = None
+
+    @property
+    def pairs_per_s(self) -> float:
+        return (self.pairs_written + self.pairs_skipped) / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- plan bookkeeping ---------------------------------------------------------------------------
+def _check_or_write_plan(out: Path, doc: dict) -> None:
+    path = out / PLAN_NAME
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for field in ("cache_key", "fingerprint"):
+            if old.get(field) != doc[field]:
+                what = "encoder/recipe settings" if field == "cache_key" else "input pairs or shard layout"
+                raise PlanMismatchError(
+                    f"{out} already holds a cache planned with different {what} ({field} {old.get(field)} != "
+                    f"{doc[field]}); use a fresh data.output or restore the original config/input"
+                )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, doc)
+
+
+def _shard_done(out: Path, name: str, cache_key: str) -> bool:
+    path = out / name
+    if not shard_is_complete(path):
+        return False
+    entry, _ = read_shard_index(path)
+    if entry.cache_key != cache_key:
+        raise PlanMismatchError(f"{path} was written with cache key {entry.cache_key}, this config has {cache_key}; "
+                                f"use a fresh data.output")
+    return True
+
+
+def _overlap(run_cfg, extractor: FeatureExtractor) -> bool:
+    """Overlap the stages with threads only when the encoders run on an accelerator: on a CPU the
+    threads compete with the encoders' own compute for the same cores and slow everything down."""
+    if run_cfg.overlap == "auto":
+        return extractor.mllm.device.type != "cpu" or extractor.ip.device.type != "cpu"
+    return run_cfg.overlap == "thread"
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, unit="pair", desc=desc, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5 if tty else 30.0, smoothing=0.05)
+
+
+def _write_shards(out: Path, shards: list[int], plan: ShardPlan, table: PairTable, extractor: FeatureExtractor,
+                  cache_key: str, dtype: torch.dtype, run_cfg, progress: bool, desc: str) -> ShardSink:
+    """Extract and write ``shards``; returns the sink (its counters say what was written)."""
+    (out / REPORTS_DIR).mkdir(parents=True, exist_ok=True)
+    bar = _progress(sum(len(plan.shard_pairs(k)) for k in shards), progress, desc)
+
+    def on_progress(n: int, s: ShardSink) -> None:
+        if n:
+            bar.update(n)
+        else:
+            bar.set_postfix(shards=f"{s.shards_written}/{len(shards)}", skipped=s.skipped)
+
+    sink = ShardSink(out, plan, cache_key, dtype, on_progress)
+    overlap = _overlap(run_cfg, extractor)
+    threads = int(run_cfg.decode_threads)
+    with ThreadPoolExecutor(max_workers=threads) if threads > 1 else contextlib.nullcontext() as pool:
+        items: Iterator[Any] = source(shards, plan, table, extractor, ImageFetcher(table, run_cfg.row_group_cache),
+                                      pool)
+        prefetcher = Prefetcher(items, run_cfg.prefetch_batches) if overlap else None
+        writer = ThreadedSink(sink, run_cfg.prefetch_batches) if overlap else sink
+        try:
+            for item in prefetcher if prefetcher is not None else items:
+                feats = extractor.forward(item.batch) if isinstance(item, Chunk) and item.batch else None
+                writer.consume(item, feats)
+            if isinstance(writer, ThreadedSink):
+                writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            if prefetcher is not None:
+                prefetcher.close()
+            bar.close()
+    return sink
+
+
+def finalize(out: str | Path) -> Manifest:
+    """Assemble ``manifest.json`` and ``summary.json`` once every planned shard exists."""
+    out = Path(out)
+    doc = load_plan_document(out)
+    manifest = finalize_manifest(out, doc["cache_key"], doc["recipe"], expected_shards=doc["shards"])
+    reasons: dict[str, int] = {}
+    for name in doc["shards"]:
+        rep_path = report_path(out, name)
+        rep = json.loads(rep_path.read_text(encoding="utf-8")) if rep_path.is_file() else {"skipped": []}
+        for s in rep.get("skipped", []):
+            reasons[s.get("kind", "bad_image")] = reasons.get(s.get("kind", "bad_image"), 0) + 1
+    reader = doc["reader"]
+    summary = {
+        "rows_read": reader["rows_read"],
+        "kept": reader["kept"],
+        "ties_dropped": reader["ties_dropped"],
+        "duplicates": reader["duplicates"],
+        "bad_images": reasons.get("bad_image", 0),
+        "nonfinite_features": reasons.get("nonfinite", 0),
+        "written": manifest.num_samples,
+        "reader": reader,
+        "planned_pairs": doc["num_pairs"],
+        "shards": len(manifest.shards),
+        "bytes": manifest.num_bytes,
+        "cache_key": doc["cache_key"],
+        "skipped_pairs_listed_in": f"{REPORTS_DIR}/shard-*.json",
+    }
+    write_json_atomic(out / SUMMARY_NAME, summary)
+    return manifest
+
+
+def validate_config(cfg) -> None:
+    """Reject values the schema's types cannot catch, naming the key (before any work starts)."""
+    from img_lightning.encoders.common import DTYPES
+    from img_lightning.encoders.ip import KINDS
+    from img_lightning.encoders.mllm import BACKENDS, IMAGE_MODES, PROMPT_FORMATS
+    from img_lightning.encoders.templates import TEMPLATE_SETS
+
+    from .plan import SHUFFLES
+
+    checks = [
+        ("cache.dtype", cfg.cache.dtype, sorted(CACHE_DTYPES)),
+        ("cache.shuffle", cfg.cache.shuffle, SHUFFLES),
+        ("encoders.mllm.backend", cfg.encoders.mllm.backend, sorted(BACKENDS)),
+        ("encoders.mllm.image_mode", cfg.encoders.mllm.image_mode, IMAGE_MODES),
+        ("encoders.mllm.prompt_format", cfg.encoders.mllm.prompt_format, PROMPT_FORMATS),
+        ("encoders.mllm.templates", cfg.encoders.mllm.templates, sorted(TEMPLATE_SETS)),
+        ("encoders.mllm.dtype", cfg.encoders.mllm.dtype, sorted(DTYPES)),
+        ("encoders.ip.kind", cfg.encoders.ip.kind, KINDS),
+        ("encoders.ip.dtype", cfg.encoders.ip.dtype, sorted(DTYPES)),
+        ("run.overlap", cfg.run.overlap, ("auto", "thread", "inline")),
+    ]
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not supported; use one of {list(allowed)}")
+    for key, value in (("cache.shard_size", cfg.cache.shard_size), ("encoders.mllm.batch_size",
+                       cfg.encoders.mllm.batch_size), ("encoders.ip.batch_size", cfg.encoders.ip.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if not cfg.data.drop_ties:
+        raise ConfigError("data.drop_ties=false is not supported: a tie has no winner to learn from")
+
+
+def run_preprocess(cfg, task_index: Optional[int] = None, num_tasks: Optional[int] = None, progress: bool = True,
+                   extractor: Optional[FeatureExtractor] = None) -> RunResult:
+    """Run this task's part of the plan. A single task (``num_tasks == 1``) also finalizes."""
+    validate_config(cfg)
+    task_index, num_tasks = task_from_env(task_index, num_tasks)
+    out = Path(cfg.data.output)
+    cache_key, recipe = cache_key_of(cfg), recipe_of(cfg)
+    table = scan_pairs(cfg.data.input, split=cfg.data.split, drop_ties=cfg.data.drop_ties,
+                       require_different=cfg.data.require_different, limit=cfg.data.limit)
+    st = table.stats
+    log.info("read %d rows from %d files: kept %d pairs (ties %d, duplicates %d, unlabelled %d, bad labels %d, "
+             "missing values %d, empty files %d)", st.rows_read, st.files, st.kept, st.ties_dropped, st.duplicates,
+             st.unlabelled, st.bad_labels, st.missing_values, st.empty_files)
+    if len(table) == 0:
+        raise ReaderError(f"no usable pairs in data.input={cfg.data.input!r} (see the counts above)")
+    plan = build_plan(table, cfg.cache.shard_size, cfg.cache.seed, cfg.cache.shuffle)
+    _check_or_write_plan(out, plan_document(plan, table, cache_key, recipe))
+    owned = plan.owned(task_index, num_tasks)
+    todo = [k for k in owned if not _shard_done(out, plan.shard_name(k), cache_key)]
+    log.info("task %d/%d: %d of %d shards owned, %d already complete, cache key %s", task_index, num_tasks,
+             len(owned), plan.num_shards, len(owned) - len(todo), cache_key)
+    shards_written = pairs_written = pairs_skipped = 0
+    seconds = 0.0
+    if todo:
+        threads = torch.get_num_threads()
+        if cfg.run.torch_threads:
+            torch.set_num_threads(int(cfg.run.torch_threads))
+        try:
+            extractor = extractor or FeatureExtractor.from_config(cfg.encoders)
+            t0 = time.perf_counter()
+            sink = _write_shards(out, todo, plan, table, extractor, cache_key, CACHE_DTYPES[cfg.cache.dtype],
+                                 cfg.run, progress, desc=f"task {task_index}/{num_tasks}")
+            shards_written, pairs_written, pairs_skipped = sink.shards_written, sink.written, sink.skipped
+            seconds = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
+    result = RunResult(task_index, num_tasks, len(owned), len(owned) - len(todo), shards_written, pairs_written,
+                       pairs_skipped, seconds)
+    if num_tasks == 1:
+        result.manifest = finalize(out)
+    return result

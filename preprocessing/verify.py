@@ -1,0 +1,256 @@
+"""``img-preprocess verify DIR``: check every shard of a cache, byte by byte, in one read.
+
+Per shard: present, size and sha256 as the manifest says (the hash is computed while the tar is
+parsed, so each byte is read once), index file consistent, cache key, sample count, keys unique
+(across the whole cache), both members present, tensor names/dtypes/shapes as the manifest says,
+``guidance`` length equal to the recorded ``num_tokens``, finite values, required metadata.
+Problems are collected, not raised: the report lists every one with its shard and sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from img_lightning.cache.format import (
+    CACHE_DTYPES,
+    INDEX_SUFFIX,
+    META_EXT,
+    REQUIRED_META,
+    TENSOR_EXT,
+    TENSOR_KEYS,
+    CacheFormatError,
+    decode_meta,
+    decode_tensors,
+)
+from img_lightning.cache.manifest import Manifest, ShardEntry, read_shard_index
+
+from .plan import PLAN_NAME, load_plan_document
+
+MAX_PROBLEMS_PER_SHARD = 20
+
+
+@dataclass
+class ShardCheck:
+    name: str
+    samples: int = 0
+    bytes: int = 0
+    keys: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    root: Path
+    cache_key: Optional[str]
+    shards: list[ShardCheck]
+    problems: list[str]  # cache-level and per-shard problems, each naming its file
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def render(self) -> str:
+        head = (f"{self.root}: {len(self.shards)} shards, {self.num_samples} samples, "
+                f"{self.num_bytes / 1e9:.3f} GB, cache key {self.cache_key}")
+        if self.ok:
+            return head + "\nOK: every shard verified"
+        lines = [head, f"FAILED: {len(self.problems)} problem(s)"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class _HashingReader:
+    """File wrapper that hashes every byte ``tarfile`` reads (streaming mode reads sequentially)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.h.update(data)
+        self.n += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(8 << 20):
+            pass
+
+
+def _check_sample(name: str, key: str, payload: bytes, meta_bytes: bytes, spec: dict, out: ShardCheck) -> None:
+    where = f"{name}: sample {key!r}"
+    try:
+        tensors = decode_tensors(bytearray(payload))
+        meta = decode_meta(meta_bytes)
+    except CacheFormatError as err:
+        out.problems.append(f"{where}: {err}")
+        return
+    missing = [k for k in TENSOR_KEYS if k not in tensors]
+    if missing:
+        out.problems.append(f"{where}: missing tensors {missing}")
+        return
+    g_dtype = CACHE_DTYPES.get(spec.get("guidance", {}).get("dtype", ""))
+    ip_dtype = CACHE_DTYPES.get(spec.get("ip", {}).get("dtype", ""))
+    g, lose, win = tensors["guidance"], tensors["ip_lose"], tensors["ip_win"]
+    if g_dtype is not None and g.dtype != g_dtype:
+        out.problems.append(f"{where}: guidance dtype {g.dtype}, manifest says {g_dtype}")
+    if g.ndim != 2 or g.shape[1] != spec.get("guidance", {}).get("dim", g.shape[-1]):
+        out.problems.append(f"{where}: guidance shape {tuple(g.shape)}, manifest dim {spec.get('guidance', {}).get('dim')}")
+    ip_shape = tuple(spec.get("ip", {}).get("shape", lose.shape))
+    for label, t in (("ip_lose", lose), ("ip_win", win)):
+        if tuple(t.shape) != ip_shape:
+            out.problems.append(f"{where}: {label} shape {tuple(t.shape)}, manifest says {ip_shape}")
+        if ip_dtype is not None and t.dtype != ip_dtype:
+            out.problems.append(f"{where}: {label} dtype {t.dtype}, manifest says {ip_dtype}")
+    for label, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            out.problems.append(f"{where}: {label} has NaN/Inf values")
+    lacking = [k for k in REQUIRED_META if k not in meta]
+    if lacking:
+        out.problems.append(f"{where}: metadata lacks {lacking}")
+    elif int(meta["num_tokens"]) != g.shape[0]:
+        out.problems.append(f"{where}: num_tokens {meta['num_tokens']} != guidance length {g.shape[0]}")
+
+
+def check_shard(root: str, entry: dict, cache_key: str, spec: dict) -> ShardCheck:
+    """Verify one shard against its manifest entry (runs in a worker process)."""
+    root_p = Path(root)
+    name = entry["name"]
+    path = root_p / name
+    out = ShardCheck(name=name)
+    if not path.is_file():
+        out.problems.append(f"{name}: file missing")
+        return out
+    size = path.stat().st_size
+    out.bytes = size
+    if size != entry["bytes"]:
+        out.problems.append(f"{name}: size {size} B, manifest says {entry['bytes']} B (truncated or rewritten)")
+    if entry.get("cache_key") != cache_key:
+        out.problems.append(f"{name}: manifest entry has cache key {entry.get('cache_key')}, cache has {cache_key}")
+    try:
+        idx_entry, records = read_shard_index(path)
+        if idx_entry.sha256 != entry["sha256"] or idx_entry.num_samples != entry["num_samples"]:
+            out.problems.append(f"{name}: index file disagrees with the manifest (sha256/count)")
+        if idx_entry.cache_key != cache_key:
+            out.problems.append(f"{name}: index file has cache key {idx_entry.cache_key}, cache has {cache_key}")
+        index_tokens = {r.key: r.num_tokens for r in records}
+    except CacheFormatError as err:
+        out.problems.append(str(err))
+        index_tokens = {}
+    pending: dict[str, dict[str, bytes]] = {}
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    key, _, ext = info.name.partition(".")
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} truncated")
+                    parts = pending.setdefault(key, {})
+                    if ext in parts:
+                        out.problems.append(f"{name}: duplicate member {info.name}")
+                    parts[ext] = data
+                    if TENSOR_EXT in parts and META_EXT in parts:
+                        if key in out.keys:
+                            out.problems.append(f"{name}: duplicate sample key {key!r}")
+                        out.keys.append(key)
+                        _check_sample(name, key, parts[TENSOR_EXT], parts[META_EXT], spec, out)
+                        if index_tokens and index_tokens.get(key) is None:
+                            out.problems.append(f"{name}: sample {key!r} is not in the index file")
+                        del pending[key]
+                        if len(out.problems) > MAX_PROBLEMS_PER_SHARD:
+                            out.problems.append(f"{name}: too many problems, stopped checking this shard")
+                            break
+        except (tarfile.TarError, EOFError, OSError) as err:
+            out.problems.append(f"{name}: unreadable tar ({type(err).__name__}: {err})")
+        reader.drain()
+    for key in pending:
+        out.problems.append(f"{name}: sample {key!r} lacks its .{TENSOR_EXT} or .{META_EXT} member")
+    out.samples = len(out.keys)
+    digest = reader.h.hexdigest()
+    if digest != entry["sha256"]:
+        out.problems.append(f"{name}: sha256 {digest[:16]}..., manifest says {entry['sha256'][:16]}... (corrupt)")
+    if out.samples != entry["num_samples"]:
+        out.problems.append(f"{name}: {out.samples} readable samples, manifest says {entry['num_samples']}")
+    return out
+
+
+def _entries(root: Path) -> tuple[Optional[str], dict, list[dict], list[str]]:
+    """(cache key, tensor spec, shard entries, cache-level problems) from the manifest, or from the
+    plan and index files when the manifest is not written yet (an array job still running)."""
+    problems: list[str] = []
+    if (root / "manifest.json").is_file():
+        try:
+            m = Manifest.load(root)
+        except (CacheFormatError, ValueError) as err:
+            return None, {}, [], [str(err)]
+        entries = [vars(e) if isinstance(e, ShardEntry) else dict(e) for e in m.shards]
+        if (root / PLAN_NAME).is_file():
+            planned = set(load_plan_document(root)["shards"])
+            missing = sorted(planned - {e["name"] for e in entries})
+            if missing:
+                problems.append(f"manifest.json lacks {len(missing)} planned shard(s), first {missing[0]}")
+        return m.cache_key, m.tensors, entries, problems
+    if not (root / PLAN_NAME).is_file():
+        return None, {}, [], [f"{root}: neither manifest.json nor {PLAN_NAME}: not a feature cache"]
+    doc = load_plan_document(root)
+    problems.append(f"{root}/manifest.json missing: run `img-preprocess manifest {root}` once all tasks finished")
+    entries, spec = [], {}
+    for name in doc["shards"]:
+        try:
+            entry, _ = read_shard_index(root / name)
+        except CacheFormatError:
+            problems.append(f"{name}: not finished (no index file)")
+            continue
+        entries.append(vars(entry))
+        spec = spec or entry.tensors
+    return doc["cache_key"], spec, entries, problems
+
+
+def verify_cache(root: str | Path, workers: int = 1) -> VerifyReport:
+    root = Path(root)
+    cache_key, spec, entries, problems = _entries(root)
+    checks: list[ShardCheck] = []
+    if entries:
+        args = [(str(root), e, cache_key, spec) for e in entries]
+        if workers > 1 and len(entries) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                checks = list(pool.map(check_shard, *zip(*args)))
+        else:
+            checks = [check_shard(*a) for a in args]
+    seen: dict[str, str] = {}
+    for c in checks:
+        problems.extend(c.problems)
+        for key in c.keys:
+            if key in seen and seen[key] != c.name:
+                problems.append(f"{c.name}: sample key {key!r} also in {seen[key]}")
+            seen.setdefault(key, c.name)
+    stray = sorted(p.name for p in root.glob(".shard-*.tmp"))
+    if stray:
+        problems.append(f"{len(stray)} unfinished temporary shard file(s) (first {stray[0]}): a task was "
+                        f"interrupted; re-run it to complete its shards")
+    orphans = sorted(p.name[: -len(INDEX_SUFFIX)] for p in root.glob("shard-*" + INDEX_SUFFIX)
+                     if p.name[: -len(INDEX_SUFFIX)] + ".tar" not in {e["name"] for e in entries})
+    if orphans and (root / "manifest.json").is_file():
+        problems.append(f"{len(orphans)} finished shard(s) not in manifest.json (first {orphans[0]}.tar): "
+                        f"re-run `img-preprocess manifest {root}`")
+    return VerifyReport(root=root, cache_key=cache_key, shards=checks, problems=problems)

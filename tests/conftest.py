@@ -1,0 +1,47 @@
+"""Shared test setup: offline Hugging Face, tiny models built once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+
+# -- tiny models in the real on-disk formats (img_lightning/tiny) -------------------------------
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from img_lightning.tiny.sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_ip_adapter_dir(tmp_path_factory, tiny_sdxl_dir):
+    """h94/IP-Adapter layout: sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors + models/image_encoder."""
+    from img_lightning.tiny.ip_adapter import build_tiny_ip_adapter_plus_sdxl
+
+    return build_tiny_ip_adapter_plus_sdxl(tmp_path_factory.mktemp("tiny") / "ip_adapter", tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    from img_lightning.tiny.mllm import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny") / "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    from img_lightning.tiny.mllm import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer_dirs(tmp_path_factory):
+    """Tiny HPS (open_clip + {"state_dict"} checkpoint), CLIP, BLIP-VQA and OWL-ViT (evaluation tests)."""
+    from img_lightning.tiny.scorers import build_tiny_scorers
+
+    return build_tiny_scorers(tmp_path_factory.mktemp("tiny") / "scorers")
