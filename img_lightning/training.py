@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # checkpoint directory is the point of run.ckpt_path=last (resolve_resume refuses accidental reuse).
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# Raised inside Lightning's own pytree helper with torch >= 2.10; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 @dataclass

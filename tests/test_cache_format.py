@@ -159,3 +159,14 @@ def test_synthetic_cache_winners_depend_on_guidance(tmp_path):
     index = json.loads((tmp_path / "shard-000000.index.json").read_text())
     assert index["num_samples"] == 10 and len(index["samples"]) == 10
     assert np.all(view.num_tokens >= 8)
+
+
+def test_index_written_on_the_fly_matches_a_scan_of_the_tar(tmp_path):
+    from img_lightning.cache import read_shard_index, scan_shard
+    from img_lightning.cache.manifest import sha256_file
+
+    _write(tmp_path, n=9, shard_size=4)
+    for shard in sorted(tmp_path.glob("shard-*.tar")):
+        entry, records = read_shard_index(shard)
+        assert records == scan_shard(shard)
+        assert entry.bytes == shard.stat().st_size and entry.sha256 == sha256_file(shard)

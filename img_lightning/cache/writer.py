@@ -6,24 +6,27 @@ finished shard always has its index file, which is what makes it count as done.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import webdataset as wds
 from torch import Tensor
 
-from .format import SHARD_PATTERN, TENSOR_KEYS, check_key, encode_sample
+from .format import META_EXT, SHARD_PATTERN, TENSOR_EXT, TENSOR_KEYS, check_key, encode_sample
 from .manifest import (
     Manifest,
+    SampleRecord,
     ShardEntry,
     finalize_manifest,
     index_path,
     read_shard_index,
-    scan_shard,
-    sha256_file,
     write_shard_index,
 )
+
+_BLOCK = 512
 
 _DTYPE_NAMES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.float32": "float32"}
 
@@ -48,6 +51,28 @@ def shard_is_complete(shard_path: Path) -> bool:
     return shard_path.stat().st_size == entry.bytes
 
 
+class _HashingFile:
+    """Sequential sink that hashes and counts what passes through (tar streams never seek), so a
+    finished shard's sha256 and size cost no second read of the file."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
 class ShardWriter:
     """Writes one shard. Use as a context manager; the shard appears only on clean exit."""
 
@@ -57,9 +82,11 @@ class ShardWriter:
         self.tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp_path, "wb")
+        self._sink = _HashingFile(self._file)
         # Fixed mtime/owner/mode: the same samples always give byte-identical shards.
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0, user="img", group="img", mode=0o444)
+        self._tar = wds.TarWriter(self._sink, encoder=False, mtime=0.0, user="img", group="img", mode=0o444)
         self._keys: set[str] = set()
+        self._records: list[SampleRecord] = []
         self.tensors: Optional[dict] = None
         self.entry: Optional[ShardEntry] = None
 
@@ -73,29 +100,46 @@ class ShardWriter:
         elif spec != self.tensors:
             raise ValueError(f"{self.path}: sample {key!r} has tensors {spec}, shard started with {self.tensors}")
         members = encode_sample({k: tensors[k] for k in TENSOR_KEYS}, meta)
-        self._tar.write({"__key__": key, **members})
+        # Two calls in the order one call would use (sorted extensions), so the member offsets for
+        # the index can be read off the tar stream as it goes.
+        meta_bytes, payload = members[META_EXT], members[TENSOR_EXT]
+        self._tar.write({"__key__": key, META_EXT: meta_bytes})
+        meta_end = self._tar.tarstream.offset
+        self._tar.write({"__key__": key, TENSOR_EXT: payload})
+        tensor_end = self._tar.tarstream.offset
+        (header_len,) = struct.unpack_from("<Q", payload, 0)
+        self._records.append(
+            SampleRecord(
+                key=key,
+                offset=tensor_end - _padded(len(payload)),
+                size=len(payload),
+                header_len=8 + header_len,
+                meta_offset=meta_end - _padded(len(meta_bytes)),
+                meta_size=len(meta_bytes),
+                num_tokens=int(tensors["guidance"].shape[0]),
+            )
+        )
         self._keys.add(key)
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def close(self) -> ShardEntry:
-        """Finish the tar, index it, then rename it and write its index (in that order)."""
+        """Finish the tar, then rename it and write its index (in that order)."""
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        records = scan_shard(self.tmp_path)
         self.entry = ShardEntry(
             name=self.path.name,
-            num_samples=len(records),
-            bytes=self.tmp_path.stat().st_size,
-            sha256=sha256_file(self.tmp_path),
+            num_samples=len(self._records),
+            bytes=self._sink.size,
+            sha256=self._sink.sha256.hexdigest(),
             cache_key=self.cache_key,
             tensors=self.tensors or {},
         )
         self.tmp_path.replace(self.path)
-        write_shard_index(self.path, self.entry, records)
+        write_shard_index(self.path, self.entry, self._records)
         return self.entry
 
     def abort(self) -> None:

@@ -32,20 +32,32 @@ def resolve_config(schema: Any, args: argparse.Namespace) -> Any:
 OUR_LOGGERS = ("img_lightning", "preprocessing", "img-preprocess", "img-eval")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (so redirections and test capture work)."""
+
+    _img_lightning = True
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Our loggers at INFO (DEBUG with -v); the root logger is left alone, so libraries that log
-    chatter at INFO on it (open_clip) stay quiet, and Lightning keeps its own handler (no doubled
-    lines). Without -v, model-loading progress bars of transformers/diffusers are hidden too."""
+    """Our loggers at INFO (DEBUG with -v) with a handler of their own; the root logger is left
+    alone, so libraries that chat at INFO on it (open_clip) stay quiet and Lightning keeps its own
+    handler (no doubled lines). Without -v, transformers/diffusers loading bars are hidden too."""
     level = logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     for name in OUR_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level)
-        if not any(getattr(h, "_img_lightning", False) for h in logger.handlers):
-            handler._img_lightning = True  # type: ignore[attr-defined]
+        if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
             logger.addHandler(handler)
-        logger.propagate = False
     # An advertisement Lightning prints at every start.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()
