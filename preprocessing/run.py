@@ -169,7 +169,7 @@ def finalize(out: str | Path) -> Manifest:
 
 def validate_config(cfg) -> None:
     """Reject values the schema's types cannot catch, naming the key (before any work starts)."""
-    from img_lightning.encoders.common import DTYPES
+    from img_lightning.models import DTYPES
     from img_lightning.encoders.ip import KINDS
     from img_lightning.encoders.mllm import BACKENDS, IMAGE_MODES, PROMPT_FORMATS
     from img_lightning.encoders.templates import TEMPLATE_SETS

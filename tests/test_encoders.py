@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from img_lightning.config.encoders import IPEncoderConfig, MLLMConfig
-from img_lightning.encoders.common import ModelNotFoundError
+from img_lightning.models import ModelNotFoundError
 from img_lightning.encoders.ip import build_ip_encoder
 from img_lightning.encoders.mllm import GuidanceEncoder, build_question, expand_to_square, template_id_for
 from img_lightning.encoders.templates import templates

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from img_lightning.config.eval import ScorerConfig
-from img_lightning.evaluation.loading import ModelNotFoundError
+from img_lightning.models import ModelNotFoundError
 from img_lightning.evaluation.scorers import build_scorers
 from img_lightning.evaluation.scorers.blip_vqa import product_over_phrases, yes_probability
 from img_lightning.evaluation.scorers.complex import three_in_one

@@ -198,16 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         run(ns.stage, ns.args, ns.task_index, ns.num_tasks, progress=not ns.no_progress)
     except Exception as err:  # one clear line for known user errors; tracebacks on --debug
-        from ..evaluation.loading import ModelNotFoundError
         from ..evaluation.prompts import PromptFileError
 
-        known = (ConfigError, PromptFileError, ModelNotFoundError, FileNotFoundError)
-        try:
-            from ..encoders.common import ModelNotFoundError as EncoderModelNotFound
-
-            known = known + (EncoderModelNotFound,)
-        except ImportError:
-            pass
+        known = (ConfigError, PromptFileError, FileNotFoundError)  # ModelNotFoundError is a FileNotFoundError
         if ns.debug or not isinstance(err, known):
             raise
         print(f"img-eval: error: {err}", file=sys.stderr)

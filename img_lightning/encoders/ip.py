@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..config.encoders import IPEncoderConfig
-from .common import ModelNotFoundError, find_in, model_dir, resolve_device, resolve_dtype, resolve_model_root
+from ..models import ModelNotFoundError, find_in, model_dir, resolve_device, resolve_dtype, resolve_model_root
 
 KINDS = ("sdxl_plus", "flux_xlabs")
 

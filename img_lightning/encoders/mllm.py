@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..config.encoders import MLLMConfig
-from .common import ModelNotFoundError, model_dir, resolve_device, resolve_dtype, resolve_model_root
+from ..models import ModelNotFoundError, model_dir, resolve_device, resolve_dtype, resolve_model_root
 from .templates import build_question, template_id_for, templates
 
 __all__ = ["GuidanceEncoder", "build_question", "template_id_for", "expand_to_square", "BACKENDS"]

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..aligner import ImplicitAligner
-from ..evaluation.loading import resolve_device
+from ..models import resolve_device
 
 
 def pad_guidance(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -14,21 +14,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..evaluation.loading import ModelNotFoundError, missing_model_message, resolve_device
+from ..models import ModelNotFoundError, compute_dtype, from_pretrained, missing_model_message, resolve_device
 from ..hf_quiet import diffusers_errors_only, quiet_hf_progress
 from .ip_inject import cfg_pair, install_passthrough, ip_token_width
 
 PAPER_DEFAULTS = {"sdxl": {"steps": 50, "guidance_scale": 7.5}, "flux": {"steps": 30, "guidance_scale": 3.5}}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _load(loader: Any, what: str, model_id: str, path: Optional[str], key: str, **kwargs: Any) -> Any:
-    try:
-        return loader(path or model_id, **kwargs)
-    except (OSError, EnvironmentError) as err:
-        if path:
-            raise ModelNotFoundError(f"{what}: cannot load {path} (set by {key}): {err}") from None
-        raise ModelNotFoundError(missing_model_message(what, model_id, key)) from None
 
 
 class DiffusionBackend:
@@ -43,7 +33,7 @@ class DiffusionBackend:
     @classmethod
     def from_config(cls, cfg: Any) -> "DiffusionBackend":
         device = resolve_device(cfg.device)
-        dtype = _DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
+        dtype = compute_dtype(cfg.dtype, device)
         common = dict(dtype=dtype, revision=cfg.revision)
         if cfg.variant:
             common["variant"] = cfg.variant
@@ -55,14 +45,14 @@ class DiffusionBackend:
                 unet_kwargs = dict(dtype=dtype)
                 if cfg.unet_subfolder:
                     unet_kwargs["subfolder"] = cfg.unet_subfolder
-                extra["unet"] = _load(UNet2DConditionModel.from_pretrained, "UNet", cfg.unet or "", cfg.unet_path,
+                extra["unet"] = from_pretrained(UNet2DConditionModel.from_pretrained, "UNet", cfg.unet or "", cfg.unet_path,
                                       "generation.pipeline.unet_path", **unet_kwargs)
-            pipe = _load(StableDiffusionXLPipeline.from_pretrained, "SDXL pipeline", cfg.model, cfg.path,
+            pipe = from_pretrained(StableDiffusionXLPipeline.from_pretrained, "SDXL pipeline", cfg.model, cfg.path,
                          "generation.pipeline.path", **common, **extra)
         elif cfg.kind == "flux":
             from diffusers import FluxPipeline
 
-            pipe = _load(FluxPipeline.from_pretrained, "FLUX pipeline", cfg.model, cfg.path,
+            pipe = from_pretrained(FluxPipeline.from_pretrained, "FLUX pipeline", cfg.model, cfg.path,
                          "generation.pipeline.path", **common)
         else:
             raise ValueError(f"generation.pipeline.kind must be 'sdxl' or 'flux', got '{cfg.kind}'")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..loading import from_pretrained, resolve_device, resolve_dtype
+from ...models import compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, rgb
 from .noun_phrases import noun_phrase_extractor
 
@@ -62,7 +62,7 @@ class BlipVQAScorer(Scorer):
         model_id = cfg.model or "Salesforce/blip-vqa-base"
         key = f"scorers[{cfg.name or 'blip_vqa'}]"
         model = from_pretrained(BlipForQuestionAnswering.from_pretrained, "BLIP VQA model", model_id, cfg.path,
-                                f"{key}.path", dtype=resolve_dtype(cfg.dtype, device))
+                                f"{key}.path", dtype=compute_dtype(cfg.dtype, device))
         processor = from_pretrained(BlipProcessor.from_pretrained, "BLIP processor", cfg.processor or model_id,
                                     cfg.processor_path or cfg.path, f"{key}.processor_path")
         return cls(model, processor, device, cfg.noun_phrases, cfg.batch_size, cfg.name or "blip_vqa", model_id)

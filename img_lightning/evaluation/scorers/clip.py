@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..loading import from_pretrained, resolve_device, resolve_dtype
+from ...models import compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, rgb
 
 
@@ -49,7 +49,7 @@ class CLIPPairScorer(Scorer):
         key = f"scorers[{cfg.name or default_name}]"
         model = from_pretrained(
             CLIPModel.from_pretrained, "CLIP model", model_id, cfg.path, f"{key}.path",
-            dtype=resolve_dtype(cfg.dtype, device),
+            dtype=compute_dtype(cfg.dtype, device),
         )
         proc_id = cfg.processor or default_processor or model_id
         proc_path = cfg.processor_path or (cfg.path if not (cfg.processor or default_processor) else None)

@@ -18,7 +18,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
-from ..loading import ModelNotFoundError, resolve_device
+from ...models import ModelNotFoundError, resolve_device
 from .base import Scorer, register, rgb
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..loading import from_pretrained, resolve_device, resolve_dtype
+from ...models import compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, rgb
 from .noun_phrases import rule_noun_phrases
 
@@ -110,7 +110,7 @@ class SpatialProxyScorer(Scorer):
         model_id = cfg.model or "google/owlv2-base-patch16-ensemble"
         key = f"scorers[{cfg.name or 'spatial_proxy'}]"
         model = from_pretrained(AutoModelForZeroShotObjectDetection.from_pretrained, "detector", model_id, cfg.path,
-                                f"{key}.path", dtype=resolve_dtype(cfg.dtype, device))
+                                f"{key}.path", dtype=compute_dtype(cfg.dtype, device))
         processor = from_pretrained(AutoProcessor.from_pretrained, "detector processor", cfg.processor or model_id,
                                     cfg.processor_path or cfg.path, f"{key}.processor_path")
         return cls(model, processor, device, cfg.threshold, cfg.reference_size, cfg.name or "spatial_proxy",

@@ -1,19 +1,22 @@
-"""What every encoder needs: finding model files without surprises, device and dtype choice.
+"""Finding pretrained models without surprises, and choosing their device and dtype.
 
-Models are never downloaded implicitly: a SLURM array of 64 tasks must not start 64 downloads of
-a 26 GB model, and an air-gapped cluster must fail fast. A model is either a local directory
-(``*.path`` in the config) or a Hugging Face id already in the local cache (``HF_HOME``); anything
-else is one :class:`ModelNotFoundError` that says how to provide it.
+Models are never downloaded implicitly: a SLURM array of 64 tasks must not start 64 downloads of a
+26 GB model, and an air-gapped cluster must fail fast. A model is either a local directory (a
+``*.path`` key in the config) or a Hugging Face id already in the local cache (``HF_HOME``);
+anything else is one :class:`ModelNotFoundError` that names the model and how to provide it,
+instead of a deep stack trace from inside a library. Encoders (preprocessing and evaluation) and
+scorers all go through here.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
+T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -21,8 +24,17 @@ class ModelNotFoundError(FileNotFoundError):
     """A configured model cannot be found locally; the message names it and how to provide it."""
 
 
-def _hf_home() -> str:
+def hf_home() -> str:
     return os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+
+
+def missing_model_message(what: str, model_id: str, key: str, revision: Optional[str] = None) -> str:
+    rev = f" (revision {revision})" if revision else ""
+    return (
+        f"{what} {model_id!r}{rev} is neither a local directory nor in the local Hugging Face cache "
+        f"(HF_HOME={hf_home()}). Download it once where there is internet (`hf download {model_id}`) "
+        f"into that cache, or set {key}=/path/to/local/copy."
+    )
 
 
 def resolve_model_root(model_id: str, path: Optional[str], revision: Optional[str], config_key: str) -> Path:
@@ -34,9 +46,7 @@ def resolve_model_root(model_id: str, path: Optional[str], revision: Optional[st
     if path:
         root = Path(path).expanduser()
         if not root.exists():
-            raise ModelNotFoundError(
-                f"{config_key}={path!r} does not exist: point it at a local copy of {model_id!r}."
-            )
+            raise ModelNotFoundError(f"{config_key}={path!r} does not exist: point it at a local copy of {model_id!r}.")
         return root
     if Path(model_id).expanduser().is_dir():
         return Path(model_id).expanduser()
@@ -45,11 +55,7 @@ def resolve_model_root(model_id: str, path: Optional[str], revision: Optional[st
 
         return Path(snapshot_download(model_id, revision=revision, local_files_only=True))
     except Exception:  # noqa: BLE001 - every failure here means "not available locally"
-        rev = f" (revision {revision})" if revision else ""
-        raise ModelNotFoundError(
-            f"model {model_id!r}{rev} is not in the local Hugging Face cache (HF_HOME={_hf_home()}). "
-            f"Download it once (`hf download {model_id}`), or set {config_key}=/path/to/local/copy."
-        ) from None
+        raise ModelNotFoundError(missing_model_message("model", model_id, config_key, revision)) from None
 
 
 def find_in(root: Path, subfolder: str, name: str, model_id: str, config_key: str) -> Path:
@@ -69,6 +75,22 @@ def model_dir(root: Path, subfolder: str, model_id: str, config_key: str) -> Pat
     return find_in(root, subfolder, "config.json", model_id, config_key).parent
 
 
+def from_pretrained(
+    loader: Callable[..., T], what: str, model_id: str, path: Optional[str], key: str, **kwargs: Any
+) -> T:
+    """``loader(path or model_id, **kwargs)`` with a clear error when the model is not available."""
+    if path is not None and not Path(path).exists():
+        raise ModelNotFoundError(f"{what}: local path {path} does not exist (set by {key})")
+    try:
+        return loader(path or model_id, **kwargs)
+    except (OSError, ValueError) as err:
+        text = str(err)
+        not_found = isinstance(err, OSError) or "does not appear to have" in text or "not found" in text.lower()
+        if not_found and path is None:
+            raise ModelNotFoundError(missing_model_message(what, model_id, key)) from None
+        raise
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,3 +101,9 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``name`` on GPU; float32 on CPU, where half-precision kernels are slow or missing."""
+    dtype = resolve_dtype(name)
+    return torch.float32 if device.type == "cpu" else dtype
