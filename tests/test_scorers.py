@@ -1,6 +1,5 @@
 """Every scorer on tiny random models saved in the real formats, plus the metric arithmetic."""
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +109,7 @@ def test_hps_checkpoint_is_loaded_without_unpickling_code(tmp_path, tiny_scorer_
     assert set(state) == {"state_dict"}
     bad = tmp_path / "evil.pt"
     torch.save({"state_dict": state["state_dict"], "x": _Evil()}, bad)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(Exception, match="Weights only load failed"):  # torch refuses to unpickle code
         load_hps_state_dict(bad)
     with pytest.raises(ModelNotFoundError, match="xswu/HPSv2"):
         load_hps_state_dict(tmp_path / "missing.pt")

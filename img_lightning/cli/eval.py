@@ -85,8 +85,8 @@ def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_ta
 
 
 def repo_path(path: Optional[str]) -> Optional[str]:
-    """A data path as given, else relative to the repository root (where the shipped configs'
-    ``../shared/benchmarks/...`` paths point), so commands work from any directory."""
+    """A data path as given, else relative to the repository root, so relative paths written
+    against a checkout work from any directory."""
     if path is None or Path(path).is_absolute() or Path(path).exists():
         return path
     from ..config.loading import REPO_ROOT
