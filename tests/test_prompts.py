@@ -18,8 +18,8 @@ from img_lightning.evaluation.prompts import (
     load_text,
 )
 
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
-pytestmark = pytest.mark.skipif(not BENCH.is_dir(), reason="../shared/benchmarks not present")
+from bench_paths import BENCH, requires_bench
+pytestmark = requires_bench
 
 
 def test_partiprompts_keeps_literal_quotes():

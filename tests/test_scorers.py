@@ -16,9 +16,8 @@ from img_lightning.evaluation.scorers.complex import three_in_one
 from img_lightning.evaluation.scorers.hps import OPENAI_MEAN, OPENAI_STD, hps_preprocess, load_hps_state_dict
 from img_lightning.evaluation.scorers.spatial import combine, parse_spatial_prompt, position_score
 
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
-PROMPTS = ["a red car next to a blue dog", "The red hat was on top of the brown coat rack.",
-           "a green bench and a blue bowl"]
+PROMPTS = ["a red car next to a blue dog", "The yellow lamp was on top of the wooden desk.",
+           "a purple kite and an orange boat"]
 
 
 def cfg(**kw):
@@ -33,7 +32,16 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def scorers(tiny_scorer_dirs):
+def subset_dir(tmp_path_factory):
+    """T2I-CompBench's complex subtype lists, in their format, for our test prompts."""
+    where = tmp_path_factory.mktemp("t2i")
+    (where / "complex_val_spatial.txt").write_text(PROMPTS[1] + "\r\n")
+    (where / "complex_val_action.txt").write_text(PROMPTS[0] + "\r\n")
+    return where
+
+
+@pytest.fixture(scope="module")
+def scorers(tiny_scorer_dirs, subset_dir):
     d = tiny_scorer_dirs
     cfgs = [
         cfg(kind="hps", model="img-lightning-tiny-hps", model_config=str(d["hps_model_config"]),
@@ -43,7 +51,7 @@ def scorers(tiny_scorer_dirs):
         cfg(kind="t2i_non_spatial", name="non_spatial", path=str(d["clip"])),
         cfg(kind="blip_vqa", path=str(d["blip_vqa"]), batch_size=2),
         cfg(kind="spatial_proxy", path=str(d["owlvit"]), threshold=0.0),
-        cfg(kind="t2i_complex", subset_dir=str(BENCH / "t2i-compbench")),
+        cfg(kind="t2i_complex", subset_dir=str(subset_dir)),
     ]
     return build_scorers(cfgs)
 
@@ -137,7 +145,7 @@ def test_blip_vqa_probability_arithmetic(scorers):
     assert product_over_phrases([0.5, 0.4, 0.9], [0, 0, 2], 3).tolist() == pytest.approx([0.2, 1.0, 0.9])
     blip = scorers["blip_vqa"]
     ims = images()
-    assert blip.questions("a green bench and a blue bowl") == ["a green bench?", "a blue bowl?"]
+    assert blip.questions("a purple kite and an orange boat") == ["a purple kite?", "an orange boat?"]
     got = blip.score(ims, PROMPTS)
     for i, prompt in enumerate(PROMPTS):
         qs = blip.questions(prompt)
@@ -149,8 +157,8 @@ def test_blip_vqa_probability_arithmetic(scorers):
 
 def test_spatial_rules():
     assert parse_spatial_prompt("a giraffe next to a lamp") == ("giraffe", "next to", "lamp")
-    assert parse_spatial_prompt("a girl on the top of a frog") == ("girl", "on the top of", "frog")
-    assert parse_spatial_prompt("a green bench and a blue bowl") is None
+    assert parse_spatial_prompt("a cat on the top of a piano") == ("cat", "on the top of", "piano")
+    assert parse_spatial_prompt("a purple kite and an orange boat") is None
     left, right = (0, 0, 100, 100), (300, 0, 400, 100)
     assert position_score("on the left of", left, right) == 1.0
     assert position_score("on the right of", left, right) == 0.0
@@ -175,7 +183,7 @@ def test_complex_3in1(scorers):
     assert three_in_one("action", att, spa, act).item() == pytest.approx(0.75)
     assert three_in_one("spatial_action", att, spa, act).item() == pytest.approx(0.6)
     cx = scorers["t2i_complex"]
-    assert cx.subtype("The red hat was on top of the brown coat rack.") == "spatial"
+    assert cx.subtype("The yellow lamp was on top of the wooden desk.") == "spatial"
     assert cx.subtype("something not in the lists") == "spatial_action"
     ims = images()
     got = cx.score(ims, PROMPTS)
@@ -184,7 +192,7 @@ def test_complex_3in1(scorers):
         assert got[i].item() == pytest.approx(three_in_one(cx.subtype(p), a[i], s[i], c[i]).item(), abs=1e-6)
 
 
-def test_missing_model_gives_one_clear_error(tmp_path):
+def test_missing_model_gives_one_clear_error(tmp_path, subset_dir):
     with pytest.raises(ModelNotFoundError) as err:
         build_scorers([cfg(kind="pickscore", model="nobody/no-such-pickscore")])
     msg = str(err.value)
@@ -192,4 +200,4 @@ def test_missing_model_gives_one_clear_error(tmp_path):
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         build_scorers([cfg(kind="blip_vqa", path=str(tmp_path / "nowhere"))])
     with pytest.raises(ValueError, match="not in the scorer list"):
-        build_scorers([cfg(kind="t2i_complex", subset_dir=str(BENCH / "t2i-compbench"))])
+        build_scorers([cfg(kind="t2i_complex", subset_dir=str(subset_dir))])

@@ -1,8 +1,8 @@
 """Noun phrases of a prompt, for T2I-CompBench's BLIP-VQA questions (``"{np}?"``).
 
 T2I-CompBench uses spaCy ``en_core_web_sm`` noun chunks. Its weights are not on PyPI, so the
-default here is a small rule-based chunker made for the benchmark's prompt styles ("a green bench
-and a blue bowl", "The red hat was on top of the brown coat rack."): it splits at conjunctions,
+default here is a small rule-based chunker made for the benchmark's prompt styles ("a purple kite
+and an orange boat", "The yellow lamp was on top of the wooden desk."): it splits at conjunctions,
 prepositions, auxiliaries, relative pronouns and punctuation, drops verbs by a word list and by
 their -ed/-ing position after a noun, and keeps the runs that remain. ``spacy:MODEL`` uses spaCy
 itself (install spaCy and the model) and reproduces the official questions exactly.
