@@ -156,7 +156,7 @@ def test_blip_vqa_probability_arithmetic(scorers):
 
 
 def test_spatial_rules():
-    assert parse_spatial_prompt("a giraffe next to a lamp") == ("giraffe", "next to", "lamp")
+    assert parse_spatial_prompt("a violin next to a kettle") == ("violin", "next to", "kettle")
     assert parse_spatial_prompt("a cat on the top of a piano") == ("cat", "on the top of", "piano")
     assert parse_spatial_prompt("a purple kite and an orange boat") is None
     left, right = (0, 0, 100, 100), (300, 0, 400, 100)

@@ -28,7 +28,7 @@ RELATIONS = ("on the bottom of", "on the right of", "on the left of", "on the to
 
 
 def parse_spatial_prompt(prompt: str) -> Optional[tuple[str, str, str]]:
-    """``"a giraffe next to a lamp"`` -> ``("giraffe", "next to", "lamp")``; None when no relation.
+    """``"a violin next to a kettle"`` -> ``("violin", "next to", "kettle")``; None when no relation.
 
     obj1 = the last word of the last noun phrase before the relation, obj2 = the last word of the
     first noun phrase after it (the head nouns).
