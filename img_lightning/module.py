@@ -7,7 +7,7 @@ only accumulates the distances it compares.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -161,11 +161,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: flo
     return factor
 
 
-def load_module_weights(path: str, module: Optional[AlignerModule] = None) -> dict[str, Tensor]:
-    """f_theta weights from a Lightning checkpoint (``weights_only=True``), keys without prefix."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt["state_dict"]
-    weights = {k[len("aligner.") :]: v for k, v in state.items() if k.startswith("aligner.")}
-    if module is not None:
-        module.aligner.load_state_dict(weights)
-    return weights
+def aligner_weights_from_checkpoint(path: str) -> dict[str, Tensor]:
+    """f_theta's weights from a Lightning checkpoint (read with ``weights_only=True``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k[len("aligner.") :]: v for k, v in state.items() if k.startswith("aligner.")}

@@ -19,7 +19,7 @@ from .aligner import ImplicitAligner
 from .callbacks import ReferenceSwap, Throughput
 from .config.loading import ConfigError, load_config, to_container
 from .data import ExpectedFeatures, FeatureCacheDataModule
-from .module import AlignerModule, load_module_weights
+from .module import AlignerModule, aligner_weights_from_checkpoint
 from .run_dir import resolve_resume, run_directory, write_run_info
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,6 @@ def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainRes
         result.exports = export_aligner(module.aligner, run_dir / "export", "aligner", info)
         if best:
             best_aligner = ImplicitAligner(**module.aligner.dims)
-            best_aligner.load_state_dict(load_module_weights(best))
+            best_aligner.load_state_dict(aligner_weights_from_checkpoint(best))
             result.exports.update(export_aligner(best_aligner, run_dir / "export", "aligner_best", info))
     return result

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from ..cache.reader import CacheView
 from .loader import ThreadedBatchLoader
 from .plan import ResumableBatchSampler
@@ -118,6 +119,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
                 f"{cfg.cache}: {len(self.train_ids)} training samples cannot fill one batch of "
                 f"{cfg.batch_size} on each of {world} ranks"
             )
+        rank_zero_info(self.describe())
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
