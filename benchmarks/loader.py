@@ -21,6 +21,7 @@ IP tokens 16 x 2048 for the loser and the winner, fp16.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # keep the table readable
 
     tmp = None
     root = args.cache

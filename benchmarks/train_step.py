@@ -7,12 +7,14 @@ Both loops do the same work per optimizer step: f_theta forward, f_ref forward w
 the preference objective, backward, AdamW step, and the reference-swap bookkeeping (global distance
 comparison; copy after k wins). The Lightning side is what ``img-train`` runs: AlignerModule with
 the ReferenceSwap, Throughput and LearningRateMonitor callbacks and step-level logging to
-TensorBoard (progress bar off, as in a batch job). Prints steps/s of each and their ratio.
+TensorBoard (progress bar off, as in a batch job). Prints steps/s of each (best of alternating
+rounds) and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -150,7 +152,9 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on cuda, 32 on cpu")
     parser.add_argument("--steps", type=int, default=None, help="default: 200 tiny / 6 full on cpu, 200 on cuda")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=2, help="alternate bare/Lightning this many times; best of each")
     args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # keep the table readable
     device = torch.device(args.device)
     precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32")
     accelerator = "gpu" if device.type == "cuda" else "cpu"
@@ -164,9 +168,11 @@ def main(argv=None) -> int:
         cfg = config_for(size, precision, steps)
         dtype = torch.float16
         batches = make_batches(steps, gd, dim, tokens, batch, dtype)
-        with tempfile.TemporaryDirectory() as tmp:
-            bare = bare_steps_per_s(cfg, batches, warmup, device)
-            lit = lightning_steps_per_s(cfg, batches, warmup, device, accelerator, tmp)
+        bare = lit = 0.0
+        for _ in range(args.rounds):  # alternating, so drifts in machine speed hit both sides alike
+            with tempfile.TemporaryDirectory() as tmp:
+                bare = max(bare, bare_steps_per_s(cfg, batches, warmup, device))
+                lit = max(lit, lightning_steps_per_s(cfg, batches, warmup, device, accelerator, tmp))
         print(f"{size:>5} {batch:>5} {steps:>5} {lit:>12.2f} {bare:>9.2f} {lit / bare:>6.2f}")
     return 0
 
