@@ -91,7 +91,7 @@ def pair_id_of(caption: str, winner_uid: str, loser_uid: str) -> str:
 def list_parquet_files(spec: str, split: Optional[str] = None) -> list[str]:
     """Parquet files named by ``spec``: a file, a directory (searched recursively) or a glob.
 
-    For a directory, files of ``split`` (Pick-a-Pic names them ``{split}-XXXXX-of-YYYYY-*.parquet``)
+    For a directory, files of ``split`` (Pick-a-Pic names them ``{split}-NNNNN-of-MMMMM-*.parquet``)
     are selected when there are any, so pointing at the downloaded repository just works.
     """
     path = Path(spec).expanduser()

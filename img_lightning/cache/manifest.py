@@ -1,6 +1,6 @@
 """Per-shard index files and the cache manifest.
 
-Each shard gets ``shard-XXXXXX.index.json`` (its manifest entry plus byte offsets of every member),
+Each shard gets ``shard-NNNNNN.index.json`` (its manifest entry plus byte offsets of every member),
 written only after the shard is complete, so concurrent SLURM array tasks never touch a shared
 file. ``manifest.json`` is assembled from those entries by :func:`finalize_manifest`.
 """
