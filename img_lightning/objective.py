@@ -14,7 +14,6 @@ with ``beta / (N x D)`` and keeps ``beta ~ 1`` meaningful regardless of the toke
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -13,7 +13,7 @@ import webdataset as wds
 from safetensors.torch import load as st_load
 
 from img_lightning.cache import BatchReader, CacheView, CacheWriter, Manifest, decode_tensors
-from img_lightning.cache.format import CacheFormatError, decode_meta
+from img_lightning.cache.format import decode_meta
 from img_lightning.cache.synthetic import write_synthetic_cache
 
 

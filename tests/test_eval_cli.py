@@ -1,7 +1,6 @@
 """`img-eval all` end to end on tiny SDXL + tiny IP-Adapter + tiny LLaVA + tiny aligner, resumed."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Prompt-set loaders on the official files in ../shared/benchmarks (every parsing quirk)."""
 
 import json
-from pathlib import Path
 
 import pytest
 

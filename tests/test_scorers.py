@@ -1,6 +1,5 @@
 """Every scorer on tiny random models saved in the real formats, plus the metric arithmetic."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

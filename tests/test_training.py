@@ -22,7 +22,7 @@ def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
     dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
     train = write_synthetic_cache(root / "train", 26, seed=0, **dims)  # 6 steps/epoch at batch 4
-    val = write_synthetic_cache(root / "val", 12, seed=1, **dims)
+    write_synthetic_cache(root / "val", 12, seed=1, **dims)
     return root / "train", root / "val", train.cache_key
 
 

@@ -57,9 +57,13 @@ class CacheView:
         return int(self.shard_of.shape[0])
 
     @property
+    def skipped_samples(self) -> int:
+        return sum(s.num_samples for s in self.skipped)
+
+    @property
     def skipped_fraction(self) -> float:
         total = self.manifest.num_samples
-        return sum(s.num_samples for s in self.skipped) / total if total else 0.0
+        return self.skipped_samples / total if total else 0.0
 
     @property
     def guidance_dim(self) -> int:

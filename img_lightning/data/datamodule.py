@@ -184,7 +184,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
         self.bad_samples += n
         view = self.train_view
         total = view.manifest.num_samples if view is not None else 0
-        skipped = sum(s.num_samples for s in view.skipped) if view is not None else 0
+        skipped = view.skipped_samples if view is not None else 0
         fraction = (self.bad_samples + skipped) / max(total, 1)
         if fraction > self.cfg.max_bad_fraction:
             raise RuntimeError(
