@@ -104,6 +104,9 @@ class RunConfig:
     seed: int = 42  # seed of f_theta's initialisation and everything not data-related
     ckpt_path: Optional[str] = None  # "last" resumes from {run_dir}/checkpoints/last.ckpt if present
     export: bool = True  # write the aligner in the official .pth layout and as safetensors at the end
+    # Keys whose value may differ from the run's saved config.yaml when it resumes (see
+    # RESUME_FREE_KEYS for the ones that always may); each use is recorded in the run directory.
+    allow_config_change: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,3 +118,17 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+# Keys that may differ when a run resumes: they change where or how fast it runs, or how it
+# reports, never which samples it sees or how its weights are updated. Every other key must equal
+# the run's saved config.yaml unless listed in run.allow_config_change.
+RESUME_FREE_KEYS = frozenset({
+    "run.ckpt_path", "run.allow_config_change", "run.export",
+    "data.num_workers", "data.prefetch_factor", "data.pin_memory", "data.max_open_shards",
+    "data.verify_checksums",
+    "trainer.accelerator", "trainer.strategy", "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.val_check_interval",
+    # Extending a run is normal; with a cosine schedule it changes the lr curve (see resume check).
+    "trainer.max_steps", "trainer.max_epochs",
+})
