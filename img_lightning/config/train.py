@@ -52,6 +52,10 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: Optional[float] = None  # max global grad norm; the paper does not clip
+    # A gradient with NaN/Inf stops the run with an error naming the step and the samples. Set N > 0
+    # to skip up to N such optimizer steps instead (weights left unchanged, counted in
+    # train/skipped_steps and in the checkpoint); the (N+1)-th still stops the run.
+    skip_nonfinite: int = 0
 
 
 @dataclass
@@ -126,7 +130,7 @@ class TrainConfig:
 RESUME_FREE_KEYS = frozenset({
     "run.ckpt_path", "run.allow_config_change", "run.export",
     "data.num_workers", "data.prefetch_factor", "data.pin_memory", "data.max_open_shards",
-    "data.verify_checksums",
+    "data.verify_checksums", "optim.skip_nonfinite",
     "trainer.accelerator", "trainer.strategy", "trainer.enable_progress_bar",
     "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.val_check_interval",
     # Extending a run is normal; with a cosine schedule it changes the lr curve (see resume check).
