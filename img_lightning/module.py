@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from .aligner import ImplicitAligner
+from .errors import NonFiniteError
 from .log_steps import is_logging_step
 from .objective import REDUCTIONS, preference_objective, squared_distance
 
@@ -122,7 +123,7 @@ class AlignerModule(L.LightningModule):
             metric.reset()
         bad = [k for k, v in values.items() if not bool(torch.isfinite(v))]
         if bad:
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"validation at step {self.global_step} gave non-finite {', '.join('val/' + k for k in bad)}: the "
                 f"aligner's weights or the validation cache hold NaN/Inf; nothing from this step is usable"
             )
@@ -149,7 +150,7 @@ class AlignerModule(L.LightningModule):
                 p.grad = None  # AdamW leaves parameters without a gradient untouched
             self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False, batch_size=1)
             return
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"non-finite gradient at optimizer step {self.global_step} (rank {self.global_rank} trained on "
             f"samples {self._describe_batch()}). The loss or the data diverged; lower optim.lr, set "
             f"optim.grad_clip, check the cache with `img-preprocess verify`, or allow "

@@ -263,7 +263,7 @@ def test_cli_help_config_and_clear_errors(overrides, tmp_path, capsys):
     assert main(["run", str(DEMO), "--print-config"]) == 0
     assert "shard_size: 64" in capsys.readouterr().out
     assert main([str(DEMO), *overrides, f"data.output={tmp_path / 'o'}", "encoders.mllm.path=/nope/llava"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("img-preprocess: error:")]
     assert len(errors) == 1 and "encoders.mllm.path" in errors[0] and "/nope/llava" in errors[0]
     assert main([str(DEMO), *overrides, f"data.output={tmp_path / 'o'}", "cache.dtype=float8"]) == 2
     assert "cache.dtype" in capsys.readouterr().err

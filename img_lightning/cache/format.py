@@ -29,6 +29,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 FORMAT_NAME = "img-lightning-cache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -57,7 +59,7 @@ _ST_DTYPES = {
 }
 
 
-class CacheFormatError(ValueError):
+class CacheFormatError(UserError, ValueError):
     """Bytes that are not a valid cache sample/shard; the message names the file and key."""
 
 

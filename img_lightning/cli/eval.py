@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ..config.eval import EvalConfig
-from .common import setup_logging
+from .common import add_common_arguments, run_cli, setup_from_args
 from ..config.loading import ConfigError, load_config, split_cli_args, to_container, to_yaml
 
 STAGES = ("generate", "score", "report", "all")
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tasks", type=int, default=None, help="number of chunks (SLURM_ARRAY_TASK_COUNT)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    add_common_arguments(p)
     return p
 
 
@@ -191,24 +191,16 @@ def run(stage: str, args: Sequence[str], task_index: Optional[int] = None, num_t
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = build_parser().parse_intermixed_args(argv)
-    setup_logging(verbose=ns.debug)
-    try:
+    setup_from_args(ns)
+
+    def body() -> int:
         if ns.print_config:
             print(to_yaml(resolve_config(ns.args, ns.task_index, ns.num_tasks)))
             return 0
-        run(ns.stage, ns.args, ns.task_index, ns.num_tasks, progress=not ns.no_progress)
-    except Exception as err:  # one clear line for known user errors; tracebacks on --debug
-        from ..evaluation.prompts import PromptFileError
+        run(ns.stage, ns.args, ns.task_index, ns.num_tasks, progress=not (ns.no_progress or ns.quiet))
+        return 0
 
-        from ..aligner import CheckpointError
-
-        # ModelNotFoundError is a FileNotFoundError; FloatingPointError: an aligner that outputs NaN.
-        known = (ConfigError, PromptFileError, FileNotFoundError, CheckpointError, FloatingPointError)
-        if ns.debug or not isinstance(err, known):
-            raise
-        print(f"img-eval: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(body, "img-eval", debug=ns.debug)
 
 
 if __name__ == "__main__":

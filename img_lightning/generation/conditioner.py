@@ -14,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..aligner import ImplicitAligner
+from ..errors import NonFiniteError
 from ..models import resolve_device
 
 
@@ -98,7 +99,7 @@ class IMGConditioner:
             h.to(self.device, dtype), ip_tokens.to(self.device, dtype), mask.to(self.device), passes=passes
         )
         if not bool(torch.isfinite(aligned).all()):
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"the aligner {self.aligner_cfg.checkpoint} produced NaN/Inf tokens for prompts "
                 f"{[p[:40] for p in prompts]}: it would regenerate black images; check the checkpoint and the "
                 f"MLLM features (dtype {self.encoders_cfg.mllm.dtype})"
