@@ -62,3 +62,13 @@ def test_error_policy(capsys):
         run_cli(_raise(RuntimeError("boom")), "img-x", debug=True)
     with pytest.raises(ConfigError):
         run_cli(_raise(ConfigError("x")), "img-x", debug=True)
+
+
+def test_config_values_are_checked_at_load(capsys):
+    argv = ["data.cache=/x", "data.cache_key=k", "optim.lr=-1", "data.batch_size=0", "optim.betas=[0.9,1.5]",
+            "data.max_bad_fraction=2", "trainer.precision=bf16"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    for key in ("optim.lr=-1.0", "data.batch_size=0", "optim.betas", "data.max_bad_fraction=2.0", "trainer.precision"):
+        assert key in err, key
+    assert "Traceback" not in err

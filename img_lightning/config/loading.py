@@ -87,7 +87,17 @@ def load_config(
                 "these config keys have no value (set them in a YAML file or as key=value): "
                 + ", ".join(missing)
             )
+    validate(cfg, schema)
     return cfg
+
+
+def validate(cfg: Any, schema: Any) -> None:
+    """Run the schema's value checks (``CHECKS``, see :mod:`.checks`); every problem in one error."""
+    from .checks import problems
+
+    found = problems(cfg, getattr(schema, "CHECKS", {}))
+    if found:
+        raise ConfigError("invalid config values:\n  " + "\n  ".join(found))
 
 
 def to_yaml(cfg: Any) -> str:
