@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from img_lightning.cli.common import add_common_arguments, run_cli, setup_from_args
-from img_lightning.config.loading import REPO_ROOT, load_config
+from img_lightning.config.loading import load_config, resolve_config_path
 from img_lightning.config.train import TrainConfig
 
-PREPROCESS_CONFIG = REPO_ROOT / "configs" / "preprocess" / "demo.yaml"
-TRAIN_CONFIG = REPO_ROOT / "configs" / "train" / "demo.yaml"
+PREPROCESS_CONFIG = resolve_config_path("configs/preprocess/demo.yaml")
+TRAIN_CONFIG = resolve_config_path("configs/train/demo.yaml")
 
 
 def _parser() -> argparse.ArgumentParser:

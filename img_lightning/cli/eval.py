@@ -75,8 +75,6 @@ def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_ta
         cfg.chunk.index = task_index
     if num_tasks is not None:
         cfg.chunk.count = num_tasks
-    for sc in cfg.scorers:
-        sc.subset_dir = repo_path(sc.subset_dir)
     if not 0 <= cfg.chunk.index < cfg.chunk.count:
         raise ConfigError(f"chunk.index={cfg.chunk.index} must be in [0, chunk.count={cfg.chunk.count})")
     if cfg.img.rounds < 0 or cfg.img.aligner.passes < 1:
@@ -84,23 +82,12 @@ def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_ta
     return cfg
 
 
-def repo_path(path: Optional[str]) -> Optional[str]:
-    """A data path as given, else relative to the repository root, so relative paths written
-    against a checkout work from any directory."""
-    if path is None or Path(path).is_absolute() or Path(path).exists():
-        return path
-    from ..config.loading import REPO_ROOT
-
-    candidate = REPO_ROOT / path
-    return str(candidate) if candidate.exists() else path
-
-
 def load_prompt_set(cfg: Any) -> list:
     from ..evaluation.prompts import load_prompts
 
     p = cfg.prompts
-    options = {"subset_dir": repo_path(p.subset_dir)} if p.format == "t2i_compbench" and p.subset_dir else {}
-    return load_prompts(p.format, repo_path(p.path), categories=list(p.categories), limit=p.limit, **options)
+    options = {"subset_dir": p.subset_dir} if p.format == "t2i_compbench" and p.subset_dir else {}
+    return load_prompts(p.format, p.path, categories=list(p.categories), limit=p.limit, **options)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -21,16 +21,23 @@ class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the file or key and what to do."""
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+def shipped_configs() -> Path:
+    """The shipped ``configs/`` directory: package data of ``img_lightning`` (in a source checkout a
+    link to the top-level ``configs/``, in an installed wheel a copy of it)."""
+    from importlib.resources import files
+
+    return Path(str(files("img_lightning").joinpath("configs")))
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config path as given, else relative to the repository root, so the shipped
-    ``configs/...`` files can be named from any working directory."""
+    """A config path as given (absolute, or relative to the working directory), else one of the
+    shipped configs named as ``configs/train/demo.yaml`` (or ``train/demo.yaml``), so they can be
+    named from any directory, from a checkout or after a plain ``pip install``."""
     given = Path(path)
     if given.is_file() or given.is_absolute():
         return given
-    shipped = REPO_ROOT / given
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    shipped = shipped_configs().joinpath(*parts)
     return shipped if shipped.is_file() else given
 
 
