@@ -47,3 +47,22 @@ def test_init_from_starts_both_models_then_trains(run):
     for name, value in start.state_dict().items():
         torch.testing.assert_close(first[f"reference.{name}"], value, msg=name)
     assert not torch.equal(first["aligner.zero_linear.weight"], start.zero_linear.weight)
+
+
+def test_our_step_metrics_land_on_lightnings_logging_steps(tmp_path):
+    """Every per-step series (module, reference swap, throughput) is written at exactly the steps
+    where Lightning's own LearningRateMonitor writes, with gradient accumulation too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m = write_synthetic_cache(tmp_path / "cache", 40, guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3,
+                              max_tokens=9, shard_size=8)
+    cfg = tiny_config(tmp_path / "cache", m.cache_key, tmp_path, "log", **{
+        "trainer.max_steps": 7, "trainer.log_every_n_steps": 3, "trainer.accumulate_grad_batches": 2,
+        "data.batch_size": 2})
+    run_training(cfg)
+    events = EventAccumulator(str(tmp_path / "log" / "tensorboard")).Reload()
+    # (LearningRateMonitor writes once per micro-batch of a logging step: compare the steps as sets)
+    steps = {tag: sorted({e.step for e in events.Scalars(tag)})
+             for tag in ("lr-AdamW", "train/loss", "reference/streak", "perf/samples_per_s")}
+    assert steps["lr-AdamW"], steps
+    assert all(s == steps["lr-AdamW"] for s in steps.values()), steps
