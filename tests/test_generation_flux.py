@@ -8,7 +8,8 @@ packing, ``get_schedule(steps, (W // 8) * (H // 8) // 256)``, ``denoise`` (true 
 Euler ``x += (t_prev - t) * pred``), ``IPDoubleStreamBlockProcessor`` (``img += ip_scale *
 sdpa(img_q, k_proj(image_proj), v_proj(image_proj))`` after each double-stream block, weights read
 from the file's ``double_blocks.{i}.processor.*`` keys), ``ImageProjModel(4096, 768, 4)`` and the
-VAE decode. Only the plain transformer (no adapter loaded) and the VAE are shared.
+VAE decode. Shared with our path are only the model weights (text encoders, the plain transformer
+without the adapter loaded, the VAE), each run in a separate pipeline object.
 """
 
 import math

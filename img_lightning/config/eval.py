@@ -91,7 +91,8 @@ class PipelineConfig:
 
 @dataclass
 class IPAdapterConfig:
-    # Where pipe.load_ip_adapter finds the adapter (original {"image_proj", "ip_adapter"} layout).
+    # Where pipe.load_ip_adapter finds the adapter file (h94's original {"image_proj", "ip_adapter"} layout, or
+    # XLabs' FLUX v1 ip_adapter.safetensors).
     model: str = "h94/IP-Adapter"
     path: Optional[str] = None  # local directory holding `subfolder/weight_name`
     subfolder: str = "sdxl_models"
