@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 from ..models import ModelNotFoundError, compute_dtype, from_pretrained, missing_model_message, resolve_device
