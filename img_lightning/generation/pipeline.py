@@ -79,10 +79,11 @@ class DiffusionBackend:
             with diffusers_errors_only():
                 if self.kind == "sdxl":
                     self.pipe.load_ip_adapter(src, subfolder=cfg.subfolder, weight_name=cfg.weight_name,
-                                              image_encoder_folder=None)
+                                              image_encoder_folder=None, local_files_only=True)
                 else:
                     self.pipe.load_ip_adapter(src, weight_name=cfg.weight_name, subfolder=cfg.subfolder or "",
-                                              image_encoder_pretrained_model_name_or_path=None)
+                                              image_encoder_pretrained_model_name_or_path=None,
+                                              local_files_only=True)
         except (OSError, EnvironmentError) as err:
             if cfg.path:
                 raise ModelNotFoundError(f"IP-Adapter: cannot load {cfg.path} ({cfg.subfolder}/{cfg.weight_name}): {err}") from None
