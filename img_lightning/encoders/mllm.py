@@ -32,10 +32,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
 from ..config.encoders import MLLMConfig
+from ..config.loading import ConfigError
 from ..models import ModelNotFoundError, model_dir, resolve_device, resolve_dtype, resolve_model_root
 from .conversation import (
     LLAVA_CONVERSATIONS,
@@ -121,6 +123,10 @@ class GuidanceEncoder:
         if cfg.backend not in BACKENDS:
             raise ValueError(f"encoders.mllm.backend={cfg.backend!r} is not supported; use one of {sorted(BACKENDS)}")
         questions = question_set_from_config(cfg)  # a bad question file fails before the model loads
+        if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, "path"):
+            raise ConfigError(f"encoders.mllm.path is not set: the recipe's MLLM ({cfg.model}) is a local folder; "
+                              f"for the released IMG model, convert its llava/ folder once with img-convert-llava "
+                              f"and set encoders.mllm.path to the output (see README)")
         root = resolve_model_root(cfg.model, cfg.path, cfg.revision, "encoders.mllm.path")
         folder = model_dir(root, "", cfg.model, "encoders.mllm.path")
         class_name, model_type = BACKENDS[cfg.backend]

@@ -111,8 +111,9 @@ def _questions_path(mllm_cfg: Any) -> Optional[str]:
 
     if isinstance(mllm_cfg, DictConfig) and OmegaConf.is_missing(mllm_cfg, "questions"):
         raise ConfigError("encoders.mllm.questions is not set: give the question file the recipe needs "
-                          "(the released assets/edit_instructions.json, see README), "
-                          "e.g. encoders.mllm.questions=/models/IMG/edit_instructions.json")
+                          "(the released assets/edit_instructions.json, see README), e.g. "
+                          "encoders.mllm.questions=/models/IMG/edit_instructions.json (img-train: "
+                          "'data.recipe_overrides=[encoders.mllm.questions=/models/IMG/edit_instructions.json]')")
     value = getattr(mllm_cfg, "questions", None)
     return str(value) if value else None
 
