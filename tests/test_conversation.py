@@ -144,3 +144,17 @@ def test_answer_labels_cover_answer_and_end_of_turn(fmt, tokenizer):
         else:
             assert answer.endswith("###")
         assert a.split()[0] in answer
+
+
+def test_chat_template_conversation_locates_the_answer(tiny_qwen_dir):
+    from transformers import AutoProcessor
+
+    from img_lightning.encoders.conversation import chat_template_conversation, chat_template_prompt
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen_dir)
+    rendered = chat_template_conversation(processor, "What should change?", "Make it blue.")
+    assert rendered.prompt == chat_template_prompt(processor, "What should change?")
+    assert rendered.prompt.endswith("<|im_start|>assistant\n")
+    assert rendered.answer == "Make it blue.<|im_end|>" and rendered.text[rendered.answer_end:] == "\n"
+    with pytest.raises(PromptTextError, match="image_pad"):
+        chat_template_prompt(processor, "a <|image_pad|> here")
