@@ -155,6 +155,7 @@ def finalize(out: str | Path) -> Manifest:
         "ties_dropped": reader["ties_dropped"],
         "duplicates": reader["duplicates"],
         "bad_images": reasons.get("bad_image", 0),
+        "bad_prompts": reasons.get("bad_prompt", 0),
         "nonfinite_features": reasons.get("nonfinite", 0),
         "written": manifest.num_samples,
         "reader": reader,

@@ -43,7 +43,13 @@ def resolve_config_path(path: str | Path) -> Path:
 
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+        merged = OmegaConf.merge(base, other)
+        # OmegaConf keeps the base's value where `other` says ???; a file that writes ??? for a
+        # key means "the user must set this", so that key becomes missing again (dict keys only).
+        for key in OmegaConf.missing_keys(other):
+            if "[" not in key:
+                OmegaConf.update(merged, key, "???", merge=False)
+        return merged  # type: ignore[return-value]
     except ConfigKeyError as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None) or str(err)
         raise ConfigError(

@@ -69,6 +69,10 @@ class DataConfig:
     # The cache must have been made by this preprocessing recipe (a configs/preprocess YAML) or
     # carry exactly this key; training refuses anything else.
     recipe: Optional[str] = None
+    # key=value overrides applied to the recipe YAML before its key is computed, for what the
+    # recipe leaves to the user (e.g. ["encoders.mllm.questions=/models/IMG/edit_instructions.json"]:
+    # the question file's sha256 is part of the key).
+    recipe_overrides: list[str] = field(default_factory=list)
     cache_key: Optional[str] = None
     batch_size: int = 8  # per GPU
     val_batch_size: Optional[int] = None
