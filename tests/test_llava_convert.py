@@ -269,7 +269,7 @@ def test_refuses_unsupported_configs(changes, message, tmp_path, original_dir, c
     shutil.copytree(original_dir, src)
     _edit_config(src, **changes)
     assert main([str(src), str(tmp_path / "out")]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("img-convert-llava: error")]
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 

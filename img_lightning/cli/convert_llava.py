@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from .common import run_cli, setup_logging
+from .common import add_common_arguments, run_cli, setup_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the written weights (default: the checkpoint's own, float16 for LLaVA-1.5)")
     parser.add_argument("--pad-vocab-multiple", type=int, default=64,
                         help="pad the embedding rows to a multiple of this (llava-hf models use 64; 1: no padding)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_common_arguments(parser)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_from_args(args)
 
     def body() -> int:
         from ..convert.llava import convert_llava
@@ -51,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"(the conversation LLaVA's own code picks for a folder named {by_name['model_name']!r})")
         return 0
 
-    return run_cli(body)
+    return run_cli(body, "img-convert-llava", debug=args.debug)
 
 
 if __name__ == "__main__":
