@@ -28,7 +28,6 @@ from torch import Tensor
 
 from img_lightning.cache.manifest import write_json_atomic
 from img_lightning.cache.writer import ShardWriter
-
 from img_lightning.encoders.conversation import PromptTextError
 
 from .extract import FeatureExtractor, PairItem, PreparedBatch

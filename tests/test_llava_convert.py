@@ -202,6 +202,13 @@ def test_converted_folder_contents(converted_dir, original_dir, tower_dir):
     assert not [p for p in converted_dir.parent.iterdir() if p.name.startswith(".")]  # no scratch left
 
 
+def test_encoder_refuses_an_unconverted_folder(original_dir):
+    from img_lightning.config.loading import ConfigError
+
+    with pytest.raises(ConfigError, match="img-convert-llava"):
+        _encoder(original_dir)
+
+
 def test_llava_v0_batched_equals_single(converted_dir):
     enc = _encoder(converted_dir)
     images, tids = _images(), [3, 4, 99]

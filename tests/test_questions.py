@@ -100,3 +100,20 @@ def test_evaluation_chooses_the_same_question_as_preprocessing(tmp_path):
     assert [cond.template_id(f"k{i}") for i in range(50)] == [qs.index_for(f"k{i}") for i in range(50)]
     with pytest.raises(ConfigError, match="not a built-in question set"):
         question_set_from_config(OmegaConf.structured(MLLMConfig(templates="img-v9")))
+
+
+def test_training_names_the_question_file_of_its_recipe(tmp_path):
+    """img-train computes the cache key of its recipe, question file included (data.recipe_overrides)."""
+    from img_lightning.config.train import TrainConfig
+    from img_lightning.training import expected_cache_key
+
+    path = _write(tmp_path / "edit_instructions.json", QUESTIONS)
+    recipe = "configs/preprocess/sdxl_llava13b.yaml"
+    train = load_config(TrainConfig, ["configs/train/sdxl_llava13b.yaml"],
+                        ["data.cache=/x", f"data.recipe_overrides=[encoders.mllm.questions={path}]"])
+    assert train.data.recipe == recipe and train.data.batch_size * int(train.trainer.devices) == 8
+    pre = load_config(PreprocessConfig, [recipe], [f"encoders.mllm.questions={path}"], require_complete=False)
+    assert expected_cache_key(train.data) == cache_key_of(pre)
+    bare = load_config(TrainConfig, ["configs/train/sdxl_llava13b.yaml"], ["data.cache=/x"])
+    with pytest.raises(ConfigError, match="data.recipe_overrides"):
+        expected_cache_key(bare.data)

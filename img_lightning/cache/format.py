@@ -13,8 +13,8 @@ Each sample (one Pick-a-Pic preference pair) is two tar members sharing the samp
 * ``{key}.json`` - metadata: ``pair_id``, ``caption``, ``winner_uid``, ``loser_uid``,
   ``winner_index`` (0 if ``jpg_0`` won), ``template_id`` (the question's index in the question
   set), ``num_tokens`` and whatever else the writer adds (preprocessing: ``template_set``,
-  ``mllm_prompt`` - the exact text given to the MLLM, with its image placeholder - and, with a
-  question file, ``questions_sha256``).
+  ``mllm_prompt`` - the exact text given to the MLLM, with its image placeholder - and
+  ``questions_sha256``, the question file's hash).
 
 The shards stay standard WebDataset, so ``webdataset.WebDataset(urls)`` can stream them too; our
 training loader uses the side-file offsets for random access instead (exact resume, one copy).

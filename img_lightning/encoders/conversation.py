@@ -21,6 +21,12 @@ tokenizer's special tokens), the later pieces lose their first token when the fi
 with BOS, and the image position is spliced in between. :func:`llava_input_ids` expands that
 position to the model's image token repeated once per image feature, which is where the llava-hf
 model scatters the projected image features - the same sequence the original model builds.
+
+API: ``LLAVA_CONVERSATIONS[fmt].prompt(question)`` / ``.conversation(question, answer)`` (a
+:class:`Rendered` with the answer's character span), :func:`llava_input_ids` (model ids),
+:func:`encode_llava_conversation` (ids + the answer-and-end-of-turn token span, ``.labels()`` for a
+loss on the answer only); for chat templates :func:`chat_template_prompt`,
+:func:`chat_template_conversation` and :func:`answer_token_span`.
 """
 
 from __future__ import annotations

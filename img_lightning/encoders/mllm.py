@@ -29,6 +29,7 @@ resize is the one LLaVA's CLIPImageProcessor ran.
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import torch
@@ -130,6 +131,12 @@ class GuidanceEncoder:
         root = resolve_model_root(cfg.model, cfg.path, cfg.revision, "encoders.mllm.path")
         folder = model_dir(root, "", cfg.model, "encoders.mllm.path")
         class_name, model_type = BACKENDS[cfg.backend]
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if "mm_vision_tower" in raw or "LlavaLlamaForCausalLM" in (raw.get("architectures") or []):
+            # Its model_type also says "llava", but transformers would load it with random
+            # projector and tower weights: refuse instead of producing meaningless features.
+            raise ConfigError(f"{folder} is a checkpoint in the original LLaVA repository format; convert it once "
+                              f"with `img-convert-llava {folder} OUT` and set encoders.mllm.path=OUT")
         found = AutoConfig.from_pretrained(folder).model_type
         if found != model_type:
             raise ValueError(f"encoders.mllm.backend={cfg.backend!r} expects a {model_type!r} model, but "
