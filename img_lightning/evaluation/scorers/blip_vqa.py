@@ -3,7 +3,8 @@
 Each noun phrase of the prompt becomes the question ``"{np}?"``. The answer probability is the one
 of T2I-CompBench's ``vqa_prob``: one decoder step from the decoder start token, softmax over the
 vocabulary, ``p(yes) / (p(yes) + p(no))``. The image score is the product over the phrases (1 for a
-prompt without any phrase, as the official script scores an empty question).
+prompt without any phrase, as the official script scores an empty question). The processor's image
+backend is pinned to PIL: BLIP's own transform (384 x 384 bicubic resize on the PIL image).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import Tensor
 
 from ...models import compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, rgb
-from .noun_phrases import noun_phrase_extractor
+from .checkpoints import model_sha256
+from .noun_phrases import is_exact, noun_phrase_extractor, resolve_noun_phrases
 
 
 def yes_probability(logits: Tensor, yes_id: int, no_id: int) -> Tensor:
@@ -39,12 +41,13 @@ def product_over_phrases(probs: Sequence[float] | Tensor, owners: Sequence[int],
 
 class BlipVQAScorer(Scorer):
     def __init__(self, model: Any, processor: Any, device: torch.device, noun_phrases: str = "rules",
-                 batch_size: int = 16, name: str = "blip_vqa", model_id: str = "") -> None:
+                 batch_size: int = 16, name: str = "blip_vqa", model_id: str = "", sha256: str | None = None) -> None:
         self.model = model.eval().to(device)
         self.processor = processor
         self.device = device
-        self.phrases = noun_phrase_extractor(noun_phrases)
-        self.noun_phrases = noun_phrases
+        self.noun_phrases = resolve_noun_phrases(noun_phrases)
+        self.phrases = noun_phrase_extractor(self.noun_phrases)
+        self.sha256 = sha256
         self.batch_size = batch_size
         self.name = name
         self.model_id = model_id
@@ -64,8 +67,10 @@ class BlipVQAScorer(Scorer):
         model = from_pretrained(BlipForQuestionAnswering.from_pretrained, "BLIP VQA model", model_id, cfg.path,
                                 f"{key}.path", dtype=compute_dtype(cfg.dtype, device))
         processor = from_pretrained(BlipProcessor.from_pretrained, "BLIP processor", cfg.processor or model_id,
-                                    cfg.processor_path or cfg.path, f"{key}.processor_path")
-        return cls(model, processor, device, cfg.noun_phrases, cfg.batch_size, cfg.name or "blip_vqa", model_id)
+                                    cfg.processor_path or cfg.path, f"{key}.processor_path",
+                                    backend=cfg.image_backend.value)
+        return cls(model, processor, device, cfg.noun_phrases, cfg.batch_size, cfg.name or "blip_vqa", model_id,
+                   model_sha256(model_id, cfg.path))
 
     def questions(self, prompt: str) -> list[str]:
         return [f"{np}?" for np in self.phrases(prompt)]
@@ -103,8 +108,15 @@ class BlipVQAScorer(Scorer):
         flat = torch.cat(probs) if probs else torch.zeros(0)
         return product_over_phrases(flat, owners, len(images))
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "blip_vqa", "model": self.model_id, "noun_phrases": self.noun_phrases}
+    def info(self) -> dict[str, Any]:
+        exact = is_exact(self.noun_phrases)
+        how = ("T2I-CompBench's own chunker (exact)" if exact else
+               "the built-in rule-based chunker, a PROXY for T2I-CompBench's spaCy en_core_web_sm "
+               "(install spaCy and en_core_web_sm for the exact questions)")
+        return {"kind": "blip_vqa", "model": self.model_id, "sha256": self.sha256,
+                "noun_phrases": self.noun_phrases, "exact": exact, "note": f"noun phrases: {how}",
+                "reference": "T2I-CompBench BLIPvqa_eval (vqa_prob: p(yes)/(p(yes)+p(no)), product over noun phrases)",
+                "scale": "0-1"}
 
 
 @register("blip_vqa")
