@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from img_lightning.config.eval import ScorerConfig
+from reference_transforms import clip_reference_pixels, hf_pil_pixels
 from img_lightning.models import ModelNotFoundError
 from img_lightning.evaluation.scorers import build_scorers
 from img_lightning.evaluation.scorers.blip_vqa import product_over_phrases, yes_probability
@@ -214,32 +215,6 @@ def test_hps_runs_in_the_configured_dtype(monkeypatch, tiny_scorer_dirs):
     torch.testing.assert_close(got, want, atol=3.0, rtol=0)  # 100 x cosine, bf16 rounding
 
 
-def _clip_reference_pixels(im: Image.Image, n: int) -> torch.Tensor:
-    """OpenAI CLIP's transform written out: short side to n (bicubic, PIL, long side truncated),
-    centre crop with round((d - n) / 2) offsets, [0, 1], OpenAI mean/std."""
-    w, h = im.size
-    if w <= h:
-        size = (n, int(n * h / w))
-    else:
-        size = (int(n * w / h), n)
-    r = im.convert("RGB").resize(size, Image.BICUBIC)
-    left, top = int(round((r.width - n) / 2.0)), int(round((r.height - n) / 2.0))
-    arr = np.asarray(r.crop((left, top, left + n, top + n)), dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr).permute(2, 0, 1)
-    return (x - torch.tensor(OPENAI_MEAN)[:, None, None]) / torch.tensor(OPENAI_STD)[:, None, None]
-
-
-def _hf_pil_pixels(im: Image.Image, n: int) -> torch.Tensor:
-    """transformers' PIL-backend CLIP processor written out: the same resize, crop offset (d - n) // 2."""
-    w, h = im.size
-    size = (n, int(n * h / w)) if w <= h else (int(n * w / h), n)
-    r = im.convert("RGB").resize(size, Image.BICUBIC)
-    left, top = (r.width - n) // 2, (r.height - n) // 2
-    arr = np.asarray(r.crop((left, top, left + n, top + n)), dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr).permute(2, 0, 1)
-    return (x - torch.tensor(OPENAI_MEAN)[:, None, None]) / torch.tensor(OPENAI_STD)[:, None, None]
-
-
 def test_clip_processor_backend_is_pinned_to_pil(scorers):
     """transformers 5 picks its torchvision processors by default, whose resampling moves the
     pixels by ~1e-2: PickScore's processor must stay on the PIL backend its reference code ran."""
@@ -250,7 +225,7 @@ def test_clip_processor_backend_is_pinned_to_pil(scorers):
     assert isinstance(scorers["blip_vqa"].processor.image_processor, PilBackend)
     assert isinstance(scorers["spatial_proxy"].processor.image_processor, PilBackend)
     ims = images()
-    want = torch.stack([_hf_pil_pixels(im, pick.image_size) for im in ims])
+    want = torch.stack([hf_pil_pixels(im, pick.image_size) for im in ims])
     torch.testing.assert_close(pick.pixel_values(ims), want, atol=1e-5, rtol=0)
     assert "Pil" in pick.describe()["preprocess"]
 
@@ -259,7 +234,7 @@ def test_clip_scores_use_openai_clip_preprocessing(scorers):
     ims = images()
     for name in ("clip", "non_spatial"):
         s = scorers[name]
-        want = torch.stack([_clip_reference_pixels(im, s.image_size) for im in ims])
+        want = torch.stack([clip_reference_pixels(im, s.image_size) for im in ims])
         torch.testing.assert_close(s.pixel_values(ims), want, atol=1e-5, rtol=0)
 
 
@@ -276,9 +251,9 @@ def test_pickscore_is_logit_scale_times_cosine(scorers, tiny_scorer_dirs):
             out = model(pixel_values=pixels, **txt)
         return out.logits_per_image.diagonal() / model.logit_scale.exp(), model.logit_scale.exp()
 
-    cos, scale = cosine(torch.stack([_hf_pil_pixels(im, 32) for im in ims]))
+    cos, scale = cosine(torch.stack([hf_pil_pixels(im, 32) for im in ims]))
     torch.testing.assert_close(scorers["pickscore"].score(ims, PROMPTS), scale * cos, atol=1e-4, rtol=1e-4)
-    cos, _ = cosine(torch.stack([_clip_reference_pixels(im, 32) for im in ims]))
+    cos, _ = cosine(torch.stack([clip_reference_pixels(im, 32) for im in ims]))
     torch.testing.assert_close(scorers["non_spatial"].score(ims, PROMPTS), cos, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(scorers["clip"].score(ims, PROMPTS), 100 * cos.clamp_min(0), atol=1e-3, rtol=1e-4)
 
