@@ -1,4 +1,4 @@
-"""The IMG Implicit Aligner ``f_theta(h, c_I) -> c_I'`` (DESIGN §1).
+"""The IMG Implicit Aligner ``f_theta(h, c_I) -> c_I'``.
 
 Parameter names and shapes follow the released checkpoints (``aligner_sdxl.pth``,
 ``aligner_flux.pth``) so that :meth:`ImplicitAligner.load_official` and
@@ -15,6 +15,8 @@ from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+
+from .atomic import atomic_path
 
 
 class AlignerAttention(nn.Module):
@@ -126,7 +128,7 @@ class ImplicitAligner(nn.Module):
 
     # ------------------------------------------------------------------ official checkpoints
     @staticmethod
-    def infer_dims(state_dict: Mapping[str, Tensor], dim_head: int = 64) -> dict[str, int]:
+    def infer_dims(state_dict: Mapping[str, Tensor], dim_head: int) -> dict[str, int]:
         """Read guidance_dim, dim, depth, heads and ff_mult off a state dict's shapes.
 
         ``heads`` and ``dim_head`` are only known through their product, so ``dim_head`` is given.
@@ -138,9 +140,9 @@ class ImplicitAligner(nn.Module):
             inner = sd["layers.0.0.to_q.weight"].shape[0]
             ff_hidden = sd["layers.0.1.1.weight"].shape[0]
         except (KeyError, ValueError) as err:
-            raise ValueError(f"not an Implicit Aligner state dict (missing {err})") from None
+            raise CheckpointError(f"not an Implicit Aligner state dict (missing {err})") from None
         if inner % dim_head:
-            raise ValueError(f"attention width {inner} is not a multiple of dim_head={dim_head}")
+            raise CheckpointError(f"attention width {inner} is not a multiple of dim_head={dim_head}")
         return dict(
             guidance_dim=int(guidance_dim),
             dim=int(dim),
@@ -151,39 +153,118 @@ class ImplicitAligner(nn.Module):
         )
 
     @classmethod
-    def load_official(cls, path: str | Path, **dims: int) -> "ImplicitAligner":
+    def load_official(cls, path: str | Path, **dims: Optional[int]) -> "ImplicitAligner":
         """Load a released checkpoint (``.pth`` state dict, optional DDP ``module.`` prefix) or one of
-        our ``.safetensors`` exports. Dims not given are inferred from the tensor shapes."""
+        our exports (``.safetensors``, or ``.pth`` with its ``.json`` beside it).
+
+        The head split (``heads`` x ``dim_head``) is not in the tensor shapes, only its product. Our
+        exports record every dim (safetensors metadata, the ``.json`` sidecar): those are used, and
+        a given dim that contradicts them is refused. A checkpoint without metadata (the released
+        ``aligner_*.pth``) needs ``dim_head`` or ``heads`` from the caller. A non-finite weight is
+        refused: an aligner that outputs NaN would silently produce black images.
+        """
+        given = {k: int(v) for k, v in dims.items() if v is not None}
         state_dict = load_state_dict_file(path)
-        inferred = cls.infer_dims(state_dict, dim_head=dims.get("dim_head", 64))
-        mismatched = {k: (v, inferred[k]) for k, v in dims.items() if k in inferred and inferred[k] != v}
+        recorded = checkpoint_dims(path)
+        if recorded:
+            contradicted = {k: (v, recorded[k]) for k, v in given.items() if k in recorded and recorded[k] != v}
+            if contradicted:
+                detail = ", ".join(f"{k}={a} but the checkpoint records {b}" for k, (a, b) in contradicted.items())
+                raise CheckpointError(f"{path}: the config contradicts the aligner's own metadata ({detail}); "
+                                      f"remove those keys or fix them")
+            given = {**recorded, **given}
+        if "dim_head" not in given and "heads" not in given:
+            raise CheckpointError(
+                f"{path} records no head split (heads x dim_head): set img.aligner.dim_head (the released "
+                f"aligner_sdxl.pth / aligner_flux.pth use 20 heads of 64, i.e. dim_head=64)"
+            )
+        dim_head = given.get("dim_head") or _dim_head_from_heads(state_dict, given["heads"], path)
+        inferred = cls.infer_dims(state_dict, dim_head=dim_head)
+        mismatched = {k: (v, inferred[k]) for k, v in given.items() if k in inferred and inferred[k] != v}
         if mismatched:
             detail = ", ".join(f"{k}: asked {a}, checkpoint has {b}" for k, (a, b) in mismatched.items())
-            raise ValueError(f"{path}: aligner dims do not match the checkpoint ({detail})")
-        model = cls(**{**inferred, **dims})
+            raise CheckpointError(f"{path}: aligner dims do not match the checkpoint ({detail})")
+        bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN/Inf (first: {bad[0]}); the training run "
+                                  f"that wrote it diverged")
+        model = cls(**inferred)
         model.load_state_dict(state_dict, strict=True)
         return model
 
+    def check_finite(self, what: str = "aligner") -> None:
+        """Refuse to write or use weights that hold NaN/Inf (a diverged run)."""
+        bad = [k for k, v in self.state_dict().items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"{what}: {len(bad)} of its tensors hold NaN/Inf (first: {bad[0]}); "
+                                  f"training diverged, nothing was written")
+
     def save_official(self, path: str | Path) -> Path:
         """Write a plain ``.pth`` state dict the official demo loads with ``load_state_dict``."""
+        self.check_finite(str(path))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp)
         return path
 
     def save_safetensors(self, path: str | Path) -> Path:
         """Same tensors as :meth:`save_official`, in safetensors, with the dims as metadata."""
         from safetensors.torch import save_file
 
+        self.check_finite(str(path))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in self.dims.items()})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in self.dims.items()})
         return path
+
+
+class CheckpointError(ValueError):
+    """An aligner checkpoint that cannot be used as asked; the message names the file and what to do."""
+
+
+DIM_KEYS = ("guidance_dim", "dim", "depth", "heads", "dim_head", "ff_mult")
+
+
+def checkpoint_dims(path: str | Path) -> dict[str, int]:
+    """The dims a checkpoint records about itself: safetensors metadata and/or the ``.json`` written
+    beside an export (``aligner.pth`` -> ``aligner.json``). Empty for a bare released ``.pth``."""
+    path = Path(path)
+    found: dict[str, int] = {}
+    sources: list[tuple[str, Mapping]] = []
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            sources.append((path.name, f.metadata() or {}))
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        import json
+
+        try:
+            sources.append((sidecar.name, json.loads(sidecar.read_text(encoding="utf-8"))))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{sidecar}: not valid JSON ({err}); delete or fix it") from None
+    for name, meta in sources:
+        for key in DIM_KEYS:
+            if key not in meta:
+                continue
+            try:
+                value = int(meta[key])
+            except (TypeError, ValueError):
+                raise CheckpointError(f"{path}: {name} records {key}={meta[key]!r}, not an integer") from None
+            if found.setdefault(key, value) != value:
+                raise CheckpointError(f"{path}: its metadata disagree on {key} ({found[key]} vs {value} in {name})")
+    return found
+
+
+def _dim_head_from_heads(state_dict: Mapping[str, Tensor], heads: int, path: str | Path) -> int:
+    inner = int(state_dict["layers.0.0.to_q.weight"].shape[0]) if "layers.0.0.to_q.weight" in state_dict else 0
+    if heads <= 0 or not inner or inner % heads:
+        raise CheckpointError(f"{path}: attention width {inner} cannot be split into {heads} heads")
+    return inner // heads
 
 
 def _strip_module_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -195,14 +276,21 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"aligner checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch/safetensors raise many types for foreign bytes
+        # Never suggest weights_only=False (torch's own message does): that would run pickled code.
+        raise CheckpointError(
+            f"{path}: not a readable aligner checkpoint ({type(err).__name__}); expected a safetensors file or "
+            f"a plain torch state dict of tensors. Files that need unpickling arbitrary objects are refused."
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
     return _strip_module_prefix(state)

@@ -78,11 +78,15 @@ def model_dir(root: Path, subfolder: str, model_id: str, config_key: str) -> Pat
 def from_pretrained(
     loader: Callable[..., T], what: str, model_id: str, path: Optional[str], key: str, **kwargs: Any
 ) -> T:
-    """``loader(path or model_id, **kwargs)`` with a clear error when the model is not available."""
+    """``loader(path or model_id, **kwargs)`` with a clear error when the model is not available.
+
+    Always ``local_files_only``: a cluster node without internet must fail at once with our
+    message, not after the hub client's retries and timeouts.
+    """
     if path is not None and not Path(path).exists():
         raise ModelNotFoundError(f"{what}: local path {path} does not exist (set by {key})")
     try:
-        return loader(path or model_id, **kwargs)
+        return loader(path or model_id, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         text = str(err)
         not_found = isinstance(err, OSError) or "does not appear to have" in text or "not found" in text.lower()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from .aligner import ImplicitAligner, load_state_dict_file
+from .aligner import ImplicitAligner
 from .log_steps import is_logging_step
 from .objective import REDUCTIONS, preference_objective, squared_distance
 
@@ -46,7 +46,7 @@ class AlignerModule(L.LightningModule):
         self.model_cfg, self.objective_cfg, self.reference_cfg, self.optim_cfg = model, objective, reference, optim
         self.aligner = _build_aligner(model, seed)
         if model.init_from:
-            self.aligner.load_state_dict(load_state_dict_file(model.init_from), strict=True)
+            self.aligner = ImplicitAligner.load_official(model.init_from, **self.aligner.dims)
         self.reference = _build_aligner(model, reference.seed)
         if reference.init == "copy":
             self.reference.load_state_dict(self.aligner.state_dict())
@@ -54,6 +54,9 @@ class AlignerModule(L.LightningModule):
         self.reference.requires_grad_(False)
         # Sum of ||c_w - f_theta||^2 and ||c_w - f_ref||^2 since the last optimizer step.
         self.register_buffer("swap_distances", torch.zeros(2, dtype=torch.float64), persistent=False)
+        # Optimizer steps skipped for a non-finite gradient (optim.skip_nonfinite); checkpointed.
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._batch_index: Tensor | None = None
         self.val_metrics = torch.nn.ModuleDict(
             {k: MeanMetric() for k in ("base", "pref", "implicit_acc", "identity", "ref_base")}
         )
@@ -84,6 +87,7 @@ class AlignerModule(L.LightningModule):
         return out, lose, win
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._batch_index = batch.get("index")
         out, _, _ = self._forward_pair(batch)
         with torch.no_grad():
             self.swap_distances += torch.stack((out["dist_win"].sum(), out["dist_win_ref"].sum())).double()
@@ -116,11 +120,52 @@ class AlignerModule(L.LightningModule):
         values = {k: m.compute() for k, m in self.val_metrics.items()}
         for metric in self.val_metrics.values():
             metric.reset()
-        if not all(torch.isfinite(v) for v in values.values()):
-            return
+        bad = [k for k, v in values.items() if not bool(torch.isfinite(v))]
+        if bad:
+            raise FloatingPointError(
+                f"validation at step {self.global_step} gave non-finite {', '.join('val/' + k for k in bad)}: the "
+                f"aligner's weights or the validation cache hold NaN/Inf; nothing from this step is usable"
+            )
         values["rel_improvement"] = 1.0 - values["base"] / values["identity"].clamp_min(1e-12)
         for key, value in values.items():
             self.log(f"val/{key}", value, sync_dist=False, rank_zero_only=False)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Stop (or, with ``optim.skip_nonfinite``, skip) a step whose gradient holds NaN/Inf.
+
+        Under DDP the gradients are already all-reduced here, so every rank sees the same verdict
+        and takes the same decision without another collective. A NaN anywhere in a batch (data or
+        numerics) reaches the loss and then every gradient, so checking the gradient covers both.
+        With ``16-mixed`` precision the GradScaler skips such steps by design; we leave them to it.
+        """
+        if self.trainer.precision == "16-mixed":
+            return
+        grads = [p.grad for p in self.aligner.parameters() if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+            return
+        if int(self.skipped_steps) < self.optim_cfg.skip_nonfinite:
+            self.skipped_steps += 1
+            for p in self.aligner.parameters():
+                p.grad = None  # AdamW leaves parameters without a gradient untouched
+            self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False, batch_size=1)
+            return
+        raise FloatingPointError(
+            f"non-finite gradient at optimizer step {self.global_step} (rank {self.global_rank} trained on "
+            f"samples {self._describe_batch()}). The loss or the data diverged; lower optim.lr, set "
+            f"optim.grad_clip, check the cache with `img-preprocess verify`, or allow "
+            f"optim.skip_nonfinite=N skipped steps. Skipped so far: {int(self.skipped_steps)}."
+        )
+
+    def _describe_batch(self) -> str:
+        """The cache keys of the batch just trained on, when the DataModule can name them."""
+        if self._batch_index is None:
+            return "(unknown)"
+        index = self._batch_index.detach().cpu().tolist()
+        view = getattr(getattr(self.trainer, "datamodule", None), "train_view", None)
+        if view is None:
+            return str(index)
+        keys = [view.keys[i].decode() if isinstance(view.keys[i], bytes) else str(view.keys[i]) for i in index]
+        return ", ".join(keys[:16]) + (f" ... ({len(keys)} in all)" if len(keys) > 16 else "")
 
     def pop_swap_distances(self) -> Tensor:
         """Distances accumulated since the last optimizer step (then reset)."""

@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .config.loading import to_yaml
+from .atomic import atomic_write, atomic_write_json
+from .config.changes import config_changes, describe_changes
+from .config.loading import ConfigError, load_config, to_container, to_yaml
+
+CONFIG_NAME = "config.yaml"
+RESUMES_DIR = "resumes"
 
 
 def run_directory(run_cfg: Any) -> Path:
@@ -43,8 +48,15 @@ def git_revision(start: Path | None = None) -> dict[str, Any]:
         return {"sha": "unknown", "dirty": None}
 
 
-def write_run_info(run_dir: Path, cfg: Any, extra: Optional[dict] = None) -> None:
-    """Resolved config + provenance, written atomically (rank 0 only)."""
+def write_run_info(run_dir: Path, cfg: Any, extra: Optional[dict] = None, resumed: bool = False,
+                   changes: Optional[dict] = None) -> Path:
+    """Resolved config + provenance, written atomically (rank 0 only).
+
+    A fresh run writes ``config.yaml`` and ``run_info.json`` at the top of its directory; they stay
+    the record of what the run is. Each resume writes its own pair under ``resumes/NNN/`` (with
+    the config changes it was allowed to make), never overwriting the original. Returns the
+    directory written to.
+    """
     import lightning
     import torch
 
@@ -59,14 +71,66 @@ def write_run_info(run_dir: Path, cfg: Any, extra: Optional[dict] = None) -> Non
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         **(extra or {}),
     }
-    _atomic_write(run_dir / "config.yaml", to_yaml(cfg))
-    _atomic_write(run_dir / "run_info.json", json.dumps(info, indent=1, sort_keys=True) + "\n")
+    target = run_dir
+    if resumed and (run_dir / CONFIG_NAME).is_file():
+        done = sorted(p for p in (run_dir / RESUMES_DIR).glob("[0-9][0-9][0-9]") if p.is_dir())
+        target = run_dir / RESUMES_DIR / f"{len(done) + 1:03d}"
+        target.mkdir(parents=True, exist_ok=True)
+        info["config_changes"] = {k: list(v) for k, v in (changes or {}).items()}
+    atomic_write(target / CONFIG_NAME, to_yaml(cfg))
+    atomic_write_json(target / "run_info.json", info, sort_keys=True)
+    return target
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+def check_resume_config(run_dir: Path, cfg: Any, schema: type, free_keys: frozenset[str]) -> dict:
+    """Refuse to resume ``run_dir`` with a config that changes what the run trains on or how.
+
+    Compares ``cfg`` with the run's saved ``config.yaml`` (both completed with ``schema``'s
+    defaults). Differences in ``free_keys`` or in ``run.allow_config_change`` are allowed and
+    returned (``{key: (saved, now)}``, to be recorded); any other difference is a
+    :class:`ConfigError` listing every such key. A run without a saved config passes.
+    """
+    saved_path = run_dir / CONFIG_NAME
+    if not saved_path.is_file():
+        return {}
+    allowed_extra = set(cfg.run.allow_config_change or ())
+    try:
+        saved = load_config(schema, [saved_path], require_complete=False)
+    except ConfigError as err:
+        raise ConfigError(
+            f"cannot resume {run_dir}: its saved {CONFIG_NAME} does not load with this version ({err}). "
+            f"Start a new run (another run.name) or use the version that made it."
+        ) from None
+    changes = config_changes(to_container(saved), to_container(cfg))
+    unknown = sorted(k for k in allowed_extra if not _is_key_of(k, to_container(cfg)))
+    if unknown:
+        raise ConfigError(f"run.allow_config_change names keys that do not exist: {unknown}")
+    refused = [k for k in changes if k not in free_keys and not _allowed(k, allowed_extra)]
+    if refused:
+        listing = ",".join(refused)
+        raise ConfigError(
+            f"cannot resume {run_dir}: the config differs from the run's saved {saved_path.name} in keys "
+            f"that change the data or the optimisation:\n{describe_changes(changes, refused)}\n"
+            f"Resume with the saved values, start a new run (another run.name), or, if the change is "
+            f"deliberate, allow it explicitly: run.allow_config_change=[{listing}] (recorded in the run "
+            f"directory)."
+        )
+    return changes
+
+
+def _allowed(key: str, allowed: set[str]) -> bool:
+    """``key`` or one of its parents (``data`` allows ``data.cache``) is allowed."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in allowed for i in range(1, len(parts) + 1))
+
+
+def _is_key_of(key: str, tree: dict) -> bool:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def resolve_resume(run_dir: Path, ckpt_path: Optional[str]) -> Optional[str]:

@@ -17,10 +17,12 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from .aligner import ImplicitAligner
 from .callbacks import ReferenceSwap, Throughput
+from .config.changes import describe_changes
 from .config.loading import ConfigError, load_config, to_container
+from .config.train import RESUME_FREE_KEYS, TrainConfig
 from .data import ExpectedFeatures, FeatureCacheDataModule
 from .module import AlignerModule, aligner_weights_from_checkpoint
-from .run_dir import resolve_resume, run_directory, write_run_info
+from .run_dir import check_resume_config, resolve_resume, run_directory, write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,13 @@ def expected_cache_key(data_cfg: Any) -> str:
         "data.recipe (the configs/preprocess YAML the cache was made with) or data.cache_key must be set, "
         "so training can refuse a cache made by another recipe"
     )
+
+
+def resume_free_keys(cfg: Any) -> frozenset[str]:
+    """Keys that may change on resume; ``max_steps`` shapes the lr curve of a cosine schedule."""
+    if cfg.optim.schedule == "cosine":
+        return RESUME_FREE_KEYS - {"trainer.max_steps", "trainer.max_epochs"}
+    return RESUME_FREE_KEYS
 
 
 def parse_devices(value: Any) -> Any:
@@ -160,13 +169,18 @@ def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainRes
     """Fit, validate, export. Returns the final validation metrics (rank 0 has them all)."""
     run_dir = run_directory(cfg.run)
     ckpt_path = resolve_resume(run_dir, cfg.run.ckpt_path)
+    changes = check_resume_config(run_dir, cfg, TrainConfig, resume_free_keys(cfg)) if ckpt_path else {}
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
     trainer = build_trainer(cfg, run_dir, callbacks, logger)
     if trainer.is_global_zero:
-        write_run_info(run_dir, cfg, {"resumed_from": ckpt_path, "world_size": trainer.world_size})
+        write_run_info(run_dir, cfg, {"resumed_from": ckpt_path, "world_size": trainer.world_size},
+                       resumed=ckpt_path is not None, changes=changes)
+        if changes:
+            log.info("resuming with config changes (recorded under %s/resumes):\n%s", run_dir,
+                     describe_changes(changes))
         log.info("run directory: %s", run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 

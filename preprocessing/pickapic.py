@@ -4,10 +4,12 @@ Two passes, because the image columns are ~99% of the bytes: :func:`scan_pairs` 
 small columns of every file (captions, labels, uids) and decides which rows are pairs;
 :class:`ImageFetcher` later reads the JPEG bytes of exactly the row groups a shard needs.
 
-Filtering (DESIGN §5), in this order, every drop counted in :class:`ReaderStats`:
+Filtering, in this order, every drop counted in :class:`ReaderStats`:
 missing values in a required cell -> ``has_label`` false -> ties (0.5/0.5) -> labels that are not
-a clean 1/0 split -> (optional) ``are_different`` false -> exact duplicates (same caption, winner
-uid and loser uid; the first occurrence in file order wins) -> ``data.limit``. Winner = ``jpg_0``
+a clean 1/0 split -> (optional) ``are_different`` false -> empty captions (``data.drop_empty_captions``,
+default on: nothing to align to) -> both images the same uid (nothing to prefer) -> exact duplicates
+(same caption, winner uid and loser uid; the first occurrence in file order wins) -> ``data.limit``.
+Pairs whose two images have identical bytes are dropped when the images are read. Winner = ``jpg_0``
 when ``label_0 == 1`` else ``jpg_1``. A file without a required column is an error naming the file
 and the column (the input is not Pick-a-Pic); an empty file is a counted, logged skip. Undecodable
 image bytes are found when a shard decodes them and are counted there (:func:`decode_image`).
@@ -20,6 +22,7 @@ import hashlib
 import io
 import logging
 import math
+import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +54,8 @@ class ReaderStats:
     ties_dropped: int = 0
     bad_labels: int = 0
     not_different: int = 0
+    empty_captions: int = 0
+    same_image: int = 0
     duplicates: int = 0
     over_limit: int = 0
     kept: int = 0
@@ -122,7 +127,8 @@ def _is_clean_label(l0: float, l1: float) -> bool:
 
 
 def scan_pairs(spec: str | Sequence[str], split: Optional[str] = "train", drop_ties: bool = True,
-               require_different: bool = False, limit: Optional[int] = None) -> PairTable:
+               require_different: bool = False, limit: Optional[int] = None,
+               drop_empty_captions: bool = True) -> PairTable:
     """Read the small columns of every file and return the kept pairs with their statistics."""
     if not drop_ties:
         raise ReaderError("data.drop_ties=false is not supported: a tie has no winner to learn from")
@@ -145,7 +151,7 @@ def scan_pairs(spec: str | Sequence[str], split: Optional[str] = "train", drop_t
             log.warning("skipping %s: the file has no rows", path)
             continue
         wanted = [c for c in REQUIRED_COLUMNS if c not in IMAGE_COLUMNS] + [c for c in OPTIONAL_COLUMNS if c in names]
-        table = pf.read(columns=wanted).to_pydict()
+        table = _read_small_columns(pf, path, wanted)
         group_of_row = np.repeat(np.arange(pf.metadata.num_row_groups, dtype=np.int32),
                                  [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
         n = len(table["caption"])
@@ -167,6 +173,12 @@ def scan_pairs(spec: str | Sequence[str], split: Optional[str] = "train", drop_t
                 continue
             if require_different and "are_different" in table and not table["are_different"][r]:
                 stats.not_different += 1
+                continue
+            if drop_empty_captions and not caption.strip():
+                stats.empty_captions += 1
+                continue
+            if u0 == u1:
+                stats.same_image += 1
                 continue
             winner_index = 0 if l0 == 1.0 else 1
             winner, loser = (u0, u1) if winner_index == 0 else (u1, u0)
@@ -197,6 +209,29 @@ def scan_pairs(spec: str | Sequence[str], split: Optional[str] = "train", drop_t
         pair_id=cols["pair_id"],
         stats=stats,
     )
+
+
+def _read_small_columns(pf: pq.ParquetFile, path: str, columns: list[str]) -> dict[str, list]:
+    """The non-image columns of a file; a caption column that is not text is a clear error."""
+    caption_type = pf.schema_arrow.field("caption").type
+    if not (pa.types.is_string(caption_type) or pa.types.is_large_string(caption_type)):
+        raise ReaderError(
+            f"{path}: column 'caption' has type {caption_type}, expected a string column (Pick-a-Pic "
+            f"captions are UTF-8 text); is data.input pointing at the right dataset?"
+        )
+    try:
+        return pf.read(columns=columns).to_pydict()
+    except (pa.ArrowInvalid, UnicodeDecodeError) as err:
+        raise ReaderError(f"{path}: cannot read the text columns ({_no_addresses(str(err))}); "
+                          f"the file is damaged or not UTF-8") from None
+
+
+_ADDRESS = re.compile(r"\s*(?:object )?at 0x[0-9a-fA-F]+")
+
+
+def _no_addresses(text: str) -> str:
+    """Drop ``<... object at 0x7f..>`` addresses from messages kept in reports (they differ per run)."""
+    return _ADDRESS.sub("", text)
 
 
 def _cell_bytes(value) -> Optional[bytes]:
@@ -264,7 +299,7 @@ def decode_image(data: Optional[bytes]) -> tuple[Optional[Image.Image], Optional
             im.load()
             rgb = im.convert("RGB")
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
-        return None, f"undecodable image ({type(err).__name__}: {str(err)[:80]})"
+        return None, f"undecodable image ({type(err).__name__}: {_no_addresses(str(err))[:80]})"
     if min(rgb.size) < 1 or math.prod(rgb.size) == 0:
         return None, "empty image"
     return rgb, None

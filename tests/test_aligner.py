@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from img_lightning.aligner import ImplicitAligner
+from img_lightning.aligner import CheckpointError, ImplicitAligner
 
 DIMS = dict(guidance_dim=24, dim=32, depth=2, heads=4, dim_head=8)
 
@@ -149,3 +151,53 @@ def test_load_official_rejects_wrong_dims(tmp_path):
         ImplicitAligner.load_official(tmp_path / "a.pth", guidance_dim=999, dim_head=DIMS["dim_head"])
     with pytest.raises(FileNotFoundError):
         ImplicitAligner.load_official(tmp_path / "missing.pth")
+
+
+def test_dims_come_from_the_checkpoints_own_metadata(tmp_path):
+    """An export records its head split; loading never guesses it (4 heads of 8 is not 1 of 32)."""
+    model = _randomised(6)
+    g, ip = torch.randn(1, 6, DIMS["guidance_dim"]), torch.randn(1, 16, DIMS["dim"])
+    st = model.save_safetensors(tmp_path / "aligner.safetensors")
+    pth = model.save_official(tmp_path / "aligner.pth")
+    (tmp_path / "aligner.json").write_text(json.dumps({**model.dims, "cache_key": "x"}))
+    for path in (st, pth):
+        loaded = ImplicitAligner.load_official(path)  # no dims given: the metadata has them
+        assert loaded.dims == model.dims
+        torch.testing.assert_close(loaded(g, ip), model(g, ip))
+        with pytest.raises(CheckpointError, match="dim_head=32 but the checkpoint records 8"):
+            ImplicitAligner.load_official(path, dim_head=32)
+    # The same tensors under a wrong head split give other outputs: why guessing is refused.
+    wrong = ImplicitAligner(**{**DIMS, "heads": 1, "dim_head": 32})
+    wrong.load_state_dict(model.state_dict())
+    assert not torch.allclose(wrong(g, ip), model(g, ip))
+
+
+def test_bare_official_pth_needs_the_head_split(tmp_path):
+    model = _randomised(7)
+    bare = tmp_path / "released" / "aligner_sdxl.pth"
+    model.save_official(bare)
+    with pytest.raises(CheckpointError, match="img.aligner.dim_head"):
+        ImplicitAligner.load_official(bare)
+    assert ImplicitAligner.load_official(bare, heads=DIMS["heads"]).dims == model.dims
+    assert ImplicitAligner.load_official(bare, dim_head=DIMS["dim_head"]).dims == model.dims
+
+
+def test_non_finite_or_foreign_checkpoints_are_refused(tmp_path):
+    model = _randomised(8)
+    with torch.no_grad():
+        model.proj_out.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN"):
+        model.save_official(tmp_path / "nan.pth")
+    assert not (tmp_path / "nan.pth").exists() and not list(tmp_path.iterdir())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "nan_released.pth")
+    with pytest.raises(CheckpointError, match="NaN"):
+        ImplicitAligner.load_official(tmp_path / "nan_released.pth", dim_head=DIMS["dim_head"])
+    (tmp_path / "garbage.pth").write_bytes(b"\x00garbage" * 20)
+    with pytest.raises(CheckpointError, match="not a readable aligner checkpoint") as err:
+        ImplicitAligner.load_official(tmp_path / "garbage.pth", dim_head=8)
+    assert "weights_only=False" not in str(err.value)
+    # A pickled object (not a plain state dict) is refused without being unpickled.
+    torch.save({"weights": state, "optimizer": object.__new__(ImplicitAligner)}, tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError):
+        ImplicitAligner.load_official(tmp_path / "pickled.pth", dim_head=8)

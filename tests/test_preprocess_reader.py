@@ -144,3 +144,32 @@ def test_fetcher_across_many_files_with_bounded_handles(tmp_path):
     got = fetcher.fetch(order)
     assert [expect[table.caption[i]] for i in order] == got
     assert len(fetcher._files) == 1
+
+
+def test_empty_captions_and_same_uid_pairs_are_counted_and_dropped(tmp_path):
+    rng = random.Random(1)
+    red, blue = _img("red", rng), _img("blue", rng)
+    rows = [make_row(i, f"caption {i}", red, blue, 1.0, rng) for i in range(5)]
+    rows[1].update(caption="   ")
+    rows[2].update(caption="")
+    rows[3].update(image_1_uid=rows[3]["image_0_uid"])
+    path = write_pickapic_rows(tmp_path / "train-00000-of-00001.parquet", rows)
+    t = scan_pairs(str(path))
+    assert (t.stats.empty_captions, t.stats.same_image, len(t)) == (2, 1, 2)
+    kept = scan_pairs(str(path), drop_empty_captions=False)
+    assert (kept.stats.empty_captions, len(kept)) == (0, 4)
+
+
+def test_binary_caption_column_is_a_clear_error(tmp_path):
+    table = pa.table({"caption": pa.array([b"\xff\xfe caption"], pa.binary()), "jpg_0": [b"a"], "jpg_1": [b"b"],
+                      "label_0": [1.0], "label_1": [0.0], "image_0_uid": ["u0"], "image_1_uid": ["u1"]})
+    path = tmp_path / "binary_caption.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(ReaderError, match=r"binary_caption\.parquet.*'caption'.*binary"):
+        scan_pairs(str(path))
+
+
+def test_bad_image_reasons_carry_no_object_addresses():
+    image, reason = decode_image(b"definitely not an image")
+    assert image is None and "undecodable image" in reason
+    assert "0x" not in reason

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..atomic import atomic_write
 from ..log_steps import is_logging_step
 
 
@@ -43,6 +44,23 @@ class ReferenceSwap(Callback):
     def state_key(self) -> str:
         return "ReferenceSwap"
 
+    def log_path(self, trainer: L.Trainer) -> Optional[Path]:
+        return None if self.log_dir is None else self.log_dir / f"rank{trainer.global_rank}.jsonl"
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        """Drop logged swaps the (restored) state has not made yet.
+
+        A run killed after a swap but before its next checkpoint replays the steps since that
+        checkpoint on resume, swap included: without this the log would list that swap twice.
+        """
+        path = self.log_path(trainer)
+        if path is None or not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["swap"] <= self.swaps]
+        if len(kept) != len(lines):
+            atomic_write(path, "".join(line + "\n" for line in kept))
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._seen_step:  # accumulating gradients: no optimizer step yet
@@ -68,10 +86,11 @@ class ReferenceSwap(Callback):
         self.last_swap_step = step
         fingerprint = weights_fingerprint(pl_module.reference)
         self._check_ranks_agree(trainer, fingerprint, step)
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.log_path(trainer)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
             line = {"step": step, "swap": self.swaps, "fingerprint": fingerprint}
-            with open(self.log_dir / f"rank{trainer.global_rank}.jsonl", "a", encoding="utf-8") as f:
+            with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
 
     @staticmethod

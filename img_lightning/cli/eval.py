@@ -200,7 +200,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # one clear line for known user errors; tracebacks on --debug
         from ..evaluation.prompts import PromptFileError
 
-        known = (ConfigError, PromptFileError, FileNotFoundError)  # ModelNotFoundError is a FileNotFoundError
+        from ..aligner import CheckpointError
+
+        # ModelNotFoundError is a FileNotFoundError; FloatingPointError: an aligner that outputs NaN.
+        known = (ConfigError, PromptFileError, FileNotFoundError, CheckpointError, FloatingPointError)
         if ns.debug or not isinstance(err, known):
             raise
         print(f"img-eval: error: {err}", file=sys.stderr)

@@ -6,6 +6,7 @@ import argparse
 import logging
 from typing import Optional, Sequence
 
+from ..aligner import CheckpointError
 from ..cache.format import CacheFormatError
 from ..config.train import TrainConfig
 from ..data import CacheMismatchError
@@ -45,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report(result)
         return 0
 
-    return run_cli(body, (CacheMismatchError, CacheFormatError))
+    return run_cli(body, (CacheMismatchError, CacheFormatError, CheckpointError, FloatingPointError))
 
 
 def report(result) -> None:

@@ -65,7 +65,11 @@ class IPAdapterConfig:
 class AlignerEvalConfig:
     checkpoint: str = "???"  # official .pth or our .safetensors export
     passes: int = 3
-    dim_head: int = 64  # only the product heads*dim_head is in the checkpoint
+    # The head split is not in the tensor shapes (only heads*dim_head is). Our exports record it
+    # (safetensors metadata / the .json beside aligner.pth) and it is taken from there; a released
+    # aligner_*.pth records nothing, so set dim_head (64 for the released ones) or heads for it.
+    dim_head: Optional[int] = None
+    heads: Optional[int] = None
 
 
 @dataclass

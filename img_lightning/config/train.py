@@ -52,6 +52,10 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: Optional[float] = None  # max global grad norm; the paper does not clip
+    # A gradient with NaN/Inf stops the run with an error naming the step and the samples. Set N > 0
+    # to skip up to N such optimizer steps instead (weights left unchanged, counted in
+    # train/skipped_steps and in the checkpoint); the (N+1)-th still stops the run.
+    skip_nonfinite: int = 0
 
 
 @dataclass
@@ -104,6 +108,9 @@ class RunConfig:
     seed: int = 42  # seed of f_theta's initialisation and everything not data-related
     ckpt_path: Optional[str] = None  # "last" resumes from {run_dir}/checkpoints/last.ckpt if present
     export: bool = True  # write the aligner in the official .pth layout and as safetensors at the end
+    # Keys whose value may differ from the run's saved config.yaml when it resumes (see
+    # RESUME_FREE_KEYS for the ones that always may); each use is recorded in the run directory.
+    allow_config_change: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,3 +122,17 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+# Keys that may differ when a run resumes: they change where or how fast it runs, or how it
+# reports, never which samples it sees or how its weights are updated. Every other key must equal
+# the run's saved config.yaml unless listed in run.allow_config_change.
+RESUME_FREE_KEYS = frozenset({
+    "run.ckpt_path", "run.allow_config_change", "run.export",
+    "data.num_workers", "data.prefetch_factor", "data.pin_memory", "data.max_open_shards",
+    "data.verify_checksums", "optim.skip_nonfinite",
+    "trainer.accelerator", "trainer.strategy", "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "trainer.val_check_interval",
+    # Extending a run is normal; with a cosine schedule it changes the lr curve (see resume check).
+    "trainer.max_steps", "trainer.max_epochs",
+})

@@ -58,7 +58,8 @@ class IMGConditioner:
     @property
     def aligner(self) -> ImplicitAligner:
         if self._aligner is None:
-            aligner = ImplicitAligner.load_official(self.aligner_cfg.checkpoint, dim_head=self.aligner_cfg.dim_head)
+            aligner = ImplicitAligner.load_official(self.aligner_cfg.checkpoint, dim_head=self.aligner_cfg.dim_head,
+                                                    heads=self.aligner_cfg.heads)
             self._aligner = aligner.eval().to(self.device)
         return self._aligner
 
@@ -96,6 +97,12 @@ class IMGConditioner:
         aligned = self.aligner.refine(
             h.to(self.device, dtype), ip_tokens.to(self.device, dtype), mask.to(self.device), passes=passes
         )
+        if not bool(torch.isfinite(aligned).all()):
+            raise FloatingPointError(
+                f"the aligner {self.aligner_cfg.checkpoint} produced NaN/Inf tokens for prompts "
+                f"{[p[:40] for p in prompts]}: it would regenerate black images; check the checkpoint and the "
+                f"MLLM features (dtype {self.encoders_cfg.mllm.dtype})"
+            )
         return ip_tokens.float().cpu(), aligned.float().cpu()
 
     def unconditional(self) -> Tensor:
