@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ...config.loading import ConfigError
 
-from . import aesthetic, blip_vqa, clip, complex, hps, image_reward, spatial  # noqa: F401  (register the kinds)
+from . import aesthetic, blip_vqa, clip, complex, hps, image_reward, mllm_grader, spatial  # noqa: F401  (register the kinds)
 from .base import REGISTRY, Scorer
 
 # Keys that only name or select: two scorers equal in everything else share one loaded model.

@@ -22,6 +22,7 @@ class Scorer(ABC):
     name: str = "scorer"
     label: str = ""  # the report's column header (default: name)
     batch_size: int = 16
+    abstains: bool = False  # True: NaN means "no score for this image" (e.g. an unparseable MLLM answer)
 
     @abstractmethod
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
