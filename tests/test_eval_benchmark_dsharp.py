@@ -1,7 +1,6 @@
 """The Diffusion-Sharpening benchmark config: Table 1's columns in order from one run's scorers,
 built on the tiny models, over the six T2I-CompBench categories loaded from the dataset directory."""
 
-import pytest
 from PIL import Image
 
 from bench_paths import BENCH, requires_bench

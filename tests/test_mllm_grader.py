@@ -163,3 +163,8 @@ def test_real_tiny_mllm_runs_the_real_path(backend, tiny_llava_dir, tiny_qwen_di
     assert torch.equal(torch.isnan(again), torch.isnan(out[:1]))
     d = grader.describe()
     assert d["prompt_format"] == ("llava_v1" if backend == "llava" else "chat_template") and len(d["sha256"]) == 64
+
+
+def test_grader_needs_its_mllm_block():
+    with pytest.raises(ConfigError, match="set its `mllm:` block"):
+        build_scorers([OmegaConf.merge(OmegaConf.structured(ScorerConfig), {"kind": "mllm_grader"})])

@@ -135,8 +135,9 @@ class ScorerConfig:
     spatial: str = "spatial_proxy"
     action: str = "non_spatial"
     categories: list[str] = field(default_factory=list)  # score only prompts of these categories
-    # mllm_grader: the MLLM (loaded as encoders.mllm loads it), the rubric file, the answer budget
-    mllm: MLLMConfig = field(default_factory=MLLMConfig)
+    # mllm_grader: the MLLM (an encoders.mllm-style block, loaded as the encoder loads it), the rubric
+    # file, the answer budget
+    mllm: Optional[MLLMConfig] = None
     rubric: Optional[str] = None  # default: configs/eval/rubrics/diffusion_sharpening.yaml
     max_new_tokens: int = 512
     device: str = "auto"

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ...models import ModelNotFoundError, compute_dtype, from_pretrained, resolve_device
-from .base import Scorer, register, rgb
+from .base import Scorer, register
 from .checkpoints import CheckpointError, file_sha256, load_state_dict_file, model_sha256
 from .transforms import clip_pixels
 
@@ -88,7 +88,7 @@ class AestheticScorer(Scorer):
     def embeddings(self, images: list[Image.Image]) -> Tensor:
         """L2-normalised CLIP image embeddings ``[B, D]`` (float32)."""
         dtype = next(self.vision.parameters()).dtype
-        pix = clip_pixels(rgb(images), self.image_size).to(self.device, dtype)
+        pix = clip_pixels(images, self.image_size).to(self.device, dtype)
         emb = self.vision.get_image_features(pixel_values=pix)
         emb = (emb if isinstance(emb, Tensor) else emb.pooler_output).float()
         return emb / emb.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)

@@ -81,7 +81,7 @@ class CLIPPairScorer(Scorer):
     def pixel_values(self, images: list[Image.Image]) -> Tensor:
         """``[B, 3, H, W]`` float32 model input of ``images`` (CPU)."""
         if self.preprocess == OPENAI_CLIP:
-            return clip_pixels(rgb(images), self.image_size)
+            return clip_pixels(images, self.image_size)
         return self.processor(images=rgb(images), return_tensors="pt")["pixel_values"]
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ...models import ModelNotFoundError, compute_dtype, from_pretrained, resolve_device
 from .aesthetic import aesthetic_mlp
-from .base import Scorer, register, rgb
+from .base import Scorer, register
 from .blip_layout import ImageRewardState, count_layers, split_image_reward_state
 from .checkpoints import CheckpointError, file_sha256, load_state_dict_file
 from .transforms import clip_pixels
@@ -151,7 +151,7 @@ class ImageRewardScorer(Scorer):
 
     def raw_reward(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
         """The head's output before ImageReward's normalisation, ``[B]`` float32."""
-        pix = clip_pixels(rgb(images), self.image_size).to(self.device, self.dtype)
+        pix = clip_pixels(images, self.image_size).to(self.device, self.dtype)
         image_embeds = self.vision(pixel_values=pix).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         tok = self.tokens(prompts)

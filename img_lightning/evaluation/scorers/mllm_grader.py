@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.loading import ConfigError
 from .base import Scorer, register, rgb
 from .checkpoints import model_sha256
 from .rubric import Rubric, load_rubric, parse_answer
@@ -47,6 +48,9 @@ class MLLMGrader(Scorer):
     def from_config(cls, cfg: Any) -> "MLLMGrader":
         from ...encoders.mllm import GuidanceEncoder
 
+        if cfg.mllm is None:
+            raise ConfigError(f"scorer '{cfg.name or 'mllm_grader'}': set its `mllm:` block (backend, model, path, "
+                              f"dtype, device), e.g. backend: qwen2_5_vl, model: Qwen/Qwen2.5-VL-7B-Instruct")
         encoder = GuidanceEncoder.from_config(cfg.mllm)
         return cls(load_rubric(cfg.rubric), greedy_generate(encoder, cfg.max_new_tokens), name=cfg.name or "mllm_grader",
                    model_id=cfg.mllm.model, sha256=model_sha256(cfg.mllm.model, cfg.mllm.path),
