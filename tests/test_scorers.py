@@ -11,7 +11,7 @@ from img_lightning.config.eval import ScorerConfig
 from reference_transforms import clip_reference_pixels, hf_pil_pixels
 from img_lightning.models import ModelNotFoundError
 from img_lightning.evaluation.scorers import build_scorers
-from img_lightning.evaluation.scorers.blip_vqa import product_over_phrases, yes_probability
+from img_lightning.evaluation.scorers.blip_vqa import pre_question, product_over_phrases, yes_probability
 from img_lightning.evaluation.scorers import noun_phrases as np_mod
 from img_lightning.evaluation.scorers.complex import three_in_one
 from img_lightning.evaluation.scorers.noun_phrases import rule_strip_adjectives
@@ -273,6 +273,13 @@ def test_blip_vqa_probability_arithmetic(scorers):
         assert ((probs > 0) & (probs < 1)).all()
         assert got[i].item() == pytest.approx(torch.prod(probs).item(), rel=1e-5)
     assert blip.score(ims[:1], ["!!!"]).item() == 1.0  # no noun phrase: no question, factor 1
+    # BLIP-VQA's question handling: pre_question cleaning, [ENC] instead of [CLS] as the first token
+    assert pre_question("The (big) Red car: on a road.?") == "the big red car on a road?"
+    enc = blip.encode(ims[:2], ["a Red car.?", "a dog?"])
+    tok = blip.processor.tokenizer
+    assert enc["input_ids"][:, 0].tolist() == [tok.convert_tokens_to_ids("[ENC]")] * 2
+    plain = tok(["a red car?", "a dog?"], padding="longest")["input_ids"]
+    assert enc["input_ids"][:, 1:].tolist() == [ids[1:] for ids in plain]
 
 
 def test_spatial_rules():
