@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_path
+from .errors import UserError
 
 
 class AlignerAttention(nn.Module):
@@ -221,7 +222,7 @@ class ImplicitAligner(nn.Module):
         return path
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """An aligner checkpoint that cannot be used as asked; the message names the file and what to do."""
 
 

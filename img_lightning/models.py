@@ -16,11 +16,13 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
+from .errors import UserError
+
 T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """A configured model cannot be found locally; the message names it and how to provide it."""
 
 

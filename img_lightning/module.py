@@ -6,19 +6,25 @@ only accumulates the distances it compares.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from .aligner import ImplicitAligner
+from .errors import NonFiniteError
 from .log_steps import is_logging_step
 from .objective import REDUCTIONS, preference_objective, squared_distance
 
 _TRAIN_LOGS = ("loss", "base", "pref", "dpo_margin", "spin_margin", "implicit_acc", "ref_acc")
+
+
+def _plain(block: Any) -> dict:
+    """A config block as a plain dict (checkpoints must load with ``weights_only=True``)."""
+    return OmegaConf.to_container(block, resolve=True) if isinstance(block, DictConfig) else dict(block)
 
 
 def _build_aligner(model_cfg: Any, seed: int) -> ImplicitAligner:
@@ -37,19 +43,28 @@ def _build_aligner(model_cfg: Any, seed: int) -> ImplicitAligner:
 
 class AlignerModule(L.LightningModule):
     def __init__(self, model: Any, objective: Any, reference: Any, optim: Any, seed: int = 42) -> None:
-        """Arguments are the ``model``, ``objective``, ``reference`` and ``optim`` config blocks."""
+        """Arguments are the ``model``, ``objective``, ``reference`` and ``optim`` config blocks.
+
+        They are saved as plain hyper-parameters (``hparams.yaml``, the checkpoint), so
+        ``AlignerModule.load_from_checkpoint(path)`` rebuilds the module with ``weights_only``
+        loading. ``model.init_from`` weights are applied when fitting starts (:meth:`setup`), never
+        when a checkpoint is loaded (its weights win anyway).
+        """
         super().__init__()
+        self.save_hyperparameters({"model": _plain(model), "objective": _plain(objective),
+                                   "reference": _plain(reference), "optim": _plain(optim), "seed": int(seed)})
+        model, objective, reference, optim = (OmegaConf.create(self.hparams[k])
+                                              for k in ("model", "objective", "reference", "optim"))
         if objective.reduction not in REDUCTIONS:
             raise ValueError(f"objective.reduction must be one of {REDUCTIONS}, got {objective.reduction!r}")
         if reference.init not in ("random", "copy"):
             raise ValueError(f"reference.init must be 'random' or 'copy', got {reference.init!r}")
         self.model_cfg, self.objective_cfg, self.reference_cfg, self.optim_cfg = model, objective, reference, optim
         self.aligner = _build_aligner(model, seed)
-        if model.init_from:
-            self.aligner = ImplicitAligner.load_official(model.init_from, **self.aligner.dims)
         self.reference = _build_aligner(model, reference.seed)
         if reference.init == "copy":
             self.reference.load_state_dict(self.aligner.state_dict())
+        self._initialised = False
         # Frozen, and never in the optimizer; it has no dropout/norm statistics, so no eval() needed.
         self.reference.requires_grad_(False)
         # Sum of ||c_w - f_theta||^2 and ||c_w - f_ref||^2 since the last optimizer step.
@@ -60,6 +75,17 @@ class AlignerModule(L.LightningModule):
         self.val_metrics = torch.nn.ModuleDict(
             {k: MeanMetric() for k in ("base", "pref", "implicit_acc", "identity", "ref_base")}
         )
+
+    def setup(self, stage: str) -> None:
+        """Start f_theta (and a copied f_ref) from ``model.init_from``; a resumed run's checkpoint
+        is restored after this and overrides it."""
+        if stage != "fit" or self._initialised or not self.model_cfg.init_from:
+            return
+        self._initialised = True
+        start = ImplicitAligner.load_official(self.model_cfg.init_from, **self.aligner.dims)
+        self.aligner.load_state_dict(start.state_dict())
+        if self.reference_cfg.init == "copy":
+            self.reference.load_state_dict(start.state_dict())
 
     # ------------------------------------------------------------------ steps
     def _unpack(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -122,7 +148,7 @@ class AlignerModule(L.LightningModule):
             metric.reset()
         bad = [k for k, v in values.items() if not bool(torch.isfinite(v))]
         if bad:
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"validation at step {self.global_step} gave non-finite {', '.join('val/' + k for k in bad)}: the "
                 f"aligner's weights or the validation cache hold NaN/Inf; nothing from this step is usable"
             )
@@ -149,7 +175,7 @@ class AlignerModule(L.LightningModule):
                 p.grad = None  # AdamW leaves parameters without a gradient untouched
             self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False, batch_size=1)
             return
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"non-finite gradient at optimizer step {self.global_step} (rank {self.global_rank} trained on "
             f"samples {self._describe_batch()}). The loss or the data diverged; lower optim.lr, set "
             f"optim.grad_clip, check the cache with `img-preprocess verify`, or allow "
@@ -184,26 +210,30 @@ class AlignerModule(L.LightningModule):
             weight_decay=cfg.weight_decay,
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total, cfg.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, total, cfg.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
-    """LR multiplier per optimizer step: linear warm-up, then constant (paper) or cosine."""
-    if schedule not in ("constant", "cosine"):
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int,
+                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-optimizer-step lr: linear warm-up (``lr * (s + 1) / warmup`` for step ``s < warmup``), then
+    constant (the paper) or a cosine from ``lr`` down to ``min_ratio * lr`` at ``total_steps``."""
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+
+    if schedule == "constant":
+        after = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    elif schedule == "cosine":
+        base_lr = optimizer.param_groups[0]["lr"]
+        after = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=min_ratio * base_lr)
+    else:
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    if warmup_steps <= 0:
+        return after
+    if warmup_steps == 1:  # one warm-up step at the full lr (LinearLR needs total_iters >= 1)
+        warmup: torch.optim.lr_scheduler.LRScheduler = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1)
+    return SequentialLR(optimizer, [warmup, after], milestones=[warmup_steps])
 
 
 def aligner_weights_from_checkpoint(path: str) -> dict[str, Tensor]:

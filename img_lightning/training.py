@@ -53,7 +53,8 @@ def expected_cache_key(data_cfg: Any) -> str:
     if data_cfg.recipe:
         from .config.preprocess import PreprocessConfig, cache_key_of
 
-        recipe_cfg = load_config(PreprocessConfig, [data_cfg.recipe], require_complete=False)
+        recipe_cfg = load_config(PreprocessConfig, [data_cfg.recipe], list(data_cfg.recipe_overrides),
+                                 require_complete=False)
         return cache_key_of(recipe_cfg)
     raise ConfigError(
         "data.recipe (the configs/preprocess YAML the cache was made with) or data.cache_key must be set, "

@@ -14,15 +14,13 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from img_lightning.cache.format import CacheFormatError
-from img_lightning.cli.common import add_config_arguments, print_config, resolve_config, run_cli, setup_logging
+from img_lightning.cli.common import (add_common_arguments, add_config_arguments, print_config, resolve_config,
+                                     run_cli, setup_from_args)
 from img_lightning.config.preprocess import PreprocessConfig
-
-from .pickapic import ReaderError
-from .run import PlanMismatchError, finalize, run_preprocess
 
 log = logging.getLogger("img-preprocess")
 COMMANDS = ("run", "verify", "manifest")
+TOP_LEVEL_FLAGS = ("-h", "--help", "--version")
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -33,6 +31,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         epilog="Without a command, `run` is assumed: img-preprocess CONFIG.yaml [key=value ...]. "
                "`img-preprocess run -h` lists the run options.",
     )
+    add_common_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="{run,verify,manifest}")
     run = sub.add_parser("run", help="extract features for this task's shards (the default command)",
                          description="Extract features. The input parquet path/glob and the output directory are "
@@ -45,23 +44,27 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     run.add_argument("--task-index", type=int, default=None, help="this task's index (default: SLURM or 0)")
     run.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: SLURM or 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_common_arguments(run)
     ver = sub.add_parser("verify", help="check every shard (sha256, counts, keys, shapes, dtypes, finite values, "
                                         "cache key); exit status 1 and a report on any problem")
     ver.add_argument("dir", help="cache directory")
     ver.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel shard checks")
     ver.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    add_common_arguments(ver)
     man = sub.add_parser("manifest", help="assemble manifest.json and summary.json once all array tasks finished")
     man.add_argument("dir", help="cache directory")
+    add_common_arguments(man)
     return parser, {"run": run, "verify": ver, "manifest": man}
 
 
 def _run(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose)
     cfg = resolve_config(PreprocessConfig, args)
     if args.print_config:
         return print_config(cfg)
-    result = run_preprocess(cfg, task_index=args.task_index, num_tasks=args.num_tasks, progress=not args.no_progress)
+    from .run import run_preprocess
+
+    result = run_preprocess(cfg, task_index=args.task_index, num_tasks=args.num_tasks,
+                            progress=not (args.no_progress or args.quiet))
     log.info("task %d/%d: %d shards written (%d were already complete), %d pairs written, %d skipped, %.1f pairs/s",
              result.task_index, result.num_tasks, result.shards_written, result.shards_already_done,
              result.pairs_written, result.pairs_skipped, result.pairs_per_s)
@@ -91,6 +94,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
+    from .run import finalize
+
     m = finalize(args.dir)
     print(f"wrote {args.dir}/manifest.json: {len(m.shards)} shards, {m.num_samples} samples, "
           f"{m.num_bytes / 1e9:.3f} GB, cache key {m.cache_key}")
@@ -100,21 +105,22 @@ def _manifest(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] not in COMMANDS and argv[0] not in TOP_LEVEL_FLAGS:
         argv = ["run", *argv]
     parser, subs = _parser()
     if not argv:
         parser.print_help()
         return 2
-    if argv[0] in ("-h", "--help"):
-        parser.parse_args(argv)  # prints the overview and exits
+    if argv[0] in TOP_LEVEL_FLAGS:
+        parser.parse_args(argv)  # prints the overview or the version and exits
     # Each command parses on its own so options and key=value overrides may be interleaved.
     command, rest = argv[0], argv[1:]
     sub = subs[command]
     args = sub.parse_intermixed_args(rest) if command == "run" else sub.parse_args(rest)
     args.command = command
+    setup_from_args(args)
     body = {"run": _run, "verify": _verify, "manifest": _manifest}[command]
-    return run_cli(lambda: body(args), known_errors=(ReaderError, PlanMismatchError, CacheFormatError))
+    return run_cli(lambda: body(args), "img-preprocess", debug=args.debug)
 
 
 if __name__ == "__main__":

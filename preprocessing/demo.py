@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from img_lightning.cli.common import setup_logging
-from img_lightning.config.loading import REPO_ROOT, load_config
+from img_lightning.cli.common import add_common_arguments, run_cli, setup_from_args
+from img_lightning.config.loading import load_config, resolve_config_path
 from img_lightning.config.train import TrainConfig
 
-PREPROCESS_CONFIG = REPO_ROOT / "configs" / "preprocess" / "demo.yaml"
-TRAIN_CONFIG = REPO_ROOT / "configs" / "train" / "demo.yaml"
+PREPROCESS_CONFIG = resolve_config_path("configs/preprocess/demo.yaml")
+TRAIN_CONFIG = resolve_config_path("configs/train/demo.yaml")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/train/demo.yaml)")
     p.add_argument("--eval-prompts", type=int, default=4, help="held-out captions to evaluate (0: skip evaluation)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_common_arguments(p)
     return p
 
 
@@ -53,7 +53,11 @@ def _done(start: float) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    setup_logging()
+    setup_from_args(args)
+    return run_cli(lambda: _demo(args), "img-demo", debug=args.debug)
+
+
+def _demo(args: argparse.Namespace) -> int:
     from img_lightning.tiny.world import build_tiny_world, preprocess_overrides
     from preprocessing.cli import main as preprocess_main
     from preprocessing.demo_data import write_demo_parquet

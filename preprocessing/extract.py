@@ -4,7 +4,8 @@
 :meth:`FeatureExtractor.forward` all model work, so the writer can prepare batch ``i+1`` in a
 thread while batch ``i`` runs on the accelerator. Per pair (DESIGN §1, §3):
 
-* ``guidance`` - MLLM hidden states for the LOSING image and the pair's templated question;
+* ``guidance`` - MLLM hidden states for the LOSING image and the pair's question (its exact text,
+  ``mllm_prompt``, goes into the sample's metadata);
 * ``ip_lose`` / ``ip_win`` - IP tokens of the losing / winning image.
 """
 
@@ -19,7 +20,6 @@ from torch import Tensor
 
 from img_lightning.encoders.ip import IPEncoder, build_ip_encoder
 from img_lightning.encoders.mllm import GuidanceEncoder
-from img_lightning.encoders.templates import template_id_for
 
 
 @dataclass
@@ -56,12 +56,21 @@ class FeatureExtractor:
         return self.mllm.template_set
 
     @property
+    def questions_sha256(self) -> str:
+        return self.mllm.questions.sha256
+
+    @property
     def batch_size(self) -> int:
         """Pairs per prepared batch: one MLLM batch (the expensive model)."""
         return self.mllm.batch_size
 
     def template_id(self, pair_id: str) -> int:
-        return template_id_for(pair_id, self.template_set)
+        """Index of the pair's question in the question set (a stable hash of the pair id)."""
+        return self.mllm.question_index(pair_id)
+
+    def mllm_prompt(self, caption: str, template_id: int) -> str:
+        """The exact text the MLLM reads for this pair (raises PromptTextError if unusable)."""
+        return self.mllm.prompt_text(caption, template_id)
 
     def prepare(self, items: list[PairItem]) -> PreparedBatch:
         losers = [it.loser for it in items]

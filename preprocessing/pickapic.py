@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from img_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "image_0_uid", "image_1_uid")
@@ -40,7 +42,7 @@ IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 OPTIONAL_COLUMNS = ("has_label", "are_different", "ranking_id", "model_0", "model_1")
 
 
-class ReaderError(ValueError):
+class ReaderError(UserError, ValueError):
     """Input that is not usable Pick-a-Pic data; the message names the file (and column)."""
 
 

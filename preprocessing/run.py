@@ -24,6 +24,7 @@ from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard
 from img_lightning.cache.writer import shard_is_complete
 from img_lightning.config.loading import ConfigError
 from img_lightning.config.preprocess import cache_key_of, recipe_of
+from img_lightning.errors import UserError
 
 from .extract import FeatureExtractor
 from .pickapic import ImageFetcher, PairTable, ReaderError, scan_pairs
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 SUMMARY_NAME = "summary.json"
 
 
-class PlanMismatchError(ValueError):
+class PlanMismatchError(UserError, ValueError):
     """``data.output`` already holds a cache planned from other input or settings."""
 
 
@@ -154,6 +155,7 @@ def finalize(out: str | Path) -> Manifest:
         "ties_dropped": reader["ties_dropped"],
         "duplicates": reader["duplicates"],
         "bad_images": reasons.get("bad_image", 0),
+        "bad_prompts": reasons.get("bad_prompt", 0),
         "nonfinite_features": reasons.get("nonfinite", 0),
         "written": manifest.num_samples,
         "reader": reader,

@@ -29,6 +29,8 @@ from torch import Tensor
 from img_lightning.cache.manifest import write_json_atomic
 from img_lightning.cache.writer import ShardWriter
 
+from img_lightning.encoders.conversation import PromptTextError
+
 from .extract import FeatureExtractor, PairItem, PreparedBatch
 from .pickapic import ImageFetcher, PairTable, decode_image
 from .plan import ShardPlan
@@ -66,17 +68,22 @@ def _decode_pair(data: tuple[Optional[bytes], Optional[bytes]]):
     return winner, loser, f"winner: {why_w}" if why_w else f"loser: {why_l}"
 
 
-def pair_meta(table: PairTable, i: int, template_id: int, template_set: str) -> dict:
+def pair_meta(table: PairTable, i: int, template_id: int, template_set: str, mllm_prompt: Optional[str] = None,
+              questions_sha256: Optional[str] = None) -> dict:
     meta = {
         "pair_id": table.pair_id[i],
         "caption": table.caption[i],
         "winner_uid": table.winner_uid[i],
         "loser_uid": table.loser_uid[i],
         "winner_index": int(table.winner_index[i]),
-        "template_id": template_id,
+        "template_id": template_id,  # the question's index in the question set
         "template_set": template_set,
         "source": table.source(i),
     }
+    if questions_sha256 is not None:
+        meta["questions_sha256"] = questions_sha256
+    if mllm_prompt is not None:
+        meta["mllm_prompt"] = mllm_prompt
     if table.ranking_id[i] is not None:
         meta["ranking_id"] = int(table.ranking_id[i])
     return meta
@@ -99,8 +106,14 @@ def source(shards: list[int], plan: ShardPlan, table: PairTable, extractor: Feat
                                     "reason": reason})
                     continue
                 tid = extractor.template_id(table.pair_id[i])
-                items.append(PairItem(i, table.pair_id[i], table.caption[i], tid,
-                                      pair_meta(table, i, tid, extractor.template_set), winner, loser))
+                try:
+                    text = extractor.mllm_prompt(table.caption[i], tid)
+                except PromptTextError as err:  # a caption holding the MLLM's image placeholder
+                    skipped.append({"pair_id": table.pair_id[i], "source": table.source(i), "kind": "bad_prompt",
+                                    "reason": str(err)})
+                    continue
+                meta = pair_meta(table, i, tid, extractor.template_set, text, extractor.questions_sha256)
+                items.append(PairItem(i, table.pair_id[i], table.caption[i], tid, meta, winner, loser))
             yield Chunk(k, extractor.prepare(items) if items else None, skipped)
         yield ShardEnd(k, len(indices))
 

@@ -70,9 +70,9 @@ def test_ip_encoder_flux_kind(tmp_path):
         adapter="XLabs-AI/flux-ip-adapter", adapter_subfolder="", adapter_weight_name=FLUX_WEIGHT,
         image_encoder_path=str(root / "image_encoder"), adapter_path=str(root), dtype="float32", device="cpu"))
     enc = build_ip_encoder(cfg)
-    assert (enc.num_tokens, enc.dim) == (16, 4096)
+    assert (enc.num_tokens, enc.dim) == (4, 4096)  # XLabs v1: ImageProjModel(4096, 768, 4)
     tokens = enc.encode(_images()[:2])
-    assert tokens.shape == (2, 16, 4096) and torch.isfinite(tokens).all()
+    assert tokens.shape == (2, 4, 4096) and torch.isfinite(tokens).all()
     black = enc.encode([Image.new("RGB", (50, 70), (0, 0, 0))])[0]
     torch.testing.assert_close(enc.unconditional(), black)
 

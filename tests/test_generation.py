@@ -1,6 +1,10 @@
-"""Generation pieces: IP tokens injected after the adapter's projection, seeds, the image store."""
+"""Generation pieces: IP tokens injected after the adapter's projection, seeds, the image store, and
+the released SDXL demo (demo_sdxl.py / IP-Adapter's ``generate_from_feat``) re-implemented
+independently on the tiny SDXL + the tiny adapter file."""
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +12,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from img_lightning.config.eval import IPAdapterConfig, PipelineConfig, SamplerConfig
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from img_lightning.config.eval import EvalConfig, IPAdapterConfig, PipelineConfig, SamplerConfig
+from img_lightning.config.loading import load_config
 from img_lightning.generation.conditioner import pad_guidance
 from img_lightning.generation.ip_inject import PassThroughIPProjection
 from img_lightning.generation.pipeline import DiffusionBackend
@@ -16,6 +24,7 @@ from img_lightning.generation.seeds import seed_for
 from img_lightning.generation.store import ImageStore
 
 WEIGHT = "ip-adapter-plus_sdxl_vit-h.safetensors"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _sampler(**kw):
@@ -106,3 +115,244 @@ def test_pad_guidance():
     h, m = pad_guidance([torch.ones(3, 4), torch.ones(5, 4) * 2])
     assert h.shape == (2, 5, 4) and m.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
     assert h[0, 3:].abs().sum() == 0
+
+
+# ---------------------------------------------------------------- the released SDXL demo
+class TencentIPAttn(torch.nn.Module):
+    """IP-Adapter's ``IPAttnProcessor2_0``: the last ``num_tokens`` context tokens are image tokens,
+    attended with their own ``to_k_ip``/``to_v_ip`` and added at ``scale`` before ``to_out``."""
+
+    def __init__(self, to_k_ip, to_v_ip, scale, num_tokens=16):
+        super().__init__()
+        self.k, self.v, self.scale, self.n = to_k_ip, to_v_ip, scale, num_tokens
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        assert hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None
+        assert not attn.norm_cross and not attn.residual_connection and attn.rescale_output_factor == 1
+        b = hidden_states.shape[0]
+        text, ip = encoder_hidden_states[:, :-self.n], encoder_hidden_states[:, -self.n:]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q = heads(attn.to_q(hidden_states))
+        out = F.scaled_dot_product_attention(q, heads(attn.to_k(text)), heads(attn.to_v(text)))
+        ip_out = F.scaled_dot_product_attention(q, heads(F.linear(ip, self.k)), heads(F.linear(ip, self.v)))
+        out = (out + self.scale * ip_out).transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3])
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def ip_adapter_resampler(sd, x):
+    """IP-Adapter-Plus ``Resampler.forward`` from its state dict (heads of 64, scores (q s)(k s)^T with
+    s = 64^-1/4, float32 softmax, LayerNorm eps 1e-5, GELU feed-forward)."""
+    def ln(t, name):
+        return F.layer_norm(t, t.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"])
+
+    latents = sd["latents"].repeat(x.shape[0], 1, 1)
+    x = F.linear(x, sd["proj_in.weight"], sd["proj_in.bias"])
+    depth = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
+    for i in range(depth):
+        p = f"layers.{i}.0"
+        xn, lat = ln(x, f"{p}.norm1"), ln(latents, f"{p}.norm2")
+        q = F.linear(lat, sd[f"{p}.to_q.weight"])
+        k, v = F.linear(torch.cat([xn, lat], dim=-2), sd[f"{p}.to_kv.weight"]).chunk(2, dim=-1)
+        h = q.shape[-1] // 64
+
+        def split(t):
+            return t.view(t.shape[0], t.shape[1], h, 64).transpose(1, 2)
+
+        s = 1 / math.sqrt(math.sqrt(64))
+        w = ((split(q) * s) @ (split(k) * s).transpose(-2, -1)).float().softmax(dim=-1)
+        out = (w @ split(v)).transpose(1, 2).reshape(q.shape)
+        latents = F.linear(out, sd[f"{p}.to_out.weight"]) + latents
+        f = f"layers.{i}.1"
+        latents = F.linear(F.gelu(F.linear(ln(latents, f"{f}.0"), sd[f"{f}.1.weight"])), sd[f"{f}.3.weight"]) + latents
+    return ln(F.linear(latents, sd["proj_out.weight"], sd["proj_out.bias"]), "norm_out")
+
+
+def released_ip_pipe(sdxl_dir, adapter_file, scale):
+    """demo_sdxl.py's ``IPAdapterPlusXL(pipe, ...)``: IP processors on every cross-attention, loaded by
+    their index in ``unet.attn_processors`` (``ip_adapter.{i}.to_{k,v}_ip``)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    sd = load_file(str(adapter_file))
+    procs = dict(pipe.unet.attn_processors)
+    for i, name in enumerate(list(procs)):
+        if not name.endswith("attn1.processor"):
+            procs[name] = TencentIPAttn(sd[f"ip_adapter.{i}.to_k_ip.weight"], sd[f"ip_adapter.{i}.to_v_ip.weight"], scale)
+    pipe.unet.set_attn_processor(procs)
+    return pipe
+
+
+@torch.no_grad()
+def generate_from_feat(pipe, image_encoder, resampler_sd, feat, prompt, seed, steps, guidance_scale,
+                       pass_negative_prompt=False):
+    """``IPAdapterPlusXL.generate_from_feat`` (ip_adapter_fp16.py): unconditional tokens from CLIP on
+    zero pixels through the adapter's resampler; ``encode_prompt(prompt, do_classifier_free_guidance=True)``
+    - its negative_prompt default is built but not passed - then IP tokens appended to both halves."""
+    size = image_encoder.config.image_size  # 224 in the demo (ViT-H); the tiny tower's own size here
+    uncond = ip_adapter_resampler(resampler_sd, image_encoder(
+        torch.zeros(feat.shape[0], 3, size, size), output_hidden_states=True).hidden_states[-2])
+    extra = {"negative_prompt": ["monochrome, lowres, bad anatomy, worst quality, low quality"]} if pass_negative_prompt else {}
+    pe, npe, pooled, npooled = pipe.encode_prompt([prompt], num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                                  **extra)
+    return pipe(prompt_embeds=torch.cat([pe, feat], dim=1), negative_prompt_embeds=torch.cat([npe, uncond], dim=1),
+                pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=npooled, num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(seed), guidance_scale=guidance_scale, height=64, width=64,
+                output_type="np").images[0], uncond
+
+
+def test_sdxl_backbone_configs_are_the_released_demos():
+    for name in ("sdxl", "sdxl_dpo"):
+        cfg = load_config(EvalConfig, [REPO / f"configs/eval/backbones/{name}.yaml"], [], require_complete=False)
+        s, img = cfg.generation.sampler, cfg.img
+        assert (s.steps, s.guidance_scale, s.height, s.width) == (50, 7.5, 1024, 1024)
+        assert cfg.generation.base.negative_prompt is None and img.negative_prompt is None
+        assert (img.ip_scale, img.negative_ip_image.value, img.negative_ip_scale) == (0.2, "zero_pixels", None)
+        assert (s.true_cfg_scale, s.true_cfg_start_step) == (1.0, 0) and img.aligner.passes == 3
+    assert cfg.generation.pipeline.unet == "mhdang/dpo-sdxl-text2image-v1"
+
+
+def test_sdxl_base_and_regeneration_match_the_released_demo(backend, tiny_sdxl_dir, tiny_ip_adapter_dir):
+    """Base image = the demo's ``sdxl_pipe(prompt, generator=Generator().manual_seed(seed), ...)``;
+    IMG re-generation = ``generate_from_feat(feat, scale=0.2, prompt, seed, guidance_scale=7.5)``."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from img_lightning.config.encoders import IPEncoderConfig
+    from img_lightning.encoders.ip import build_ip_encoder
+
+    cfg = load_config(EvalConfig, [REPO / "configs/eval/backbones/sdxl.yaml"], [
+        f"generation.pipeline.path={tiny_sdxl_dir}", "generation.pipeline.device=cpu",
+        "generation.pipeline.dtype=float32", "generation.pipeline.variant=null", "generation.sampler.steps=3",
+        "generation.sampler.height=64", "generation.sampler.width=64"], require_complete=False)
+    s, img = cfg.generation.sampler, cfg.img
+    prompt, seed = "a red circle next to a blue square", 306
+    ref_ip = released_ip_pipe(tiny_sdxl_dir, tiny_ip_adapter_dir / "sdxl_models" / WEIGHT, img.ip_scale)
+
+    # base: the plain pipeline, no negative prompt (the demo's sdxl_pipe has no IP-Adapter)
+    plain = DiffusionBackend.from_config(cfg.generation.pipeline)
+    base = plain.generate([prompt], [seed], s, negative_prompt=cfg.generation.base.negative_prompt, output_type="np")[0]
+    from diffusers import StableDiffusionXLPipeline
+
+    ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    want = ref(prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=s.steps,
+               guidance_scale=s.guidance_scale, height=64, width=64, output_type="np").images[0]
+    np.testing.assert_allclose(base, want, atol=1e-5)
+
+    # re-generation from (random stand-ins for) aligned tokens
+    torch.manual_seed(0)
+    feat = torch.randn(1, 16, 64)
+    tower = CLIPVisionModelWithProjection.from_pretrained(tiny_ip_adapter_dir / "models/image_encoder").eval()
+    resampler_sd = {k[len("image_proj."):]: v for k, v in load_file(
+        str(tiny_ip_adapter_dir / "sdxl_models" / WEIGHT)).items() if k.startswith("image_proj.")}
+    want, uncond = generate_from_feat(ref_ip, tower, resampler_sd, feat, prompt, seed, s.steps, s.guidance_scale)
+    enc = build_ip_encoder(OmegaConf.merge(OmegaConf.structured(IPEncoderConfig), dict(
+        image_encoder_path=str(tiny_ip_adapter_dir), adapter_path=str(tiny_ip_adapter_dir), dtype="float32", device="cpu")))
+    torch.testing.assert_close(enc.unconditional(img.negative_ip_image.value), uncond[0], rtol=1e-5, atol=1e-5)
+    backend.set_ip_scale(img.ip_scale)
+    ours = backend.generate([prompt], [seed], s, negative_prompt=img.negative_prompt, ip_tokens=feat,
+                            negative_ip_tokens=enc.unconditional(img.negative_ip_image.value),
+                            negative_ip_scale=img.negative_ip_scale, output_type="np")
+    np.testing.assert_allclose(ours[0], want, atol=1e-5)
+    # not vacuous: other tokens, or the negative prompt generate_from_feat builds but never passes,
+    # change the image
+    for changed in (dict(feat=-feat), dict(pass_negative_prompt=True)):
+        args = {"feat": feat, "pass_negative_prompt": False, **changed}
+        other, _ = generate_from_feat(ref_ip, tower, resampler_sd, args["feat"], prompt, seed, s.steps,
+                                      s.guidance_scale, pass_negative_prompt=args["pass_negative_prompt"])
+        assert np.abs(other - want).max() > 1e-2, changed
+    # control arm = these settings at IP scale 0: nothing else differs from the base image
+    backend.set_ip_scale(0.0)
+    control = backend.generate([prompt], [seed], s, negative_prompt=img.negative_prompt, ip_tokens=feat,
+                               negative_ip_tokens=enc.unconditional(img.negative_ip_image.value), output_type="np")
+    np.testing.assert_allclose(control[0], base, atol=1e-5)
+    with pytest.raises(ValueError, match="one IP scale"):
+        backend.generate([prompt], [seed], s, ip_tokens=feat, negative_ip_scale=0.5)
+
+
+# ---------------------------------------------------------------- what each arm asks the pipeline for
+class _RecordingBackend:
+    """Stands in for DiffusionBackend: records each generate call's settings."""
+
+    kind = "flux"
+
+    def __init__(self):
+        self.calls, self.ip_loaded, self.ip_scale = [], False, None
+
+    def load_ip_adapter(self, cfg):
+        self.ip_loaded = True
+
+    def token_width(self):
+        return 8
+
+    def set_ip_scale(self, scale):
+        self.ip_scale = scale
+
+    def generate(self, prompts, seeds, sampler, negative_prompt=None, ip_tokens=None, negative_ip_tokens=None,
+                 negative_ip_scale=None):
+        self.calls.append(dict(negative_prompt=negative_prompt, ip_scale=self.ip_scale if ip_tokens is not None else None,
+                               negative_ip_scale=negative_ip_scale, negative_ip=negative_ip_tokens,
+                               true_cfg=(sampler.true_cfg_scale, sampler.true_cfg_start_step)))
+        return [Image.new("RGB", (8, 8), (len(self.calls), 0, 0)) for _ in prompts]
+
+    def close(self):
+        pass
+
+
+class _FakeIP:
+    def __init__(self):
+        self.modes = []
+
+    def unconditional(self, mode):
+        self.modes.append(mode)
+        return torch.full((4, 8), float(len(mode)))
+
+
+class _FakeConditioner:
+    def __init__(self):
+        self.ip = _FakeIP()
+
+    def check_dims(self, width):
+        pass
+
+    def template_id(self, key):
+        return 0
+
+    def align(self, images, prompts, tids, passes):
+        return torch.zeros(len(images), 4, 8), torch.ones(len(images), 4, 8)
+
+    def release_encoders(self):
+        pass
+
+
+def test_each_arm_gets_its_released_settings(tmp_path):
+    """base: generation.base; IMG rounds: img.* at img.ip_scale; control: the same at IP scale 0."""
+    from img_lightning.config.loading import ConfigError
+    from img_lightning.evaluation.prompts import PromptRecord
+    from img_lightning.generation.runner import GenerationRun
+
+    cfg = load_config(EvalConfig, [REPO / "configs/eval/backbones/flux.yaml"], [
+        "img.aligner.checkpoint=x.pth", "prompts.name=p", "prompts.format=text", "prompts.path=x"], require_complete=False)
+    cfg.generation.base.negative_prompt = "base-neg"
+    cfg.img.negative_prompt = "regen-neg"
+    run = GenerationRun(cfg, [PromptRecord("00000", "a cat")], tmp_path, progress=False)
+    run._backend, run._conditioner = _RecordingBackend(), _FakeConditioner()
+    run.run()
+    base, img, control = run._backend.calls
+    assert base == dict(negative_prompt="base-neg", ip_scale=None, negative_ip_scale=None, negative_ip=None,
+                        true_cfg=(3.5, 1))
+    black = torch.full((4, 8), float(len("black")))
+    assert img.pop("negative_ip").equal(black) and control.pop("negative_ip").equal(black)
+    assert img == dict(negative_prompt="regen-neg", ip_scale=0.2, negative_ip_scale=0.2, true_cfg=(3.5, 1))
+    assert control == dict(negative_prompt="regen-neg", ip_scale=0.0, negative_ip_scale=0.2, true_cfg=(3.5, 1))
+    assert run._conditioner.ip.modes == ["black"]  # computed once, then read from the run folder
+    meta = json.loads((tmp_path / "metadata" / "control.0of1.jsonl").read_text())
+    assert (meta["negative_ip_image"], meta["negative_ip_scale"], meta["shift"]) == ("black", 0.2, "xlabs")
+    # settings SDXL cannot honour are one clear error
+    sdxl = load_config(EvalConfig, [REPO / "configs/eval/backbones/sdxl.yaml"], ["img.negative_ip_scale=0.2"],
+                       require_complete=False)
+    with pytest.raises(ConfigError, match="negative_ip_scale is FLUX-only"):
+        GenerationRun(sdxl, [], tmp_path / "x")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from img_lightning.cache import BatchReader, CacheView, Manifest
 from img_lightning.cache.format import decode_tensors
@@ -263,7 +264,7 @@ def test_cli_help_config_and_clear_errors(overrides, tmp_path, capsys):
     assert main(["run", str(DEMO), "--print-config"]) == 0
     assert "shard_size: 64" in capsys.readouterr().out
     assert main([str(DEMO), *overrides, f"data.output={tmp_path / 'o'}", "encoders.mllm.path=/nope/llava"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("img-preprocess: error:")]
     assert len(errors) == 1 and "encoders.mllm.path" in errors[0] and "/nope/llava" in errors[0]
     assert main([str(DEMO), *overrides, f"data.output={tmp_path / 'o'}", "cache.dtype=float8"]) == 2
     assert "cache.dtype" in capsys.readouterr().err
@@ -278,8 +279,13 @@ def test_recipes_load_and_have_distinct_keys(overrides, tmp_path):
     names = {f.stem for f in files}
     assert {"sdxl_llava13b", "sdxl_qwen25vl7b", "flux_llava13b", "demo"} <= names
     keys = {}
+    # the full recipes take the released question file from the user (its sha256 is in the key)
+    questions = tmp_path / "edit_instructions.json"
+    questions.write_text(json.dumps(["How should the image change to show {prompt}?"]))
     for f in files:
         cfg = load_config(PreprocessConfig, [f], require_complete=False)
+        if OmegaConf.is_missing(cfg.encoders.mllm, "questions"):
+            cfg.encoders.mllm.questions = str(questions)
         validate_config(cfg)
         keys[f.stem] = cache_key_of(cfg)
     assert len(set(keys.values())) == len(keys)
@@ -288,7 +294,11 @@ def test_recipes_load_and_have_distinct_keys(overrides, tmp_path):
     moved = load_config(PreprocessConfig, [DEMO], [*overrides, f"data.output={tmp_path / 'z'}", "encoders.ip.device=cuda"])
     assert cache_key_of(base) == cache_key_of(moved) == keys["demo"]
     paper = load_config(PreprocessConfig, [REPO / "configs/preprocess/sdxl_llava13b.yaml"], require_complete=False)
-    assert paper.encoders.mllm.model == "llava-hf/llava-1.5-13b-hf" and paper.encoders.ip.kind == "sdxl_plus"
+    assert paper.encoders.mllm.model == "shi-labs/IMG/llava" and paper.encoders.ip.kind == "sdxl_plus"
+    assert paper.encoders.mllm.prompt_format == "llava_v0"
+    ablation = load_config(PreprocessConfig, [REPO / "configs/preprocess/sdxl_llava13b_original_mllm.yaml"],
+                           require_complete=False)
+    assert ablation.encoders.mllm.model == "llava-hf/llava-1.5-13b-hf" and ablation.encoders.mllm.prompt_format == "llava_v1"
     flux = load_config(PreprocessConfig, [REPO / "configs/preprocess/flux_llava13b.yaml"], require_complete=False)
     assert flux.encoders.ip.kind == "flux_xlabs"
 

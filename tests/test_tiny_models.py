@@ -103,4 +103,4 @@ def test_tiny_flux_ip_adapter_loads_through_flux_pipeline(tmp_path):
     embeds = pipe.encode_image([Image.new("RGB", (64, 64), (10, 200, 10))], "cpu", 1)
     with torch.no_grad():
         tokens = pipe.transformer.encoder_hid_proj([embeds[:, None]])[0]
-    assert tokens.shape == (1, 1, 16, 4096)
+    assert tokens.shape == (1, 1, 4, 4096)  # XLabs v1: ImageProjModel(4096, 768, 4)

@@ -11,8 +11,10 @@ Each sample (one Pick-a-Pic preference pair) is two tar members sharing the samp
 * ``{key}.safetensors`` - ``guidance`` [T, D_mllm] (real tokens only, no padding), ``ip_lose``
   [N, D] and ``ip_win`` [N, D], fp16 or bf16. Safetensors, so reading never unpickles anything.
 * ``{key}.json`` - metadata: ``pair_id``, ``caption``, ``winner_uid``, ``loser_uid``,
-  ``winner_index`` (0 if ``jpg_0`` won), ``template_id``, ``num_tokens`` and whatever else the
-  writer adds.
+  ``winner_index`` (0 if ``jpg_0`` won), ``template_id`` (the question's index in the question
+  set), ``num_tokens`` and whatever else the writer adds (preprocessing: ``template_set``,
+  ``mllm_prompt`` - the exact text given to the MLLM, with its image placeholder - and, with a
+  question file, ``questions_sha256``).
 
 The shards stay standard WebDataset, so ``webdataset.WebDataset(urls)`` can stream them too; our
 training loader uses the side-file offsets for random access instead (exact resume, one copy).
@@ -28,6 +30,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+
+from ..errors import UserError
 
 FORMAT_NAME = "img-lightning-cache"
 FORMAT_VERSION = 1
@@ -57,7 +61,7 @@ _ST_DTYPES = {
 }
 
 
-class CacheFormatError(ValueError):
+class CacheFormatError(UserError, ValueError):
     """Bytes that are not a valid cache sample/shard; the message names the file and key."""
 
 

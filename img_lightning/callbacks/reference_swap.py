@@ -72,7 +72,7 @@ class ReferenceSwap(Callback):
         self.streak = self.streak + 1 if closer else 0
         if self.streak >= self.patience:
             self._swap(trainer, pl_module, step)
-        if not is_logging_step(trainer):
+        if not is_logging_step(trainer, after_optimizer_step=True):
             return
         pl_module.log("reference/streak", float(self.streak), on_step=True, on_epoch=False, batch_size=1)
         pl_module.log("reference/swaps", float(self.swaps), on_step=True, on_epoch=False, batch_size=1)

@@ -1,20 +1,54 @@
-"""Pieces every CLI shares: config arguments, ``--print-config``, logging, friendly errors."""
+"""What every CLI shares: config arguments, the same flags (``--version -v -q --debug``), logging,
+and one error policy.
+
+Error policy (:func:`run_cli`): a :class:`~img_lightning.errors.UserError` (bad config, missing
+file or model, mismatched cache or checkpoint, ...) prints one ``prog: error: ...`` line and exits
+2; a full disk prints which file could not be written and exits 2; anything else is a bug of ours:
+one line saying so and exit 1. ``--debug`` shows the full traceback instead.
+
+This module imports nothing heavy, so ``--help`` and ``--version`` answer at once; commands import
+torch, Lightning and the models inside their bodies.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 from typing import Any, Callable, Sequence
 
-from ..hf_quiet import quiet_hf_progress
-from ..config.loading import ConfigError, load_config, split_cli_args, to_yaml
+from ..config.loading import load_config, split_cli_args, to_yaml
+from ..errors import UserError
 
 CONFIG_EPILOG = (
     "Configs merge as: schema defaults <- each YAML file in order <- key=value overrides "
     "(dotted keys, e.g. data.batch_size=16). A misspelled key is an error."
 )
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("img-lightning")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        from .. import __version__
+
+        return __version__
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--version``, ``-v/--verbose``, ``-q/--quiet``, ``--debug``: the same on every CLI."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="debug logging and library progress bars")
+    noise.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +80,12 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Our loggers at INFO (DEBUG with -v) with a handler of their own; the root logger is left
-    alone, so libraries that chat at INFO on it (open_clip) stay quiet and Lightning keeps its own
-    handler (no doubled lines). Without -v, transformers/diffusers loading bars are hidden too."""
-    level = logging.DEBUG if verbose else logging.INFO
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Our loggers at INFO (DEBUG with -v, WARNING with -q) with a handler of their own; the root
+    logger is left alone, so libraries that chat at INFO on it (open_clip) stay quiet and Lightning
+    keeps its own handler (no doubled lines). Without -v, transformers/diffusers loading bars are
+    hidden too."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     for name in OUR_LOGGERS:
@@ -63,18 +98,50 @@ def setup_logging(verbose: bool = False) -> None:
         lambda record: "litlogger" not in record.getMessage()
     )
     if not verbose:
+        from ..hf_quiet import quiet_hf_progress
+
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         quiet_hf_progress()
 
 
-def run_cli(body: Callable[[], int], known_errors: Sequence[type[BaseException]] = ()) -> int:
-    """Run a CLI body; expected user errors become one line on stderr and exit code 2."""
-    errors = (ConfigError, FileNotFoundError, FileExistsError, *known_errors)
+def setup_from_args(args: argparse.Namespace) -> None:
+    setup_logging(verbose=getattr(args, "verbose", False) or getattr(args, "debug", False),
+                  quiet=getattr(args, "quiet", False))
+
+
+def run_cli(body: Callable[[], int], prog: str, debug: bool = False,
+            known_errors: Sequence[type[BaseException]] = ()) -> int:
+    """Run a CLI body under the error policy in the module docstring; returns the exit code."""
     try:
         return body()
-    except errors as err:  # type: ignore[misc]
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (UserError, FileNotFoundError, FileExistsError, *known_errors) as err:  # type: ignore[misc]
+        if debug:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        if debug:
+            raise
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {err.filename}" if err.filename else ""
+            print(f"{prog}: error: the disk is full{where} ({err.strerror}). Free space or point the output "
+                  f"elsewhere, then run the same command again: finished work is kept and skipped.", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return _internal(prog, err)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        return _internal(prog, err)
+
+
+def _internal(prog: str, err: BaseException) -> int:
+    print(f"{prog}: internal error: {type(err).__name__}: {err}\n"
+          f"(this is a bug or an unexpected environment; rerun with --debug for the traceback and report it)",
+          file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
 
 
 def print_config(cfg: Any) -> int:

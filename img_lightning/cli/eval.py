@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ..config.eval import EvalConfig
-from .common import setup_logging
+from .common import add_common_arguments, run_cli, setup_from_args
 from ..config.loading import ConfigError, load_config, split_cli_args, to_container, to_yaml
 
 STAGES = ("generate", "score", "report", "all")
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-tasks", type=int, default=None, help="number of chunks (SLURM_ARRAY_TASK_COUNT)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    add_common_arguments(p)
     return p
 
 
@@ -75,8 +75,6 @@ def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_ta
         cfg.chunk.index = task_index
     if num_tasks is not None:
         cfg.chunk.count = num_tasks
-    for sc in cfg.scorers:
-        sc.subset_dir = repo_path(sc.subset_dir)
     if not 0 <= cfg.chunk.index < cfg.chunk.count:
         raise ConfigError(f"chunk.index={cfg.chunk.index} must be in [0, chunk.count={cfg.chunk.count})")
     if cfg.img.rounds < 0 or cfg.img.aligner.passes < 1:
@@ -84,23 +82,12 @@ def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_ta
     return cfg
 
 
-def repo_path(path: Optional[str]) -> Optional[str]:
-    """A data path as given, else relative to the repository root, so relative paths written
-    against a checkout work from any directory."""
-    if path is None or Path(path).is_absolute() or Path(path).exists():
-        return path
-    from ..config.loading import REPO_ROOT
-
-    candidate = REPO_ROOT / path
-    return str(candidate) if candidate.exists() else path
-
-
 def load_prompt_set(cfg: Any) -> list:
     from ..evaluation.prompts import load_prompts
 
     p = cfg.prompts
-    options = {"subset_dir": repo_path(p.subset_dir)} if p.format == "t2i_compbench" and p.subset_dir else {}
-    return load_prompts(p.format, repo_path(p.path), categories=list(p.categories), limit=p.limit, **options)
+    options = {"subset_dir": p.subset_dir} if p.format == "t2i_compbench" and p.subset_dir else {}
+    return load_prompts(p.format, p.path, categories=list(p.categories), limit=p.limit, **options)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -192,24 +179,16 @@ def run(stage: str, args: Sequence[str], task_index: Optional[int] = None, num_t
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = build_parser().parse_intermixed_args(argv)
-    setup_logging(verbose=ns.debug)
-    try:
+    setup_from_args(ns)
+
+    def body() -> int:
         if ns.print_config:
             print(to_yaml(resolve_config(ns.args, ns.task_index, ns.num_tasks)))
             return 0
-        run(ns.stage, ns.args, ns.task_index, ns.num_tasks, progress=not ns.no_progress)
-    except Exception as err:  # one clear line for known user errors; tracebacks on --debug
-        from ..evaluation.prompts import PromptFileError
+        run(ns.stage, ns.args, ns.task_index, ns.num_tasks, progress=not (ns.no_progress or ns.quiet))
+        return 0
 
-        from ..aligner import CheckpointError
-
-        # ModelNotFoundError is a FileNotFoundError; FloatingPointError: an aligner that outputs NaN.
-        known = (ConfigError, PromptFileError, FileNotFoundError, CheckpointError, FloatingPointError)
-        if ns.debug or not isinstance(err, known):
-            raise
-        print(f"img-eval: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(body, "img-eval", debug=ns.debug)
 
 
 if __name__ == "__main__":

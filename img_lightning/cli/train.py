@@ -6,11 +6,9 @@ import argparse
 import logging
 from typing import Optional, Sequence
 
-from ..aligner import CheckpointError
-from ..cache.format import CacheFormatError
 from ..config.train import TrainConfig
-from ..data import CacheMismatchError
-from .common import CONFIG_EPILOG, add_config_arguments, print_config, resolve_config, run_cli, setup_logging
+from .common import (CONFIG_EPILOG, add_common_arguments, add_config_arguments, print_config, resolve_config,
+                     run_cli, setup_from_args)
 
 log = logging.getLogger("img_lightning.train")
 
@@ -27,18 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
         "run.name=sdxl-a trainer.devices=8",
     )
     add_config_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_common_arguments(parser)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_from_args(args)
 
     def body() -> int:
         cfg = resolve_config(TrainConfig, args)
         if args.print_config:
             return print_config(cfg)
+        if args.quiet:
+            cfg.trainer.enable_progress_bar = False
         from ..training import run_training
 
         result = run_training(cfg)
@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report(result)
         return 0
 
-    return run_cli(body, (CacheMismatchError, CacheFormatError, CheckpointError, FloatingPointError))
+    return run_cli(body, "img-train", debug=args.debug)
 
 
 def report(result) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..encoders.conversation import PromptFormat
+
 
 @dataclass
 class MLLMConfig:
@@ -19,12 +21,17 @@ class MLLMConfig:
     path: Optional[str] = None  # local directory to load from instead of the HF cache
     layer: int = -1  # index into hidden_states (-1 = last layer, as in the paper)
     dtype: str = "bfloat16"  # compute dtype of the MLLM
-    templates: str = "img-v1"  # question template set
+    templates: str = "img-v1"  # built-in question set (demo, tests); unused when `questions` is set
+    # Question file: a JSON list of strings, each with {prompt} exactly once (the released IMG
+    # models: assets/edit_instructions.json of the authors' GitHub repository). Its sha256, not its
+    # path, is part of the cache key. None: the built-in set named by `templates`.
+    questions: Optional[str] = None
     image_mode: str = "pad"  # "pad": LLaVA-1.5's pad-to-square; "processor": the HF processor as is
-    # How the question is wrapped: "llava_v1" = the original LLaVA-1.5 conversation (system line +
-    # "USER: <image>\n{q} ASSISTANT:", what the official IMG code feeds LLaVA); "chat_template" =
-    # the processor's own chat template; "auto" = llava_v1 for LLaVA, chat_template otherwise.
-    prompt_format: str = "auto"
+    # How the question is wrapped (img_lightning/encoders/conversation.py): "llava_v0" = LLaVA's v0
+    # conversation ("{system}###Human: <image>\n{q}###Assistant:", what the released IMG code feeds
+    # its finetuned LLaVA); "llava_v1" = LLaVA-1.5's own ("{system} USER: <image>\n{q} ASSISTANT:");
+    # "chat_template" = the processor's chat template; "auto" = llava_v1 for LLaVA, else chat_template.
+    prompt_format: PromptFormat = PromptFormat.auto
     # Qwen2.5-VL only: bounds on the resized image area (pixels), i.e. on the image token count
     # (one token per 28x28 pixels). None keeps the processor's own setting.
     min_pixels: Optional[int] = None
@@ -32,9 +39,9 @@ class MLLMConfig:
     device: str = "auto"
     batch_size: int = 4
 
+    # The question choice enters the recipe through `question_recipe` (set name or file sha256).
     recipe_fields = (
-        "backend", "model", "revision", "layer", "dtype", "templates", "image_mode", "prompt_format", "min_pixels",
-        "max_pixels",
+        "backend", "model", "revision", "layer", "dtype", "image_mode", "prompt_format", "min_pixels", "max_pixels",
     )
 
 
@@ -71,9 +78,18 @@ class EncodersConfig:
     ip: IPEncoderConfig = field(default_factory=IPEncoderConfig)
 
 
+def _plain(value):
+    return getattr(value, "value", value)  # Enum members enter the recipe as their value
+
+
 def recipe_of_encoders(cfg) -> dict:
-    """The identity part of an encoders config (goes into the cache key)."""
+    """The identity part of an encoders config (goes into the cache key). The question file is
+    read here: its sha256 is what identifies it, so moving the file keeps the key."""
+    from ..encoders.questions import question_recipe
+
+    mllm = {k: _plain(cfg.mllm[k]) for k in MLLMConfig.recipe_fields}
+    mllm.update(question_recipe(cfg.mllm))
     return {
-        "mllm": {k: cfg.mllm[k] for k in MLLMConfig.recipe_fields},
+        "mllm": mllm,
         "ip": {k: cfg.ip[k] for k in IPEncoderConfig.recipe_fields},
     }

@@ -1,9 +1,11 @@
 """Typed schema of ``img-eval`` configs (``configs/eval/*.yaml``).
 
-Defaults follow the paper (DESIGN §1): 3 aligner passes, IP scale 0.2, SDXL 50 steps / CFG 7.5
-(FLUX: 30 steps / guidance 3.5). ``encoders`` is the very block of the preprocessing recipe the
-aligner was trained on; ``recipe: PATH`` copies it from that YAML so inference features come from
-exactly the training-time settings.
+Defaults follow the paper and the authors' released demos: 3 aligner passes, IP scale 0.2, SDXL
+50 steps / CFG 7.5 (FLUX: 30 steps / guidance 3.5, see ``configs/eval/backbones/flux.yaml`` for
+XLabs' true CFG). The base image and the re-generation have separate negative-prompt settings
+(``generation.base`` and ``img``), as in the demos. ``encoders`` is the very block of the
+preprocessing recipe the aligner was trained on; ``recipe: PATH`` copies it from that YAML so
+inference features come from exactly the training-time settings.
 """
 
 from __future__ import annotations
@@ -11,6 +13,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
+
+
+class FluxShift(Enum):
+    """How FLUX's timestep shift ``mu`` is computed (the schedule is ``exp(mu)/(exp(mu)+1/t-1)``)."""
+
+    # XLabs' x-flux sampler (the released IMG FLUX demo): mu from (W // 8) * (H // 8) // 256,
+    # i.e. 64 at 1024x1024 (mu ~ 0.47).
+    xlabs = "xlabs"
+    # diffusers' FluxPipeline and BFL's reference: mu from the packed latent length (4096 at 1024x1024, mu = 1.15).
+    diffusers = "diffusers"
+
+
+class NegativeIPImage(Enum):
+    """Which image gives the negative (unconditional) IP tokens of the re-generation."""
+
+    auto = "auto"  # the released choice for the IP encoder: sdxl_plus -> zero_pixels, flux_xlabs -> black
+    # CLIP on an all-zero pixel_values tensor (IP-Adapter's generate_from_feat, diffusers' SDXL pipeline)
+    zero_pixels = "zero_pixels"
+    black = "black"  # a black RGB image through the CLIP processor (XLabs' FLUX demo, diffusers' FluxPipeline)
 
 from .encoders import EncodersConfig, MLLMConfig
 
@@ -27,12 +48,28 @@ class PromptSetConfig:
 
 @dataclass
 class SamplerConfig:
+    """Sampling settings shared by every arm (base, IMG rounds, control), as in the demos."""
+
     steps: int = 50
     guidance_scale: float = 7.5  # SDXL: CFG; FLUX: the distilled guidance
-    negative_prompt: str = ""
-    height: Optional[int] = None  # None: the pipeline default (1024 for SDXL)
+    height: Optional[int] = None  # None: the pipeline default (1024 for SDXL and FLUX)
     width: Optional[int] = None
-    true_cfg_scale: float = 1.0  # FLUX only: > 1 runs real CFG with the negative prompt
+    # FLUX only, XLabs' sampler semantics. true_cfg_scale != 1 adds a second transformer pass with
+    # the negative prompt (and negative IP tokens) from step `true_cfg_start_step` (0-based; XLabs'
+    # timestep_to_start_cfg) on: pred = neg + true_cfg_scale * (pos - neg).
+    true_cfg_scale: float = 1.0
+    true_cfg_start_step: int = 0
+    shift: FluxShift = FluxShift.xlabs
+
+
+@dataclass
+class BaseImageConfig:
+    """The base image (arm ``base``): the plain pipeline, no IP-Adapter."""
+
+    # None: the pipeline's default, i.e. SDXL's zero negative embeddings (force_zeros_for_empty_prompt,
+    # what the demos' plain `pipe(prompt)` does) and, with FLUX true CFG, the encoded empty prompt "".
+    # A string (even "") is encoded as text.
+    negative_prompt: Optional[str] = None
 
 
 @dataclass
@@ -54,7 +91,8 @@ class PipelineConfig:
 
 @dataclass
 class IPAdapterConfig:
-    # Where pipe.load_ip_adapter finds the adapter (original {"image_proj", "ip_adapter"} layout).
+    # Where pipe.load_ip_adapter finds the adapter file (h94's original {"image_proj", "ip_adapter"} layout, or
+    # XLabs' FLUX v1 ip_adapter.safetensors).
     model: str = "h94/IP-Adapter"
     path: Optional[str] = None  # local directory holding `subfolder/weight_name`
     subfolder: str = "sdxl_models"
@@ -76,11 +114,17 @@ class AlignerEvalConfig:
 class IMGConfig:
     rounds: int = 1  # multi-round IMG: round r regenerates from round r-1's image
     ip_scale: float = 0.2
-    control: bool = True  # the control arm: same regeneration settings, IP scale 0
+    control: bool = True  # the control arm: exactly these re-generation settings at IP scale 0
     ip_adapter: IPAdapterConfig = field(default_factory=IPAdapterConfig)
     aligner: AlignerEvalConfig = field(default_factory=AlignerEvalConfig)
-    # Sampler of the regeneration; unset fields fall back to `generation.sampler`.
-    regen_negative_prompt: Optional[str] = None
+    # Re-generation (IMG rounds and control); same meaning as generation.base.negative_prompt.
+    # The released SDXL generate_from_feat builds "monochrome, lowres, bad anatomy, worst quality,
+    # low quality" but never passes it to encode_prompt, so its negative text is SDXL's zeros (None).
+    negative_prompt: Optional[str] = None
+    negative_ip_image: NegativeIPImage = NegativeIPImage.auto
+    # FLUX only: IP scale of the negative (true-CFG) pass (XLabs' neg_ip_scale); None = the arm's IP
+    # scale. SDXL applies one scale to both CFG halves in one UNet pass, so there it must stay None.
+    negative_ip_scale: Optional[float] = None
     save_features: bool = True  # aligned IP tokens per image (safetensors) for inspection and resume
     free_encoders: bool = True  # drop the MLLM and IP encoder before regenerating (GPU memory)
 
@@ -90,6 +134,7 @@ class GenerationConfig:
     seed: int = 0  # per-prompt seed = hash(seed, prompt uid): stable under chunking and resume
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    base: BaseImageConfig = field(default_factory=BaseImageConfig)
     image_format: str = "png"
 
 

@@ -12,29 +12,44 @@ from typing import Any, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from ..errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the file or key and what to do."""
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+def shipped_configs() -> Path:
+    """The shipped ``configs/`` directory: package data of ``img_lightning`` (in a source checkout a
+    link to the top-level ``configs/``, in an installed wheel a copy of it)."""
+    from importlib.resources import files
+
+    return Path(str(files("img_lightning").joinpath("configs")))
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config path as given, else relative to the repository root, so the shipped
-    ``configs/...`` files can be named from any working directory."""
+    """A config path as given (absolute, or relative to the working directory), else one of the
+    shipped configs named as ``configs/train/demo.yaml`` (or ``train/demo.yaml``), so they can be
+    named from any directory, from a checkout or after a plain ``pip install``."""
     given = Path(path)
     if given.is_file() or given.is_absolute():
         return given
-    shipped = REPO_ROOT / given
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    shipped = shipped_configs().joinpath(*parts)
     return shipped if shipped.is_file() else given
 
 
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+        merged = OmegaConf.merge(base, other)
+        # OmegaConf keeps the base's value where `other` says ???; a file that writes ??? for a
+        # key means "the user must set this", so that key becomes missing again (dict keys only).
+        for key in OmegaConf.missing_keys(other):
+            if "[" not in key:
+                OmegaConf.update(merged, key, "???", merge=False)
+        return merged  # type: ignore[return-value]
     except ConfigKeyError as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None) or str(err)
         raise ConfigError(
@@ -85,7 +100,17 @@ def load_config(
                 "these config keys have no value (set them in a YAML file or as key=value): "
                 + ", ".join(missing)
             )
+    validate(cfg, schema)
     return cfg
+
+
+def validate(cfg: Any, schema: Any) -> None:
+    """Run the schema's value checks (``CHECKS``, see :mod:`.checks`); every problem in one error."""
+    from .checks import problems
+
+    found = problems(cfg, getattr(schema, "CHECKS", {}))
+    if found:
+        raise ConfigError("invalid config values:\n  " + "\n  ".join(found))
 
 
 def to_yaml(cfg: Any) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..cache.key import cache_key
 from .encoders import EncodersConfig, recipe_of_encoders
 
 
@@ -78,4 +77,6 @@ def recipe_of(cfg) -> dict:
 
 
 def cache_key_of(cfg) -> str:
+    from ..cache.key import cache_key  # the cache package pulls in torch; config loading must not
+
     return cache_key(recipe_of(cfg))

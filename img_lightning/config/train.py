@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .checks import at_least, betas, between, non_negative, one_of, optional, positive, steps_limit
+
 
 @dataclass
 class AlignerConfig:
@@ -67,6 +69,10 @@ class DataConfig:
     # The cache must have been made by this preprocessing recipe (a configs/preprocess YAML) or
     # carry exactly this key; training refuses anything else.
     recipe: Optional[str] = None
+    # key=value overrides applied to the recipe YAML before its key is computed, for what the
+    # recipe leaves to the user (e.g. ["encoders.mllm.questions=/models/IMG/edit_instructions.json"]:
+    # the question file's sha256 is part of the key).
+    recipe_overrides: list[str] = field(default_factory=list)
     cache_key: Optional[str] = None
     batch_size: int = 8  # per GPU
     val_batch_size: Optional[int] = None
@@ -136,3 +142,39 @@ RESUME_FREE_KEYS = frozenset({
     # Extending a run is normal; with a cosine schedule it changes the lr curve (see resume check).
     "trainer.max_steps", "trainer.max_epochs",
 })
+
+
+TrainConfig.CHECKS = {  # type: ignore[attr-defined]  # value ranges, checked at load (config/checks.py)
+    **{f"model.{k}": at_least(1) for k in ("guidance_dim", "dim", "depth", "heads", "dim_head", "ff_mult",
+                                             "num_tokens", "passes")},
+    "objective.lambda_pref": non_negative,
+    "objective.beta": positive,
+    "objective.reduction": one_of("mean", "sum"),
+    "reference.init": one_of("random", "copy"),
+    "reference.patience": at_least(1),
+    "optim.lr": positive,
+    "optim.weight_decay": non_negative,
+    "optim.eps": positive,
+    "optim.betas": betas,
+    "optim.schedule": one_of("constant", "cosine"),
+    "optim.warmup_steps": non_negative,
+    "optim.min_lr_ratio": between(0.0, 1.0),
+    "optim.grad_clip": optional(positive),
+    "optim.skip_nonfinite": non_negative,
+    "data.batch_size": at_least(1),
+    "data.val_batch_size": optional(at_least(1)),
+    "data.val_fraction": between(0.0, 1.0, high_open=True),
+    "data.num_workers": non_negative,
+    "data.prefetch_factor": at_least(1),
+    "data.max_bad_fraction": between(0.0, 1.0),
+    "data.max_open_shards": at_least(1),
+    "trainer.max_steps": steps_limit,
+    "trainer.max_epochs": steps_limit,
+    "trainer.num_nodes": at_least(1),
+    "trainer.precision": one_of("32", "32-true", "bf16-mixed", "bf16-true", "16-mixed"),
+    "trainer.accumulate_grad_batches": at_least(1),
+    "trainer.log_every_n_steps": at_least(1),
+    "trainer.val_check_interval": at_least(1),
+    "trainer.limit_val_batches": between(0.0, float("inf")),
+    "trainer.checkpoint_every_n_steps": at_least(1),
+}

@@ -21,14 +21,16 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+
 from ..cache.reader import CacheView
+from ..errors import UserError
 from .loader import ThreadedBatchLoader
 from .plan import ResumableBatchSampler
 
 log = logging.getLogger(__name__)
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(UserError, ValueError):
     """The cache was made by a different recipe, or its shapes do not fit the model."""
 
 

@@ -5,10 +5,13 @@ same numbers. Two adapters, one interface (:class:`IPEncoder`):
 
 * ``sdxl_plus`` - IP-Adapter-Plus for SDXL (``ip-adapter-plus_sdxl_vit-h``): CLIP ViT-H/14
   penultimate hidden states ``[257, 1280]`` -> the adapter's Perceiver resampler -> ``[16, 2048]``.
-* ``flux_xlabs`` - XLabs' FLUX IP-Adapter: CLIP ViT-L/14 projected ``image_embeds`` ``[768]`` ->
-  ``ImageProjection`` (linear to 16 x 4096, LayerNorm) -> ``[16, 4096]``. These are exactly the
-  tensors diffusers' ``FluxIPAdapterAttnProcessor`` feeds to its ``to_k_ip``/``to_v_ip``, i.e. the
-  FLUX counterpart of the SDXL resampler output, hence the FLUX aligner's 4096-wide tokens.
+* ``flux_xlabs`` - XLabs' FLUX IP-Adapter v1 (``XLabs-AI/flux-ip-adapter``, ``ip_adapter.safetensors``):
+  CLIP ViT-L/14 projected ``image_embeds`` ``[768]`` -> ``ImageProjModel(4096, 768, 4)`` (linear to
+  4 x 4096, LayerNorm) -> ``[4, 4096]``. These are exactly the tensors XLabs'
+  ``IPDoubleStreamBlockProcessor`` (and diffusers' ``FluxIPAdapterAttnProcessor``) feed to their
+  key/value projections, i.e. the FLUX counterpart of the SDXL resampler output, hence the FLUX
+  aligner's 4096-wide tokens (diffusers' converter reads 4 tokens from this file; 16 only for a
+  65536-row projection, which the v1 file is not).
 
 The projection is built from the ORIGINAL checkpoint by diffusers' own converters (the methods
 ``load_ip_adapter`` calls), so the weights are interpreted exactly as in a pipeline; a test checks
@@ -16,9 +19,10 @@ our tokens against ``pipe.load_ip_adapter`` + ``unet.encoder_hid_proj``. Images 
 the pipelines do: ``CLIPImageProcessor(size=S, crop_size=S)`` with ``S`` the tower's resolution
 (resize shortest side, centre crop, CLIP mean/std).
 
-Unconditional tokens (the negative IP condition at inference) follow each pipeline: SDXL encodes an
-all-zero ``pixel_values`` tensor (``encode_image`` in diffusers' SDXL pipeline); FLUX encodes an
-all-black image through the processor (``FluxPipeline`` passes ``np.zeros(..., uint8)``).
+Unconditional tokens (the negative IP condition at inference) follow the released demos, per kind
+(``unconditional("auto")``): SDXL encodes an all-zero ``pixel_values`` tensor (IP-Adapter's
+``generate_from_feat``, diffusers' SDXL ``encode_image``); FLUX encodes an all-black image through
+the processor (the IMG FLUX demo's ``np.zeros((1024, 1024, 3), uint8)``, also ``FluxPipeline``'s).
 """
 
 from __future__ import annotations
@@ -150,12 +154,18 @@ class IPEncoder:
                for i in range(0, len(images), self.batch_size)]
         return torch.cat(out)
 
-    def unconditional(self) -> Tensor:
-        """Tokens of the pipeline's negative IP input ``[N, D]`` (see the module docstring)."""
-        if self.kind == "sdxl_plus":
+    def unconditional(self, mode: str = "auto") -> Tensor:
+        """Tokens of the negative IP input ``[N, D]``: ``zero_pixels`` (an all-zero ``pixel_values``
+        tensor, i.e. mean-grey after CLIP normalisation), ``black`` (a black image through the
+        processor) or ``auto`` (the released demo's choice for this kind; see the module docstring)."""
+        if mode == "auto":
+            mode = "zero_pixels" if self.kind == "sdxl_plus" else "black"
+        if mode == "zero_pixels":
             pixels = torch.zeros(1, 3, self.image_size, self.image_size)
-        else:
+        elif mode == "black":
             pixels = self.prepare([Image.new("RGB", (self.image_size, self.image_size), (0, 0, 0))])
+        else:
+            raise ValueError(f"unknown negative IP image {mode!r}; use auto, zero_pixels or black")
         return self.forward(pixels)[0]
 
 

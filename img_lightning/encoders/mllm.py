@@ -1,16 +1,19 @@
 """MLLM guidance features ``h``: hidden states of an MLLM reading an image and a question.
 
-IMG (DESIGN §1) asks the MLLM, about the image generated for a prompt, one of our paraphrased
-questions ("How can the image be modified to correspond with the prompt: ...?") and keeps the
-hidden states of one layer (default: the last, after the final norm, as ``hidden_states[-1]`` of
-transformers) for every REAL input token - image tokens and the chat-formatted question - with
-no padding. Shared by preprocessing and evaluation so both produce identical features.
+IMG asks the MLLM, about the image generated for a prompt, one question of a question set
+(:mod:`.questions`: the released question file, or our built-in paraphrases) and keeps the hidden
+states of one layer (default: the last, after the final norm, as ``hidden_states[-1]`` of
+transformers) for every REAL input token - image tokens and the formatted question - with no
+padding. Shared by preprocessing and evaluation so both produce identical features.
 
-Backends (transformers): LLaVA-1.5 (``llava-hf/llava-1.5-{7,13}b-hf``) and Qwen2.5-VL
-(``Qwen/Qwen2.5-VL-7B-Instruct``). Prompt formats: ``llava_v1`` is the original LLaVA-1.5
-conversation (system line, ``USER: <image>\n{question} ASSISTANT:``), which the official IMG code
-feeds LLaVA, so features match the released aligners; ``chat_template`` renders one user turn
-(image, then question, generation prompt appended) with the processor's own template (Qwen's).
+Backends (transformers): LLaVA-1.5 in the llava-hf layout (``llava-hf/llava-1.5-{7,13}b-hf``, or a
+folder converted from the original LLaVA repository format by ``img-convert-llava``, such as the
+released IMG-finetuned model) and Qwen2.5-VL (``Qwen/Qwen2.5-VL-7B-Instruct``). Prompt formats
+(:mod:`.conversation`): ``llava_v0`` (what the released IMG code feeds its LLaVA), ``llava_v1``
+(LLaVA-1.5's own conversation) and ``chat_template`` (the processor's template, Qwen's). For the
+LLaVA formats the token ids are built as LLaVA's ``tokenizer_image_token`` builds them (pieces
+around ``<image>`` tokenised separately), then the image position is expanded to the model's image
+token, once per image feature; pixels come from the processor's image processor.
 
 Batching never changes a sample's features (up to float rounding): sequences are padded on the
 RIGHT, so with causal attention no real token ever sees a pad token and every real token keeps
@@ -19,7 +22,8 @@ then only the positions with ``attention_mask == 1`` are returned.
 
 ``image_mode="pad"`` reproduces LLaVA-1.5's original preprocessing: pad the image to a square with
 the processor's mean colour (``int(mean * 255)`` per channel, as LLaVA computes it), then the
-processor (resize + centre crop, now a pure resize).
+processor (resize + centre crop, now a pure resize) with transformers' PIL backend, whose bicubic
+resize is the one LLaVA's CLIPImageProcessor ran.
 ``"processor"`` hands the image to the processor unchanged (Qwen2.5-VL's native behaviour).
 """
 
@@ -28,12 +32,23 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
 from ..config.encoders import MLLMConfig
+from ..config.loading import ConfigError
 from ..models import ModelNotFoundError, model_dir, resolve_device, resolve_dtype, resolve_model_root
-from .templates import build_question, template_id_for, templates
+from .conversation import (
+    LLAVA_CONVERSATIONS,
+    LLAVA_SYSTEM,
+    PromptFormat,
+    chat_template_prompt,
+    llava_input_ids,
+    resolve_format,
+)
+from .questions import QuestionSet, builtin_question_set, question_set_from_config
+from .templates import build_question, template_id_for
 
 __all__ = ["GuidanceEncoder", "build_question", "template_id_for", "expand_to_square", "BACKENDS"]
 
@@ -43,10 +58,8 @@ BACKENDS = {
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
 }
 IMAGE_MODES = ("pad", "processor")
-PROMPT_FORMATS = ("auto", "llava_v1", "chat_template")
-# The system line of LLaVA-1.5's "llava_v1" conversation template.
-LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+PROMPT_FORMATS = tuple(f.value for f in PromptFormat)
+LLAVA_V1_SYSTEM = LLAVA_SYSTEM  # kept for callers of the earlier name
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -62,23 +75,22 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
 
 
 class GuidanceEncoder:
-    """(image, prompt, template id) -> guidance ``[T_i, hidden]`` float32 CPU, one per sample."""
+    """(image, prompt, question index) -> guidance ``[T_i, hidden]`` float32 CPU, one per sample."""
 
     def __init__(self, backend: str, model, processor, layer: int = -1, image_mode: str = "pad",
-                 template_set: str = "img-v1", device: torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, batch_size: int = 4, prompt_format: str = "auto") -> None:
+                 template_set: str | QuestionSet = "img-v1", device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32, batch_size: int = 4,
+                 prompt_format: str | PromptFormat = "auto") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown MLLM backend {backend!r}; use one of {sorted(BACKENDS)}")
         if image_mode not in IMAGE_MODES:
             raise ValueError(f"unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}")
-        if prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"unknown prompt_format {prompt_format!r}; use one of {PROMPT_FORMATS}")
-        if prompt_format == "auto":
-            prompt_format = "llava_v1" if backend == "llava" else "chat_template"
-        if prompt_format == "llava_v1" and backend != "llava":
-            raise ValueError("prompt_format='llava_v1' is LLaVA's conversation format; use chat_template")
-        self.prompt_format = prompt_format
-        templates(template_set)  # fail early on an unknown set
+        value = getattr(prompt_format, "value", prompt_format)
+        if value not in PROMPT_FORMATS:
+            raise ValueError(f"unknown prompt_format {value!r}; use one of {PROMPT_FORMATS}")
+        self.format = resolve_format(value, backend)
+        self.prompt_format = self.format.value
+        self.questions = template_set if isinstance(template_set, QuestionSet) else builtin_question_set(template_set)
         self.backend = backend
         self.device = device or torch.device("cpu")
         self.dtype = dtype
@@ -88,7 +100,6 @@ class GuidanceEncoder:
         self.processor.tokenizer.padding_side = "right"
         self.layer = int(layer)
         self.image_mode = image_mode
-        self.template_set = template_set
         self.batch_size = max(1, int(batch_size))
         text_config = getattr(model.config, "text_config", model.config)
         self.hidden_size = int(text_config.hidden_size)
@@ -99,6 +110,11 @@ class GuidanceEncoder:
         mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         self.pad_fill = tuple(int(float(m) * 255) for m in mean[:3])  # LLaVA truncates, not rounds
 
+    @property
+    def template_set(self) -> str:
+        """Name of the question set (a built-in set or the question file's name)."""
+        return self.questions.name
+
     @classmethod
     def from_config(cls, cfg: MLLMConfig) -> "GuidanceEncoder":
         import transformers
@@ -106,20 +122,30 @@ class GuidanceEncoder:
 
         if cfg.backend not in BACKENDS:
             raise ValueError(f"encoders.mllm.backend={cfg.backend!r} is not supported; use one of {sorted(BACKENDS)}")
+        questions = question_set_from_config(cfg)  # a bad question file fails before the model loads
+        if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, "path"):
+            raise ConfigError(f"encoders.mllm.path is not set: the recipe's MLLM ({cfg.model}) is a local folder; "
+                              f"for the released IMG model, convert its llava/ folder once with img-convert-llava "
+                              f"and set encoders.mllm.path to the output (see README)")
         root = resolve_model_root(cfg.model, cfg.path, cfg.revision, "encoders.mllm.path")
         folder = model_dir(root, "", cfg.model, "encoders.mllm.path")
         class_name, model_type = BACKENDS[cfg.backend]
         found = AutoConfig.from_pretrained(folder).model_type
         if found != model_type:
             raise ValueError(f"encoders.mllm.backend={cfg.backend!r} expects a {model_type!r} model, but "
-                             f"{folder} holds {found!r}; fix encoders.mllm.backend or the model path")
+                             f"{folder} holds {found!r}; fix encoders.mllm.backend or the model path"
+                             + (" (an original LLaVA-repository folder? convert it with img-convert-llava)"
+                                if cfg.backend == "llava" else ""))
         dtype = resolve_dtype(cfg.dtype)
         device = resolve_device(cfg.device)
         # Straight onto the GPU: a 13B model need not pass through host memory first.
         placement = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
         try:
             model = getattr(transformers, class_name).from_pretrained(folder, dtype=dtype, **placement)
-            processor = AutoProcessor.from_pretrained(folder)
+            # LLaVA: the PIL image processor, i.e. the resize of the CLIPImageProcessor LLaVA's own
+            # code used (transformers' torchvision backend rounds differently, ~1 grey level).
+            backend = {"backend": "pil"} if cfg.backend == "llava" else {}
+            processor = AutoProcessor.from_pretrained(folder, **backend)
         except OSError as err:
             raise ModelNotFoundError(f"cannot load the MLLM {cfg.model!r} from {folder}: {err}") from None
         if cfg.backend == "qwen2_5_vl" and (cfg.min_pixels or cfg.max_pixels):
@@ -130,32 +156,62 @@ class GuidanceEncoder:
                 size["longest_edge"] = int(cfg.max_pixels)
             processor.image_processor.size = size
         return cls(cfg.backend, model, processor, layer=cfg.layer, image_mode=cfg.image_mode,
-                   template_set=cfg.templates, device=device, dtype=dtype,
+                   template_set=questions, device=device, dtype=dtype,
                    batch_size=cfg.batch_size, prompt_format=cfg.prompt_format)
 
     # -- inputs ------------------------------------------------------------------------------
+    def question_index(self, key: str) -> int:
+        """The question of a sample, chosen from its id (pair id, prompt key) by a stable hash."""
+        return self.questions.index_for(key)
+
     def question(self, prompt: str, template_id: int) -> str:
-        return build_question(prompt, template_id, self.template_set)
+        return self.questions.question(prompt, template_id)
 
     def chat_text(self, question: str) -> str:
-        """The question in the model's chat format, one user turn with the image first."""
-        if self.prompt_format == "llava_v1":
-            image_token = getattr(self.processor, "image_token", "<image>")
-            return f"{LLAVA_V1_SYSTEM} USER: {image_token}\n{question} ASSISTANT:"
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        """The question in the model's conversation format, one user turn with the image first."""
+        if self.format in LLAVA_CONVERSATIONS:
+            return LLAVA_CONVERSATIONS[self.format].prompt(question)
+        return chat_template_prompt(self.processor, question)
+
+    def prompt_text(self, prompt: str, template_id: int) -> str:
+        """The exact text given to the MLLM for an image generated for ``prompt`` (with its image
+        placeholder); raises :class:`~.conversation.PromptTextError` if the prompt holds ``<image>``."""
+        return self.chat_text(self.question(prompt, int(template_id)))
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
         image = image if image.mode == "RGB" else image.convert("RGB")
         return expand_to_square(image, self.pad_fill) if self.image_mode == "pad" else image
 
+    def num_image_tokens(self, pixel_values: Tensor) -> int:
+        """Image features the llava-hf model produces for one image of this size."""
+        config = self.model.config
+        patch = int(config.vision_config.patch_size)
+        n = (int(pixel_values.shape[-2]) // patch) * (int(pixel_values.shape[-1]) // patch)
+        return n + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+    def _prepare_llava(self, images: list[Image.Image], texts: list[str]) -> dict:
+        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        image_token = int(self.model.config.image_token_id)
+        ids = llava_input_ids(self.processor.tokenizer, texts, image_token, self.num_image_tokens(pixels))
+        pad = self.processor.tokenizer.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention[i, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixels}
+
     def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str], template_ids: Sequence[int]):
-        """Processor outputs for one batch (CPU tensors): all the CPU-side work of :meth:`encode`."""
+        """Model inputs for one batch (CPU tensors): all the CPU-side work of :meth:`encode`."""
         if not (len(images) == len(prompts) == len(template_ids)):
             raise ValueError(f"got {len(images)} images, {len(prompts)} prompts, {len(template_ids)} template ids")
-        texts = [self.chat_text(self.question(p, int(t))) for p, t in zip(prompts, template_ids)]
-        return self.processor(images=[self.prepare_image(im) for im in images], text=texts,
-                              padding=True, return_tensors="pt")
+        texts = [self.prompt_text(p, int(t)) for p, t in zip(prompts, template_ids)]
+        prepared = [self.prepare_image(im) for im in images]
+        if self.format in LLAVA_CONVERSATIONS:
+            return self._prepare_llava(prepared, texts)
+        return self.processor(images=prepared, text=texts, padding=True, return_tensors="pt")
 
     # -- model ---------------------------------------------------------------------------------
     @torch.inference_mode()

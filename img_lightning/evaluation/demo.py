@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "configs" / "eval" / "demo.yaml"
-DEMO_RECIPE = REPO / "configs" / "preprocess" / "demo.yaml"
+from ..config.loading import resolve_config_path
+
+DEMO_CONFIG = resolve_config_path("configs/eval/demo.yaml")
+DEMO_RECIPE = resolve_config_path("configs/preprocess/demo.yaml")
 
 
 def tiny_eval_overrides(

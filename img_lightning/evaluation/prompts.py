@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ..errors import UserError
 
-class PromptFileError(ValueError):
+
+class PromptFileError(UserError, ValueError):
     """A prompt file that cannot be read; the message names the file (and row) and what to do."""
 
 

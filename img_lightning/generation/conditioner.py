@@ -14,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..aligner import ImplicitAligner
+from ..errors import NonFiniteError
 from ..models import resolve_device
 
 
@@ -37,6 +38,7 @@ class IMGConditioner:
         self._ip: Any = None
         self._mllm: Any = None
         self._aligner: Optional[ImplicitAligner] = None
+        self._questions: Any = None
 
     # ------------------------------------------------------------------ lazy models
     @property
@@ -75,9 +77,13 @@ class IMGConditioner:
             raise ValueError(f"the pipeline's IP-Adapter takes {token_width}-wide tokens, the IP encoder gives {self.ip.dim}")
 
     def template_id(self, key: str) -> int:
-        from ..encoders.mllm import template_id_for
+        """The question for ``key``, chosen from the configured question set (file or built-in)
+        exactly as preprocessing chooses it for a pair id."""
+        if self._questions is None:
+            from ..encoders.questions import question_set_from_config
 
-        return template_id_for(key, self.encoders_cfg.mllm.templates)
+            self._questions = question_set_from_config(self.encoders_cfg.mllm)
+        return self._questions.index_for(key)
 
     # ------------------------------------------------------------------ the IMG step
     @torch.no_grad()
@@ -98,7 +104,7 @@ class IMGConditioner:
             h.to(self.device, dtype), ip_tokens.to(self.device, dtype), mask.to(self.device), passes=passes
         )
         if not bool(torch.isfinite(aligned).all()):
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"the aligner {self.aligner_cfg.checkpoint} produced NaN/Inf tokens for prompts "
                 f"{[p[:40] for p in prompts]}: it would regenerate black images; check the checkpoint and the "
                 f"MLLM features (dtype {self.encoders_cfg.mllm.dtype})"

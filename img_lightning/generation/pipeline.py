@@ -1,9 +1,11 @@
 """Diffusers pipelines for evaluation: SDXL (optionally with another UNet, e.g. SDXL-DPO) and FLUX.
 
 One object, :class:`DiffusionBackend`, generates a batch of prompts with one seed per prompt
-(a CPU ``torch.Generator`` each, so an image does not depend on its batch neighbours' seeds, the
-device, or the batch size) and, once :meth:`load_ip_adapter` has run, conditions on given IP
-tokens through the pass-through projection (see ``ip_inject.py``).
+(a CPU ``torch.Generator`` each, as the demos' ``torch.Generator().manual_seed(seed)``, so an image
+does not depend on its batch neighbours' seeds, the device, or the batch size) and, once
+:meth:`load_ip_adapter` has run, conditions on given IP tokens through the pass-through projection
+(see ``ip_inject.py``). SDXL runs ``StableDiffusionXLPipeline`` itself; FLUX runs XLabs' sampler
+semantics on the FluxPipeline's components (``flux_sampler.py``), as the released FLUX demo does.
 """
 
 from __future__ import annotations
@@ -11,14 +13,12 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 from ..models import ModelNotFoundError, compute_dtype, from_pretrained, missing_model_message, resolve_device
 from ..hf_quiet import diffusers_errors_only, quiet_hf_progress
+from .flux_sampler import FluxIP, sample_flux
 from .ip_inject import cfg_pair, install_passthrough, ip_token_width
-
-PAPER_DEFAULTS = {"sdxl": {"steps": 50, "guidance_scale": 7.5}, "flux": {"steps": 30, "guidance_scale": 3.5}}
 
 
 class DiffusionBackend:
@@ -28,6 +28,7 @@ class DiffusionBackend:
         self.device = device
         self.dtype = dtype
         self.ip_loaded = False
+        self.ip_scale = 1.0
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -47,8 +48,10 @@ class DiffusionBackend:
                     unet_kwargs["subfolder"] = cfg.unet_subfolder
                 extra["unet"] = from_pretrained(UNet2DConditionModel.from_pretrained, "UNet", cfg.unet or "", cfg.unet_path,
                                       "generation.pipeline.unet_path", **unet_kwargs)
+            # No invisible watermark: the released demos' environment has no invisible-watermark
+            # package (so diffusers adds none to the base image) and the IP pipeline sets it off.
             pipe = from_pretrained(StableDiffusionXLPipeline.from_pretrained, "SDXL pipeline", cfg.model, cfg.path,
-                         "generation.pipeline.path", **common, **extra)
+                         "generation.pipeline.path", add_watermarker=False, **common, **extra)
         elif cfg.kind == "flux":
             from diffusers import FluxPipeline
 
@@ -76,10 +79,11 @@ class DiffusionBackend:
             with diffusers_errors_only():
                 if self.kind == "sdxl":
                     self.pipe.load_ip_adapter(src, subfolder=cfg.subfolder, weight_name=cfg.weight_name,
-                                              image_encoder_folder=None)
+                                              image_encoder_folder=None, local_files_only=True)
                 else:
                     self.pipe.load_ip_adapter(src, weight_name=cfg.weight_name, subfolder=cfg.subfolder or "",
-                                              image_encoder_pretrained_model_name_or_path=None)
+                                              image_encoder_pretrained_model_name_or_path=None,
+                                              local_files_only=True)
         except (OSError, EnvironmentError) as err:
             if cfg.path:
                 raise ModelNotFoundError(f"IP-Adapter: cannot load {cfg.path} ({cfg.subfolder}/{cfg.weight_name}): {err}") from None
@@ -88,10 +92,17 @@ class DiffusionBackend:
         self.ip_loaded = True
 
     def set_ip_scale(self, scale: float) -> None:
-        self.pipe.set_ip_adapter_scale(scale)
+        """IP scale of the next batches (FLUX: of the positive pass; see ``negative_ip_scale``)."""
+        self.ip_scale = float(scale)
+        if self.kind == "sdxl":
+            self.pipe.set_ip_adapter_scale(self.ip_scale)
 
     def token_width(self) -> int:
         return ip_token_width(self.pipe)
+
+    def _size(self, sampler: Any) -> tuple[int, int]:
+        default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return int(sampler.height or default), int(sampler.width or default)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -103,47 +114,52 @@ class DiffusionBackend:
         negative_prompt: Optional[str] = None,
         ip_tokens: Optional[Tensor] = None,
         negative_ip_tokens: Optional[Tensor] = None,
-    ) -> list[Image.Image]:
-        """One batch. ``ip_tokens`` ``[B, N, D]`` (already projected) need :meth:`load_ip_adapter`."""
+        negative_ip_scale: Optional[float] = None,
+        output_type: str = "pil",
+    ) -> Any:
+        """One batch. ``ip_tokens`` ``[B, N, D]`` (already projected) need :meth:`load_ip_adapter`.
+
+        ``negative_prompt``: None = the pipeline's default (SDXL: zero embeddings, as the demos' calls
+        without one; FLUX true CFG: the encoded empty prompt, XLabs' default); a string is encoded.
+        ``negative_ip_tokens`` ``[N, D]`` or ``[B, N, D]``: the unconditional IP input (SDXL: the
+        negative CFG half; FLUX: the true-CFG pass, at ``negative_ip_scale``, default the IP scale).
+        """
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         if self.ip_loaded and ip_tokens is None:
             raise ValueError("the IP-Adapter is loaded: pass ip_tokens (any tokens with IP scale 0 for the control)")
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        neg = sampler.negative_prompt if negative_prompt is None else negative_prompt
-        kwargs: dict[str, Any] = dict(
-            prompt=list(prompts), num_inference_steps=sampler.steps, guidance_scale=sampler.guidance_scale,
-            generator=gens, output_type="pil",
-        )
-        if sampler.height:
-            kwargs["height"] = sampler.height
-        if sampler.width:
-            kwargs["width"] = sampler.width
+        height, width = self._size(sampler)
         b = len(prompts)
+        pos = negt = None
+        if ip_tokens is not None:
+            pos = ip_tokens.to(self.device, self.dtype)[:, None]
+            negt = negative_ip_tokens if negative_ip_tokens is not None else torch.zeros_like(ip_tokens)
+            negt = negt.to(self.device, self.dtype)
+            negt = (negt[None] if negt.ndim == 2 else negt)[:, None].expand_as(pos).contiguous()
         if self.kind == "sdxl":
-            # An empty negative prompt is passed as None: SDXL then uses zero embeddings
-            # (force_zeros_for_empty_prompt), as in its reference sampling; "" would be encoded.
-            if neg:
-                kwargs["negative_prompt"] = [neg] * b
-            if ip_tokens is not None:
-                pos = ip_tokens.to(self.device, self.dtype)[:, None]
-                negt = (negative_ip_tokens if negative_ip_tokens is not None else torch.zeros_like(ip_tokens))
-                negt = negt.to(self.device, self.dtype)
-                negt = (negt[None] if negt.ndim == 2 else negt)[:, None].expand_as(pos)
-                embeds = cfg_pair(negt, pos) if sampler.guidance_scale > 1 else pos
-                kwargs["ip_adapter_image_embeds"] = [embeds]
-        else:
-            if sampler.true_cfg_scale > 1 and neg:
-                kwargs["negative_prompt"] = [neg] * b
-                kwargs["true_cfg_scale"] = sampler.true_cfg_scale
-            if ip_tokens is not None:
-                pos = ip_tokens.to(self.device, self.dtype)[:, None]
-                negt = negative_ip_tokens if negative_ip_tokens is not None else torch.zeros_like(ip_tokens)
-                negt = negt.to(self.device, self.dtype)
-                negt = (negt[None] if negt.ndim == 2 else negt)[:, None].expand_as(pos)
-                kwargs["ip_adapter_image_embeds"] = [pos]
-                kwargs["negative_ip_adapter_image_embeds"] = [negt.contiguous()]
-        return list(self.pipe(**kwargs).images)
+            if negative_ip_scale is not None and negative_ip_scale != self.ip_scale:
+                raise ValueError("SDXL applies one IP scale to both CFG halves; leave negative_ip_scale unset")
+            kwargs: dict[str, Any] = dict(
+                prompt=list(prompts), num_inference_steps=sampler.steps, guidance_scale=sampler.guidance_scale,
+                generator=gens, output_type=output_type, height=height, width=width,
+            )
+            if negative_prompt is not None:
+                kwargs["negative_prompt"] = [negative_prompt] * b
+            if pos is not None:
+                kwargs["ip_adapter_image_embeds"] = [cfg_pair(negt, pos) if sampler.guidance_scale > 1 else pos]
+            return self.pipe(**kwargs).images
+        ip = None
+        if pos is not None:
+            neg_scale = self.ip_scale if negative_ip_scale is None else float(negative_ip_scale)
+            ip = FluxIP(tokens=pos, scale=self.ip_scale, negative_tokens=negt, negative_scale=neg_scale)
+        shift = sampler.shift.value if hasattr(sampler.shift, "value") else str(sampler.shift)
+        return sample_flux(
+            self.pipe, prompts, gens, steps=sampler.steps, guidance_scale=sampler.guidance_scale, height=height,
+            width=width, true_cfg_scale=sampler.true_cfg_scale, true_cfg_start_step=sampler.true_cfg_start_step,
+            negative_prompt="" if negative_prompt is None else negative_prompt, shift=shift, ip=ip,
+            output_type=output_type,
+        )
 
     def close(self) -> None:
         self.pipe = None

@@ -1,11 +1,13 @@
 """The ``generate`` stage: base images, IMG rounds and the control arm, batched and resumable.
 
-Arms (folders under ``{run}/images/``):
-- ``base``: the pipeline alone (no IP-Adapter), one fixed seed per prompt;
+Arms (folders under ``{run}/images/``), all with ``generation.sampler`` and one seed per prompt:
+- ``base``: the pipeline alone (no IP-Adapter) with ``generation.base`` (the demos' plain call);
 - ``img_r{r}``: round r of IMG, regenerated from round r-1's image (round 0 = base) with the same
-  prompt and seed, conditioned on the aligned IP tokens at ``img.ip_scale``;
-- ``control``: the same regeneration settings at IP scale 0, so base -> control isolates any
-  effect of the regeneration settings (negative prompt, adapter layers) from IMG's.
+  prompt and seed, conditioned on the aligned IP tokens at ``img.ip_scale``, with the
+  re-generation settings of ``img`` (negative prompt, negative IP image and scale);
+- ``control``: exactly the re-generation settings at IP scale 0, so base -> control isolates any
+  effect of those settings (negative prompt, FLUX's negative IP pass, adapter layers) from IMG's.
+  With the released SDXL settings nothing else differs, so control reproduces base.
 Aligned tokens are saved per image under ``{run}/features/img_r{r}/`` (safetensors), so a resumed
 run does not reload the MLLM for images whose features exist.
 """
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..config.loading import ConfigError
 from ..evaluation.prompts import PromptRecord
 from .conditioner import IMGConditioner
 from .pipeline import DiffusionBackend
@@ -39,6 +42,24 @@ def chunk_tag(cfg: Any) -> str:
     return f"{cfg.chunk.index}of{cfg.chunk.count}"
 
 
+def _name(value: Any) -> str:
+    return value.value if hasattr(value, "value") else str(value)
+
+
+def check_generation_config(cfg: Any) -> None:
+    """Settings the pipelines cannot honour, as one clear error before any model is loaded."""
+    kind, s, img = cfg.generation.pipeline.kind, cfg.generation.sampler, cfg.img
+    if kind == "sdxl":
+        if img.negative_ip_scale is not None:
+            raise ConfigError("img.negative_ip_scale is FLUX-only: SDXL applies one IP scale to both CFG halves "
+                              "in one UNet pass; leave it unset (null)")
+        if s.true_cfg_scale != 1.0 or s.true_cfg_start_step != 0:
+            raise ConfigError("generation.sampler.true_cfg_scale/true_cfg_start_step are FLUX-only "
+                              "(SDXL's guidance_scale is already real CFG)")
+    if s.true_cfg_start_step < 0:
+        raise ConfigError(f"generation.sampler.true_cfg_start_step must be >= 0, got {s.true_cfg_start_step}")
+
+
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -53,6 +74,7 @@ class GenerationRun:
         self.by_uid = {p.uid: p for p in self.prompts}
         self.run_dir = Path(run_dir)
         self.progress = progress
+        check_generation_config(cfg)
         tag = chunk_tag(cfg)
         arms = arm_names(cfg.img.rounds, cfg.img.control)
         self.stores = {a: ImageStore(self.run_dir, a, tag, cfg.generation.image_format) for a in arms}
@@ -84,23 +106,45 @@ class GenerationRun:
 
     def _meta(self, uid: str, **extra: Any) -> dict[str, Any]:
         g = self.cfg.generation
-        return {
+        s = g.sampler
+        meta = {
             "prompt": self.by_uid[uid].text, "seed": self.seed(uid), "pipeline": g.pipeline.kind,
-            "model": g.pipeline.model, "unet": g.pipeline.unet, "steps": g.sampler.steps,
-            "guidance_scale": g.sampler.guidance_scale, "height": g.sampler.height, "width": g.sampler.width,
-            **extra,
+            "model": g.pipeline.model, "unet": g.pipeline.unet, "steps": s.steps,
+            "guidance_scale": s.guidance_scale, "height": s.height, "width": s.width,
         }
+        if g.pipeline.kind == "flux":
+            meta.update(true_cfg_scale=s.true_cfg_scale, true_cfg_start_step=s.true_cfg_start_step, shift=_name(s.shift))
+        return {**meta, **extra}
 
     def feature_path(self, arm: str, uid: str) -> Path:
         return self.run_dir / "features" / arm / f"{safe_uid(uid)}.safetensors"
 
     def unconditional(self) -> torch.Tensor:
-        path = self.run_dir / "features" / "unconditional.safetensors"
+        """The re-generation's negative IP tokens (``img.negative_ip_image``), computed once per run."""
+        mode = _name(self.cfg.img.negative_ip_image)
+        path = self.run_dir / "features" / f"unconditional_{mode}.safetensors"
         if path.is_file():
             return load_file(str(path))["tokens"]
-        tokens = self.conditioner.unconditional()
-        _save_tensors(path, {"tokens": tokens}, {"source": "IPEncoder.unconditional()"})
+        # conditioner.ip is the very IP encoder of the features (the recipe's encoders block)
+        tokens = self.conditioner.ip.unconditional(mode).float().cpu()
+        _save_tensors(path, {"tokens": tokens}, {"source": f"IPEncoder.unconditional({mode!r})"})
         return tokens
+
+    def _regenerate(self, uids: list[str], tokens: torch.Tensor, ip_scale: float) -> list:
+        """The re-generation call shared by the IMG rounds and the control arm."""
+        img = self.cfg.img
+        self.backend.set_ip_scale(ip_scale)
+        neg_scale = img.negative_ip_scale  # None: follows ip_scale (SDXL always)
+        return list(self.backend.generate([self.by_uid[u].text for u in uids], [self.seed(u) for u in uids],
+                                          self.cfg.generation.sampler, negative_prompt=img.negative_prompt,
+                                          ip_tokens=tokens, negative_ip_tokens=self.unconditional(),
+                                          negative_ip_scale=neg_scale))
+
+    def _regen_meta(self, ip_scale: float) -> dict[str, Any]:
+        img = self.cfg.img
+        neg_scale = ip_scale if img.negative_ip_scale is None else img.negative_ip_scale
+        return {"negative_prompt": img.negative_prompt, "ip_scale": ip_scale,
+                "negative_ip_image": _name(img.negative_ip_image), "negative_ip_scale": neg_scale}
 
     def _ensure_adapter(self) -> None:
         if not self.backend.ip_loaded:
@@ -116,9 +160,10 @@ class GenerationRun:
             raise RuntimeError("base images must be generated before the IP-Adapter is loaded")
         g = self.cfg.generation
         for batch in self._batches(pending, g.pipeline.batch_size, "base"):
-            images = self.backend.generate([self.by_uid[u].text for u in batch], [self.seed(u) for u in batch], g.sampler)
+            images = self.backend.generate([self.by_uid[u].text for u in batch], [self.seed(u) for u in batch], g.sampler,
+                                           negative_prompt=g.base.negative_prompt)
             for u, im in zip(batch, images):
-                store.save(u, im, self._meta(u, negative_prompt=g.sampler.negative_prompt, ip_scale=None))
+                store.save(u, im, self._meta(u, negative_prompt=g.base.negative_prompt, ip_scale=None))
                 self.counts["base"] += 1
 
     def _features(self, round_index: int, uids: list[str]) -> None:
@@ -146,24 +191,19 @@ class GenerationRun:
         if not pending:
             return
         self._ensure_adapter()
-        uncond = self.unconditional()
+        self.unconditional()
         self._features(round_index, pending)
         if self.cfg.img.free_encoders and self._conditioner is not None:
             self._conditioner.release_encoders()
         g, img = self.cfg.generation, self.cfg.img
-        neg_prompt = img.regen_negative_prompt if img.regen_negative_prompt is not None else g.sampler.negative_prompt
-        self.backend.set_ip_scale(img.ip_scale)
+        src = "base" if round_index == 1 else img_arm(round_index - 1)
         for batch in self._batches(pending, g.pipeline.batch_size, arm):
             feats = [load_file(str(self.feature_path(arm, u))) for u in batch]
             tokens = torch.stack([f["aligned"] for f in feats])
-            images = self.backend.generate([self.by_uid[u].text for u in batch], [self.seed(u) for u in batch],
-                                           g.sampler, negative_prompt=neg_prompt, ip_tokens=tokens,
-                                           negative_ip_tokens=uncond)
-            src = "base" if round_index == 1 else img_arm(round_index - 1)
+            images = self._regenerate(batch, tokens, img.ip_scale)
             for u, im in zip(batch, images):
-                store.save(u, im, self._meta(u, negative_prompt=neg_prompt, ip_scale=img.ip_scale, round=round_index,
-                                             source_arm=src, passes=img.aligner.passes,
-                                             aligner=str(img.aligner.checkpoint)))
+                store.save(u, im, self._meta(u, **self._regen_meta(img.ip_scale), round=round_index, source_arm=src,
+                                             passes=img.aligner.passes, aligner=str(img.aligner.checkpoint)))
                 self.counts[arm] += 1
 
     def run_control(self) -> None:
@@ -175,16 +215,12 @@ class GenerationRun:
         uncond = self.unconditional()
         if self.cfg.img.free_encoders and self._conditioner is not None:
             self._conditioner.release_encoders()
-        g, img = self.cfg.generation, self.cfg.img
-        neg_prompt = img.regen_negative_prompt if img.regen_negative_prompt is not None else g.sampler.negative_prompt
-        self.backend.set_ip_scale(0.0)
-        for batch in self._batches(pending, g.pipeline.batch_size, "control"):
+        for batch in self._batches(pending, self.cfg.generation.pipeline.batch_size, "control"):
+            # the positive IP pass is switched off (scale 0), so its tokens do not matter
             tokens = uncond[None].expand(len(batch), *uncond.shape)
-            images = self.backend.generate([self.by_uid[u].text for u in batch], [self.seed(u) for u in batch],
-                                           g.sampler, negative_prompt=neg_prompt, ip_tokens=tokens,
-                                           negative_ip_tokens=uncond)
+            images = self._regenerate(batch, tokens, 0.0)
             for u, im in zip(batch, images):
-                store.save(u, im, self._meta(u, negative_prompt=neg_prompt, ip_scale=0.0))
+                store.save(u, im, self._meta(u, **self._regen_meta(0.0)))
                 self.counts["control"] += 1
 
     def run(self) -> dict[str, int]:

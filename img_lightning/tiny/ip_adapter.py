@@ -7,10 +7,12 @@
   depth 4, 16 queries, ViT-H width 1280 in, 2048 out. Tiny: dim 64 (1 head of 64: diffusers infers
   ``heads = to_q rows // 64``), depth 4 (diffusers' converter assumes it), 16 queries, 32 in
   (tiny CLIP width), 64 out (tiny SDXL ``cross_attention_dim``).
-* FLUX XLabs (``XLabs-AI/flux-ip-adapter``, ``ip_adapter.safetensors``):
-  ``ip_adapter_proj_model.proj`` (CLIP image embedding -> 16 x 4096, the row count 65536 is how
-  diffusers recognises 16 tokens, so it is kept even in the tiny file), ``ip_adapter_proj_model.norm``
-  and ``double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj`` per double-stream block.
+* FLUX XLabs IP-Adapter v1 (``XLabs-AI/flux-ip-adapter``, ``ip_adapter.safetensors``): the real keys
+  and shapes of XLabs' ``ImageProjModel(4096, 768, 4)`` - ``ip_adapter_proj_model.proj`` ``[4 * 4096,
+  768]`` (+ bias), ``ip_adapter_proj_model.norm`` ``[4096]`` - and, per double-stream block ``i``,
+  ``double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj`` ``[inner, 4096]`` (+ bias).
+  Only the FLUX transformer is scaled down: its width ``inner`` (3072 real) and block count (19
+  real); the CLIP tower's projection is 768 wide as in ``openai/clip-vit-large-patch14``.
 
 Both are laid out in folders mirroring the hub repositories, so configs only swap the root path.
 """
@@ -30,8 +32,10 @@ SDXL_PLUS_WEIGHT = "ip-adapter-plus_sdxl_vit-h.safetensors"
 SDXL_IMAGE_ENCODER_SUBFOLDER = "models/image_encoder"
 FLUX_WEIGHT = "ip_adapter.safetensors"
 FLUX_IMAGE_ENCODER_SUBFOLDER = "image_encoder"
-NUM_TOKENS = 16
-FLUX_TOKEN_DIM = 4096  # XLabs adapter: 16 tokens of FLUX's joint attention width
+NUM_TOKENS = 16  # SDXL Plus resampler queries
+FLUX_NUM_TOKENS = 4  # XLabs v1: ImageProjModel(4096, 768, 4)
+FLUX_TOKEN_DIM = 4096  # FLUX's joint attention (T5) width, the adapter's context dim
+FLUX_CLIP_EMBED_DIM = 768  # CLIP ViT-L/14 image_embeds
 
 
 class _PerceiverAttention(nn.Module):
@@ -107,32 +111,30 @@ def build_tiny_ip_adapter_plus_sdxl(out_dir: str | Path, sdxl_dir: str | Path, s
 
 def build_tiny_ip_adapter_flux(out_dir: str | Path, num_double_blocks: int = 1, inner_dim: int = 32,
                                seed: int = 0) -> Path:
-    """Write ``{out_dir}/ip_adapter.safetensors`` (XLabs layout) and a tiny CLIP tower with
-    projection under ``{out_dir}/image_encoder`` (stand-in for ``openai/clip-vit-large-patch14``).
+    """Write ``{out_dir}/ip_adapter.safetensors`` (XLabs v1 layout) and a tiny CLIP tower with a
+    768-wide projection under ``{out_dir}/image_encoder`` (stand-in for ``openai/clip-vit-large-patch14``).
 
     ``num_double_blocks``/``inner_dim`` must match the FLUX transformer it will be loaded into
-    (19 / 3072 for FLUX.1-dev). The projection is fp16 to keep the 65536-row matrix small.
+    (19 / 3072 for FLUX.1-dev; see ``tiny/flux.py``). Stored in fp16.
     """
     out_dir = Path(out_dir)
-    build_tiny_clip_vision(out_dir / FLUX_IMAGE_ENCODER_SUBFOLDER, seed=seed)
-    from .vision import PROJECTION_DIM
-
+    build_tiny_clip_vision(out_dir / FLUX_IMAGE_ENCODER_SUBFOLDER, seed=seed, projection_dim=FLUX_CLIP_EMBED_DIM)
     gen = torch.Generator().manual_seed(seed + 2)
-    proj = nn.Linear(PROJECTION_DIM, NUM_TOKENS * FLUX_TOKEN_DIM)
-    with torch.no_grad():
-        proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) / PROJECTION_DIM**0.5)
-        proj.bias.copy_(torch.randn(proj.bias.shape, generator=gen) * 0.02)
+
+    def rand(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen) * std).half()
+
     tensors = {
-        "ip_adapter_proj_model.proj.weight": proj.weight.half(),
-        "ip_adapter_proj_model.proj.bias": proj.bias.half(),
-        "ip_adapter_proj_model.norm.weight": torch.ones(FLUX_TOKEN_DIM, dtype=torch.float16),
-        "ip_adapter_proj_model.norm.bias": torch.zeros(FLUX_TOKEN_DIM, dtype=torch.float16),
+        "ip_adapter_proj_model.proj.weight": rand(FLUX_NUM_TOKENS * FLUX_TOKEN_DIM, FLUX_CLIP_EMBED_DIM,
+                                                  std=FLUX_CLIP_EMBED_DIM**-0.5),
+        "ip_adapter_proj_model.proj.bias": rand(FLUX_NUM_TOKENS * FLUX_TOKEN_DIM, std=0.02),
+        "ip_adapter_proj_model.norm.weight": 1 + rand(FLUX_TOKEN_DIM, std=0.1),
+        "ip_adapter_proj_model.norm.bias": rand(FLUX_TOKEN_DIM, std=0.1),
     }
     for i in range(num_double_blocks):
         for kind in ("k", "v"):
-            w = torch.randn(inner_dim, FLUX_TOKEN_DIM, generator=gen) / FLUX_TOKEN_DIM**0.5
             prefix = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kind}_proj"
-            tensors[f"{prefix}.weight"] = w.half()
-            tensors[f"{prefix}.bias"] = torch.zeros(inner_dim, dtype=torch.float16)
+            tensors[f"{prefix}.weight"] = rand(inner_dim, FLUX_TOKEN_DIM, std=FLUX_TOKEN_DIM**-0.5)
+            tensors[f"{prefix}.bias"] = rand(inner_dim, std=0.02)
     _save(tensors, out_dir / FLUX_WEIGHT)
     return out_dir

@@ -2,7 +2,8 @@
 
 The MLLM is loaded exactly as the guidance encoder loads it (:class:`GuidanceEncoder.from_config`
 with the scorer's ``mllm`` block: LLaVA-1.5 llava-hf or Qwen2.5-VL), and asked the rubric's
-question (:mod:`.rubric`) about the image in the encoder's conversation format and image
+question (:mod:`.rubric`) about the image in the encoder's conversation format (``prompt_format``:
+``auto`` is LLaVA-1.5's own ``llava_v1`` for LLaVA, the chat template for Qwen), token ids and image
 preprocessing. Decoding is greedy (``do_sample=False``), one image at a time, so a score does not
 depend on the batch it was in. The answer is parsed strictly; the metric is ``overall / scale``
 (0-1, as the paper's table reports it). An answer that cannot be parsed gets no score (NaN: left
@@ -82,21 +83,35 @@ class MLLMGrader(Scorer):
                         "get no score and are counted, never replaced by a default"}
 
 
+def grader_inputs(encoder: Any, image: Image.Image, question: str) -> dict[str, Tensor]:
+    """Model inputs for one image and one question, built as the guidance encoder builds its own:
+    the encoder's conversation format and image preprocessing; for LLaVA's conversations, LLaVA's
+    piecewise ``tokenizer_image_token`` ids (:func:`~img_lightning.encoders.conversation.llava_input_ids`)."""
+    from ...encoders.conversation import LLAVA_CONVERSATIONS, llava_input_ids
+
+    text = encoder.chat_text(question)
+    prepared = encoder.prepare_image(image)
+    if encoder.format not in LLAVA_CONVERSATIONS:
+        return dict(encoder.processor(images=[prepared], text=[text], return_tensors="pt"))
+    pixels = encoder.processor.image_processor([prepared], return_tensors="pt")["pixel_values"]
+    ids = llava_input_ids(encoder.processor.tokenizer, [text], int(encoder.model.config.image_token_id),
+                          encoder.num_image_tokens(pixels))[0]
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),
+            "attention_mask": torch.ones((1, len(ids)), dtype=torch.long), "pixel_values": pixels}
+
+
 def greedy_generate(encoder: Any, max_new_tokens: int) -> GenerateFn:
-    """``(image, question) -> answer`` with the encoder's model, conversation format and image
-    preprocessing; greedy decoding, batch size 1, the answer without the prompt tokens."""
-    model, processor = encoder.model, encoder.processor
-    tokenizer = processor.tokenizer
+    """``(image, question) -> answer`` with the encoder's model and inputs (:func:`grader_inputs`);
+    greedy decoding, batch size 1, the answer without the prompt tokens."""
+    model, tokenizer = encoder.model, encoder.processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @torch.inference_mode()
     def generate(image: Image.Image, question: str) -> str:
-        batch = processor(images=[encoder.prepare_image(image)], text=[encoder.chat_text(question)], return_tensors="pt")
         inputs = {k: (v.to(encoder.device, encoder.dtype) if v.is_floating_point() else v.to(encoder.device))
-                  for k, v in batch.items() if isinstance(v, Tensor)}
+                  for k, v in grader_inputs(encoder, image, question).items() if isinstance(v, Tensor)}
         out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                             temperature=None, top_p=None, top_k=None,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                             else tokenizer.eos_token_id)
+                             temperature=None, top_p=None, top_k=None, pad_token_id=pad)
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
     return generate
