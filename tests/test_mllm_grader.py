@@ -11,6 +11,7 @@ from PIL import Image
 
 from img_lightning.config.eval import ScorerConfig
 from img_lightning.config.loading import ConfigError
+from img_lightning.errors import NonFiniteError
 from img_lightning.evaluation.prompts import PromptRecord
 from img_lightning.evaluation.scorers import build_scorers
 from img_lightning.evaluation.scorers.mllm_grader import MLLMGrader
@@ -33,7 +34,7 @@ def test_rubric_file_is_the_diffusion_sharpening_rubric():
     assert RUBRIC.aspects == KEYS and RUBRIC.scale == 10 and RUBRIC.overall == "overall"
     q = RUBRIC.question('a "red" car {with braces}')
     assert 'Prompt: "a "red" car {with braces}"' in q and '{"accuracy_to_prompt": {"score": 0' in q
-    assert len(RUBRIC.sha256) == 64 and RUBRIC.path == str(DEFAULT_RUBRIC)
+    assert len(RUBRIC.sha256) == 64 and RUBRIC.path.endswith(DEFAULT_RUBRIC.split("configs/")[1])
 
 
 @pytest.mark.parametrize("text, overall", [
@@ -138,7 +139,7 @@ def test_nan_from_a_scorer_that_cannot_abstain_stops_the_stage(tmp_path):
     prompts = [PromptRecord("00000", "p")]
     ImageStore(tmp_path, "base").save("00000", Image.new("RGB", (8, 8)), {})
     cfg = OmegaConf.create({"scorers": [{"kind": "x", "name": "m", "categories": []}], "generation": {"image_format": "png"}})
-    with pytest.raises(RuntimeError, match="non-finite score nan for base/00000"):
+    with pytest.raises(NonFiniteError, match="non-finite score nan for base/00000"):
         score_run(cfg, prompts, tmp_path, ["base"], "0of1", {"m": Broken(RUBRIC, lambda i, q: "no", name="m")},
                   progress=False)
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from ..errors import NonFiniteError
 from ..generation.store import ImageStore
 from .prompts import PromptRecord
 from .scorers import Scorer, build_scorers, scorer_name
@@ -54,7 +55,7 @@ def _check_finite(scorer: Scorer, arm: str, uids: Sequence[str], values: Sequenc
     Inf is a broken computation (e.g. float16 overflow) and stops the stage."""
     for uid, v in zip(uids, values):
         if math.isinf(v) or (math.isnan(v) and not scorer.abstains):
-            raise RuntimeError(
+            raise NonFiniteError(
                 f"{scorer.name}: non-finite score {v} for {arm}/{uid}; rerun this metric with dtype=float32, "
                 f"or check the image"
             )

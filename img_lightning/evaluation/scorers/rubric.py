@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ...config.loading import REPO_ROOT, ConfigError, load_config, resolve_config_path
+from ...config.loading import ConfigError, load_config, resolve_config_path
 
-DEFAULT_RUBRIC = REPO_ROOT / "configs" / "eval" / "rubrics" / "diffusion_sharpening.yaml"
+DEFAULT_RUBRIC = "configs/eval/rubrics/diffusion_sharpening.yaml"  # a shipped config
 
 
 @dataclass
@@ -53,7 +53,9 @@ class Rubric:
 
 def load_rubric(path: Optional[str | Path] = None) -> Rubric:
     """Read and check a rubric YAML (default: the Diffusion-Sharpening rubric shipped in configs)."""
-    where = resolve_config_path(path) if path else DEFAULT_RUBRIC
+    where = resolve_config_path(path or DEFAULT_RUBRIC)
+    if not where.is_file():
+        raise ConfigError(f"rubric file not found: {where}")
     cfg = load_config(RubricSchema, [where])
     aspects = tuple(a.key for a in cfg.aspects)
     if not aspects or len(set(aspects)) != len(aspects) or cfg.overall in aspects:
