@@ -64,12 +64,24 @@ def test_img_eval_all_end_to_end_and_resume(world, tmp_path, capsys):
                           for a in ("base", "control", "img_r1"))
     assert np.abs(base - control).max() == 0 and np.abs(img - base).max() > 0
     report = json.loads((run_dir / "report" / "report.json").read_text())
-    assert set(report["means"]) == {"hps", "pickscore", "blip_vqa"}
-    assert {(c["versus"], c["metric"]) for c in report["comparisons"]} == {
-        (v, m) for v in ("base", "control") for m in ("hps", "pickscore", "blip_vqa")}
+    scored = ("hps", "pickscore", "blip_vqa", "aesthetic", "image_reward")
+    assert list(report["means"]) == [*scored, "mllm"]  # config order = table column order
+    assert {(c["versus"], c["metric"]) for c in report["comparisons"]} >= {
+        (v, m) for v in ("base", "control") for m in scored}
     assert report["metrics"]["hps"]["version"] == "tiny"
-    assert all(c["n"] == 3 for c in report["comparisons"])
-    for f in ("index.html", "report.csv", "winrate.png"):
+    assert all(c["n"] == 3 for c in report["comparisons"] if c["metric"] in scored)
+    # the tiny LLaVA grader answers gibberish: no score, counted and shown, never a default
+    mllm = report["metrics"]["mllm"]
+    assert mllm["kind"] == "mllm_grader" and len(mllm["rubric_sha256"]) == 64 and mllm["exact"] is False
+    answers = [json.loads(l) for l in (run_dir / "scores" / "base" / "answers" / "mllm.0of1.jsonl").read_text().splitlines()]
+    assert len(answers) == 3 and all(isinstance(a["answer"], str) for a in answers)
+    unparsed = sum(not a["parsed"] for a in answers)
+    assert report["unscored"].get("mllm", {}).get("base", {}).get("count", 0) == unparsed
+    page = (run_dir / "report" / "index.html").read_text()
+    for name in scored:  # every scorer's checkpoint fingerprint is in the HTML report
+        assert report["metrics"][name]["sha256"] in page
+    assert report["metrics"]["blip_vqa"]["exact"] is False and "blip_vqa (proxy) [" in page  # no spaCy here
+    for f in ("index.html", "report.csv", "winrate.png", "table.md", "table.tsv"):
         assert (run_dir / "report" / f).is_file()
     # the features came from the recipe's encoders block
     cfg = resolve_config(_args(world, run_dir))
@@ -81,7 +93,7 @@ def test_img_eval_all_end_to_end_and_resume(world, tmp_path, capsys):
     assert main(["all", *_args(world, run_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "new images: {'base': 0, 'control': 0, 'img_r1': 0}" in out
-    assert "'hps': 0" in out and "'pickscore': 3" not in out
+    assert "'hps': 0" in out and "'pickscore': 3" not in out and "'mllm': 0" in out
     assert _mtimes(run_dir) == before
 
     # a deleted IMG image (a kill) is redone from its saved features, the rest is kept

@@ -125,3 +125,9 @@ def test_text_and_dispatch(tmp_path):
     # chunks partition the set, keep uids, and are disjoint
     parts = [chunk(recs, i, 2) for i in range(2)]
     assert sorted(r.uid for p in parts for r in p) == [r.uid for r in recs]
+
+
+def test_t2i_compbench_directory_needs_all_six_categories(tmp_path):
+    (tmp_path / "color_val.txt").write_bytes((BENCH / "t2i-compbench" / "color_val.txt").read_bytes())
+    with pytest.raises(PromptFileError, match="shape_val.txt"):
+        load_t2i_compbench(tmp_path)

@@ -149,6 +149,7 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
         img_arms=[img_arm(r) for r in range(1, cfg.img.rounds + 1)],
         title=f"IMG evaluation: {cfg.prompts.name} ({cfg.generation.pipeline.kind})",
         config=to_container(cfg),
+        run_dir=run_dir,
     )
     r = cfg.report
     paths = write_report(inputs, run_dir / "report", r.bootstrap, r.seed, r.tie_tolerance, r.gallery_limit, r.thumb_size)

@@ -33,7 +33,7 @@ class NegativeIPImage(Enum):
     zero_pixels = "zero_pixels"
     black = "black"  # a black RGB image through the CLIP processor (XLabs' FLUX demo, diffusers' FluxPipeline)
 
-from .encoders import EncodersConfig
+from .encoders import EncodersConfig, MLLMConfig
 
 
 @dataclass
@@ -138,20 +138,40 @@ class GenerationConfig:
     image_format: str = "png"
 
 
+class ImageBackend(str, Enum):
+    """Image-processing backend of transformers processors. ``pil`` is what the scorers' reference
+    code ran (transformers' "slow" processors); transformers 5 defaults to ``torchvision``, whose
+    resampling differs slightly, so the backend is pinned rather than left to the installed version."""
+
+    pil = "pil"
+    torchvision = "torchvision"
+
+
 @dataclass
 class ScorerConfig:
-    kind: str = "???"  # hps | pickscore | clip | blip_vqa | spatial_proxy | t2i_complex
-    name: Optional[str] = None  # column in the report (default: kind)
+    # hps | pickscore | clip | blip_vqa | spatial_proxy | t2i_non_spatial | t2i_complex | image_reward |
+    # aesthetic | mllm_grader
+    kind: str = "???"
+    name: Optional[str] = None  # the metric's id: score files and report keys (default: kind)
+    label: Optional[str] = None  # its column header in the report (default: name)
     model: Optional[str] = None  # HF id, or the open_clip architecture for hps
     path: Optional[str] = None  # local directory of `model` (HF format)
-    processor: Optional[str] = None  # HF id of the processor when separate (PickScore: CLIP-H's)
+    # HF id of the processor / tokenizer when separate (PickScore: CLIP-H's; image_reward: bert-base-uncased)
+    processor: Optional[str] = None
     processor_path: Optional[str] = None
-    checkpoint: Optional[str] = None  # hps: the {"state_dict": ...} file
-    model_config: Optional[str] = None  # hps: an extra open_clip model-config JSON to register
-    version: Optional[str] = None  # hps: "v2.0" | "v2.1" (not comparable; printed in the report)
+    image_backend: ImageBackend = ImageBackend.pil  # transformers image processors: pinned, see ImageBackend
+    # hps: the {"state_dict": ...} file; image_reward: ImageReward.pt; aesthetic: the MLP .pth/.safetensors
+    checkpoint: Optional[str] = None
+    # hps: an extra open_clip model-config JSON to register; image_reward: med_config.json (optional)
+    model_config: Optional[str] = None
+    # hps: "v2.0" | "v2.1" (not comparable); read from the checkpoint file name, a mismatch is refused
+    version: Optional[str] = None
+    antialias: bool = True  # hps: antialiased bicubic resize (hpsv2 on torchvision >= 0.17); False: older
     scale: Optional[float] = None  # multiply the score (hps: 100; clip: 100)
     clamp_zero: Optional[bool] = None  # clip: max(cos, 0) as in CLIPScore
-    noun_phrases: str = "rules"  # blip_vqa: "rules" (built-in chunker) | "spacy:en_core_web_sm"
+    # blip_vqa / t2i_complex: "auto" (spaCy en_core_web_sm when installed, else the rules) | "rules" |
+    # "spacy:MODEL" (T2I-CompBench's own chunker; the rules are a proxy, labelled in the report)
+    noun_phrases: str = "auto"
     threshold: float = 0.1  # spatial_proxy: detection score threshold
     reference_size: int = 512  # spatial_proxy: image side the 150 px distance rule refers to
     subset_dir: Optional[str] = None  # t2i_complex: T2I-CompBench dataset dir (complex_val_*.txt)
@@ -160,6 +180,11 @@ class ScorerConfig:
     spatial: str = "spatial_proxy"
     action: str = "non_spatial"
     categories: list[str] = field(default_factory=list)  # score only prompts of these categories
+    # mllm_grader: the MLLM (an encoders.mllm-style block, loaded as the encoder loads it), the rubric
+    # file, the answer budget
+    mllm: Optional[MLLMConfig] = None
+    rubric: Optional[str] = None  # default: configs/eval/rubrics/diffusion_sharpening.yaml
+    max_new_tokens: int = 512
     device: str = "auto"
     dtype: str = "float32"
     batch_size: int = 16

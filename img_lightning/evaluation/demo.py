@@ -40,6 +40,11 @@ def tiny_eval_overrides(
         f"scorers.1.path={s['clip']}",
         f"scorers.1.processor_path={s['clip']}",
         f"scorers.2.path={s['blip_vqa']}",
+        f"scorers.3.path={s['clip']}",
+        f"scorers.3.checkpoint={s['aesthetic_mlp']}",
+        f"scorers.4.checkpoint={s['image_reward_checkpoint']}",
+        f"scorers.4.processor_path={s['image_reward_tokenizer']}",
+        f"scorers.5.mllm.path={llava_dir}",
     ]
 
 

@@ -216,13 +216,26 @@ def _complex_key(text: str) -> str:
     return text.split(".")[0].strip().lower()
 
 
+# The six categories of T2I-CompBench (and of Diffusion-Sharpening's Table 1), in table order.
+T2I_COMPBENCH_CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
+
+
 def load_t2i_compbench(path: str | Path, subset_dir: Optional[str | Path] = None) -> list[PromptRecord]:
-    """A T2I-CompBench ``{category}_val.txt`` (CRLF, some without a final newline).
+    """A T2I-CompBench ``{category}_val.txt`` (CRLF, some without a final newline), or the dataset
+    directory holding all six ``{category}_val.txt`` (uids ``{category}-NNNNN``, so one run covers
+    every category; scorers pick theirs with ``categories``).
 
     For ``complex_val.txt`` every prompt gets the subtype that decides its 3-in-1 formula, read from
     ``complex_val_spatial.txt`` and ``complex_val_action.txt`` (beside the file, or in
     ``subset_dir``): spatial, action, or spatial_action (in neither list), as ``3_in_1.py`` does.
     """
+    if Path(path).is_dir():
+        out = []
+        for cat in T2I_COMPBENCH_CATEGORIES:
+            recs = load_t2i_compbench(_require_file(Path(path) / f"{cat}_val.txt", "T2I-CompBench prompt file"),
+                                      subset_dir)
+            out += [PromptRecord(f"{cat}-{r.uid}", r.text, r.category, r.subtype, r.meta) for r in recs]
+        return out
     path = _require_file(Path(path), "T2I-CompBench prompt file")
     category = compbench_category(path)
     texts = _lines(path)

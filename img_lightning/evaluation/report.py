@@ -1,12 +1,18 @@
 """The evaluation report: CSV (one row per prompt), JSON (means, win rates, intervals, metric
-descriptions), an HTML gallery (base | control | IMG per prompt, with scores) and a PNG chart of
-the win rates. Every file is written to a temporary name and renamed.
+descriptions), an HTML page (rendered from ``templates/report.html.j2`` with Jinja2: the metrics
+with their reference, scale, version and checkpoint sha256; the means laid out one row per arm and
+one column per metric in config order, so rows paste next to a published table; win rates; a
+gallery), the same table as ``table.md`` / ``table.tsv``, and a PNG chart of the win rates. Every
+file is written to a temporary name and renamed.
+
+A column computed through a proxy (``exact: false`` in its description) carries "(proxy)" in its
+header and a footnote saying why; images a metric could not score (an unparseable MLLM answer) are
+counted per arm and shown, with examples of the answers, never folded into the mean as zeros.
 """
 
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import math
@@ -15,35 +21,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..atomic import atomic_write
 from .prompts import PromptRecord
 from .stats import mean_ci, paired_comparison
 
-SPATIAL_PROXY_NOTE = (
-    "spatial_proxy (and the spatial part of the 3-in-1 complex score) uses an open-vocabulary detector from "
-    "transformers as a PROXY for T2I-CompBench's UniDet; compare arms within this report, not with published numbers."
-)
-HPS_NOTE = "HPS v2.0 and v2.1 scores are not comparable with each other; the version used is listed under metrics."
+PROXY_KINDS = ("spatial_proxy", "t2i_complex")  # always proxies, whatever an old metrics.json says
+DEFAULT_PROXY_NOTE = ("computed through a PROXY of the benchmark's own pipeline; compare arms within this report, "
+                      "not with published numbers")
+ANSWER_EXAMPLES = 5  # unparsed answers shown per metric and arm
 
 
 @dataclass
 class ReportInputs:
     prompts: Sequence[PromptRecord]
-    scores: dict[str, dict[str, dict[str, float]]]  # arm -> metric -> uid -> score
+    scores: dict[str, dict[str, dict[str, float]]]  # arm -> metric -> uid -> score (NaN: not scored)
     images: dict[str, dict[str, str]]  # arm -> uid -> image path
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> describe()
     img_arms: Sequence[str] = ()  # the IMG rounds, last = the main IMG arm
     title: str = "IMG evaluation"
     config: dict[str, Any] = field(default_factory=dict)
+    run_dir: Optional[Path] = None  # where scores/{arm}/answers/ are (unparsed MLLM answers)
 
 
 def _atomic_write(path: Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write(path, data)
 
 
 def _finite(x: Optional[float]) -> bool:
@@ -64,17 +66,50 @@ def metric_names(inp: ReportInputs) -> list[str]:
     return names
 
 
+def is_proxy(desc: dict[str, Any]) -> bool:
+    return desc.get("kind") in PROXY_KINDS or desc.get("exact") is False
+
+
+def column_labels(inp: ReportInputs, metrics: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Header of each metric column ("Spatial (proxy) [1]") and the numbered footnotes."""
+    labels, notes = {}, []
+    for m in metrics:
+        desc = inp.metrics.get(m, {})
+        label = desc.get("label") or m
+        if is_proxy(desc):
+            notes.append(f"{label}: {desc.get('note') or DEFAULT_PROXY_NOTE}")
+            label = f"{label} (proxy) [{len(notes)}]"
+        labels[m] = label
+    return labels, notes
+
+
+def _unparsed_examples(inp: ReportInputs, metric: str, arm: str) -> list[dict[str, Any]]:
+    if inp.run_dir is None:
+        return []
+    from .scoring import read_answers
+
+    bad = [r for r in read_answers(inp.run_dir, arm, metric) if not r.get("parsed", True)]
+    return [{"uid": r.get("uid"), "error": r.get("error"), "answer": str(r.get("answer", ""))[:400]}
+            for r in bad[:ANSWER_EXAMPLES]]
+
+
 def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_tolerance: float = 0.0) -> dict:
     """Means per arm and metric, and paired comparisons of each IMG round with base and control."""
     arms = arms_in_order(inp)
     metrics = metric_names(inp)
+    labels, footnotes = column_labels(inp, metrics)
     means: dict[str, dict[str, Any]] = {}
+    unscored: dict[str, dict[str, Any]] = {}
     for metric in metrics:
         means[metric] = {}
         for arm in arms:
-            vals = [v for v in inp.scores.get(arm, {}).get(metric, {}).values() if _finite(v)]
+            got = list(inp.scores.get(arm, {}).get(metric, {}).values())
+            vals = [v for v in got if _finite(v)]
             if vals:
                 means[metric][arm] = {"n": len(vals), **mean_ci(vals, num_resamples, seed).to_dict()}
+            if len(vals) < len(got):
+                unscored.setdefault(metric, {})[arm] = {
+                    "count": len(got) - len(vals), "of": len(got), "examples": _unparsed_examples(inp, metric, arm)}
     comparisons = []
     for img_arm in inp.img_arms:
         for ref in ("base", "control"):
@@ -101,18 +136,22 @@ def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_t
                 vals = [s[u] for u in uids if u in s and _finite(s[u])]
                 if vals:
                     categories.setdefault(cat, {}).setdefault(metric, {})[arm] = sum(vals) / len(vals)
-    notes = []
-    if any(d.get("kind") in ("spatial_proxy", "t2i_complex") for d in inp.metrics.values()):
-        notes.append(SPATIAL_PROXY_NOTE)
+    notes = [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
     if any(d.get("kind") == "hps" for d in inp.metrics.values()):
-        notes.append(HPS_NOTE)
+        notes.append("HPS: 100 x cosine (hpsv2.score() returns the raw cosine: divide by 100 to compare); v2.0 and "
+                     "v2.1 scores are not comparable with each other, the version used is listed under metrics.")
+    for metric, per_arm in unscored.items():
+        counts = ", ".join(f"{arm} {u['count']} of {u['of']}" for arm, u in per_arm.items())
+        notes.append(f"{labels[metric]}: images without a score (left out of the means, not counted as 0): {counts}.")
     return {
         "title": inp.title,
         "num_prompts": len(inp.prompts),
         "arms": arms,
         "img_arm": inp.img_arms[-1] if inp.img_arms else None,
         "metrics": {m: inp.metrics.get(m, {"name": m}) for m in metrics},
+        "labels": labels,
         "means": means,
+        "unscored": unscored,
         "comparisons": comparisons,
         "categories": categories,
         "bootstrap": {"resamples": num_resamples, "seed": seed, "interval": 0.95, "tie_tolerance": tie_tolerance},
@@ -179,70 +218,83 @@ def write_chart(summary: dict, path: Path) -> Path:
     return path
 
 
-def _fmt(v: Optional[float]) -> str:
-    return "–" if not _finite(v) else f"{v:.4g}"
+def _fmt(v: Optional[float], digits: int = 4) -> str:
+    return "–" if not _finite(v) else f"{v:.{digits}g}"
+
+
+def paste_table(summary: dict, decimals: int = 4) -> list[list[str]]:
+    """Rows ``[arm, value per metric...]`` (header first): one row per arm, the metrics in config
+    order, plain means with ``decimals`` digits, like the comparison tables of papers."""
+    metrics = list(summary["metrics"])
+    rows = [["arm", *(summary["labels"][m] for m in metrics)]]
+    for arm in summary["arms"]:
+        cells = [summary["means"][m].get(arm) for m in metrics]
+        rows.append([arm, *("" if c is None else f"{c['value']:.{decimals}f}" for c in cells)])
+    return rows
+
+
+def write_tables(summary: dict, out: Path) -> dict[str, Path]:
+    rows = paste_table(summary)
+    md = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    if summary["notes"]:
+        md += ["", *summary["notes"]]
+    _atomic_write(out / "table.md", "\n".join(md) + "\n")
+    _atomic_write(out / "table.tsv", "\n".join("\t".join(r) for r in rows) + "\n")
+    return {"table_md": out / "table.md", "table_tsv": out / "table.tsv"}
+
+
+def _environment():
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=PackageLoader("img_lightning.evaluation", "templates"),
+                      autoescape=select_autoescape(["html", "j2"]), undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _fmt
+    return env
+
+
+METRIC_FIELDS = ("kind", "model", "version", "sha256", "reference", "scale")  # their own columns; the rest: details
 
 
 def write_html(inp: ReportInputs, summary: dict, path: Path, limit: int = 200, thumb: int = 256) -> Path:
-    """Gallery: one row per prompt, columns base | control | IMG rounds, each image with its scores.
-    Image links are relative to the report folder, so the run directory can be copied as a whole."""
+    """The report page. Image links are relative to the report folder, so the run directory can be
+    copied as a whole."""
     arms, metrics = arms_in_order(inp), metric_names(inp)
-    e = html.escape
-    out = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{e(summary['title'])}</title>",
-        "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:12px}"
-        ".p{max-width:260px}.s{font-family:monospace}.note{color:#a33}</style></head><body>",
-        f"<h1>{e(summary['title'])}</h1><p>{summary['num_prompts']} prompts; IMG arm: "
-        f"<b>{e(str(summary['img_arm']))}</b></p>",
-    ]
-    for note in summary["notes"]:
-        out.append(f"<p class='note'>{e(note)}</p>")
-    out.append("<h2>Means (95% bootstrap CI)</h2><table><tr><th>metric</th>")
-    out += [f"<th>{e(a)}</th>" for a in arms] + ["</tr>"]
+    metric_rows = []
     for m in metrics:
-        out.append(f"<tr><td>{e(m)}</td>")
-        for a in arms:
-            r = summary["means"].get(m, {}).get(a)
-            out.append(f"<td class='s'>{_fmt(r['value'])} [{_fmt(r['low'])}, {_fmt(r['high'])}]</td>" if r else "<td>–</td>")
-        out.append("</tr>")
-    out.append("</table><h2>Win rates</h2><table><tr><th>IMG arm</th><th>vs</th><th>metric</th><th>n</th>"
-               "<th>win</th><th>tie</th><th>loss</th><th>mean diff</th></tr>")
-    for c in summary["comparisons"]:
-        cells = "".join(
-            f"<td class='s'>{_fmt(c[k]['value'])} [{_fmt(c[k]['low'])}, {_fmt(c[k]['high'])}]</td>"
-            for k in ("win", "tie", "loss", "mean_diff")
-        )
-        out.append(f"<tr><td>{e(c['arm'])}</td><td>{e(c['versus'])}</td><td>{e(c['metric'])}</td><td>{c['n']}</td>{cells}</tr>")
-    out.append("</table><p><img src='winrate.png' alt='win rates'></p><h2>Gallery</h2><table><tr><th>prompt</th>")
-    out += [f"<th>{e(a)}</th>" for a in arms] + ["</tr>"]
+        d = summary["metrics"][m]
+        details = {k: v for k, v in d.items() if k not in (*METRIC_FIELDS, "name", "label", "exact", "note")
+                   and v not in (None, "")}
+        metric_rows.append({"name": m, "label": summary["labels"][m], "proxy": is_proxy(d), "note": d.get("note"),
+                            **{k: d.get(k) for k in METRIC_FIELDS}, "details": details})
+    gallery = []
     for p in list(inp.prompts)[:limit]:
-        out.append(f"<tr><td class='p'><b>{e(p.uid)}</b> {e(p.category or '')}<br>{e(p.text)}</td>")
+        cells = []
         for a in arms:
             img = inp.images.get(a, {}).get(p.uid)
-            scores = "<br>".join(
-                f"{e(m)}: {_fmt(inp.scores.get(a, {}).get(m, {}).get(p.uid))}" for m in metrics
-            )
-            if img:
-                rel = os.path.relpath(img, path.parent)
-                out.append(f"<td><img src='{e(rel)}' width='{thumb}' loading='lazy'><div class='s'>{scores}</div></td>")
-            else:
-                out.append("<td>–</td>")
-        out.append("</tr>")
-    out.append("</table></body></html>")
-    _atomic_write(path, "\n".join(out))
+            cells.append({
+                "src": os.path.relpath(img, path.parent) if img else None,
+                "scores": [(summary["labels"][m], inp.scores.get(a, {}).get(m, {}).get(p.uid)) for m in metrics],
+            })
+        gallery.append({"prompt": p, "cells": cells})
+    html = _environment().get_template("report.html.j2").render(
+        s=summary, arms=arms, metrics=metrics, metric_rows=metric_rows, gallery=gallery, thumb=thumb,
+        table=paste_table(summary),
+    )
+    _atomic_write(path, html)
     return path
 
 
 def write_report(inp: ReportInputs, out_dir: str | Path, num_resamples: int = 1000, seed: int = 0,
                  tie_tolerance: float = 0.0, gallery_limit: int = 200, thumb_size: int = 256) -> dict[str, Path]:
-    """Write report.csv, report.json, winrate.png and index.html into ``out_dir``."""
+    """Write report.csv, report.json, table.md, table.tsv, winrate.png and index.html into ``out_dir``."""
     out = Path(out_dir)
     summary = summarize(inp, num_resamples, seed, tie_tolerance)
     paths = {
         "csv": write_csv(inp, out / "report.csv"),
         "chart": write_chart(summary, out / "winrate.png"),
+        **write_tables(summary, out),
     }
     _atomic_write(out / "report.json", json.dumps(summary, indent=2, default=str))
     paths["json"] = out / "report.json"

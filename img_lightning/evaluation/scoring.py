@@ -1,8 +1,10 @@
 """The ``score`` stage: every configured scorer on every arm's images, resumable per image.
 
-Scores go to ``{run}/scores/{arm}/{metric}.{chunk}.jsonl`` (``{"uid", "score"}`` per line); an
-image already scored by a metric is skipped, so adding a scorer to a finished run only computes
-the new column.
+Scores go to ``{run}/scores/{arm}/{metric}.{chunk}.jsonl`` (``{"uid", "score"}`` per line, ``null``
+for an image the metric could not score, e.g. an unparseable MLLM answer); an image already scored
+by a metric is skipped, so adding a scorer to a finished run only computes the new column. A scorer
+that keeps per-image records (the MLLM grader's answers) has them written beside, to
+``{run}/scores/{arm}/answers/{metric}.{chunk}.jsonl``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from ..errors import NonFiniteError
 from ..generation.store import ImageStore
 from .prompts import PromptRecord
 from .scorers import Scorer, build_scorers, scorer_name
@@ -32,6 +35,30 @@ def read_scores(run_dir: str | Path, arm: str, metric: str) -> dict[str, float]:
             v = rec.get("score")
             out[rec["uid"]] = float("nan") if v is None else float(v)
     return out
+
+
+def read_answers(run_dir: str | Path, arm: str, metric: str) -> list[dict[str, Any]]:
+    """The per-image records a scorer kept (``[]`` for metrics that keep none); the last per uid."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted((Path(run_dir) / "scores" / arm / "answers").glob(f"{metric}.*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[rec["uid"]] = rec
+    return list(out.values())
+
+
+def _check_finite(scorer: Scorer, arm: str, uids: Sequence[str], values: Sequence[float]) -> None:
+    """NaN is "no score" only for a scorer that may abstain (the MLLM grader); any other NaN or an
+    Inf is a broken computation (e.g. float16 overflow) and stops the stage."""
+    for uid, v in zip(uids, values):
+        if math.isinf(v) or (math.isnan(v) and not scorer.abstains):
+            raise NonFiniteError(
+                f"{scorer.name}: non-finite score {v} for {arm}/{uid}; rerun this metric with dtype=float32, "
+                f"or check the image"
+            )
 
 
 def _append(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -76,5 +103,10 @@ def score_run(
                 batch = todo[i : i + size]
                 images = [store.load(p.uid) for p in batch]
                 values = scorer.score(images, [p.text for p in batch]).tolist()
+                _check_finite(scorer, arm, [p.uid for p in batch], values)
+                records = scorer.pop_records() if hasattr(scorer, "pop_records") else []
+                if records:  # before the scores: a score line always has its answer on disk
+                    _append(run_dir / "scores" / arm / "answers" / f"{name}.{tag}.jsonl",
+                            [{"uid": p.uid, **r} for p, r in zip(batch, records)])
                 _append(out, [{"uid": p.uid, "score": None if math.isnan(v) else v} for p, v in zip(batch, values)])
     return counts

@@ -2,27 +2,51 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any, Sequence
 
-from . import blip_vqa, clip, complex, hps, spatial  # noqa: F401  (register the kinds)
+from omegaconf import DictConfig, OmegaConf
+
+from ...config.loading import ConfigError
+
+from . import aesthetic, blip_vqa, clip, complex, hps, image_reward, mllm_grader, spatial  # noqa: F401  (register the kinds)
 from .base import REGISTRY, Scorer
+
+# Keys that only name or select: two scorers equal in everything else share one loaded model.
+_NOT_MODEL_KEYS = ("name", "label", "categories")
 
 
 def scorer_name(cfg: Any) -> str:
     return cfg.name or cfg.kind
 
 
+def _model_key(cfg: Any) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return json.dumps({k: v for k, v in data.items() if k not in _NOT_MODEL_KEYS}, sort_keys=True, default=str)
+
+
 def build_scorers(cfgs: Sequence[Any]) -> dict[str, Scorer]:
-    """Build every configured scorer in order (a 3-in-1 scorer uses the ones listed before it)."""
+    """Build every configured scorer in order (a 3-in-1 scorer uses the ones listed before it).
+
+    Scorers whose configs differ only in ``name``/``label``/``categories`` (e.g. BLIP-VQA for the
+    color, shape and texture columns) share one model.
+    """
     built: dict[str, Scorer] = {}
+    loaded: dict[str, Scorer] = {}
     for cfg in cfgs:
         if cfg.kind not in REGISTRY:
-            raise ValueError(f"unknown scorer kind '{cfg.kind}'; choose one of {sorted(REGISTRY)}")
+            raise ConfigError(f"unknown scorer kind '{cfg.kind}'; choose one of {sorted(REGISTRY)}")
         name = scorer_name(cfg)
         if name in built:
-            raise ValueError(f"two scorers are named '{name}'; give one of them another `name`")
-        built[name] = REGISTRY[cfg.kind](cfg, others=built)
-        built[name].name = name
+            raise ConfigError(f"two scorers are named '{name}'; give one of them another `name`")
+        key = _model_key(cfg)
+        scorer = copy.copy(loaded[key]) if key in loaded and cfg.kind != "t2i_complex" else \
+            REGISTRY[cfg.kind](cfg, others=built)
+        loaded.setdefault(key, scorer)
+        scorer.name = name
+        scorer.label = cfg.label or name
+        built[name] = scorer
     return built
 
 

@@ -1,14 +1,15 @@
 """The one scorer interface: ``score(images, prompts) -> Tensor`` with one score per (image, prompt).
 
-Every metric (HPS v2, PickScore, CLIP, T2I-CompBench's BLIP-VQA / CLIP / spatial / 3-in-1) is a
-:class:`Scorer`, built from a :class:`~img_lightning.config.eval.ScorerConfig` whose model paths are
-local, so the score stage runs the same code on tiny test models and on the real checkpoints.
+Every metric (HPS v2, PickScore, CLIP, T2I-CompBench's BLIP-VQA / CLIP / spatial / 3-in-1,
+ImageReward, the LAION aesthetic predictor, the MLLM grader) is a :class:`Scorer`, built from a
+:class:`~img_lightning.config.eval.ScorerConfig` whose model paths are local, so the score stage
+runs the same code on tiny test models and on the real checkpoints.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -19,7 +20,9 @@ class Scorer(ABC):
     """Scores image-prompt pairs; higher is better for every metric we report."""
 
     name: str = "scorer"
+    label: str = ""  # the report's column header (default: name)
     batch_size: int = 16
+    abstains: bool = False  # True: NaN means "no score for this image" (e.g. an unparseable MLLM answer)
 
     @abstractmethod
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
@@ -41,18 +44,17 @@ class Scorer(ABC):
         ]
         return torch.cat(out)
 
+    def info(self) -> dict[str, Any]:
+        """What the report prints about this metric: kind, model, version, checkpoint sha256, the
+        reference implementation, scale, and ``exact`` (False = a proxy, with ``note`` saying why)."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
-        """What the report prints about this metric (model, version, caveats)."""
-        return {"name": self.name}
+        return {"name": self.name, "label": self.label or self.name, **self.info()}
 
 
 def rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
     return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-
-
-def batched(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(seq), size):
-        yield seq[i : i + size]
 
 
 ScorerFactory = Callable[..., Scorer]

@@ -1,22 +1,28 @@
 """T2I-CompBench attribute binding: BLIP-VQA on transformers' ``BlipForQuestionAnswering``.
 
-Each noun phrase of the prompt becomes the question ``"{np}?"``. The answer probability is the one
+Each noun phrase of the prompt becomes the question ``"{np}?"``, cleaned as BLIP's ``pre_question``
+does (lower-cased, ``.!"()*#:;~`` removed, at most 50 words) and tokenised with ``[ENC]`` in place
+of ``[CLS]``, as BLIP's VQA model feeds its text encoder. The answer probability is the one
 of T2I-CompBench's ``vqa_prob``: one decoder step from the decoder start token, softmax over the
 vocabulary, ``p(yes) / (p(yes) + p(no))``. The image score is the product over the phrases (1 for a
-prompt without any phrase, as the official script scores an empty question).
+prompt without any phrase, as the official script scores an empty question). The processor's image
+backend is pinned to PIL: BLIP's own transform (384 x 384 bicubic resize on the PIL image).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.loading import ConfigError
 from ...models import compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, rgb
-from .noun_phrases import noun_phrase_extractor
+from .checkpoints import model_sha256
+from .noun_phrases import is_exact, noun_phrase_extractor, resolve_noun_phrases
 
 
 def yes_probability(logits: Tensor, yes_id: int, no_id: int) -> Tensor:
@@ -29,6 +35,16 @@ def yes_probability(logits: Tensor, yes_id: int, no_id: int) -> Tensor:
     return torch.sigmoid(logits[:, yes_id] - logits[:, no_id])
 
 
+_PUNCT = re.compile(r"([.!\"()*#:;~])")
+
+
+def pre_question(question: str, max_words: int = 50) -> str:
+    """BLIP's question cleaning (``data/utils.py``), which T2I-CompBench's VQA dataset applies."""
+    question = _PUNCT.sub("", question.lower()).rstrip(" ")
+    words = question.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else question
+
+
 def product_over_phrases(probs: Sequence[float] | Tensor, owners: Sequence[int], n: int) -> Tensor:
     """Multiply question probabilities into one score per image; images without questions get 1."""
     out = torch.ones(n, dtype=torch.float64)
@@ -39,20 +55,23 @@ def product_over_phrases(probs: Sequence[float] | Tensor, owners: Sequence[int],
 
 class BlipVQAScorer(Scorer):
     def __init__(self, model: Any, processor: Any, device: torch.device, noun_phrases: str = "rules",
-                 batch_size: int = 16, name: str = "blip_vqa", model_id: str = "") -> None:
+                 batch_size: int = 16, name: str = "blip_vqa", model_id: str = "", sha256: str | None = None) -> None:
         self.model = model.eval().to(device)
         self.processor = processor
         self.device = device
-        self.phrases = noun_phrase_extractor(noun_phrases)
-        self.noun_phrases = noun_phrases
+        self.noun_phrases = resolve_noun_phrases(noun_phrases)
+        self.phrases = noun_phrase_extractor(self.noun_phrases)
+        self.sha256 = sha256
         self.batch_size = batch_size
         self.name = name
         self.model_id = model_id
+        self.image_size = int(model.config.vision_config.image_size)
         tok = processor.tokenizer
         self.yes_id = tok.convert_tokens_to_ids("yes")
         self.no_id = tok.convert_tokens_to_ids("no")
-        if tok.unk_token_id in (self.yes_id, self.no_id):
-            raise ValueError("BLIP tokenizer has no single tokens for 'yes'/'no'")
+        self.enc_id = tok.convert_tokens_to_ids("[ENC]")
+        if tok.unk_token_id in (self.yes_id, self.no_id, self.enc_id) or self.enc_id is None:
+            raise ConfigError("BLIP tokenizer has no single tokens for 'yes', 'no' and '[ENC]': not BLIP's tokenizer")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "BlipVQAScorer":
@@ -64,17 +83,27 @@ class BlipVQAScorer(Scorer):
         model = from_pretrained(BlipForQuestionAnswering.from_pretrained, "BLIP VQA model", model_id, cfg.path,
                                 f"{key}.path", dtype=compute_dtype(cfg.dtype, device))
         processor = from_pretrained(BlipProcessor.from_pretrained, "BLIP processor", cfg.processor or model_id,
-                                    cfg.processor_path or cfg.path, f"{key}.processor_path")
-        return cls(model, processor, device, cfg.noun_phrases, cfg.batch_size, cfg.name or "blip_vqa", model_id)
+                                    cfg.processor_path or cfg.path, f"{key}.processor_path",
+                                    backend=cfg.image_backend.value)
+        return cls(model, processor, device, cfg.noun_phrases, cfg.batch_size, cfg.name or "blip_vqa", model_id,
+                   model_sha256(model_id, cfg.path))
 
     def questions(self, prompt: str) -> list[str]:
         return [f"{np}?" for np in self.phrases(prompt)]
+
+    def encode(self, images: list[Image.Image], questions: list[str]) -> Any:
+        """Processor outputs with BLIP-VQA's question handling: ``pre_question``, padding to the
+        longest, truncation at 35 tokens, ``[ENC]`` as the first token."""
+        enc = self.processor(images=rgb(images), text=[pre_question(q) for q in questions], padding="longest",
+                             truncation=True, max_length=35, return_tensors="pt")
+        enc["input_ids"][:, 0] = self.enc_id
+        return enc
 
     @torch.no_grad()
     def answer_yes(self, images: list[Image.Image], questions: list[str]) -> Tensor:
         """p(yes)/(p(yes)+p(no)) for each (image, question) pair."""
         dtype = next(self.model.parameters()).dtype
-        enc = self.processor(images=rgb(images), text=questions, padding=True, return_tensors="pt")
+        enc = self.encode(images, questions)
         pixel_values = enc["pixel_values"].to(self.device, dtype)
         input_ids = enc["input_ids"].to(self.device)
         mask = enc["attention_mask"].to(self.device)
@@ -103,8 +132,17 @@ class BlipVQAScorer(Scorer):
         flat = torch.cat(probs) if probs else torch.zeros(0)
         return product_over_phrases(flat, owners, len(images))
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "blip_vqa", "model": self.model_id, "noun_phrases": self.noun_phrases}
+    def info(self) -> dict[str, Any]:
+        exact = is_exact(self.noun_phrases)
+        how = ("T2I-CompBench's own chunker, spaCy (exact)" if exact else
+               "the built-in rule-based chunker, a PROXY for T2I-CompBench's spaCy en_core_web_sm "
+               "(install spaCy and en_core_web_sm for the exact questions)")
+        return {"kind": "blip_vqa", "model": self.model_id, "sha256": self.sha256,
+                "noun_phrases": self.noun_phrases, "exact": exact,
+                "note": f"noun phrases: {how}; weights: transformers' port of BLIP-VQA at its {self.image_size} px "
+                        f"(T2I-CompBench runs the original checkpoint at 480 px)",
+                "reference": "T2I-CompBench BLIPvqa_eval (vqa_prob: p(yes)/(p(yes)+p(no)), product over noun phrases)",
+                "scale": "0-1"}
 
 
 @register("blip_vqa")

@@ -1,9 +1,15 @@
-"""CLIP-family scorers on transformers' ``CLIPModel`` + ``CLIPProcessor``.
+"""CLIP-family scorers on transformers' ``CLIPModel``.
 
 - PickScore: ``yuvalkirstain/PickScore_v1`` weights with the CLIP-H processor
-  (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``); score = ``logit_scale.exp() * cosine`` (DESIGN §6).
-- CLIP score: ``scale * cosine`` (default ``100 * max(cos, 0)``, the CLIPScore convention).
-- T2I-CompBench non-spatial: CLIP ViT-B/32, plain cosine (``scale=1``, no clamp).
+  (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``) as PickScore's own code runs it (transformers'
+  processor; its image backend pinned to PIL, the backend that code ran on); score =
+  ``logit_scale.exp() * cosine``.
+- CLIP score: ``scale * cosine`` (default ``100 * max(cos, 0)``, the CLIPScore convention) with
+  OpenAI CLIP's own preprocessing (``clip.load``), as CLIPScore-style evaluation code runs it.
+- T2I-CompBench non-spatial: CLIP ViT-B/32, plain cosine (``scale=1``, no clamp), with OpenAI
+  CLIP's preprocessing (T2I-CompBench's ``CLIP_similarity.py`` uses the ``clip`` package).
+
+Texts go through the model's CLIP tokenizer (the same BPE as the ``clip`` package), truncated to 77.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from torch import Tensor
 
 from ...models import compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, rgb
+from .checkpoints import model_sha256
+from .transforms import clip_pixels
+
+PROCESSOR = "processor"  # transformers' CLIP image processor (PIL backend unless configured)
+OPENAI_CLIP = "openai_clip"  # OpenAI CLIP's clip.load transform (transforms.py)
 
 
 def _pooled(out: Any) -> Tensor:
@@ -28,7 +39,8 @@ class CLIPPairScorer(Scorer):
 
     def __init__(
         self, model: Any, processor: Any, device: torch.device, *, scale: Optional[float], clamp_zero: bool,
-        name: str, model_id: str, batch_size: int = 16,
+        name: str, model_id: str, batch_size: int = 16, preprocess: str = PROCESSOR, kind: str = "clip",
+        reference: str = "", sha256: Optional[str] = None,
     ) -> None:
         self.model = model.eval().to(device)
         self.processor = processor
@@ -38,10 +50,17 @@ class CLIPPairScorer(Scorer):
         self.name = name
         self.model_id = model_id
         self.batch_size = batch_size
+        if preprocess not in (PROCESSOR, OPENAI_CLIP):
+            raise ValueError(f"unknown CLIP preprocessing {preprocess!r}")
+        self.preprocess = preprocess
+        self.kind = kind
+        self.reference = reference
+        self.sha256 = sha256
+        self.image_size = int(model.config.vision_config.image_size)
 
     @classmethod
     def load(cls, cfg: Any, *, default_model: str, default_processor: Optional[str], scale: Optional[float],
-             clamp_zero: bool, default_name: str) -> "CLIPPairScorer":
+             clamp_zero: bool, default_name: str, preprocess: str, reference: str) -> "CLIPPairScorer":
         from transformers import CLIPModel, CLIPProcessor
 
         device = resolve_device(cfg.device)
@@ -54,13 +73,20 @@ class CLIPPairScorer(Scorer):
         proc_id = cfg.processor or default_processor or model_id
         proc_path = cfg.processor_path or (cfg.path if not (cfg.processor or default_processor) else None)
         processor = from_pretrained(CLIPProcessor.from_pretrained, "CLIP processor", proc_id, proc_path,
-                                    f"{key}.processor_path")
+                                    f"{key}.processor_path", backend=cfg.image_backend.value)
         return cls(model, processor, device, scale=scale, clamp_zero=clamp_zero, name=cfg.name or default_name,
-                   model_id=model_id, batch_size=cfg.batch_size)
+                   model_id=model_id, batch_size=cfg.batch_size, preprocess=preprocess, kind=cfg.kind,
+                   reference=reference, sha256=model_sha256(model_id, cfg.path))
+
+    def pixel_values(self, images: list[Image.Image]) -> Tensor:
+        """``[B, 3, H, W]`` float32 model input of ``images`` (CPU)."""
+        if self.preprocess == OPENAI_CLIP:
+            return clip_pixels(images, self.image_size)
+        return self.processor(images=rgb(images), return_tensors="pt")["pixel_values"]
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
         dtype = next(self.model.parameters()).dtype
-        pix = self.processor(images=rgb(images), return_tensors="pt")["pixel_values"].to(self.device, dtype)
+        pix = self.pixel_values(images).to(self.device, dtype)
         txt = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         img_emb = _pooled(self.model.get_image_features(pixel_values=pix)).float()
         txt_emb = _pooled(self.model.get_text_features(
@@ -72,16 +98,20 @@ class CLIPPairScorer(Scorer):
         scale = self.model.logit_scale.exp().float() if self.scale is None else self.scale
         return cos * scale
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model_id,
-                "scale": "logit_scale.exp()" if self.scale is None else self.scale, "clamp_zero": self.clamp_zero}
+    def info(self) -> dict[str, Any]:
+        backend = type(getattr(self.processor, "image_processor", None)).__name__
+        scale = "logit_scale.exp()" if self.scale is None else self.scale
+        return {"kind": self.kind, "model": self.model_id, "sha256": self.sha256, "reference": self.reference,
+                "scale": f"{scale} x {'max(cos, 0)' if self.clamp_zero else 'cos'}", "exact": True,
+                "preprocess": f"{self.preprocess} ({backend})" if self.preprocess == PROCESSOR else self.preprocess}
 
 
 @register("pickscore")
 def _pickscore(cfg: Any, **_: Any) -> Scorer:
     return CLIPPairScorer.load(
         cfg, default_model="yuvalkirstain/PickScore_v1", default_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        scale=cfg.scale, clamp_zero=bool(cfg.clamp_zero), default_name="pickscore",
+        scale=cfg.scale, clamp_zero=bool(cfg.clamp_zero), default_name="pickscore", preprocess=PROCESSOR,
+        reference="PickScore (yuvalkirstain/PickScore): logit_scale.exp() x cosine, transformers CLIP processor",
     )
 
 
@@ -90,7 +120,8 @@ def _clip(cfg: Any, **_: Any) -> Scorer:
     return CLIPPairScorer.load(
         cfg, default_model="openai/clip-vit-large-patch14", default_processor=None,
         scale=100.0 if cfg.scale is None else cfg.scale,
-        clamp_zero=True if cfg.clamp_zero is None else cfg.clamp_zero, default_name="clip",
+        clamp_zero=True if cfg.clamp_zero is None else cfg.clamp_zero, default_name="clip", preprocess=OPENAI_CLIP,
+        reference="CLIPScore (Hessel et al.) with OpenAI CLIP's preprocessing",
     )
 
 
@@ -100,4 +131,5 @@ def _non_spatial(cfg: Any, **_: Any) -> Scorer:
         cfg, default_model="openai/clip-vit-base-patch32", default_processor=None,
         scale=1.0 if cfg.scale is None else cfg.scale,
         clamp_zero=False if cfg.clamp_zero is None else cfg.clamp_zero, default_name="non_spatial",
+        preprocess=OPENAI_CLIP, reference="T2I-CompBench CLIPScore_eval/CLIP_similarity.py (CLIP ViT-B/32 cosine)",
     )

@@ -3,7 +3,10 @@
 As in ``3_in_1_eval/3_in_1.py``: prompts listed in ``complex_val_spatial.txt`` average attribute
 (BLIP-VQA) and spatial; those in ``complex_val_action.txt`` average attribute and action (CLIP
 non-spatial); all others average the three. The prompt matching rule is the script's (text before
-the first '.', lower-cased). The spatial component is the detector PROXY (see ``spatial.py``).
+the first '.', lower-cased). The action component scores the prompt without its adjectives, as
+T2I-CompBench's ``CLIP_similarity.py --complex`` does (spaCy ADJ tokens dropped; with
+``noun_phrases: rules`` a word list stands in). The spatial component is the detector PROXY (see
+``spatial.py``), so the 3-in-1 score is always labelled a proxy.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.loading import ConfigError
 from ..prompts import COMPLEX_SUBSET_FILES, PromptFileError, _complex_key, _lines
 from .base import Scorer, register
+from .noun_phrases import adjective_stripper, is_exact, resolve_noun_phrases
 
 
 def complex_subtypes(subset_dir: str | Path) -> dict[str, set[str]]:
@@ -40,9 +45,11 @@ def three_in_one(subtype: str, attribute: Tensor, spatial: Tensor, action: Tenso
 
 class ComplexScorer(Scorer):
     def __init__(self, attribute: Scorer, spatial: Scorer, action: Scorer, subsets: dict[str, set[str]],
-                 name: str = "complex_3in1") -> None:
+                 name: str = "complex_3in1", noun_phrases: str = "rules") -> None:
         self.attribute, self.spatial, self.action = attribute, spatial, action
         self.subsets = subsets
+        self.noun_phrases = resolve_noun_phrases(noun_phrases)
+        self.strip_adjectives = adjective_stripper(self.noun_phrases)
         self.name = name
         self.batch_size = max(attribute.batch_size, 1)
 
@@ -57,13 +64,17 @@ class ComplexScorer(Scorer):
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
         att = self.attribute.score(images, prompts)
         spa = self.spatial.score(images, prompts)
-        act = self.action.score(images, prompts)
+        act = self.action.score(images, [self.strip_adjectives(p) for p in prompts])
         return torch.stack([three_in_one(self.subtype(p), att[i], spa[i], act[i]) for i, p in enumerate(prompts)])
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "t2i_complex", "attribute": self.attribute.name,
-                "spatial": self.spatial.name, "action": self.action.name,
-                "note": "spatial component is a detector PROXY for UniDet"}
+    def info(self) -> dict[str, Any]:
+        how = ("spaCy ADJ tokens removed (exact)" if is_exact(self.noun_phrases)
+               else "adjectives removed by a word list (a PROXY for spaCy's ADJ tags)")
+        return {"kind": "t2i_complex", "attribute": self.attribute.name, "spatial": self.spatial.name,
+                "action": self.action.name, "noun_phrases": self.noun_phrases, "exact": False, "scale": "0-1",
+                "reference": "T2I-CompBench 3_in_1_eval/3_in_1.py",
+                "note": f"PROXY: its spatial component is the open-vocabulary detector standing in for UniDet; "
+                        f"action prompts: {how}"}
 
 
 @register("t2i_complex")
@@ -72,11 +83,11 @@ def _build(cfg: Any, *, others: dict[str, Scorer] | None = None, **_: Any) -> Sc
     names = {"attribute": cfg.attribute, "spatial": cfg.spatial, "action": cfg.action}
     missing = [f"{role}={n}" for role, n in names.items() if n not in others]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"t2i_complex '{cfg.name or 't2i_complex'}' combines scorers that are not in the scorer list before it: "
             f"{', '.join(missing)} (available: {sorted(others)})"
         )
     if not cfg.subset_dir:
-        raise ValueError("t2i_complex: set subset_dir to the T2I-CompBench dataset dir (complex_val_*.txt)")
+        raise ConfigError("t2i_complex: set subset_dir to the T2I-CompBench dataset dir (complex_val_*.txt)")
     return ComplexScorer(others[cfg.attribute], others[cfg.spatial], others[cfg.action],
-                         complex_subtypes(cfg.subset_dir), cfg.name or "complex_3in1")
+                         complex_subtypes(cfg.subset_dir), cfg.name or "complex_3in1", cfg.noun_phrases)

@@ -1,11 +1,13 @@
 """Noun phrases of a prompt, for T2I-CompBench's BLIP-VQA questions (``"{np}?"``).
 
 T2I-CompBench uses spaCy ``en_core_web_sm`` noun chunks. Its weights are not on PyPI, so the
-default here is a small rule-based chunker made for the benchmark's prompt styles ("a purple kite
+fallback here is a small rule-based chunker made for the benchmark's prompt styles ("a purple kite
 and an orange boat", "The yellow lamp was on top of the wooden desk."): it splits at conjunctions,
 prepositions, auxiliaries, relative pronouns and punctuation, drops verbs by a word list and by
 their -ed/-ing position after a noun, and keeps the runs that remain. ``spacy:MODEL`` uses spaCy
-itself (install spaCy and the model) and reproduces the official questions exactly.
+itself (install spaCy and the model) and reproduces the official questions exactly; ``auto``
+(the default) takes spaCy when it is installed and the rules otherwise, and the report labels
+columns computed with the rules as proxies.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from typing import Callable
+
+from ...config.loading import ConfigError
 
 SPLIT_WORDS = frozenset(
     # coordination, prepositions, auxiliaries/copulas, relatives, adverbs that never head a noun phrase
@@ -91,26 +95,80 @@ def rule_noun_phrases(prompt: str) -> list[str]:
     return phrases
 
 
+# Adjectives of T2I-CompBench's prompts (colours, materials, shapes, sizes, common qualities): what
+# the rule-based stand-in for spaCy's part-of-speech tags drops from complex prompts.
+ADJECTIVES = frozenset(
+    """red green blue yellow black white brown pink orange purple gray grey golden silver beige violet
+    wooden metallic metal fluffy glass plastic leather rubber fabric furry woolen wool silk silky velvet
+    ceramic stone marble concrete paper cardboard porcelain crystal transparent shiny soft hard smooth
+    rough round square triangular rectangular oval circular cylindrical spherical cubic conical oblong
+    hexagonal big small large tiny little huge tall short long wide narrow thick thin giant massive
+    old new young ancient modern beautiful cute pretty ugly bright dark colorful colourful vibrant
+    delicious fresh happy sad angry calm quiet loud busy empty full heavy light warm cold hot cozy
+    elegant sleek sturdy fragile broken clean dirty wet dry striped spotted checkered plaid floral""".split()
+)
+
+
 @lru_cache(maxsize=4)
 def _spacy(model: str):
     try:
         import spacy
     except ImportError:
-        raise ImportError("noun_phrases=spacy:... needs spaCy: pip install spacy") from None
+        raise ConfigError("noun_phrases=spacy:... needs spaCy: pip install spacy (or use noun_phrases=rules)") from None
     try:
         return spacy.load(model)
     except OSError:
-        raise OSError(
+        raise ConfigError(
             f"spaCy model '{model}' is not installed (python -m spacy download {model}, or pip install its "
             f"wheel), or use noun_phrases=rules"
         ) from None
 
 
+DEFAULT_SPACY = "spacy:en_core_web_sm"  # T2I-CompBench's own chunker
+
+
+def resolve_noun_phrases(spec: str = "auto") -> str:
+    """``"auto"`` -> ``"spacy:en_core_web_sm"`` when spaCy and that model load, else ``"rules"``;
+    anything else is returned as given (and checked when used)."""
+    if spec != "auto":
+        return spec
+    try:
+        _spacy(DEFAULT_SPACY.split(":", 1)[1])
+    except ConfigError:
+        return "rules"
+    return DEFAULT_SPACY
+
+
+def is_exact(spec: str) -> bool:
+    """Whether a resolved ``noun_phrases`` spec runs T2I-CompBench's own chunker (spaCy)."""
+    return spec.startswith("spacy:")
+
+
 def noun_phrase_extractor(spec: str = "rules") -> Callable[[str], list[str]]:
-    """``"rules"`` or ``"spacy:MODEL"`` -> a function prompt -> list of noun phrases."""
+    """``"rules"``, ``"spacy:MODEL"`` or ``"auto"`` -> a function prompt -> list of noun phrases."""
+    spec = resolve_noun_phrases(spec)
     if spec == "rules":
         return rule_noun_phrases
     if spec.startswith("spacy:"):
         nlp = _spacy(spec.split(":", 1)[1])
         return lambda text: [chunk.text for chunk in nlp(text).noun_chunks]
-    raise ValueError(f"noun_phrases must be 'rules' or 'spacy:MODEL', got '{spec}'")
+    raise ConfigError(f"noun_phrases must be 'auto', 'rules' or 'spacy:MODEL', got '{spec}'")
+
+
+def rule_strip_adjectives(prompt: str) -> str:
+    """The rules' stand-in for removing spaCy ADJ tokens: drop :data:`ADJECTIVES`, join the
+    remaining tokens with single spaces (punctuation split off, as spaCy tokenises)."""
+    return " ".join(t for t in _TOKEN.findall(prompt) if t.lower() not in ADJECTIVES)
+
+
+def adjective_stripper(spec: str = "rules") -> Callable[[str], str]:
+    """Prompt -> prompt without adjectives, the text T2I-CompBench's ``CLIP_similarity.py --complex``
+    scores: spaCy tokens whose ``pos_`` is not ADJ, joined with spaces (``spacy:MODEL``), or the
+    word-list stand-in (``rules``, a proxy)."""
+    spec = resolve_noun_phrases(spec)
+    if spec == "rules":
+        return rule_strip_adjectives
+    if spec.startswith("spacy:"):
+        nlp = _spacy(spec.split(":", 1)[1])
+        return lambda text: " ".join(tok.text for tok in nlp(text) if tok.pos_ != "ADJ")
+    raise ConfigError(f"noun_phrases must be 'auto', 'rules' or 'spacy:MODEL', got '{spec}'")

@@ -11,15 +11,18 @@ metric as a proxy.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Optional
 
 import torch
 from PIL import Image
 from torch import Tensor
+from torchvision.ops import box_convert, box_iou
 
 from ...models import compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, rgb
+from .checkpoints import model_sha256
 from .noun_phrases import rule_noun_phrases
 
 # Longest first so "on the left of" wins over shorter matches; T2I-CompBench's locality words.
@@ -46,20 +49,13 @@ def parse_spatial_prompt(prompt: str) -> Optional[tuple[str, str, str]]:
     return None
 
 
-def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    xo = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    yo = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = xo * yo
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def position_score(relation: str, box1, box2, iou_threshold: float = 0.1, distance_threshold: float = 150.0) -> float:
     """T2I-CompBench's soft position rule; boxes are (x_min, y_min, x_max, y_max) in pixels, y down."""
-    c1 = ((box1[0] + box1[2]) / 2, (box1[1] + box1[3]) / 2)
-    c2 = ((box2[0] + box2[2]) / 2, (box2[1] + box2[3]) / 2)
-    dx, dy = c2[0] - c1[0], c2[1] - c1[1]
-    iou = box_iou(box1, box2)
+    boxes = torch.tensor([box1, box2], dtype=torch.float64)
+    (cx1, cy1, _, _), (cx2, cy2, _, _) = box_convert(boxes, "xyxy", "cxcywh").tolist()
+    dx, dy = cx2 - cx1, cy2 - cy1
+    iou = float(box_iou(boxes[:1], boxes[1:])[0, 0])
+    iou = iou if math.isfinite(iou) else 0.0  # two empty boxes: 0 / 0
     if relation in ("next to", "on side of", "near"):
         if abs(dx) < distance_threshold or abs(dy) < distance_threshold:
             return 1.0
@@ -90,7 +86,8 @@ def combine(relation: str, det1, det2, distance_threshold: float) -> float:
 
 class SpatialProxyScorer(Scorer):
     def __init__(self, model: Any, processor: Any, device: torch.device, threshold: float = 0.1,
-                 reference_size: int = 512, name: str = "spatial_proxy", model_id: str = "", batch_size: int = 8) -> None:
+                 reference_size: int = 512, name: str = "spatial_proxy", model_id: str = "", batch_size: int = 8,
+                 sha256: Optional[str] = None) -> None:
         self.model = model.eval().to(device)
         self.processor = processor
         self.device = device
@@ -99,6 +96,7 @@ class SpatialProxyScorer(Scorer):
         self.name = name
         self.model_id = model_id
         self.batch_size = batch_size
+        self.sha256 = sha256
         # OWLv2 pads images to a square (bottom/right) before resizing; OWL-ViT stretches them.
         self.padded = getattr(model.config, "model_type", "") == "owlv2"
 
@@ -112,9 +110,10 @@ class SpatialProxyScorer(Scorer):
         model = from_pretrained(AutoModelForZeroShotObjectDetection.from_pretrained, "detector", model_id, cfg.path,
                                 f"{key}.path", dtype=compute_dtype(cfg.dtype, device))
         processor = from_pretrained(AutoProcessor.from_pretrained, "detector processor", cfg.processor or model_id,
-                                    cfg.processor_path or cfg.path, f"{key}.processor_path")
+                                    cfg.processor_path or cfg.path, f"{key}.processor_path",
+                                    backend=cfg.image_backend.value)
         return cls(model, processor, device, cfg.threshold, cfg.reference_size, cfg.name or "spatial_proxy",
-                   model_id, cfg.batch_size)
+                   model_id, cfg.batch_size, model_sha256(model_id, cfg.path))
 
     @torch.no_grad()
     def detect(self, image: Image.Image, queries: list[str]) -> list[Optional[tuple[float, tuple]]]:
@@ -124,17 +123,18 @@ class SpatialProxyScorer(Scorer):
         enc = {k: (v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device)) for k, v in enc.items()}
         out = self.model(**enc)
         probs = out.logits[0].float().sigmoid()  # [patches, queries]
-        boxes = out.pred_boxes[0].float()  # [patches, 4] cx, cy, w, h in [0, 1]
         w, h = image.size
         sx, sy = (max(w, h), max(w, h)) if self.padded else (w, h)
+        # pred_boxes: [patches, 4] cx, cy, w, h in [0, 1] of the (padded) input -> pixel x0, y0, x1, y1
+        boxes = box_convert(out.pred_boxes[0].float(), "cxcywh", "xyxy") * torch.tensor([sx, sy, sx, sy],
+                                                                                       device=probs.device)
         dets = []
         for q in range(len(queries)):
             conf, idx = probs[:, q].max(dim=0)
             if conf.item() < self.threshold:
                 dets.append(None)
                 continue
-            cx, cy, bw, bh = boxes[idx].tolist()
-            dets.append((conf.item(), ((cx - bw / 2) * sx, (cy - bh / 2) * sy, (cx + bw / 2) * sx, (cy + bh / 2) * sy)))
+            dets.append((conf.item(), tuple(boxes[idx].tolist())))
         return dets
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
@@ -150,10 +150,12 @@ class SpatialProxyScorer(Scorer):
             out.append(combine(rel, d1, d2, dist))
         return torch.tensor(out, dtype=torch.float32)
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "spatial_proxy", "model": self.model_id, "threshold": self.threshold,
-                "note": "PROXY for T2I-CompBench's UniDet spatial score (open-vocabulary detector); "
-                        "not comparable with published numbers"}
+    def info(self) -> dict[str, Any]:
+        return {"kind": "spatial_proxy", "model": self.model_id, "sha256": self.sha256, "threshold": self.threshold,
+                "exact": False, "scale": "0-1",
+                "reference": "T2I-CompBench UniDet_eval (2-D spatial): position rule and score arithmetic",
+                "note": "PROXY for T2I-CompBench's UniDet spatial score (an open-vocabulary detector from transformers "
+                        "replaces UniDet); compare arms within a report, not with published numbers"}
 
 
 @register("spatial_proxy")
