@@ -29,6 +29,10 @@ def test_wheel_holds_every_shipped_config(wheel):
     assert shipped, "no configs found in the checkout"
     missing = [f for f in shipped if f"img_lightning/configs/{f}" not in names]
     assert not missing, f"configs missing from the wheel: {missing}"
+    # Other non-Python files the package reads at run time (report templates, ...).
+    data = [p.relative_to(REPO).as_posix() for p in (REPO / "img_lightning").rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "configs" not in p.parts]
+    assert data and not [f for f in data if f not in names], data
 
 
 @pytest.mark.slow
