@@ -99,7 +99,11 @@ def source(shards: list[int], plan: ShardPlan, table: PairTable, extractor: Feat
             part, chunk = indices[start : start + step], raw[start : start + step]
             decoded = list(pool.map(_decode_pair, chunk)) if pool is not None else [_decode_pair(c) for c in chunk]
             items, skipped = [], []
-            for i, (winner, loser, reason) in zip(part, decoded):
+            for i, (winner, loser, reason), (w_bytes, l_bytes) in zip(part, decoded, chunk):
+                if reason is None and w_bytes == l_bytes:  # nothing to prefer: it would train ip_win == ip_lose
+                    skipped.append({"pair_id": table.pair_id[i], "source": table.source(i), "kind": "same_image",
+                                    "reason": "the two images have identical bytes"})
+                    continue
                 if reason is not None:
                     skipped.append({"pair_id": table.pair_id[i], "source": table.source(i), "kind": "bad_image",
                                     "reason": reason})
