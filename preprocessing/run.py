@@ -19,11 +19,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from img_lightning.cache.format import CACHE_DTYPES
+from img_lightning.cache.format import CACHE_DTYPES, GUIDANCE_DTYPES
 from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index, write_json_atomic
 from img_lightning.cache.writer import shard_is_complete
 from img_lightning.config.loading import ConfigError
-from img_lightning.config.preprocess import cache_key_of, recipe_of
+from img_lightning.config.preprocess import cache_key_of, guidance_dtype_name, recipe_of
 
 from .extract import FeatureExtractor
 from .pickapic import ImageFetcher, PairTable, ReaderError, scan_pairs
@@ -101,7 +101,8 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 def _write_shards(out: Path, shards: list[int], plan: ShardPlan, table: PairTable, extractor: FeatureExtractor,
-                  cache_key: str, dtype: torch.dtype, run_cfg, progress: bool, desc: str) -> ShardSink:
+                  cache_key: str, dtypes: tuple[torch.dtype, torch.dtype], run_cfg, progress: bool,
+                  desc: str) -> ShardSink:
     """Extract and write ``shards``; returns the sink (its counters say what was written)."""
     (out / REPORTS_DIR).mkdir(parents=True, exist_ok=True)
     bar = _progress(sum(len(plan.shard_pairs(k)) for k in shards), progress, desc)
@@ -112,7 +113,8 @@ def _write_shards(out: Path, shards: list[int], plan: ShardPlan, table: PairTabl
         else:
             bar.set_postfix(shards=f"{s.shards_written}/{len(shards)}", skipped=s.skipped)
 
-    sink = ShardSink(out, plan, cache_key, dtype, on_progress)
+    dtype, guidance_dtype = dtypes
+    sink = ShardSink(out, plan, cache_key, dtype, on_progress, guidance_dtype=guidance_dtype)
     overlap = _overlap(run_cfg, extractor)
     threads = int(run_cfg.decode_threads)
     with ThreadPoolExecutor(max_workers=threads) if threads > 1 else contextlib.nullcontext() as pool:
@@ -177,7 +179,6 @@ def validate_config(cfg) -> None:
     from .plan import SHUFFLES
 
     checks = [
-        ("cache.dtype", cfg.cache.dtype, sorted(CACHE_DTYPES)),
         ("cache.shuffle", cfg.cache.shuffle, SHUFFLES),
         ("encoders.mllm.backend", cfg.encoders.mllm.backend, sorted(BACKENDS)),
         ("encoders.mllm.image_mode", cfg.encoders.mllm.image_mode, IMAGE_MODES),
@@ -229,8 +230,9 @@ def run_preprocess(cfg, task_index: Optional[int] = None, num_tasks: Optional[in
         try:
             extractor = extractor or FeatureExtractor.from_config(cfg.encoders)
             t0 = time.perf_counter()
-            sink = _write_shards(out, todo, plan, table, extractor, cache_key, CACHE_DTYPES[cfg.cache.dtype],
-                                 cfg.run, progress, desc=f"task {task_index}/{num_tasks}")
+            dtypes = CACHE_DTYPES[cfg.cache.dtype.value], GUIDANCE_DTYPES[guidance_dtype_name(cfg)]
+            sink = _write_shards(out, todo, plan, table, extractor, cache_key, dtypes, cfg.run, progress,
+                                 desc=f"task {task_index}/{num_tasks}")
             shards_written, pairs_written, pairs_skipped = sink.shards_written, sink.written, sink.skipped
             seconds = time.perf_counter() - t0
         finally:

@@ -43,7 +43,7 @@ def _write(root, n=10, shard_size=4, dtype=torch.float16):
 def test_round_trip_padding_and_mask(tmp_path, dtype):
     samples = _write(tmp_path, dtype=dtype)
     view = CacheView.open(tmp_path)
-    assert view.num_samples == 10 and view.dtype == dtype
+    assert view.num_samples == 10 and view.guidance_dtype == view.ip_dtype == dtype and not view.quantized
     batch = BatchReader(view).read([7, 2, 9])
     lengths = [samples[i]["guidance"].shape[0] for i in (7, 2, 9)]
     assert batch["guidance"].shape == (3, max(lengths), 12)

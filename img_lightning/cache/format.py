@@ -9,7 +9,10 @@ A cache is a directory of WebDataset shards (plain POSIX tar) plus JSON side fil
 Each sample (one Pick-a-Pic preference pair) is two tar members sharing the sample key:
 
 * ``{key}.safetensors`` - ``guidance`` [T, D_mllm] (real tokens only, no padding), ``ip_lose``
-  [N, D] and ``ip_win`` [N, D], fp16 or bf16. Safetensors, so reading never unpickles anything.
+  [N, D] and ``ip_win`` [N, D], fp16 or bf16. With 8-bit guidance (format version 2),
+  ``guidance`` is float8_e4m3fn (safetensors ``F8_E4M3``) and ``guidance_scale`` [T] float32
+  holds one scale per token (see :mod:`img_lightning.cache.quant`); the IP tokens stay 16-bit.
+  Safetensors, so reading never unpickles anything.
 * ``{key}.json`` - metadata: ``pair_id``, ``caption``, ``winner_uid``, ``loser_uid``,
   ``winner_index`` (0 if ``jpg_0`` won), ``template_id``, ``num_tokens`` and whatever else the
   writer adds.
@@ -30,7 +33,10 @@ import torch
 from torch import Tensor
 
 FORMAT_NAME = "img-lightning-cache"
-FORMAT_VERSION = 1
+# 1: 16-bit tensors. 2: adds 8-bit guidance + per-token scales. A cache records the lowest version
+# that can read it, so a 16-bit cache stays readable by version-1 readers.
+FORMAT_VERSION = 2
+FP8_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 TENSOR_EXT = "safetensors"
 META_EXT = "json"
@@ -38,12 +44,17 @@ INDEX_SUFFIX = ".index.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 
 TENSOR_KEYS = ("guidance", "ip_lose", "ip_win")
+SCALE_KEY = "guidance_scale"  # per-token float32 scales of 8-bit guidance
 REQUIRED_META = ("pair_id", "caption", "winner_uid", "loser_uid", "template_id", "num_tokens")
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # IP tokens (and 16-bit guidance)
+FP8_DTYPE = torch.float8_e4m3fn
+GUIDANCE_DTYPES = {**CACHE_DTYPES, "float8_e4m3fn": FP8_DTYPE}
+SCALE_DTYPE = torch.float32
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 # safetensors dtype names -> torch
 _ST_DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
     "F32": torch.float32,
@@ -127,7 +138,21 @@ def encode_sample(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dic
         )
     if tensors["ip_lose"].shape != tensors["ip_win"].shape or tensors["ip_lose"].ndim != 2:
         raise ValueError("ip_lose and ip_win must both be [N, D] with equal shapes")
-    payload = save({k: tensors[k].detach().cpu().contiguous() for k in TENSOR_KEYS})
+    if guidance.dtype not in GUIDANCE_DTYPES.values():
+        raise ValueError(f"guidance must be one of {sorted(GUIDANCE_DTYPES)}, got {guidance.dtype}")
+    names = list(TENSOR_KEYS)
+    if guidance.dtype == FP8_DTYPE:
+        scale = tensors.get(SCALE_KEY)
+        if scale is None or scale.dtype != SCALE_DTYPE or tuple(scale.shape) != (guidance.shape[0],):
+            got = None if scale is None else (tuple(scale.shape), scale.dtype)
+            raise ValueError(f"8-bit guidance needs {SCALE_KEY} [{guidance.shape[0]}] float32, got {got}")
+        names.append(SCALE_KEY)
+    elif SCALE_KEY in tensors:
+        raise ValueError(f"{SCALE_KEY} belongs to 8-bit guidance only; guidance is {guidance.dtype}")
+    for name in ("ip_lose", "ip_win"):
+        if tensors[name].dtype not in CACHE_DTYPES.values():
+            raise ValueError(f"{name} must be float16 or bfloat16, got {tensors[name].dtype}")
+    payload = save({k: tensors[k].detach().cpu().contiguous() for k in names})
     meta_bytes = json.dumps(dict(meta), sort_keys=True, ensure_ascii=False).encode("utf-8")
     return {TENSOR_EXT: payload, META_EXT: meta_bytes}
 
@@ -146,6 +171,11 @@ def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, Tensor]
         flat = torch.frombuffer(payload, dtype=spec.dtype, count=count, offset=spec.begin)
         out[name] = flat.view(spec.shape)
     return out
+
+
+def format_version(tensors: Mapping[str, Any]) -> int:
+    """The lowest format version that can read a cache with this tensor spec (manifest ``tensors``)."""
+    return FP8_FORMAT_VERSION if tensors.get("guidance", {}).get("dtype") == "float8_e4m3fn" else 1
 
 
 def decode_meta(payload: bytes) -> dict[str, Any]:

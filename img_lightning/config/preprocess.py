@@ -8,10 +8,26 @@ that recipe by :func:`cache_key_of`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
 from ..cache.key import cache_key
 from .encoders import EncodersConfig, recipe_of_encoders
+
+
+class StoreDtype(Enum):
+    """16-bit storage dtypes (IP tokens, and guidance unless ``guidance_dtype`` says otherwise)."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class GuidanceDtype(Enum):
+    """Storage of the MLLM guidance, ~97 % of a cache's bytes (see README "Feature cache format")."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float8_e4m3fn = "float8_e4m3fn"  # 8-bit with one float32 scale per token: half the bytes
 
 
 @dataclass
@@ -27,7 +43,11 @@ class PreprocessDataConfig:
 
 @dataclass
 class CacheLayoutConfig:
-    dtype: str = "float16"  # stored tensor dtype: "float16" | "bfloat16" (cache key)
+    dtype: StoreDtype = StoreDtype.float16  # stored tensor dtype (cache key)
+    # Guidance storage (cache key); null: the same as `dtype`. float8_e4m3fn halves the bytes per
+    # pair (disk, loader and host-to-device traffic) at ~3 % rounding error per stored value; the
+    # aligner output moves far less (benchmarks/fp8_fidelity.py).
+    guidance_dtype: Optional[GuidanceDtype] = None
     shard_size: int = 256  # pairs per shard (layout only)
     seed: int = 0  # seed of the global pair -> shard permutation (layout only)
     # How the seeded global permutation is drawn (layout only; the features are the same):
@@ -73,8 +93,16 @@ def recipe_of(cfg) -> dict:
             "require_different": cfg.data.require_different,
             "limit": cfg.data.limit,
         },
-        "dtype": cfg.cache.dtype,
+        "dtype": cfg.cache.dtype.value,
+        # Only when it differs from `dtype`, so every 16-bit cache keeps the key it always had.
+        **({"guidance_dtype": guidance_dtype_name(cfg)} if guidance_dtype_name(cfg) != cfg.cache.dtype.value else {}),
     }
+
+
+def guidance_dtype_name(cfg) -> str:
+    """The effective guidance storage dtype of a preprocessing config, e.g. ``"float8_e4m3fn"``."""
+    g = cfg.cache.guidance_dtype
+    return g.value if g is not None else cfg.cache.dtype.value
 
 
 def cache_key_of(cfg) -> str:
