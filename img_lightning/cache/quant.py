@@ -10,8 +10,9 @@ token-to-token norm differences of LLM hidden states cost nothing. E4M3 keeps 3 
 over 2^-6 .. 448, i.e. a relative rounding error <= 2^-4 for every value within a factor ~28,000
 of its row's maximum, and an absolute error <= scale * 2^-10 below that. Special rows: an all-zero
 row gets scale 1 (q = 0, exact); a row whose maximum is below 448 x the smallest normal float32
-(~5e-36) gets that smallest normal as its scale, so no scale is ever 0 or subnormal (its values
-keep an absolute error below 1.2e-41). NaN/Inf inputs are refused, naming the sample: float8
+(~5e-36) gets that smallest normal (~1.2e-38) as its scale, so no scale is ever 0 or subnormal and
+the same bound holds (absolute error <= 2^-4 |x| + 1.2e-41). Very large rows (up to float32's
+maximum) keep a finite scale. NaN/Inf inputs are refused, naming the sample: the float8
 conversion would silently saturate an Inf to 448.
 """
 
