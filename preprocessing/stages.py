@@ -174,7 +174,8 @@ class ShardSink:
     cache_key: str
     dtype: torch.dtype
     on_progress: Callable[[int, "ShardSink"], None] = lambda n, sink: None
-    guidance_dtype: Optional[torch.dtype] = None  # None: dtype; float8_e4m3fn adds per-token scales
+    guidance_dtype: Optional[torch.dtype] = None  # None: dtype; float8_e4m3fn: see cache/quant.py
+    outlier_channels: int = 0  # with 8-bit guidance: channels per sample kept 16-bit
     shards_written: int = 0
     written: int = 0
     skipped: int = 0
@@ -195,7 +196,7 @@ class ShardSink:
             if item.batch is not None:
                 for it, tensors in zip(item.batch.items, feats or []):
                     try:
-                        stored = to_storage(tensors, self.dtype, self.guidance_dtype, it.pair_id)
+                        stored = to_storage(tensors, self.dtype, self.guidance_dtype, it.pair_id, self.outlier_channels)
                     except NonFiniteFeatures as err:
                         report["skipped"].append({"pair_id": it.pair_id, "source": it.meta["source"],
                                                   "kind": "nonfinite", "reason": str(err)})

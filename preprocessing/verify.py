@@ -4,8 +4,9 @@ Per shard: present, size and sha256 as the manifest says (the hash is computed w
 parsed, so each byte is read once), index file consistent, cache key, sample count, keys unique
 (across the whole cache), both members present, tensor names/dtypes/shapes as the manifest says,
 ``guidance`` length equal to the recorded ``num_tokens``, finite values, required metadata. For
-8-bit guidance also: ``guidance_scale`` present, float32, one per token, finite and > 0, and no
-float8 NaN code in ``guidance``.
+8-bit guidance also: ``guidance_scale`` present, float32, one per token, finite and > 0; no float8
+NaN code in ``guidance``; the outlier channels as the manifest says (count, dtype, ``[T, K]``) at
+distinct, increasing indices below the guidance width.
 Problems are collected, not raised: the report lists every one with its shard and sample.
 """
 
@@ -25,8 +26,12 @@ from img_lightning.cache.format import (
     CACHE_DTYPES,
     FP8_DTYPE,
     GUIDANCE_DTYPES,
+    INDEX_DTYPE,
     INDEX_SUFFIX,
     META_EXT,
+    OUTLIER_INDEX_KEY,
+    OUTLIER_KEY,
+    QUANT_KEYS,
     REQUIRED_META,
     SCALE_DTYPE,
     SCALE_KEY,
@@ -119,7 +124,8 @@ def _check_sample(name: str, key: str, payload: bytes, meta_bytes: bytes, spec: 
     if g_dtype is not None and g.dtype != g_dtype:
         out.problems.append(f"{where}: guidance dtype {g.dtype}, manifest says {g_dtype}")
     _check_scale(where, g, tensors.get(SCALE_KEY), out)
-    extra = sorted(set(tensors) - set(TENSOR_KEYS) - {SCALE_KEY})
+    _check_outliers(where, g, tensors, spec.get("guidance", {}).get("outliers", {}), out)
+    extra = sorted(set(tensors) - set(TENSOR_KEYS) - set(QUANT_KEYS))
     if extra:
         out.problems.append(f"{where}: unexpected tensors {extra}")
     if g.ndim != 2 or g.shape[1] != spec.get("guidance", {}).get("dim", g.shape[-1]):
@@ -154,6 +160,27 @@ def _check_scale(where: str, guidance: torch.Tensor, scale: Optional[torch.Tenso
     elif not scales_ok(scale):
         bad = [i for i, v in enumerate(scale.tolist()) if not 0 < v < float("inf")]
         out.problems.append(f"{where}: {SCALE_KEY} not finite and > 0 at {len(bad)} token(s) (first: {bad[0]})")
+
+
+def _check_outliers(where: str, guidance: torch.Tensor, tensors: dict, spec: dict, out: ShardCheck) -> None:
+    """The 16-bit outlier channels of 8-bit guidance, against the manifest's ``outliers`` entry."""
+    index, values = tensors.get(OUTLIER_INDEX_KEY), tensors.get(OUTLIER_KEY)
+    k = int(spec.get("channels", 0)) if guidance.dtype == FP8_DTYPE else 0
+    if k == 0:
+        if index is not None or values is not None:
+            out.problems.append(f"{where}: outlier channels present, the manifest lists none")
+        return
+    if index is None or values is None:
+        out.problems.append(f"{where}: {OUTLIER_INDEX_KEY}/{OUTLIER_KEY} missing (manifest: {k} channels)")
+        return
+    ids = index.tolist() if index.dtype == INDEX_DTYPE and index.ndim == 1 else None
+    if ids is None or len(ids) != k or ids != sorted(set(ids)) or not (0 <= ids[0] and ids[-1] < guidance.shape[-1]):
+        out.problems.append(f"{where}: {OUTLIER_INDEX_KEY} is not {k} distinct increasing int32 channels "
+                            f"below {guidance.shape[-1]}")
+    v_dtype = CACHE_DTYPES.get(spec.get("dtype") or "")
+    if tuple(values.shape) != (guidance.shape[0], k) or values.dtype != v_dtype:
+        out.problems.append(f"{where}: {OUTLIER_KEY} is {tuple(values.shape)} {values.dtype}, expected "
+                            f"({guidance.shape[0]}, {k}) {v_dtype}")
 
 
 def check_shard(root: str, entry: dict, cache_key: str, spec: dict) -> ShardCheck:

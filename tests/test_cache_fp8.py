@@ -15,14 +15,16 @@ from safetensors.torch import load as st_load
 
 from img_lightning.cache import BatchReader, CacheView, CacheWriter, Manifest
 from img_lightning.cache.finite import has_nonfinite
-from img_lightning.cache.format import FP8_DTYPE, SCALE_KEY
+from img_lightning.cache.format import FP8_DTYPE, OUTLIER_INDEX_KEY, OUTLIER_KEY, SCALE_KEY
 from img_lightning.cache.manifest import finalize_manifest
 from img_lightning.cache.quant import (
     FP8_MAX,
     NonFiniteFeatures,
     dequantize_batch,
     dequantize_fp8,
+    dequantize_guidance,
     quantize_fp8,
+    quantize_guidance,
     to_storage,
 )
 from img_lightning.cache.writer import ShardWriter
@@ -39,11 +41,23 @@ def _within_fp8_bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> 
     return bool((err <= bound * (1 + 1e-6)).all())
 
 
+def _stored_within_bound(x: torch.Tensor, stored: dict) -> bool:
+    """The fp8 bound on the 8-bit channels; 16-bit rounding (2^-11 relative) on the outlier ones."""
+    err = (dequantize_guidance(stored).double() - x.double()).abs()
+    bound = x.double().abs() * 2**-4 + stored[SCALE_KEY].double()[:, None] * 2**-10
+    if OUTLIER_INDEX_KEY in stored:
+        idx = stored[OUTLIER_INDEX_KEY].long()
+        bound[:, idx] = x.double().abs()[:, idx] * 2**-11
+    return bool((err <= bound * (1 + 1e-6)).all())
+
+
 def _features(t: int, d: int, seed: int) -> torch.Tensor:
-    """Hidden-state-like rows: varied norms and one channel ~300x larger than the rest."""
+    """Hidden-state-like rows: varied norms, two fixed channels ~300x and ~170x larger than the rest."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, d, generator=g) * torch.rand(t, 1, generator=g).mul(4).add(0.1)
-    x[:, 3] *= 300.0
+    norms = torch.rand(t, 1, generator=g).mul(4).add(0.1)
+    x = torch.randn(t, d, generator=g) * norms
+    x[:, 3] = 300.0 * norms[:, 0]
+    x[:, 9] = -170.0 * norms[:, 0]
     return x
 
 
@@ -51,14 +65,14 @@ def _meta(key: str, t: int) -> dict:
     return {"pair_id": key, "caption": "c", "winner_uid": "w", "loser_uid": "l", "template_id": 0, "num_tokens": t}
 
 
-def _write_fp8(root: Path, n: int = 7, shard_size: int = 3, d: int = 16):
+def _write_fp8(root: Path, n: int = 7, shard_size: int = 3, d: int = 64, outliers: int = 4):
     originals = {}
     with CacheWriter(root, "fp8key", {"r": "fp8"}, shard_size=shard_size) as w:
         for i in range(n):
             t = 2 + (3 * i) % 7
             raw = {"guidance": _features(t, d, i), "ip_lose": torch.randn(4, 8), "ip_win": torch.randn(4, 8)}
             key = f"f{i:03d}" + ("-long" * 24 if i == 2 else "")  # one name over 100 bytes (PAX header)
-            stored = to_storage(raw, torch.float16, FP8_DTYPE, key)
+            stored = to_storage(raw, torch.float16, FP8_DTYPE, key, outlier_channels=outliers)
             w.write(key, stored, _meta(key, t))
             originals[i] = (raw, stored)
     return originals
@@ -97,8 +111,14 @@ def test_16_bit_overflow_is_refused_naming_the_sample():
     tensors = {"guidance": torch.full((2, 4), 7e4), "ip_lose": torch.zeros(2, 2), "ip_win": torch.zeros(2, 2)}
     with pytest.raises(NonFiniteFeatures, match=r"sample 'p9': guidance has NaN/Inf values in torch.float16"):
         to_storage(tensors, torch.float16, None, "p9")
-    stored = to_storage(tensors, torch.float16, FP8_DTYPE, "p9")  # 8-bit with a float32 scale holds it
-    torch.testing.assert_close(dequantize_fp8(stored["guidance"], stored[SCALE_KEY]), tensors["guidance"])
+    # 8-bit guidance with a float32 scale holds it; its 16-bit outlier channels do not in float16 ...
+    stored = to_storage(tensors, torch.float16, FP8_DTYPE, "p9", outlier_channels=0)
+    torch.testing.assert_close(dequantize_guidance(stored), tensors["guidance"])
+    with pytest.raises(NonFiniteFeatures, match=r"sample 'p9': guidance: an outlier channel overflows torch.float16"):
+        to_storage(tensors, torch.float16, FP8_DTYPE, "p9", outlier_channels=2)
+    # ... but do in bfloat16 (the FLUX recipe's dtype)
+    stored = to_storage(tensors, torch.bfloat16, FP8_DTYPE, "p9", outlier_channels=2)
+    torch.testing.assert_close(dequantize_guidance(stored), tensors["guidance"], rtol=2**-8, atol=0)
 
 
 def test_very_large_values_keep_a_finite_scale():
@@ -118,6 +138,22 @@ def test_subnormal_range_values_never_give_a_zero_or_subnormal_scale():
     assert torch.all(scale[:3] == TINY_NORMAL)  # max|x| below 448 x the smallest normal: clamped
     assert float((dequantize_fp8(q, scale) - x)[:2].abs().max()) < 2e-41
     assert scale[3] == pytest.approx(1e-35 / FP8_MAX, rel=1e-6)  # a normal-range scale
+
+
+def test_outlier_channels_keep_massive_activations_at_16_bits():
+    x = _features(50, 64, 1)  # channels 3 and 9 are ~300x and ~170x the others
+    plain = dequantize_fp8(*quantize_fp8(x))
+    stored = quantize_guidance(x, outlier_channels=4)
+    index = stored[OUTLIER_INDEX_KEY]
+    assert index.dtype == torch.int32 and {3, 9} <= set(index.tolist()) and index.tolist() == sorted(index.tolist())
+    assert torch.equal(stored[OUTLIER_KEY], x[:, index.long()].half())
+    assert torch.all(stored["guidance"][:, index.long()].float() == 0)
+    assert _stored_within_bound(x, stored)
+    # the massive channel no longer sets the per-token scale, so every channel is rounded finer
+    assert stored[SCALE_KEY].median() < (x.abs().amax(1) / FP8_MAX).median() / 10
+    # The second massive channel: a 16-bit instead of a 3-bit mantissa (the largest is exact either way).
+    kept_err = (dequantize_guidance(stored)[:, 9] - x[:, 9]).norm()
+    assert kept_err < (plain[:, 9] - x[:, 9]).norm() / 20
 
 
 def test_dequantize_batch_leaves_16_bit_batches_and_its_input_alone():
@@ -153,26 +189,31 @@ def test_fp8_nan_codes_are_found_and_saturated_values_are_not():
 
 
 # -------------------------------------------------------------------------- cache round trip
-def test_fp8_cache_round_trip_through_our_reader(tmp_path):
-    originals = _write_fp8(tmp_path)
+@pytest.mark.parametrize("outliers", [4, 0])
+def test_fp8_cache_round_trip_through_our_reader(tmp_path, outliers):
+    originals = _write_fp8(tmp_path, outliers=outliers)
     manifest = Manifest.load(tmp_path)
     assert manifest.version == 2
-    assert manifest.tensors["guidance"] == {"dtype": "float8_e4m3fn", "dim": 16,
-                                            "scale": {"dtype": "float32", "per": "token"}}
+    assert manifest.tensors["guidance"] == {
+        "dtype": "float8_e4m3fn", "dim": 64, "scale": {"dtype": "float32", "per": "token"},
+        "outliers": {"channels": outliers, "dtype": "float16" if outliers else None}}
     assert manifest.tensors["ip"] == {"dtype": "float16", "shape": [4, 8]}
     view = CacheView.open(tmp_path)
     assert view.quantized and view.guidance_dtype == FP8_DTYPE and view.ip_dtype == torch.float16
     order = [5, 2, 0, 6]
     batch = BatchReader(view).read(order)
     assert batch["guidance"].dtype == FP8_DTYPE and batch[SCALE_KEY].dtype == torch.float32
+    assert (OUTLIER_KEY in batch) == bool(outliers)
     assert int(batch["num_bad"]) == 0 and batch["index"].tolist() == order
     widened = dequantize_batch(batch)["guidance"]
     for row, i in enumerate(order):
         raw, stored = originals[i]
         t = raw["guidance"].shape[0]
-        assert torch.equal(batch["guidance"][row, :t].view(torch.uint8), stored["guidance"].view(torch.uint8))
-        assert torch.equal(batch[SCALE_KEY][row, :t], stored[SCALE_KEY])
-        assert _within_fp8_bound(raw["guidance"], batch["guidance"][row, :t], batch[SCALE_KEY][row, :t])
+        for name, value in stored.items():  # every stored byte lands in the batch unchanged
+            got = batch[name][row, :t] if name in ("guidance", SCALE_KEY, OUTLIER_KEY) else batch[name][row]
+            assert torch.equal(got.view(torch.uint8), value.view(torch.uint8)), name
+        assert _stored_within_bound(raw["guidance"], stored)
+        torch.testing.assert_close(widened[row, :t], dequantize_guidance(stored), rtol=0, atol=0)
         assert torch.all(widened[row, t:] == 0) and torch.all(batch[SCALE_KEY][row, t:] == 0)
         assert int(batch["guidance_mask"][row].sum()) == t
         assert torch.equal(batch["ip_win"][row], raw["ip_win"].half())
@@ -226,13 +267,18 @@ def _rewrite_last_shard_with(root: Path, key: str, tensors: dict) -> None:
     finalize_manifest(root, manifest.cache_key, manifest.recipe)
 
 
+def _bad_sample(**changes) -> dict:
+    stored = quantize_guidance(_features(5, 64, 99), outlier_channels=4)
+    stored.update(ip_lose=torch.zeros(4, 8).half(), ip_win=torch.zeros(4, 8).half())
+    for name, fn in changes.items():
+        fn(stored[name])
+    return stored
+
+
 @pytest.mark.parametrize("bad_scale", [0.0, float("nan"), float("inf"), -1.0])
 def test_verify_and_reader_catch_a_corrupt_scale(tmp_path, caplog, bad_scale):
     _write_fp8(tmp_path)
-    q, scale = quantize_fp8(_features(5, 16, 99))
-    scale[3] = bad_scale
-    _rewrite_last_shard_with(tmp_path, "badscale", {"guidance": q, SCALE_KEY: scale,
-                                                    "ip_lose": torch.zeros(4, 8).half(), "ip_win": torch.zeros(4, 8).half()})
+    _rewrite_last_shard_with(tmp_path, "badscale", _bad_sample(guidance_scale=lambda s: s.__setitem__(3, bad_scale)))
     report = verify_cache(tmp_path)
     assert not report.ok
     assert any("sample 'badscale'" in p and "guidance_scale" in p and "token(s) (first: 3)" in p for p in report.problems)
@@ -243,12 +289,21 @@ def test_verify_and_reader_catch_a_corrupt_scale(tmp_path, caplog, bad_scale):
     assert "badscale" in caplog.text and "guidance_scale" in caplog.text
 
 
+@pytest.mark.parametrize("bad_index", [[1, 1, 5, 9], [0, 3, 9, 64], [-1, 0, 3, 9]])
+def test_verify_and_reader_catch_a_bad_outlier_index(tmp_path, caplog, bad_index):
+    _write_fp8(tmp_path)
+    _rewrite_last_shard_with(tmp_path, "badindex", _bad_sample(
+        guidance_outlier_index=lambda i: i.copy_(torch.tensor(bad_index, dtype=torch.int32))))
+    assert any("sample 'badindex'" in p and "guidance_outlier_index" in p for p in verify_cache(tmp_path).problems)
+    view = CacheView.open(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        batch = BatchReader(view).read(range(view.num_samples))
+    assert int(batch["num_bad"]) == 1 and "badindex" in caplog.text
+
+
 def test_reader_drops_fp8_nan_codes(tmp_path, caplog):
     _write_fp8(tmp_path)
-    q, scale = quantize_fp8(_features(4, 16, 5))
-    q.view(torch.uint8)[1, 7] = 0x7F
-    _rewrite_last_shard_with(tmp_path, "nancode", {"guidance": q, SCALE_KEY: scale,
-                                                   "ip_lose": torch.zeros(4, 8).half(), "ip_win": torch.zeros(4, 8).half()})
+    _rewrite_last_shard_with(tmp_path, "nancode", _bad_sample(guidance=lambda q: q.view(torch.uint8)[1].__setitem__(7, 0x7F)))
     view = CacheView.open(tmp_path)
     with caplog.at_level(logging.WARNING):
         batch = BatchReader(view).read(range(view.num_samples))

@@ -6,8 +6,8 @@ space. :class:`BatchReader` reads each sample with one ``preadv`` straight into 
 padded batch (pinned memory when feeding a GPU), so tensor bytes are copied exactly once: kernel
 page cache to batch. There is no decode step and no inter-process hand-off (see data/loader.py for
 why the loader uses threads rather than worker processes). 8-bit guidance stays 8-bit here: the
-batch carries ``guidance`` (float8) and ``guidance_scale``, dequantised after the copy to the
-device (:func:`img_lightning.cache.quant.dequantize_batch`).
+batch carries ``guidance`` (float8), ``guidance_scale`` and the 16-bit outlier channels, widened
+after the copy to the device (:func:`img_lightning.cache.quant.dequantize_batch`).
 
 Every sample is checked for NaN/Inf right after its read, while its bytes are still in the CPU
 cache (:mod:`img_lightning.cache.finite`); a non-finite sample is dropped from its batch and
@@ -36,6 +36,9 @@ from .format import (
     CACHE_DTYPES,
     FP8_DTYPE,
     GUIDANCE_DTYPES,
+    INDEX_DTYPE,
+    OUTLIER_INDEX_KEY,
+    OUTLIER_KEY,
     SCALE_DTYPE,
     SCALE_KEY,
     TENSOR_EXT,
@@ -110,6 +113,20 @@ class CacheView:
     def quantized(self) -> bool:
         """True when guidance is 8-bit and batches carry ``guidance_scale``."""
         return self.guidance_dtype == FP8_DTYPE
+
+    @property
+    def outlier_channels(self) -> int:
+        """Channels per sample kept 16-bit beside 8-bit guidance (0: none, or 16-bit guidance)."""
+        return int(self.manifest.tensors["guidance"].get("outliers", {}).get("channels", 0)) if self.quantized else 0
+
+    @property
+    def outlier_dtype(self) -> Optional[torch.dtype]:
+        if not self.outlier_channels:
+            return None
+        name = self.manifest.tensors["guidance"]["outliers"].get("dtype")
+        if name not in CACHE_DTYPES:
+            raise CacheFormatError(f"{self.root}: unsupported outlier-channel dtype {name!r}")
+        return CACHE_DTYPES[name]
 
     @classmethod
     def open(cls, root: str | Path, verify_checksums: bool = False) -> "CacheView":
@@ -240,6 +257,13 @@ class BufferPool:
         return out
 
 
+def _valid_index(index: Tensor, dim: int) -> bool:
+    """Outlier channel indices: strictly increasing (so distinct) and within ``[0, dim)``: a bad
+    one would make the scatter on the device fail far from here, or write the wrong channel."""
+    ids = index.numpy()
+    return bool(ids[0] >= 0) and bool(ids[-1] < dim) and bool((ids[1:] > ids[:-1]).all())
+
+
 def _byte_view(t: Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
@@ -272,6 +296,7 @@ class BatchReader:
         self.guidance_dtype = view.guidance_dtype
         self.ip_dtype = view.ip_dtype
         self.quantized = view.quantized
+        self.outliers, self.outlier_dtype = view.outlier_channels, view.outlier_dtype
         self.guidance_dim = view.guidance_dim
         self.ip_shape = view.ip_shape
 
@@ -301,6 +326,9 @@ class BatchReader:
                   "ip_lose": ((n, d), self.ip_dtype), "ip_win": ((n, d), self.ip_dtype)}
         if self.quantized:
             wanted[SCALE_KEY] = ((t,), SCALE_DTYPE)
+        if self.outliers:
+            wanted[OUTLIER_INDEX_KEY] = ((self.outliers,), INDEX_DTYPE)
+            wanted[OUTLIER_KEY] = ((t, self.outliers), self.outlier_dtype)
         return wanted
 
     def _locate(self, i: int):
@@ -333,7 +361,8 @@ class BatchReader:
     def read(self, indices: Sequence[int], pin_memory: bool = False) -> dict[str, Tensor]:
         """Batch dict: ``guidance`` [B, T_max, D], ``guidance_mask`` [B, T_max] (True = real token),
         ``ip_lose``/``ip_win`` [B, N, D], ``index`` [B] and ``num_bad`` (samples dropped as corrupt
-        or non-finite); with 8-bit guidance also ``guidance_scale`` [B, T_max] (0 on padding)."""
+        or non-finite); with 8-bit guidance also ``guidance_scale`` [B, T_max] (0 on padding) and,
+        with outlier channels, ``guidance_outlier_index`` [B, K], ``guidance_outlier`` [B, T_max, K]."""
         located, good = [], []
         for i in indices:
             try:
@@ -351,18 +380,24 @@ class BatchReader:
         if self.quantized:
             names.append(SCALE_KEY)
             specs.append(((b, t_max), SCALE_DTYPE))
+        if self.outliers:
+            names += [OUTLIER_INDEX_KEY, OUTLIER_KEY]
+            specs += [((b, self.outliers), INDEX_DTYPE), ((b, t_max, self.outliers), self.outlier_dtype)]
         if self.pool is not None and not pin_memory:
             tensors = self.pool.tensors(specs)
         else:
             tensors = [torch.empty(sh, dtype=dt, pin_memory=pin_memory) for sh, dt in specs]
         batch = dict(zip(names, tensors))
         guidance, mask, scale = batch["guidance"], batch["guidance_mask"], batch.get(SCALE_KEY)
+        index, outliers = batch.get(OUTLIER_INDEX_KEY), batch.get(OUTLIER_KEY)
         keep = []
         for row, ((fd, off, specs), t) in enumerate(zip(located, lengths)):
             parts = [("guidance", guidance[row, :t]), ("ip_lose", batch["ip_lose"][row]),
                      ("ip_win", batch["ip_win"][row])]
             if scale is not None:
                 parts.append((SCALE_KEY, scale[row, :t]))
+            if index is not None:
+                parts += [(OUTLIER_INDEX_KEY, index[row]), (OUTLIER_KEY, outliers[row, :t])]
             try:
                 parts.sort(key=lambda p: specs[p[0]].begin)
                 contiguous = all(specs[a].end == specs[b].begin for (a, _), (b, _) in zip(parts, parts[1:]))
@@ -371,11 +406,14 @@ class BatchReader:
                 else:
                     for name, dest in parts:
                         _pread_into(fd, [dest], off + specs[name].begin)
-                bad = [name for name, dest in parts if has_nonfinite(dest)]
+                bad = [name for name, dest in parts if dest.is_floating_point() and has_nonfinite(dest)]
                 if scale is not None and SCALE_KEY not in bad and not scales_ok(scale[row, :t]):
                     bad.append(SCALE_KEY)
                 if bad:
                     raise CacheFormatError(f"non-finite values in {', '.join(sorted(bad))}")
+                if index is not None and not _valid_index(index[row], self.guidance_dim):
+                    raise CacheFormatError(f"{OUTLIER_INDEX_KEY} is not {self.outliers} distinct channels "
+                                           f"below {self.guidance_dim}")
             except (CacheFormatError, OSError) as err:
                 self._report_bad(good[row], err)
                 continue
@@ -384,6 +422,8 @@ class BatchReader:
             guidance[row, t:].view(torch.uint8).numpy().fill(0)
             if scale is not None:
                 scale[row, t:].view(torch.uint8).numpy().fill(0)
+            if outliers is not None:
+                outliers[row, t:].view(torch.uint8).numpy().fill(0)
             row_mask = mask[row].numpy()
             row_mask[:t] = True
             row_mask[t:] = False

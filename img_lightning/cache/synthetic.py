@@ -15,18 +15,20 @@ import torch
 from .format import CACHE_DTYPES, GUIDANCE_DTYPES
 from .key import cache_key
 from .manifest import Manifest
-from .quant import to_storage
+from .quant import DEFAULT_OUTLIER_CHANNELS, to_storage
 from .writer import CacheWriter
 
 
 def synthetic_recipe(guidance_dim: int, ip_tokens: int, ip_dim: int, task_seed: int, dtype: str,
-                     guidance_dtype: Optional[str] = None) -> dict:
+                     guidance_dtype: Optional[str] = None, outlier_channels: int = DEFAULT_OUTLIER_CHANNELS) -> dict:
     recipe = {
         "synthetic": {"guidance_dim": guidance_dim, "ip_tokens": ip_tokens, "ip_dim": ip_dim, "task_seed": task_seed},
         "dtype": dtype,
     }
     if guidance_dtype not in (None, dtype):  # as in config.preprocess.recipe_of: 16-bit keys unchanged
         recipe["guidance_dtype"] = guidance_dtype
+        if guidance_dtype == "float8_e4m3fn":
+            recipe["fp8_outlier_channels"] = outlier_channels
     return recipe
 
 
@@ -44,6 +46,7 @@ def write_synthetic_cache(
     task_seed: int = 0,
     dtype: str = "float16",
     guidance_dtype: Optional[str] = None,
+    outlier_channels: int = DEFAULT_OUTLIER_CHANNELS,
     guidance_weight: float = 0.5,
     loser_weight: float = 0.3,
     noise: float = 0.05,
@@ -56,7 +59,7 @@ def write_synthetic_cache(
     proj_h = torch.randn(guidance_dim, ip_dim, generator=task) / guidance_dim**0.5
     proj_l = torch.randn(ip_dim, ip_dim, generator=task) / ip_dim**0.5
     gen = torch.Generator().manual_seed(seed)
-    recipe = synthetic_recipe(guidance_dim, ip_tokens, ip_dim, task_seed, dtype, guidance_dtype)
+    recipe = synthetic_recipe(guidance_dim, ip_tokens, ip_dim, task_seed, dtype, guidance_dtype, outlier_channels)
     store = CACHE_DTYPES[dtype]
     guidance_store = GUIDANCE_DTYPES[guidance_dtype or dtype]
     with CacheWriter(out_dir, cache_key(recipe), recipe, shard_size=shard_size) as writer:
@@ -80,6 +83,7 @@ def write_synthetic_cache(
                 "template_id": i % 100,
                 "num_tokens": t,
             }
-            stored = to_storage({"guidance": h, "ip_lose": lose, "ip_win": win}, store, guidance_store, key)
+            stored = to_storage({"guidance": h, "ip_lose": lose, "ip_win": win}, store, guidance_store, key,
+                                outlier_channels)
             writer.write(key, stored, meta)
     return Manifest.load(out_dir)

@@ -21,7 +21,18 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor
 
-from .format import FP8_DTYPE, META_EXT, SCALE_KEY, SHARD_PATTERN, TENSOR_EXT, TENSOR_KEYS, check_key, encode_sample
+from .format import (
+    FP8_DTYPE,
+    META_EXT,
+    OUTLIER_KEY,
+    QUANT_KEYS,
+    SCALE_KEY,
+    SHARD_PATTERN,
+    TENSOR_EXT,
+    TENSOR_KEYS,
+    check_key,
+    encode_sample,
+)
 from .manifest import (
     Manifest,
     SampleRecord,
@@ -45,6 +56,9 @@ def _tensor_spec(tensors: Mapping[str, Tensor]) -> dict:
     guidance = {"dtype": _dtype_name(g.dtype), "dim": int(g.shape[1])}
     if g.dtype == FP8_DTYPE:
         guidance["scale"] = {"dtype": _dtype_name(tensors[SCALE_KEY].dtype), "per": "token"}
+        outliers = tensors.get(OUTLIER_KEY)
+        guidance["outliers"] = {"channels": 0 if outliers is None else int(outliers.shape[1]),
+                                "dtype": None if outliers is None else _dtype_name(outliers.dtype)}
     return {"guidance": guidance, "ip": {"dtype": _dtype_name(ip.dtype), "shape": [int(s) for s in ip.shape]}}
 
 
@@ -111,7 +125,7 @@ class ShardWriter:
             self.tensors = spec
         elif spec != self.tensors:
             raise ValueError(f"{self.path}: sample {key!r} has tensors {spec}, shard started with {self.tensors}")
-        members = encode_sample({k: tensors[k] for k in (*TENSOR_KEYS, SCALE_KEY) if k in tensors}, meta)
+        members = encode_sample({k: tensors[k] for k in (*TENSOR_KEYS, *QUANT_KEYS) if k in tensors}, meta)
         meta_bytes, payload = members[META_EXT], members[TENSOR_EXT]
         meta_offset = self._add(f"{key}.{META_EXT}", meta_bytes)
         offset = self._add(f"{key}.{TENSOR_EXT}", payload)

@@ -48,6 +48,9 @@ class CacheLayoutConfig:
     # pair (disk, loader and host-to-device traffic) at ~3 % rounding error per stored value; the
     # aligner output moves far less (benchmarks/fp8_fidelity.py).
     guidance_dtype: Optional[GuidanceDtype] = None
+    # With float8 guidance: the channels of each sample kept at `dtype` (the largest ones, where
+    # LLM "massive activations" live; 8 cost ~0.3 % of the bytes). Cache key when float8.
+    fp8_outlier_channels: int = 8
     shard_size: int = 256  # pairs per shard (layout only)
     seed: int = 0  # seed of the global pair -> shard permutation (layout only)
     # How the seeded global permutation is drawn (layout only; the features are the same):
@@ -94,15 +97,26 @@ def recipe_of(cfg) -> dict:
             "limit": cfg.data.limit,
         },
         "dtype": cfg.cache.dtype.value,
-        # Only when it differs from `dtype`, so every 16-bit cache keeps the key it always had.
-        **({"guidance_dtype": guidance_dtype_name(cfg)} if guidance_dtype_name(cfg) != cfg.cache.dtype.value else {}),
+        **_guidance_storage(cfg),
     }
 
 
-def guidance_dtype_name(cfg) -> str:
-    """The effective guidance storage dtype of a preprocessing config, e.g. ``"float8_e4m3fn"``."""
-    g = cfg.cache.guidance_dtype
-    return g.value if g is not None else cfg.cache.dtype.value
+def _guidance_storage(cfg) -> dict:
+    """Recipe entries of the guidance storage, only when it differs from ``cache.dtype``, so every
+    16-bit cache keeps the key it always had."""
+    name = guidance_dtype_name(cfg.cache)
+    if name == cfg.cache.dtype.value:
+        return {}
+    out = {"guidance_dtype": name}
+    if name == GuidanceDtype.float8_e4m3fn.value:
+        out["fp8_outlier_channels"] = int(cfg.cache.fp8_outlier_channels)
+    return out
+
+
+def guidance_dtype_name(cache_cfg) -> str:
+    """The effective guidance storage dtype of a ``cache`` config block, e.g. ``"float8_e4m3fn"``."""
+    g = cache_cfg.guidance_dtype
+    return g.value if g is not None else cache_cfg.dtype.value
 
 
 def cache_key_of(cfg) -> str:
