@@ -6,7 +6,8 @@
 
 Measured: caches of full-size samples (LLaVA-13B guidance 656 x 5120 + 2 x 16 x 2048 IP tokens) are
 written with the real writer, once with float16 guidance and once with float8_e4m3fn guidance +
-per-token float32 scales; (tar + index files + manifest) / raw tensor bytes - 1 is the format
+per-token float32 scales + 8 outlier channels kept 16-bit; (tar + index files + manifest) / raw
+tensor bytes - 1 is the format
 overhead, (bytes on disk per pair, fp8) / (fp16) the saving. Projected: for each
 configs/preprocess/*.yaml recipe (the tiny demo excepted), raw bytes per pair from its encoders'
 shapes plus the measured fixed per-pair overhead, for both guidance dtypes, times the number of
@@ -37,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from img_lightning.cache import CacheWriter, Manifest, cache_key  # noqa: E402
 from img_lightning.cache.format import FP8_DTYPE  # noqa: E402
-from img_lightning.cache.quant import to_storage  # noqa: E402
+from img_lightning.cache.quant import DEFAULT_OUTLIER_CHANNELS, to_storage  # noqa: E402
 from img_lightning.config.loading import load_config  # noqa: E402
 from img_lightning.config.preprocess import PreprocessConfig  # noqa: E402
 
@@ -119,8 +120,14 @@ def recipe_shapes(name: str, cfg, text_tokens: int, image_side: int, explicit: d
     return hidden, image_tokens + text_tokens, IP_SHAPE[kind], DTYPE_BYTES[_value(cfg.cache.dtype)], note
 
 
-def raw_bytes(tokens: int, hidden: int, ip: tuple[int, int], elsize: int, fp8: bool) -> int:
-    guidance = tokens * hidden + 4 * tokens if fp8 else tokens * hidden * elsize
+def raw_bytes(tokens: int, hidden: int, ip: tuple[int, int], elsize: int, fp8: bool,
+              outliers: int = DEFAULT_OUTLIER_CHANNELS) -> int:
+    """Tensor bytes of one pair; 8-bit guidance: 1 B per value, a float32 scale per token, and the
+    16-bit outlier channels (values + int32 indices)."""
+    if fp8:
+        guidance = tokens * hidden + 4 * tokens + tokens * outliers * elsize + 4 * outliers
+    else:
+        guidance = tokens * hidden * elsize
     return guidance + 2 * ip[0] * ip[1] * elsize
 
 
@@ -165,8 +172,8 @@ def main(argv=None) -> int:
         disk = measure(args.measure_pairs, tokens, hidden, ip, fp8)
         raw = raw_bytes(tokens, hidden, ip, 2, fp8)
         fixed[fp8] = disk - raw
-        label = "float8_e4m3fn + scales" if fp8 else "float16"
-        print(f"  guidance {label:<22} raw tensor bytes/pair {raw:>10,.0f}; on disk {disk:>10,.0f} "
+        label = "float8_e4m3fn (+scales, 8 ch.)" if fp8 else "float16"
+        print(f"  guidance {label:<30} raw tensor bytes/pair {raw:>10,.0f}; on disk {disk:>10,.0f} "
               f"(tar + index + manifest); overhead {100 * (disk / raw - 1):.3f}% ({fixed[fp8]:,.0f} B/pair)")
         fixed[(fp8, "disk")] = disk
     print(f"  measured ratio fp8 / fp16 bytes on disk per pair: {fixed[(True, 'disk')] / fixed[(False, 'disk')]:.4f}")

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import img_lightning.cache.reader as reader_module  # noqa: E402
 from img_lightning.cache import CacheView, CacheWriter, Manifest, cache_key  # noqa: E402
-from img_lightning.cache.format import FP8_DTYPE, SCALE_KEY  # noqa: E402
-from img_lightning.cache.quant import quantize_fp8  # noqa: E402
+from img_lightning.cache.format import OUTLIER_INDEX_KEY, OUTLIER_KEY, SCALE_KEY  # noqa: E402
+from img_lightning.cache.quant import quantize_guidance  # noqa: E402
 from img_lightning.config.loading import load_config  # noqa: E402
 from img_lightning.config.train import TrainConfig  # noqa: E402
 from img_lightning.data import ExpectedFeatures, FeatureCacheDataModule  # noqa: E402
@@ -53,17 +53,15 @@ def build_cache(root: Path, pairs: int, guidance_dim: int, ip_tokens: int, ip_di
     rng = np.random.default_rng(0)
     # Random values are as good as features for I/O; make them once and slice.
     pool = torch.from_numpy(rng.standard_normal((tokens[1] + 2 * ip_tokens) * guidance_dim).astype(np.float16))
-    guidance = pool[: tokens[1] * guidance_dim].view(tokens[1], guidance_dim)
-    scale = None
+    guidance = {"guidance": pool[: tokens[1] * guidance_dim].view(tokens[1], guidance_dim)}
     if fp8:
-        guidance, scale = quantize_fp8(guidance)
+        guidance = quantize_guidance(guidance["guidance"])  # 8-bit + scales + 16-bit outlier channels
     with CacheWriter(root, cache_key(recipe), recipe, shard_size=32) as writer:
         for i in range(pairs):
             t = int(rng.integers(tokens[0], tokens[1] + 1))
             ip = pool[-2 * ip_tokens * ip_dim :].view(2, ip_tokens, ip_dim)
-            tensors = {"guidance": guidance[:t], "ip_lose": ip[0], "ip_win": ip[1]}
-            if scale is not None:
-                tensors[SCALE_KEY] = scale[:t]
+            tensors = {k: v if k == OUTLIER_INDEX_KEY else v[:t] for k, v in guidance.items()}
+            tensors.update(ip_lose=ip[0], ip_win=ip[1])
             meta = {"pair_id": str(i), "caption": "benchmark", "winner_uid": "w", "loser_uid": "l",
                     "template_id": 0, "num_tokens": t}
             writer.write(f"b{i:07d}", tensors, meta)
@@ -105,6 +103,9 @@ def loader_throughput(root: Path, key: str, dims: tuple[int, int, int], workers:
             payload += real_tokens * dims[0] * b["guidance"].element_size() + 2 * n * dims[1] * dims[2] * b["ip_lose"].element_size()
             if SCALE_KEY in b:
                 payload += real_tokens * b[SCALE_KEY].element_size()
+            if OUTLIER_KEY in b:
+                k = b[OUTLIER_KEY].shape[-1]
+                payload += real_tokens * k * b[OUTLIER_KEY].element_size() + n * k * b[OUTLIER_INDEX_KEY].element_size()
             pairs += n
         elapsed = time.perf_counter() - start
         if epoch > 0:
@@ -232,10 +233,10 @@ def main(argv=None) -> int:
         print("\nfp8 / fp16 pairs/s (same pairs, same loader):  "
               + "  ".join(f"{w} workers {results['fp8']['pairs_per_s'][w] / results['fp16']['pairs_per_s'][w]:.2f}"
                           for w in args.workers))
-    first = next(iter(results.values()))
-    if not args.no_naive and FP8_DTYPE != CacheView.open(next(iter(caches.values()))).guidance_dtype:
+    label, first = next(iter(results.items()))
+    if not args.no_naive and not CacheView.open(caches[label]).quantized:  # its collate knows 16-bit only
         naive = naive_webdataset_gbps(first["paths"], first["dims"], args.batch_size, args.repeats)
-        print(f"(c) webdataset + safetensors + DataLoader(1 worker process), first cache: {naive:.2f} GB/s, "
+        print(f"(c) webdataset + safetensors + DataLoader(1 worker process), {label} cache: {naive:.2f} GB/s, "
               f"b/a {naive / first['raw']:.2f}, b/a' {naive / first['raw_batch']:.2f}")
     if tmp is not None:
         tmp.cleanup()
