@@ -326,3 +326,25 @@ def test_reader_drops_16_bit_samples_with_nan_or_inf(tmp_path, caplog, tensor):
     assert batch["index"].tolist() == [3, 5] and int(batch["num_bad"]) == 1
     assert "s4" in caplog.text and f"non-finite values in {tensor}" in caplog.text
     assert batch["guidance"].shape[0] == batch["ip_win"].shape[0] == batch["guidance_mask"].shape[0] == 2
+
+
+def test_an_fp8_sample_is_still_read_with_one_preadv(tmp_path, monkeypatch):
+    """Zero-copy: all of a sample's tensors (8-bit guidance, scales, outliers, IP tokens) land in
+    their batch rows with a single preadv, with no intermediate buffer."""
+    import os
+
+    import img_lightning.cache.reader as reader_module
+
+    _write_fp8(tmp_path)
+    view = CacheView.open(tmp_path)
+    calls = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset):
+        calls.append(len(buffers))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(reader_module.os, "preadv", counting)
+    batch = BatchReader(view).read([0, 1, 2, 3])
+    assert int(batch["num_bad"]) == 0
+    assert calls == [6, 6, 6, 6]  # per sample: guidance, scale, outlier index, outliers, ip_lose, ip_win
