@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from img_lightning.cache.manifest import write_json_atomic
-from img_lightning.cache.quant import NonFiniteFeatures, to_storage
+from img_lightning.cache.quant import DEFAULT_OUTLIER_CHANNELS, NonFiniteFeatures, to_storage
 from img_lightning.cache.writer import ShardWriter
 
 from .extract import FeatureExtractor, PairItem, PreparedBatch
@@ -175,7 +175,7 @@ class ShardSink:
     dtype: torch.dtype
     on_progress: Callable[[int, "ShardSink"], None] = lambda n, sink: None
     guidance_dtype: Optional[torch.dtype] = None  # None: dtype; float8_e4m3fn: see cache/quant.py
-    outlier_channels: int = 0  # with 8-bit guidance: channels per sample kept 16-bit
+    outlier_channels: int = DEFAULT_OUTLIER_CHANNELS  # with 8-bit guidance: channels kept 16-bit
     shards_written: int = 0
     written: int = 0
     skipped: int = 0

@@ -198,8 +198,9 @@ class FeatureCacheDataModule(L.LightningDataModule):
         fraction = (self.bad_samples + skipped) / max(total, 1)
         if fraction > self.cfg.max_bad_fraction:
             raise RuntimeError(
-                f"{self.cfg.cache}: {self.bad_samples} samples failed to decode or held NaN/Inf and {skipped} sit in skipped "
-                f"shards ({fraction:.2%} of the cache), above data.max_bad_fraction={self.cfg.max_bad_fraction}. "
+                f"{self.cfg.cache}: {self.bad_samples} samples failed to decode or held NaN/Inf and {skipped} "
+                f"sit in skipped shards ({fraction:.2%} of the cache), above data.max_bad_fraction="
+                f"{self.cfg.max_bad_fraction}. "
                 f"Run `img-preprocess verify {self.cfg.cache}` and re-create the bad shards."
             )
 
