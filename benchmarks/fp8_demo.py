@@ -16,8 +16,9 @@ The held-out metric is ``||c_w - f(c)||^2`` (mean per element, as ``val/base``) 
 aligner on the held-out pairs, computed on the **16-bit** held-out cache for every run, so both
 storages are judged on the same inputs (at inference the guidance comes straight from the MLLM,
 never from the cache); the runs' own validation (each on its own storage) is printed beside it.
-Prints every run, the mean and standard deviation per storage, and whether the fp8 mean lies
-within the range of the fp16 runs.
+Prints every run, the mean and standard deviation per storage, the seed-by-seed (paired)
+difference, and whether the fp8 mean lies within the range of the fp16 runs. ``--out DIR --reuse``
+re-evaluates the runs already in DIR instead of training them again.
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def build_caches(out: Path, pairs: int, val_pairs: int) -> dict[tuple[str, str],
     return caches
 
 
+def guidance_error(caches: dict[tuple[str, str], Path]) -> float:
+    """Relative L2 difference of the training guidance, 8-bit (widened) vs 16-bit cache."""
+    batches = {}
+    for storage in STORAGES:
+        view = CacheView.open(caches[("train", storage)])
+        batches[storage] = dequantize_batch(BatchReader(view).read(range(view.num_samples)))
+    mask = batches["fp16"]["guidance_mask"]
+    g16, g8 = batches["fp16"]["guidance"].float()[mask], batches["fp8"]["guidance"].float()[mask]
+    return float((g8 - g16).norm() / g16.norm())
+
+
 @torch.no_grad()
 def held_out(export: Path, cache: Path) -> tuple[float, float]:
     """(mean ||c_w - f(c)||^2, mean ||c_w - c_l||^2) per sample over the whole cache."""
@@ -88,6 +100,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/train/demo.yaml)")
     parser.add_argument("--pairs", type=int, default=640)
     parser.add_argument("--val-pairs", type=int, default=128)
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --out: keep runs that already exported an aligner (re-evaluate them only)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="intra-op threads (1: tiny models on a shared CPU run fastest single-threaded)")
     args = parser.parse_args(argv)
@@ -99,7 +113,8 @@ def main(argv=None) -> int:
     caches = build_caches(out, args.pairs, args.val_pairs)
     sizes = {s: Manifest.load(caches[("train", s)]).num_bytes for s in STORAGES}
     print(f"caches built in {time.perf_counter() - t0:.0f} s; train cache bytes fp8/fp16 = "
-          f"{sizes['fp8'] / sizes['fp16']:.3f} (tiny demo shapes: 64-wide guidance, so tar headers weigh more)")
+          f"{sizes['fp8'] / sizes['fp16']:.3f} (tiny demo shapes: 64-wide guidance, so tar headers weigh more); "
+          f"guidance rounding, fp8 vs fp16: {guidance_error(caches):.2e} relative L2")
     results: dict[str, list[tuple[int, float, float]]] = {s: [] for s in STORAGES}
     identity = None
     for seed in args.seeds:
@@ -113,10 +128,11 @@ def main(argv=None) -> int:
             if args.steps is not None:
                 argv_train.append(f"trainer.max_steps={args.steps}")
             t1 = time.perf_counter()
-            code = train_main(argv_train)
-            if code != 0:
-                raise SystemExit(f"img-train failed for {name} (exit {code})")
             export = out / "runs" / name / "export"
+            if not (args.reuse and (export / "aligner.safetensors").is_file()):
+                code = train_main(argv_train)
+                if code != 0:
+                    raise SystemExit(f"img-train failed for {name} (exit {code})")
             common, identity = held_out(export, caches[("val", "fp16")])
             own, _ = held_out(export, caches[("val", storage)])
             results[storage].append((seed, common, own))
@@ -132,6 +148,12 @@ def main(argv=None) -> int:
         values = [r[1] for r in results[s]]
         stats[s] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, min(values), max(values))
         print(f"{s}: mean {stats[s][0]:.5f}, std {stats[s][1]:.5f}, range {stats[s][2]:.5f} .. {stats[s][3]:.5f}")
+    paired = [b[1] - a[1] for a, b in zip(results["fp16"], results["fp8"])]
+    if len(paired) > 1:
+        sd = statistics.stdev(paired)
+        t = statistics.mean(paired) / (sd / len(paired) ** 0.5) if sd > 0 else float("inf")
+        print(f"paired by seed, fp8 - fp16: mean {statistics.mean(paired):+.5f}, std {sd:.5f}, t = {t:.2f} over "
+              f"{len(paired)} seeds; fp8 lower in {sum(d < 0 for d in paired)} of {len(paired)}")
     diff = stats["fp8"][0] - stats["fp16"][0]
     inside = stats["fp16"][2] <= stats["fp8"][0] <= stats["fp16"][3]
     in_std = f"{diff / stats['fp16'][1]:+.2f} fp16 std" if stats["fp16"][1] > 0 else "one seed: no spread"
