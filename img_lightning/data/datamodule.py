@@ -223,7 +223,8 @@ class FeatureCacheDataModule(L.LightningDataModule):
         steps = len(self.train_ids) // (self.cfg.batch_size * world)
         return (
             f"cache {v.root}: {v.num_samples} pairs in {len(v.shard_paths)} shards "
-            f"({len(v.skipped)} skipped), key {v.manifest.cache_key}; train {len(self.train_ids)}, "
+            f"({len(v.skipped)} skipped), key {v.manifest.cache_key}, guidance {str(v.guidance_dtype).removeprefix('torch.')}; "
+            f"train {len(self.train_ids)}, "
             f"val {0 if self.val_ids is None else len(self.val_ids)}; {steps} steps/epoch at "
             f"{self.cfg.batch_size} x {world} ranks; {math.ceil(v.manifest.num_bytes / 2**20)} MiB"
         )
