@@ -1,7 +1,7 @@
 """8-bit guidance: float8_e4m3fn with one float32 scale per token, the largest channels kept
 16-bit, and the way back.
 
-Why: the MLLM guidance is ~97 % of a cache's bytes, and training is bound by reading them. Storing
+Why: the MLLM guidance is ~98 % of a cache's bytes, and training is bound by reading them. Storing
 it as FP8 halves the bytes that disk, page cache, loader, pinned buffers and PCIe move; the
 multiply back to float happens on the device after the copy (:func:`dequantize_batch`).
 

@@ -23,7 +23,7 @@ class StoreDtype(Enum):
 
 
 class GuidanceDtype(Enum):
-    """Storage of the MLLM guidance, ~97 % of a cache's bytes (see README "Feature cache format")."""
+    """Storage of the MLLM guidance, ~98 % of a cache's bytes (see README "Feature cache format")."""
 
     float16 = "float16"
     bfloat16 = "bfloat16"
