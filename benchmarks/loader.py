@@ -1,6 +1,7 @@
-"""Loader throughput vs raw read throughput of the same shard files, measured in one run.
+"""Loader throughput vs raw read throughput of the same shard files, measured in one run, for
+16-bit and 8-bit guidance; the cost of the per-sample NaN/Inf check and of ``verify_checksums``.
 
-    python benchmarks/loader.py                      # builds a full-size cache in a temp dir
+    python benchmarks/loader.py                      # builds full-size caches (fp16, fp8) in a temp dir
     python benchmarks/loader.py --cache /data/cache  # or measures an existing one
 
 (a) raw: sequential ``readinto`` of every shard file into one reusable buffer (page-cached: the
@@ -12,10 +13,14 @@
 (b) loader: the training DataLoader of ``FeatureCacheDataModule``, batches fully collated
     (padded guidance + mask + IP tokens), for 0, 1 and 2 workers -> GB/s of tensor payload
     (the real, unpadded tensor bytes) and pairs/s.
-Prints (b)/(a) and (b)/(a') per worker count. For contrast, (c): the textbook pipeline over the same
-shards, ``webdataset.WebDataset`` -> safetensors decode -> padded collate in a DataLoader with one
-worker process. Samples are LLaVA-13B shaped by default: guidance ~600 x 5120,
-IP tokens 16 x 2048 for the loser and the winner, fp16.
+Prints (b)/(a) and (b)/(a') per worker count, for a float16 cache and for the same pairs with
+float8_e4m3fn guidance (+ per-token scales; batches stay 8-bit, so pairs/s is the figure to compare).
+(d) the same loader with the per-sample NaN/Inf check switched off, to show what the check costs.
+(e) ``data.verify_checksums``: the sha256 pass over every shard at start-up, in GB/s and in loader
+epochs (how many full reads of the cache the loader does in the time the checksum pass takes).
+For contrast, (c): the textbook pipeline over the same shards, ``webdataset.WebDataset`` ->
+safetensors decode -> padded collate in a DataLoader with one worker process. Samples are LLaVA-13B
+shaped by default: guidance ~600 x 5120, IP tokens 16 x 2048 for the loser and the winner.
 """
 
 from __future__ import annotations
@@ -33,25 +38,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import img_lightning.cache.reader as reader_module  # noqa: E402
 from img_lightning.cache import CacheView, CacheWriter, Manifest, cache_key  # noqa: E402
+from img_lightning.cache.format import OUTLIER_INDEX_KEY, OUTLIER_KEY, SCALE_KEY  # noqa: E402
+from img_lightning.cache.quant import quantize_guidance  # noqa: E402
 from img_lightning.config.loading import load_config  # noqa: E402
 from img_lightning.config.train import TrainConfig  # noqa: E402
 from img_lightning.data import ExpectedFeatures, FeatureCacheDataModule  # noqa: E402
 
 
-def build_cache(root: Path, pairs: int, guidance_dim: int, ip_tokens: int, ip_dim: int, tokens: tuple[int, int]) -> None:
-    recipe = {"benchmark": "loader", "guidance_dim": guidance_dim, "ip": [ip_tokens, ip_dim]}
+def build_cache(root: Path, pairs: int, guidance_dim: int, ip_tokens: int, ip_dim: int, tokens: tuple[int, int],
+                fp8: bool = False) -> None:
+    recipe = {"benchmark": "loader", "guidance_dim": guidance_dim, "ip": [ip_tokens, ip_dim], "fp8": fp8}
     rng = np.random.default_rng(0)
-    # Random bytes are as good as features for I/O; make them once and slice.
+    # Random values are as good as features for I/O; make them once and slice.
     pool = torch.from_numpy(rng.standard_normal((tokens[1] + 2 * ip_tokens) * guidance_dim).astype(np.float16))
+    guidance = {"guidance": pool[: tokens[1] * guidance_dim].view(tokens[1], guidance_dim)}
+    if fp8:
+        guidance = quantize_guidance(guidance["guidance"])  # 8-bit + scales + 16-bit outlier channels
     with CacheWriter(root, cache_key(recipe), recipe, shard_size=32) as writer:
         for i in range(pairs):
             t = int(rng.integers(tokens[0], tokens[1] + 1))
-            g = pool[: t * guidance_dim].view(t, guidance_dim)
             ip = pool[-2 * ip_tokens * ip_dim :].view(2, ip_tokens, ip_dim)
+            tensors = {k: v if k == OUTLIER_INDEX_KEY else v[:t] for k, v in guidance.items()}
+            tensors.update(ip_lose=ip[0], ip_win=ip[1])
             meta = {"pair_id": str(i), "caption": "benchmark", "winner_uid": "w", "loser_uid": "l",
                     "template_id": 0, "num_tokens": t}
-            writer.write(f"b{i:07d}", {"guidance": g, "ip_lose": ip[0], "ip_win": ip[1]}, meta)
+            writer.write(f"b{i:07d}", tensors, meta)
 
 
 def raw_read_gbps(paths: list[Path], repeats: int, buffer_mib: tuple[int, ...] = (1, 4, 16, 64)) -> tuple[float, int]:
@@ -72,13 +85,13 @@ def raw_read_gbps(paths: list[Path], repeats: int, buffer_mib: tuple[int, ...] =
 
 
 def loader_throughput(root: Path, key: str, dims: tuple[int, int, int], workers: int, batch: int, epochs: int):
+    """Best (GB/s of stored tensor bytes, pairs/s) over ``epochs`` passes of the training loader."""
     overrides = [f"data.cache={root}", f"data.cache_key={key}", f"data.batch_size={batch}",
                  f"data.num_workers={workers}", "data.pin_memory=false"]
     cfg = load_config(TrainConfig, [], overrides)
     dm = FeatureCacheDataModule(cfg.data, ExpectedFeatures(key, *dims))
     dm.setup("fit")
     loader = dm.train_dataloader()
-    elsize = 2
     best_gbps, best_pairs = 0.0, 0.0
     for epoch in range(epochs + 1):  # epoch 0 starts the workers and is not counted
         dm._trained_any, dm.epoch = epoch > 0, epoch - 1
@@ -86,12 +99,41 @@ def loader_throughput(root: Path, key: str, dims: tuple[int, int, int], workers:
         start = time.perf_counter()
         for b in loader:
             n = b["index"].numel()
-            payload += int(b["guidance_mask"].sum()) * dims[0] * elsize + 2 * n * dims[1] * dims[2] * elsize
+            real_tokens = int(b["guidance_mask"].sum())
+            payload += real_tokens * dims[0] * b["guidance"].element_size() + 2 * n * dims[1] * dims[2] * b["ip_lose"].element_size()
+            if SCALE_KEY in b:
+                payload += real_tokens * b[SCALE_KEY].element_size()
+            if OUTLIER_KEY in b:
+                k = b[OUTLIER_KEY].shape[-1]
+                payload += real_tokens * k * b[OUTLIER_KEY].element_size() + n * k * b[OUTLIER_INDEX_KEY].element_size()
             pairs += n
         elapsed = time.perf_counter() - start
         if epoch > 0:
             best_gbps, best_pairs = max(best_gbps, payload / elapsed / 1e9), max(best_pairs, pairs / elapsed)
+    loader.close()
     return best_gbps, best_pairs
+
+
+def without_finite_check(fn, *args):
+    """Run ``fn`` with the reader's per-sample NaN/Inf check replaced by a no-op."""
+    saved = reader_module.has_nonfinite, reader_module.scales_ok
+    reader_module.has_nonfinite, reader_module.scales_ok = (lambda t: False), (lambda s: True)
+    try:
+        return fn(*args)
+    finally:
+        reader_module.has_nonfinite, reader_module.scales_ok = saved
+
+
+def checksum_gbps(root: Path, repeats: int) -> float:
+    """GB/s of ``CacheView.open(verify_checksums=True)`` (sha256 of every shard), best of ``repeats``."""
+    size = sum(p.stat().st_size for p in CacheView.open(root).shard_paths)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        view = CacheView.open(root, verify_checksums=True)
+        best = max(best, size / (time.perf_counter() - start) / 1e9)
+        assert not view.skipped
+    return best
 
 
 def _naive_collate(samples):
@@ -124,10 +166,42 @@ def naive_webdataset_gbps(paths: list[Path], dims: tuple[int, int, int], batch: 
     return best
 
 
+def measure_cache(root: Path, args, label: str) -> dict:
+    manifest = Manifest.load(root)
+    view = CacheView.open(root)
+    dims = (view.guidance_dim, *view.ip_shape)
+    paths = view.shard_paths
+    size = sum(p.stat().st_size for p in paths)
+    print(f"\n[{label}] cache: {view.num_samples} pairs, {len(paths)} shards, {size / 1e9:.2f} GB, "
+          f"{size / view.num_samples / 1e6:.2f} MB/pair, guidance {view.guidance_dtype}")
+    raw, mib = raw_read_gbps(paths, args.repeats)
+    batch_mib = max(1, round(args.batch_size * size / view.num_samples / 2**20))
+    raw_batch, _ = raw_read_gbps(paths, args.repeats, (batch_mib,))
+    print(f"(a)  raw sequential read, page-cached: {raw:.2f} GB/s (best buffer: {mib} MiB)")
+    print(f"(a') raw sequential read into a batch-sized ({batch_mib} MiB) buffer: {raw_batch:.2f} GB/s")
+    print(f"{'workers':>8} {'GB/s':>8} {'pairs/s':>9} {'b/a':>6} {'b/a_':>6}")
+    result = {"pairs_per_s": {}, "gbps": {}}
+    for workers in args.workers:
+        gbps, pairs = loader_throughput(root, manifest.cache_key, dims, workers, args.batch_size, args.repeats)
+        result["pairs_per_s"][workers], result["gbps"][workers] = pairs, gbps
+        print(f"{workers:>8} {gbps:>8.2f} {pairs:>9.1f} {gbps / raw:>6.2f} {gbps / raw_batch:>6.2f}")
+    unchecked_gbps, unchecked = without_finite_check(loader_throughput, root, manifest.cache_key, dims, 1,
+                                                     args.batch_size, args.repeats)
+    checked = result["pairs_per_s"].get(1)
+    print(f"(d) 1 worker without the NaN/Inf check: {unchecked_gbps:.2f} GB/s, {unchecked:.1f} pairs/s"
+          + (f"; with the check: {checked / unchecked:.2f} of that" if checked else ""))
+    sha = checksum_gbps(root, args.repeats)
+    epoch_s = size / (max(result["gbps"].values()) * 1e9)
+    print(f"(e) verify_checksums (sha256 of every shard at start-up): {sha:.2f} GB/s, "
+          f"{size / (sha * 1e9):.2f} s = {size / (sha * 1e9) / epoch_s:.1f} loader epochs of this cache")
+    result.update(dims=dims, paths=paths, raw=raw, raw_batch=raw_batch, size=size, sha=sha)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", type=Path, help="existing cache (default: build one in a temp dir)")
-    parser.add_argument("--pairs", type=int, default=256, help="pairs in the built cache (must fit in RAM)")
+    parser.add_argument("--cache", type=Path, help="existing cache (default: build fp16 and fp8 ones in a temp dir)")
+    parser.add_argument("--pairs", type=int, default=256, help="pairs in the built caches (must fit in RAM)")
     parser.add_argument("--guidance-dim", type=int, default=5120)
     parser.add_argument("--ip-tokens", type=int, default=16)
     parser.add_argument("--ip-dim", type=int, default=2048)
@@ -136,36 +210,34 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-naive", action="store_true", help="skip (c), the textbook WebDataset pipeline")
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # keep the table readable
+    print(f"cpus={os.cpu_count()} torch threads={torch.get_num_threads()}")
 
     tmp = None
-    root = args.cache
-    if root is None:
+    caches = {}
+    if args.cache is not None:
+        caches["given"] = args.cache
+    else:
         tmp = tempfile.TemporaryDirectory(prefix="img-loader-bench-")
-        root = Path(tmp.name)
-        t0 = time.perf_counter()
-        build_cache(root, args.pairs, args.guidance_dim, args.ip_tokens, args.ip_dim, (args.min_tokens, args.max_tokens))
-        print(f"built {args.pairs} pairs in {time.perf_counter() - t0:.1f}s at {root}")
-    manifest = Manifest.load(root)
-    view = CacheView.open(root)
-    dims = (view.guidance_dim, *view.ip_shape)
-    paths = view.shard_paths
-    size = sum(p.stat().st_size for p in paths)
-    print(f"cache: {view.num_samples} pairs, {len(paths)} shards, {size / 1e9:.2f} GB, "
-          f"{size / view.num_samples / 1e6:.2f} MB/pair; cpus={os.cpu_count()} torch threads={torch.get_num_threads()}")
-    raw, mib = raw_read_gbps(paths, args.repeats)
-    batch_mib = max(1, round(args.batch_size * size / view.num_samples / 2**20))
-    raw_batch, _ = raw_read_gbps(paths, args.repeats, (batch_mib,))
-    print(f"(a)  raw sequential read, page-cached: {raw:.2f} GB/s (best buffer: {mib} MiB)")
-    print(f"(a') raw sequential read into a batch-sized ({batch_mib} MiB) buffer: {raw_batch:.2f} GB/s")
-    print(f"{'workers':>8} {'GB/s':>8} {'pairs/s':>9} {'b/a':>6} {'b/a_':>6}")
-    for workers in args.workers:
-        gbps, pairs = loader_throughput(root, manifest.cache_key, dims, workers, args.batch_size, args.repeats)
-        print(f"{workers:>8} {gbps:>8.2f} {pairs:>9.1f} {gbps / raw:>6.2f} {gbps / raw_batch:>6.2f}")
-    naive = naive_webdataset_gbps(paths, dims, args.batch_size, args.repeats)
-    print(f"(c) webdataset + safetensors + DataLoader(1 worker process): {naive:.2f} GB/s, "
-          f"b/a {naive / raw:.2f}, b/a' {naive / raw_batch:.2f}")
+        for label, fp8 in (("fp16", False), ("fp8", True)):
+            root = Path(tmp.name) / label
+            t0 = time.perf_counter()
+            build_cache(root, args.pairs, args.guidance_dim, args.ip_tokens, args.ip_dim,
+                        (args.min_tokens, args.max_tokens), fp8=fp8)
+            caches[label] = root
+            print(f"built {args.pairs} pairs ({label} guidance) in {time.perf_counter() - t0:.1f}s at {root}")
+    results = {label: measure_cache(root, args, label) for label, root in caches.items()}
+    if {"fp16", "fp8"} <= results.keys():
+        print("\nfp8 / fp16 pairs/s (same pairs, same loader):  "
+              + "  ".join(f"{w} workers {results['fp8']['pairs_per_s'][w] / results['fp16']['pairs_per_s'][w]:.2f}"
+                          for w in args.workers))
+    label, first = next(iter(results.items()))
+    if not args.no_naive and not CacheView.open(caches[label]).quantized:  # its collate knows 16-bit only
+        naive = naive_webdataset_gbps(first["paths"], first["dims"], args.batch_size, args.repeats)
+        print(f"(c) webdataset + safetensors + DataLoader(1 worker process), {label} cache: {naive:.2f} GB/s, "
+              f"b/a {naive / first['raw']:.2f}, b/a' {naive / first['raw_batch']:.2f}")
     if tmp is not None:
         tmp.cleanup()
     return 0

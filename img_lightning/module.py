@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from .aligner import ImplicitAligner
+from .cache.quant import dequantize_batch
 from .errors import NonFiniteError
 from .log_steps import is_logging_step
 from .objective import REDUCTIONS, preference_objective, squared_distance
@@ -89,6 +90,9 @@ class AlignerModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _unpack(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # 8-bit guidance: FeatureCacheDataModule already widened it on the device after the copy;
+        # this covers batches from anywhere else (a no-op for float guidance).
+        batch = dequantize_batch(batch)
         return (
             batch["guidance"].float(),
             batch["guidance_mask"],

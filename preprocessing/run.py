@@ -19,11 +19,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from img_lightning.cache.format import CACHE_DTYPES
+from img_lightning.cache.format import CACHE_DTYPES, GUIDANCE_DTYPES
 from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index, write_json_atomic
 from img_lightning.cache.writer import shard_is_complete
 from img_lightning.config.loading import ConfigError
-from img_lightning.config.preprocess import cache_key_of, recipe_of
+from img_lightning.config.preprocess import cache_key_of, guidance_dtype_name, recipe_of
 from img_lightning.errors import UserError
 
 from .extract import FeatureExtractor
@@ -102,7 +102,7 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 def _write_shards(out: Path, shards: list[int], plan: ShardPlan, table: PairTable, extractor: FeatureExtractor,
-                  cache_key: str, dtype: torch.dtype, run_cfg, progress: bool, desc: str) -> ShardSink:
+                  cache_key: str, cache_cfg, run_cfg, progress: bool, desc: str) -> ShardSink:
     """Extract and write ``shards``; returns the sink (its counters say what was written)."""
     (out / REPORTS_DIR).mkdir(parents=True, exist_ok=True)
     bar = _progress(sum(len(plan.shard_pairs(k)) for k in shards), progress, desc)
@@ -113,7 +113,10 @@ def _write_shards(out: Path, shards: list[int], plan: ShardPlan, table: PairTabl
         else:
             bar.set_postfix(shards=f"{s.shards_written}/{len(shards)}", skipped=s.skipped)
 
-    sink = ShardSink(out, plan, cache_key, dtype, on_progress)
+    dtype = CACHE_DTYPES[cache_cfg.dtype.value]
+    guidance_dtype = GUIDANCE_DTYPES[guidance_dtype_name(cache_cfg)]
+    sink = ShardSink(out, plan, cache_key, dtype, on_progress, guidance_dtype=guidance_dtype,
+                     outlier_channels=cache_cfg.fp8_outlier_channels)
     overlap = _overlap(run_cfg, extractor)
     threads = int(run_cfg.decode_threads)
     with ThreadPoolExecutor(max_workers=threads) if threads > 1 else contextlib.nullcontext() as pool:
@@ -179,7 +182,6 @@ def validate_config(cfg) -> None:
     from .plan import SHUFFLES
 
     checks = [
-        ("cache.dtype", cfg.cache.dtype, sorted(CACHE_DTYPES)),
         ("cache.shuffle", cfg.cache.shuffle, SHUFFLES),
         ("encoders.mllm.backend", cfg.encoders.mllm.backend, sorted(BACKENDS)),
         ("encoders.mllm.image_mode", cfg.encoders.mllm.image_mode, IMAGE_MODES),
@@ -193,6 +195,8 @@ def validate_config(cfg) -> None:
     for key, value, allowed in checks:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not supported; use one of {list(allowed)}")
+    if cfg.cache.fp8_outlier_channels < 0:
+        raise ConfigError(f"cache.fp8_outlier_channels={cfg.cache.fp8_outlier_channels} must be >= 0")
     for key, value in (("cache.shard_size", cfg.cache.shard_size), ("encoders.mllm.batch_size",
                        cfg.encoders.mllm.batch_size), ("encoders.ip.batch_size", cfg.encoders.ip.batch_size)):
         if value < 1:
@@ -231,8 +235,8 @@ def run_preprocess(cfg, task_index: Optional[int] = None, num_tasks: Optional[in
         try:
             extractor = extractor or FeatureExtractor.from_config(cfg.encoders)
             t0 = time.perf_counter()
-            sink = _write_shards(out, todo, plan, table, extractor, cache_key, CACHE_DTYPES[cfg.cache.dtype],
-                                 cfg.run, progress, desc=f"task {task_index}/{num_tasks}")
+            sink = _write_shards(out, todo, plan, table, extractor, cache_key, cfg.cache, cfg.run, progress,
+                                 desc=f"task {task_index}/{num_tasks}")
             shards_written, pairs_written, pairs_skipped = sink.shards_written, sink.written, sink.skipped
             seconds = time.perf_counter() - t0
         finally:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from img_lightning.cache.manifest import write_json_atomic
+from img_lightning.cache.quant import DEFAULT_OUTLIER_CHANNELS, NonFiniteFeatures, to_storage
 from img_lightning.cache.writer import ShardWriter
 from img_lightning.encoders.conversation import PromptTextError
 
@@ -189,6 +190,8 @@ class ShardSink:
     cache_key: str
     dtype: torch.dtype
     on_progress: Callable[[int, "ShardSink"], None] = lambda n, sink: None
+    guidance_dtype: Optional[torch.dtype] = None  # None: dtype; float8_e4m3fn: see cache/quant.py
+    outlier_channels: int = DEFAULT_OUTLIER_CHANNELS  # with 8-bit guidance: channels kept 16-bit
     shards_written: int = 0
     written: int = 0
     skipped: int = 0
@@ -208,10 +211,11 @@ class ShardSink:
             report["skipped"].extend(item.skipped)
             if item.batch is not None:
                 for it, tensors in zip(item.batch.items, feats or []):
-                    stored = {k: v.to(self.dtype, copy=True).contiguous() for k, v in tensors.items()}
-                    if not all(bool(torch.isfinite(v).all()) for v in stored.values()):
+                    try:
+                        stored = to_storage(tensors, self.dtype, self.guidance_dtype, it.pair_id, self.outlier_channels)
+                    except NonFiniteFeatures as err:
                         report["skipped"].append({"pair_id": it.pair_id, "source": it.meta["source"],
-                                                  "kind": "nonfinite", "reason": f"non-finite features in {self.dtype}"})
+                                                  "kind": "nonfinite", "reason": str(err)})
                         continue
                     self._writer.write(it.pair_id, stored, {**it.meta, "num_tokens": int(stored["guidance"].shape[0])})
                     report["written"] += 1

@@ -3,7 +3,10 @@
 Per shard: present, size and sha256 as the manifest says (the hash is computed while the tar is
 parsed, so each byte is read once), index file consistent, cache key, sample count, keys unique
 (across the whole cache), both members present, tensor names/dtypes/shapes as the manifest says,
-``guidance`` length equal to the recorded ``num_tokens``, finite values, required metadata.
+``guidance`` length equal to the recorded ``num_tokens``, finite values, required metadata. For
+8-bit guidance also: ``guidance_scale`` present, float32, one per token, finite and > 0; no float8
+NaN code in ``guidance``; the outlier channels as the manifest says (count, dtype, ``[T, K]``) at
+distinct, increasing indices below the guidance width.
 Problems are collected, not raised: the report lists every one with its shard and sample.
 """
 
@@ -18,16 +21,26 @@ from typing import Optional
 
 import torch
 
+from img_lightning.cache.finite import has_nonfinite, scales_ok
 from img_lightning.cache.format import (
     CACHE_DTYPES,
+    FP8_DTYPE,
+    GUIDANCE_DTYPES,
+    INDEX_DTYPE,
     INDEX_SUFFIX,
     META_EXT,
+    OUTLIER_INDEX_KEY,
+    OUTLIER_KEY,
+    QUANT_KEYS,
     REQUIRED_META,
+    SCALE_DTYPE,
+    SCALE_KEY,
     TENSOR_EXT,
     TENSOR_KEYS,
     CacheFormatError,
     decode_meta,
     decode_tensors,
+    format_version,
 )
 from img_lightning.cache.manifest import Manifest, ShardEntry, read_shard_index
 
@@ -105,11 +118,16 @@ def _check_sample(name: str, key: str, payload: bytes, meta_bytes: bytes, spec: 
     if missing:
         out.problems.append(f"{where}: missing tensors {missing}")
         return
-    g_dtype = CACHE_DTYPES.get(spec.get("guidance", {}).get("dtype", ""))
+    g_dtype = GUIDANCE_DTYPES.get(spec.get("guidance", {}).get("dtype", ""))
     ip_dtype = CACHE_DTYPES.get(spec.get("ip", {}).get("dtype", ""))
     g, lose, win = tensors["guidance"], tensors["ip_lose"], tensors["ip_win"]
     if g_dtype is not None and g.dtype != g_dtype:
         out.problems.append(f"{where}: guidance dtype {g.dtype}, manifest says {g_dtype}")
+    _check_scale(where, g, tensors.get(SCALE_KEY), out)
+    _check_outliers(where, g, tensors, spec.get("guidance", {}).get("outliers", {}), out)
+    extra = sorted(set(tensors) - set(TENSOR_KEYS) - set(QUANT_KEYS))
+    if extra:
+        out.problems.append(f"{where}: unexpected tensors {extra}")
     if g.ndim != 2 or g.shape[1] != spec.get("guidance", {}).get("dim", g.shape[-1]):
         out.problems.append(f"{where}: guidance shape {tuple(g.shape)}, manifest dim {spec.get('guidance', {}).get('dim')}")
     ip_shape = tuple(spec.get("ip", {}).get("shape", lose.shape))
@@ -119,13 +137,50 @@ def _check_sample(name: str, key: str, payload: bytes, meta_bytes: bytes, spec: 
         if ip_dtype is not None and t.dtype != ip_dtype:
             out.problems.append(f"{where}: {label} dtype {t.dtype}, manifest says {ip_dtype}")
     for label, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and has_nonfinite(t):
             out.problems.append(f"{where}: {label} has NaN/Inf values")
     lacking = [k for k in REQUIRED_META if k not in meta]
     if lacking:
         out.problems.append(f"{where}: metadata lacks {lacking}")
     elif int(meta["num_tokens"]) != g.shape[0]:
         out.problems.append(f"{where}: num_tokens {meta['num_tokens']} != guidance length {g.shape[0]}")
+
+
+def _check_scale(where: str, guidance: torch.Tensor, scale: Optional[torch.Tensor], out: ShardCheck) -> None:
+    """8-bit guidance needs one finite, positive float32 scale per token; 16-bit guidance none."""
+    if guidance.dtype != FP8_DTYPE:
+        if scale is not None:
+            out.problems.append(f"{where}: {SCALE_KEY} present but guidance is {guidance.dtype}")
+        return
+    if scale is None:
+        out.problems.append(f"{where}: 8-bit guidance without {SCALE_KEY}")
+    elif scale.dtype != SCALE_DTYPE or tuple(scale.shape) != guidance.shape[:1]:
+        out.problems.append(f"{where}: {SCALE_KEY} is {tuple(scale.shape)} {scale.dtype}, expected "
+                            f"({guidance.shape[0]},) {SCALE_DTYPE}")
+    elif not scales_ok(scale):
+        bad = [i for i, v in enumerate(scale.tolist()) if not 0 < v < float("inf")]
+        out.problems.append(f"{where}: {SCALE_KEY} not finite and > 0 at {len(bad)} token(s) (first: {bad[0]})")
+
+
+def _check_outliers(where: str, guidance: torch.Tensor, tensors: dict, spec: dict, out: ShardCheck) -> None:
+    """The 16-bit outlier channels of 8-bit guidance, against the manifest's ``outliers`` entry."""
+    index, values = tensors.get(OUTLIER_INDEX_KEY), tensors.get(OUTLIER_KEY)
+    k = int(spec.get("channels", 0)) if guidance.dtype == FP8_DTYPE else 0
+    if k == 0:
+        if index is not None or values is not None:
+            out.problems.append(f"{where}: outlier channels present, the manifest lists none")
+        return
+    if index is None or values is None:
+        out.problems.append(f"{where}: {OUTLIER_INDEX_KEY}/{OUTLIER_KEY} missing (manifest: {k} channels)")
+        return
+    ids = index.tolist() if index.dtype == INDEX_DTYPE and index.ndim == 1 else None
+    if ids is None or len(ids) != k or ids != sorted(set(ids)) or not (0 <= ids[0] and ids[-1] < guidance.shape[-1]):
+        out.problems.append(f"{where}: {OUTLIER_INDEX_KEY} is not {k} distinct increasing int32 channels "
+                            f"below {guidance.shape[-1]}")
+    v_dtype = CACHE_DTYPES.get(spec.get("dtype") or "")
+    if tuple(values.shape) != (guidance.shape[0], k) or values.dtype != v_dtype:
+        out.problems.append(f"{where}: {OUTLIER_KEY} is {tuple(values.shape)} {values.dtype}, expected "
+                            f"({guidance.shape[0]}, {k}) {v_dtype}")
 
 
 def check_shard(root: str, entry: dict, cache_key: str, spec: dict) -> ShardCheck:
@@ -204,6 +259,9 @@ def _entries(root: Path) -> tuple[Optional[str], dict, list[dict], list[str]]:
         except (CacheFormatError, ValueError) as err:
             return None, {}, [], [str(err)]
         entries = [vars(e) if isinstance(e, ShardEntry) else dict(e) for e in m.shards]
+        if m.version < format_version(m.tensors):
+            problems.append(f"manifest.json: format version {m.version}, but its tensors need version "
+                            f"{format_version(m.tensors)} (8-bit guidance); re-run `img-preprocess manifest {root}`")
         if (root / PLAN_NAME).is_file():
             planned = set(load_plan_document(root)["shards"])
             missing = sorted(planned - {e["name"] for e in entries})

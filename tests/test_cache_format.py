@@ -43,7 +43,7 @@ def _write(root, n=10, shard_size=4, dtype=torch.float16):
 def test_round_trip_padding_and_mask(tmp_path, dtype):
     samples = _write(tmp_path, dtype=dtype)
     view = CacheView.open(tmp_path)
-    assert view.num_samples == 10 and view.dtype == dtype
+    assert view.num_samples == 10 and view.guidance_dtype == view.ip_dtype == dtype and not view.quantized
     batch = BatchReader(view).read([7, 2, 9])
     lengths = [samples[i]["guidance"].shape[0] for i in (7, 2, 9)]
     assert batch["guidance"].shape == (3, max(lengths), 12)
@@ -170,3 +170,46 @@ def test_index_written_on_the_fly_matches_a_scan_of_the_tar(tmp_path):
         entry, records = read_shard_index(shard)
         assert records == scan_shard(shard)
         assert entry.bytes == shard.stat().st_size and entry.sha256 == sha256_file(shard)
+
+
+def test_buffer_pool_reuses_a_buffer_only_once_every_tensor_of_its_batch_is_gone():
+    import gc
+
+    from img_lightning.cache.reader import BufferPool
+
+    pool = BufferPool(max_buffers=2)
+    specs = [((4, 8), torch.float16), ((4,), torch.bool), ((3, 5), torch.float32)]
+    first = pool.tensors(specs)
+    assert [t.shape for t in first] == [(4, 8), (4,), (3, 5)] and first[2].dtype == torch.float32
+    address = first[0].data_ptr()
+    kept = first[2][1:, 2:]  # a view of one tensor keeps the whole buffer busy
+    del first
+    gc.collect()
+    second = pool.tensors(specs)
+    assert second[0].data_ptr() != address and pool.idle == 0
+    del kept
+    assert pool.idle == 1
+    third = pool.tensors(specs)
+    assert third[0].data_ptr() == address  # recycled, not allocated afresh
+    moved = third[0].clone()  # copies do not hold the buffer
+    del second, third
+    assert pool.idle == 2 and moved.shape == (4, 8)
+    # A pool at its limit with only busy buffers hands out unpooled memory instead of waiting.
+    busy = [pool.tensors(specs), pool.tensors(specs)]
+    extra = pool.tensors(specs)
+    del extra
+    assert pool.idle == 0 and len(busy) == 2
+
+
+def test_the_writer_uses_only_the_standard_tar_format(tmp_path):
+    """No PAX header unless a name needs one (the version-1 writer added one per member); offsets
+    the index records are where tarfile finds each member's data."""
+    import tarfile
+
+    _write(tmp_path, n=4, shard_size=4)
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members[:2]] == ["k00000.json", "k00000.safetensors"]
+    assert all(m.pax_headers == {} and m.mtime == 0 and m.uname == "img" and m.mode == 0o444 for m in members)
+    assert shard.stat().st_size % 10240 == 0  # padded to whole tar records

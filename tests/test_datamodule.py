@@ -123,3 +123,36 @@ def test_too_many_bad_shards_stop_the_run(tmp_path):
     dm = _datamodule(tmp_path, manifest.cache_key, max_bad_fraction=0.1)
     with pytest.raises(CacheMismatchError, match="max_bad_fraction"):
         dm.setup("fit")
+
+
+def test_fp8_cache_batches_cross_as_8_bit_and_are_widened_after_the_transfer(tmp_path):
+    """The loader hands over float8 guidance + scales + outlier channels (half the bytes to pin and
+    copy); the DataModule's after-transfer hook, or the module itself, widens them."""
+    import torch
+
+    from img_lightning.cache.format import FP8_DTYPE, OUTLIER_KEY, QUANT_KEYS, SCALE_KEY
+    from img_lightning.cache.quant import dequantize_guidance
+    from img_lightning.module import AlignerModule
+
+    fp16 = write_synthetic_cache(tmp_path / "a", 24, guidance_dim=16, ip_tokens=4, ip_dim=8, shard_size=8)
+    fp8 = write_synthetic_cache(tmp_path / "b", 24, guidance_dim=16, ip_tokens=4, ip_dim=8, shard_size=8,
+                                guidance_dtype="float8_e4m3fn", outlier_channels=2)
+    assert fp8.cache_key != fp16.cache_key  # the recipe records the storage dtype
+    dm = _datamodule(tmp_path / "b", fp8.cache_key, batch_size=6, num_workers=2)
+    dm.setup("fit")
+    dm16 = _datamodule(tmp_path / "a", fp16.cache_key, batch_size=6, num_workers=0)
+    dm16.setup("fit")
+    for batch, ref in zip(dm.train_dataloader(), dm16.train_dataloader()):
+        assert batch["guidance"].dtype == FP8_DTYPE and batch[SCALE_KEY].dtype == torch.float32
+        assert batch[OUTLIER_KEY].shape == (6, batch["guidance"].shape[1], 2)
+        assert torch.equal(batch["index"], ref["index"])
+        widened = dm.on_after_batch_transfer(batch, 0)
+        assert not set(QUANT_KEYS) & set(widened) and widened["guidance"].dtype == torch.float32
+        assert torch.equal(widened["guidance"], dequantize_guidance(batch))
+        err = (widened["guidance"] - ref["guidance"].float()).abs()
+        assert bool((err <= ref["guidance"].float().abs() * 2**-4 + 2e-3).all())  # fp8 vs fp16 rounding
+    cfg = load_config(TrainConfig, [], ["model.guidance_dim=16", "model.dim=8", "model.num_tokens=4", "model.depth=1",
+                                        "model.heads=2", "model.dim_head=4"], require_complete=False)
+    module = AlignerModule(cfg.model, cfg.objective, cfg.reference, cfg.optim)
+    guidance, mask, lose, win = module._unpack(batch)  # a raw 8-bit batch straight into the module
+    assert torch.equal(guidance, widened["guidance"]) and guidance.dtype == torch.float32

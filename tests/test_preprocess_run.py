@@ -322,3 +322,31 @@ def test_demo_images_follow_the_caption(tmp_path):
     assert sum(summary["changed_attribute_counts"].values()) == 12
     again = write_demo_parquet(tmp_path / "e.parquet", 12, seed=3)
     assert Path(again["path"]).read_bytes() == Path(summary["path"]).read_bytes()
+
+
+def test_fp8_guidance_cache_from_the_config(cache_a, overrides, extractor, tmp_path, capsys):
+    """cache.guidance_dtype=float8_e4m3fn: same pairs, IP tokens identical, guidance within the
+    float8 rounding bound of the 16-bit cache, its own cache key, and verify passes."""
+    from img_lightning.cache.format import FP8_DTYPE, SCALE_KEY
+    from img_lightning.cache.quant import dequantize_batch
+
+    out = tmp_path / "fp8"
+    cfg = _cfg(overrides, out, "cache.guidance_dtype=float8_e4m3fn")
+    run_preprocess(cfg, progress=False, extractor=extractor)
+    m8, m16 = Manifest.load(out), Manifest.load(cache_a)
+    assert m8.version == 2 and m8.tensors["guidance"]["dtype"] == "float8_e4m3fn" and m8.tensors["ip"] == m16.tensors["ip"]
+    assert m8.cache_key == cache_key_of(cfg) != m16.cache_key
+    assert m8.recipe["guidance_dtype"] == "float8_e4m3fn" and "guidance_dtype" not in m16.recipe
+    v8, v16 = CacheView.open(out), CacheView.open(cache_a)
+    assert v8.keys.tolist() == v16.keys.tolist()
+    b8, b16 = BatchReader(v8).read(range(v8.num_samples)), BatchReader(v16).read(range(v16.num_samples))
+    assert b8["guidance"].dtype == FP8_DTYPE and SCALE_KEY in b8
+    assert torch.equal(b8["ip_win"], b16["ip_win"]) and torch.equal(b8["guidance_mask"], b16["guidance_mask"])
+    g8, g16 = dequantize_batch(b8)["guidance"], b16["guidance"].float()
+    assert bool(((g8 - g16).abs() <= g16.abs() * (2**-4 + 2**-10) + 1e-3).all())
+    assert 0 < float((g8 - g16).norm() / g16.norm()) < 0.05
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    # the same config with a storage dtype the schema does not know: one clear error naming the key
+    assert main([str(DEMO), *overrides, f"data.output={tmp_path / 'x'}", "cache.guidance_dtype=float8"]) == 2
+    assert "cache.guidance_dtype" in capsys.readouterr().err

@@ -205,3 +205,69 @@ def test_data_wait_share_reflects_a_slow_loader(caches, tmp_path, monkeypatch):
     assert len(shares) == 2 and all(0.5 < s <= 1.0 for s in shares), shares
     rates = [e.value for e in events.Scalars("perf/samples_per_s")]
     assert all(r < 4 / 0.3 for r in rates)  # at most one batch of 4 per 300 ms
+
+
+class RecordGuidance(Callback):
+    """What the training step receives after the host-to-device hooks."""
+
+    def __init__(self):
+        self.dtypes = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.dtypes.add((batch["guidance"].dtype, "guidance_scale" in batch))
+
+
+@pytest.fixture(scope="module")
+def fp8_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    manifest = write_synthetic_cache(root / "train", 26, seed=0, guidance_dtype="float8_e4m3fn", **dims)
+    return root / "train", manifest.cache_key
+
+
+def test_fp8_cache_killed_and_resumed_run_is_bitwise_identical(fp8_cache, tmp_path):
+    train, key = fp8_cache
+    extra = {"data.num_workers": 2, "trainer.max_steps": 9, "trainer.checkpoint_every_n_steps": 3}
+    seen = RecordGuidance()
+    run_training(tiny_config(train, key, tmp_path, "straight", **extra), [seen])
+    assert seen.dtypes == {(torch.float32, False)}  # widened on the device, before the step
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run_training(tiny_config(train, key, tmp_path, "killed", **extra), [CrashAt(5)])
+    run_training(tiny_config(train, key, tmp_path, "killed", **{**extra, "run.ckpt_path": "last"}))
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
+    assert a["global_step"] == b["global_step"] == 9
+    for k, v in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][k], v), k
+    assert a["FeatureCacheDataModule"] == b["FeatureCacheDataModule"]
+
+
+def test_non_finite_samples_are_dropped_counted_and_stop_the_run_above_the_limit(tmp_path, caplog):
+    """A shard rewritten with NaN features (same size, checksums off): the reader drops the sample,
+    names it in the log, and the run stops once the bad fraction passes data.max_bad_fraction."""
+    from img_lightning.cache import Manifest
+    from img_lightning.cache.manifest import finalize_manifest
+    from img_lightning.cache.writer import ShardWriter
+
+    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    root = tmp_path / "nan"
+    manifest = write_synthetic_cache(root, 26, seed=0, **dims)
+    last = manifest.shards[-1].name  # 2 samples
+    with ShardWriter(root / last, manifest.cache_key) as w:
+        for j in range(2):
+            g = torch.randn(4, 16).half()
+            g[1, 3] = float("nan")
+            w.write(f"poisoned{j}", {"guidance": g, "ip_lose": torch.zeros(4, 8).half(), "ip_win": torch.zeros(4, 8).half()},
+                    {"pair_id": f"poisoned{j}", "caption": "c", "winner_uid": "w", "loser_uid": "l",
+                     "template_id": 0, "num_tokens": 4})
+    finalize_manifest(root, manifest.cache_key, Manifest.load(root).recipe)
+    ok = tiny_config(root, manifest.cache_key, tmp_path, "tolerant", **{"trainer.max_steps": 6,
+                                                                      "data.max_bad_fraction": 0.2})
+    with caplog.at_level("WARNING"):
+        run_training(ok)
+    assert "poisoned" in caplog.text and "non-finite values in guidance" in caplog.text
+    state = _final_state(tmp_path / "tolerant")
+    assert state["FeatureCacheDataModule"]["bad_samples"] == 2  # one epoch of 6 batches read both
+    assert all(bool(torch.isfinite(v).all()) for v in state["state_dict"].values() if v.is_floating_point())
+    strict = tiny_config(root, manifest.cache_key, tmp_path, "strict", **{"trainer.max_steps": 6})
+    with pytest.raises(RuntimeError, match=r"NaN/Inf.*max_bad_fraction=0.01"):
+        run_training(strict)

@@ -1,13 +1,15 @@
-"""Feature cache: format, writer, manifest, reader (DESIGN §3)."""
+"""Feature cache: format, writer, manifest, reader, 8-bit guidance (see README "Feature cache format")."""
 
 from .format import CacheFormatError, decode_meta, decode_tensors, encode_sample
 from .key import cache_key
 from .manifest import Manifest, ShardEntry, finalize_manifest, read_shard_index, scan_shard
-from .reader import BatchReader, CacheView
+from .quant import dequantize_batch, to_storage
+from .reader import BatchReader, BufferPool, CacheView
 from .writer import CacheWriter, ShardWriter, shard_is_complete
 
 __all__ = [
     "BatchReader",
+    "BufferPool",
     "CacheFormatError",
     "CacheView",
     "CacheWriter",
@@ -17,9 +19,11 @@ __all__ = [
     "cache_key",
     "decode_meta",
     "decode_tensors",
+    "dequantize_batch",
     "encode_sample",
     "finalize_manifest",
     "read_shard_index",
     "scan_shard",
     "shard_is_complete",
+    "to_storage",
 ]

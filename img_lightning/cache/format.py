@@ -9,7 +9,12 @@ A cache is a directory of WebDataset shards (plain POSIX tar) plus JSON side fil
 Each sample (one Pick-a-Pic preference pair) is two tar members sharing the sample key:
 
 * ``{key}.safetensors`` - ``guidance`` [T, D_mllm] (real tokens only, no padding), ``ip_lose``
-  [N, D] and ``ip_win`` [N, D], fp16 or bf16. Safetensors, so reading never unpickles anything.
+  [N, D] and ``ip_win`` [N, D], fp16 or bf16. With 8-bit guidance (format version 2),
+  ``guidance`` is float8_e4m3fn (safetensors ``F8_E4M3``), ``guidance_scale`` [T] float32 holds
+  one scale per token, and the K largest channels of the sample stay 16-bit in
+  ``guidance_outlier`` [T, K] at the channels ``guidance_outlier_index`` [K] int32 (see
+  :mod:`img_lightning.cache.quant`); the IP tokens stay 16-bit. Safetensors, so reading never
+  unpickles anything.
 * ``{key}.json`` - metadata: ``pair_id``, ``caption``, ``winner_uid``, ``loser_uid``,
   ``winner_index`` (0 if ``jpg_0`` won), ``template_id`` (the question's index in the question
   set), ``num_tokens`` and whatever else the writer adds (preprocessing: ``template_set``,
@@ -34,7 +39,10 @@ from torch import Tensor
 from ..errors import UserError
 
 FORMAT_NAME = "img-lightning-cache"
-FORMAT_VERSION = 1
+# 1: 16-bit tensors. 2: adds 8-bit guidance + per-token scales. A cache records the lowest version
+# that can read it, so a 16-bit cache stays readable by version-1 readers.
+FORMAT_VERSION = 2
+FP8_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 TENSOR_EXT = "safetensors"
 META_EXT = "json"
@@ -42,12 +50,21 @@ INDEX_SUFFIX = ".index.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 
 TENSOR_KEYS = ("guidance", "ip_lose", "ip_win")
+SCALE_KEY = "guidance_scale"  # per-token float32 scales of 8-bit guidance
+OUTLIER_INDEX_KEY = "guidance_outlier_index"  # [K] int32: channels kept 16-bit beside 8-bit guidance
+OUTLIER_KEY = "guidance_outlier"  # [T, K] their values, in the cache's 16-bit dtype
+QUANT_KEYS = (SCALE_KEY, OUTLIER_INDEX_KEY, OUTLIER_KEY)  # present with 8-bit guidance only
 REQUIRED_META = ("pair_id", "caption", "winner_uid", "loser_uid", "template_id", "num_tokens")
-CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # IP tokens (and 16-bit guidance)
+FP8_DTYPE = torch.float8_e4m3fn
+GUIDANCE_DTYPES = {**CACHE_DTYPES, "float8_e4m3fn": FP8_DTYPE}
+SCALE_DTYPE = torch.float32
+INDEX_DTYPE = torch.int32
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 # safetensors dtype names -> torch
 _ST_DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
     "F32": torch.float32,
@@ -131,9 +148,39 @@ def encode_sample(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dic
         )
     if tensors["ip_lose"].shape != tensors["ip_win"].shape or tensors["ip_lose"].ndim != 2:
         raise ValueError("ip_lose and ip_win must both be [N, D] with equal shapes")
-    payload = save({k: tensors[k].detach().cpu().contiguous() for k in TENSOR_KEYS})
+    if guidance.dtype not in GUIDANCE_DTYPES.values():
+        raise ValueError(f"guidance must be one of {sorted(GUIDANCE_DTYPES)}, got {guidance.dtype}")
+    names = list(TENSOR_KEYS)
+    if guidance.dtype == FP8_DTYPE:
+        names += _check_quant_tensors(tensors, guidance.shape[0], guidance.shape[1])
+    elif any(k in tensors for k in QUANT_KEYS):
+        raise ValueError(f"{', '.join(k for k in QUANT_KEYS if k in tensors)} belong to 8-bit guidance only; "
+                         f"guidance is {guidance.dtype}")
+    for name in ("ip_lose", "ip_win"):
+        if tensors[name].dtype not in CACHE_DTYPES.values():
+            raise ValueError(f"{name} must be float16 or bfloat16, got {tensors[name].dtype}")
+    payload = save({k: tensors[k].detach().cpu().contiguous() for k in names})
     meta_bytes = json.dumps(dict(meta), sort_keys=True, ensure_ascii=False).encode("utf-8")
     return {TENSOR_EXT: payload, META_EXT: meta_bytes}
+
+
+def _check_quant_tensors(tensors: Mapping[str, Tensor], t: int, d: int) -> list[str]:
+    """Shapes/dtypes of the tensors that come with 8-bit guidance; returns their names."""
+    scale = tensors.get(SCALE_KEY)
+    if scale is None or scale.dtype != SCALE_DTYPE or tuple(scale.shape) != (t,):
+        got = None if scale is None else (tuple(scale.shape), scale.dtype)
+        raise ValueError(f"8-bit guidance needs {SCALE_KEY} [{t}] float32, got {got}")
+    index, values = tensors.get(OUTLIER_INDEX_KEY), tensors.get(OUTLIER_KEY)
+    if index is None and values is None:
+        return [SCALE_KEY]
+    if index is None or values is None:
+        raise ValueError(f"{OUTLIER_INDEX_KEY} and {OUTLIER_KEY} come together")
+    k = index.shape[0] if index.ndim == 1 else -1
+    if index.dtype != INDEX_DTYPE or not 0 < k <= d:
+        raise ValueError(f"{OUTLIER_INDEX_KEY} must be [K] int32 with 0 < K <= {d}, got {tuple(index.shape)} {index.dtype}")
+    if tuple(values.shape) != (t, k) or values.dtype not in CACHE_DTYPES.values():
+        raise ValueError(f"{OUTLIER_KEY} must be [{t}, {k}] float16/bfloat16, got {tuple(values.shape)} {values.dtype}")
+    return [SCALE_KEY, OUTLIER_INDEX_KEY, OUTLIER_KEY]
 
 
 def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, Tensor]:
@@ -150,6 +197,11 @@ def decode_tensors(payload: bytes | bytearray | memoryview) -> dict[str, Tensor]
         flat = torch.frombuffer(payload, dtype=spec.dtype, count=count, offset=spec.begin)
         out[name] = flat.view(spec.shape)
     return out
+
+
+def format_version(tensors: Mapping[str, Any]) -> int:
+    """The lowest format version that can read a cache with this tensor spec (manifest ``tensors``)."""
+    return FP8_FORMAT_VERSION if tensors.get("guidance", {}).get("dtype") == "float8_e4m3fn" else 1
 
 
 def decode_meta(payload: bytes) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from .format import (
     META_EXT,
     TENSOR_EXT,
     CacheFormatError,
+    format_version,
     parse_safetensors_header,
 )
 
@@ -54,7 +55,8 @@ class ShardEntry:
     bytes: int
     sha256: str
     cache_key: str
-    tensors: dict = field(default_factory=dict)  # {"guidance": {"dtype", "dim"}, "ip": {"dtype", "shape"}}
+    # {"guidance": {"dtype", "dim"[, "scale": {"dtype", "per"}]}, "ip": {"dtype", "shape"}}
+    tensors: dict = field(default_factory=dict)
 
 
 def index_path(shard_path: Path) -> Path:
@@ -233,6 +235,7 @@ def finalize_manifest(
         if e.tensors and tensors and e.tensors != tensors:
             raise CacheFormatError(f"{cache_dir}/{e.name}: tensor shapes {e.tensors} differ from {tensors}")
         tensors = tensors or e.tensors
-    manifest = Manifest(cache_key=cache_key, recipe=recipe, tensors=tensors, shards=entries)
+    manifest = Manifest(cache_key=cache_key, recipe=recipe, tensors=tensors, shards=entries,
+                        version=format_version(tensors))
     write_json_atomic(cache_dir / MANIFEST_NAME, manifest.to_json())
     return manifest

@@ -5,7 +5,13 @@ tensor bytes are read) and is identical everywhere, which is what lets ranks agr
 space. :class:`BatchReader` reads each sample with one ``preadv`` straight into its rows of the
 padded batch (pinned memory when feeding a GPU), so tensor bytes are copied exactly once: kernel
 page cache to batch. There is no decode step and no inter-process hand-off (see data/loader.py for
-why the loader uses threads rather than worker processes).
+why the loader uses threads rather than worker processes). 8-bit guidance stays 8-bit here: the
+batch carries ``guidance`` (float8), ``guidance_scale`` and the 16-bit outlier channels, widened
+after the copy to the device (:func:`img_lightning.cache.quant.dequantize_batch`).
+
+Every sample is checked for NaN/Inf right after its read, while its bytes are still in the CPU
+cache (:mod:`img_lightning.cache.finite`); a non-finite sample is dropped from its batch and
+counted like any other corrupt sample.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 import tarfile
-from collections import OrderedDict
+import threading
+import weakref
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,7 +31,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .format import CACHE_DTYPES, TENSOR_EXT, CacheFormatError, parse_safetensors_header
+from .finite import has_nonfinite, scales_ok
+from .format import (
+    CACHE_DTYPES,
+    FP8_DTYPE,
+    GUIDANCE_DTYPES,
+    INDEX_DTYPE,
+    OUTLIER_INDEX_KEY,
+    OUTLIER_KEY,
+    SCALE_DTYPE,
+    SCALE_KEY,
+    TENSOR_EXT,
+    CacheFormatError,
+    parse_safetensors_header,
+)
 from .manifest import Manifest, read_shard_index, sha256_file
 
 log = logging.getLogger(__name__)
@@ -75,10 +95,37 @@ class CacheView:
         return int(n), int(d)
 
     @property
-    def dtype(self) -> torch.dtype:
+    def guidance_dtype(self) -> torch.dtype:
+        """Stored guidance dtype: float16, bfloat16 or float8_e4m3fn (with per-token scales)."""
         name = self.manifest.tensors["guidance"]["dtype"]
+        if name not in GUIDANCE_DTYPES:
+            raise CacheFormatError(f"{self.root}: unsupported guidance dtype {name!r}")
+        return GUIDANCE_DTYPES[name]
+
+    @property
+    def ip_dtype(self) -> torch.dtype:
+        name = self.manifest.tensors["ip"]["dtype"]
         if name not in CACHE_DTYPES:
-            raise CacheFormatError(f"{self.root}: unsupported cache dtype {name!r}")
+            raise CacheFormatError(f"{self.root}: unsupported IP-token dtype {name!r}")
+        return CACHE_DTYPES[name]
+
+    @property
+    def quantized(self) -> bool:
+        """True when guidance is 8-bit and batches carry ``guidance_scale``."""
+        return self.guidance_dtype == FP8_DTYPE
+
+    @property
+    def outlier_channels(self) -> int:
+        """Channels per sample kept 16-bit beside 8-bit guidance (0: none, or 16-bit guidance)."""
+        return int(self.manifest.tensors["guidance"].get("outliers", {}).get("channels", 0)) if self.quantized else 0
+
+    @property
+    def outlier_dtype(self) -> Optional[torch.dtype]:
+        if not self.outlier_channels:
+            return None
+        name = self.manifest.tensors["guidance"]["outliers"].get("dtype")
+        if name not in CACHE_DTYPES:
+            raise CacheFormatError(f"{self.root}: unsupported outlier-channel dtype {name!r}")
         return CACHE_DTYPES[name]
 
     @classmethod
@@ -134,52 +181,87 @@ def _shard_problem(path: Path, expected_bytes: int, expected_sha: Optional[str])
     return None
 
 
-class StoragePool:
-    """Recycles CPU batch memory once no tensor references it any more.
+class _Buffer:
+    """One pooled block of CPU memory (compared by identity)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, nbytes: int) -> None:
+        self.array = np.empty(max(1, nbytes), dtype=np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+
+class BufferPool:
+    """Recycles CPU batch memory; the pool owns its buffers and learns when one is free again.
 
     A fresh multi-megabyte allocation is page-faulted and zeroed by the kernel on first touch, which
-    costs about as much as reading the bytes; recycling storages avoids it. A storage is reused only
-    when its use count says the pool holds the sole reference (every tensor or view made from it
-    holds one), so a batch still in use is never overwritten. Pinned (GPU-bound) batches do not use
-    this pool: PyTorch's caching host allocator already recycles them, after their copies finish.
+    costs about as much as reading the bytes; recycling buffers avoids it. Each batch is carved from
+    one pooled buffer through a fresh numpy view handed to ``torch.from_numpy``: the tensors' shared
+    storage holds the only reference to that view, so the view is collected exactly when the last
+    tensor made from the batch (wherever it went, whatever views were taken of it) is gone, and a
+    ``weakref.finalize`` on it hands the buffer back. A batch still in use is never overwritten.
+    Pinned (GPU-bound) batches do not use this pool: PyTorch's caching host allocator already
+    recycles them after their copies finish.
     """
 
     _ALIGN = 64
 
     def __init__(self, max_buffers: int = 16) -> None:
         self.max_buffers = max_buffers
-        self._storages: list[torch.UntypedStorage] = []
+        self._owned = 0  # pooled buffers, idle or in use
+        # Appended to by finalizers, which may run in any thread at any allocation (even while this
+        # thread holds the lock), so they never take the lock: deque.append is atomic.
+        self._idle: deque[_Buffer] = deque()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _in_use(storage: torch.UntypedStorage) -> bool:
-        return torch._C._storage_Use_Count(storage._cdata) > 1
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def _take(self, nbytes: int) -> tuple[_Buffer, bool]:
+        """A buffer of at least ``nbytes`` and whether it belongs to the pool."""
+        with self._lock:
+            fitting = [b for b in list(self._idle) if b.nbytes >= nbytes]
+            if fitting:
+                best = min(fitting, key=lambda b: b.nbytes)
+                self._idle.remove(best)
+                return best, True
+            if self._owned >= self.max_buffers and self._idle:
+                # Every idle buffer is too small (longer batches now): retire the smallest one.
+                self._idle.remove(min(list(self._idle), key=lambda b: b.nbytes))
+                self._owned -= 1
+            pooled = self._owned < self.max_buffers
+            if pooled:
+                self._owned += 1
+        return _Buffer(nbytes + nbytes // 8), pooled  # slack for longer batches
 
     def tensors(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[Tensor]:
-        """Uninitialised tensors of the given shapes/dtypes, carved from one recycled storage."""
+        """Uninitialised tensors of the given shapes/dtypes, carved from one recycled buffer."""
         offsets, nbytes = [], 0
         for shape, dtype in specs:
             nbytes = -(-nbytes // self._ALIGN) * self._ALIGN
             offsets.append(nbytes)
             nbytes += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        with self._lock:
-            free = [s for s in self._storages if s.nbytes() >= nbytes and not self._in_use(s)]
-            if free:
-                storage = min(free, key=lambda s: s.nbytes())
-            else:
-                storage = torch.UntypedStorage(max(1, nbytes + nbytes // 8))  # slack for longer batches
-                if len(self._storages) < self.max_buffers:
-                    self._storages.append(storage)
-                else:  # replace the smallest idle buffer, if any; otherwise this one is not pooled
-                    idle = [s for s in self._storages if not self._in_use(s)]
-                    if idle:
-                        self._storages.remove(min(idle, key=lambda s: s.nbytes()))
-                        self._storages.append(storage)
-            out = []
-            for (shape, dtype), offset in zip(specs, offsets):
-                elsize = torch.empty((), dtype=dtype).element_size()
-                out.append(torch.empty(0, dtype=dtype).set_(storage, offset // elsize, shape))
-            return out
+        buffer, pooled = self._take(nbytes)
+        view = buffer.array[: max(1, nbytes)]
+        if pooled:
+            weakref.finalize(view, self._idle.append, buffer).atexit = False
+        flat = torch.from_numpy(view)
+        out = []
+        for (shape, dtype), offset in zip(specs, offsets):
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            out.append(flat[offset : offset + size].view(dtype).view(shape))
+        return out
+
+
+def _valid_index(index: Tensor, dim: int) -> bool:
+    """Outlier channel indices: strictly increasing (so distinct) and within ``[0, dim)``: a bad
+    one would make the scatter on the device fail far from here, or write the wrong channel."""
+    ids = index.numpy()
+    return bool(ids[0] >= 0) and bool(ids[-1] < dim) and bool((ids[1:] > ids[:-1]).all())
 
 
 def _byte_view(t: Tensor) -> memoryview:
@@ -203,13 +285,18 @@ def _pread_into(fd: int, dests: list[Tensor], offset: int) -> None:
 class BatchReader:
     """Reads batches of samples by index into padded tensors (one copy per tensor byte)."""
 
-    def __init__(self, view: CacheView, max_open: int = 64, pool: Optional[StoragePool] = None) -> None:
+    MAX_LOGGED_PER_SHARD = 10
+
+    def __init__(self, view: CacheView, max_open: int = 64, pool: Optional[BufferPool] = None) -> None:
         self.view = view
         self.pool = pool
         self.max_open = max_open
         self._fds: OrderedDict[int, int] = OrderedDict()
-        self._warned: set[int] = set()
-        self.dtype = view.dtype
+        self._logged: dict[int, int] = {}
+        self.guidance_dtype = view.guidance_dtype
+        self.ip_dtype = view.ip_dtype
+        self.quantized = view.quantized
+        self.outliers, self.outlier_dtype = view.outlier_channels, view.outlier_dtype
         self.guidance_dim = view.guidance_dim
         self.ip_shape = view.ip_shape
 
@@ -233,6 +320,17 @@ class BatchReader:
         except Exception:
             pass
 
+    def _wanted(self, t: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        n, d = self.ip_shape
+        wanted = {"guidance": ((t, self.guidance_dim), self.guidance_dtype),
+                  "ip_lose": ((n, d), self.ip_dtype), "ip_win": ((n, d), self.ip_dtype)}
+        if self.quantized:
+            wanted[SCALE_KEY] = ((t,), SCALE_DTYPE)
+        if self.outliers:
+            wanted[OUTLIER_INDEX_KEY] = ((self.outliers,), INDEX_DTYPE)
+            wanted[OUTLIER_KEY] = ((t, self.outliers), self.outlier_dtype)
+        return wanted
+
     def _locate(self, i: int):
         """Validate the tar header and safetensors header of sample ``i``; return its tensor specs."""
         v = self.view
@@ -246,24 +344,25 @@ class BatchReader:
         except tarfile.TarError as err:
             raise CacheFormatError(f"bad tar header ({err})") from None
         expected = f"{v.keys[i].decode()}.{TENSOR_EXT}"
-        if info.name != expected or info.size != int(v.payload_size[i]):
+        # A name over 100 bytes sits in a PAX header before this one; the ustar field holds its start.
+        name_ok = info.name == expected or (len(info.name) == 100 and expected.startswith(info.name))
+        if not name_ok or info.size != int(v.payload_size[i]):
             raise CacheFormatError(f"tar member is {info.name!r} ({info.size} B), index says {expected!r}")
         _, specs = parse_safetensors_header(head[512:])
-        t = int(v.num_tokens[i])
-        n, d = self.ip_shape
-        wanted = {"guidance": (t, self.guidance_dim), "ip_lose": (n, d), "ip_win": (n, d)}
-        for name, shape in wanted.items():
+        for name, (shape, dtype) in self._wanted(int(v.num_tokens[i])).items():
             spec = specs.get(name)
-            if spec is None or spec.shape != shape or spec.dtype != self.dtype:
+            if spec is None or spec.shape != shape or spec.dtype != dtype:
                 got = None if spec is None else (spec.shape, spec.dtype)
-                raise CacheFormatError(f"tensor {name!r} is {got}, expected {(shape, self.dtype)}")
+                raise CacheFormatError(f"tensor {name!r} is {got}, expected {(shape, dtype)}")
             if spec.end > int(v.payload_size[i]):
                 raise CacheFormatError(f"tensor {name!r} runs past its tar member")
         return fd, off, specs
 
     def read(self, indices: Sequence[int], pin_memory: bool = False) -> dict[str, Tensor]:
         """Batch dict: ``guidance`` [B, T_max, D], ``guidance_mask`` [B, T_max] (True = real token),
-        ``ip_lose``/``ip_win`` [B, N, D], ``index`` [B] and ``num_bad`` (samples dropped as corrupt)."""
+        ``ip_lose``/``ip_win`` [B, N, D], ``index`` [B] and ``num_bad`` (samples dropped as corrupt
+        or non-finite); with 8-bit guidance also ``guidance_scale`` [B, T_max] (0 on padding) and,
+        with outlier channels, ``guidance_outlier_index`` [B, K], ``guidance_outlier`` [B, T_max, K]."""
         located, good = [], []
         for i in indices:
             try:
@@ -275,15 +374,30 @@ class BatchReader:
         n, d = self.ip_shape
         lengths = [int(self.view.num_tokens[i]) for i in good]
         t_max = max(lengths, default=0)
-        specs = [((b, t_max, self.guidance_dim), self.dtype), ((b, t_max), torch.bool),
-                 ((b, n, d), self.dtype), ((b, n, d), self.dtype)]
+        names = ["guidance", "guidance_mask", "ip_lose", "ip_win"]
+        specs = [((b, t_max, self.guidance_dim), self.guidance_dtype), ((b, t_max), torch.bool),
+                 ((b, n, d), self.ip_dtype), ((b, n, d), self.ip_dtype)]
+        if self.quantized:
+            names.append(SCALE_KEY)
+            specs.append(((b, t_max), SCALE_DTYPE))
+        if self.outliers:
+            names += [OUTLIER_INDEX_KEY, OUTLIER_KEY]
+            specs += [((b, self.outliers), INDEX_DTYPE), ((b, t_max, self.outliers), self.outlier_dtype)]
         if self.pool is not None and not pin_memory:
-            guidance, mask, ip_lose, ip_win = self.pool.tensors(specs)
+            tensors = self.pool.tensors(specs)
         else:
-            guidance, mask, ip_lose, ip_win = (torch.empty(sh, dtype=dt, pin_memory=pin_memory) for sh, dt in specs)
+            tensors = [torch.empty(sh, dtype=dt, pin_memory=pin_memory) for sh, dt in specs]
+        batch = dict(zip(names, tensors))
+        guidance, mask, scale = batch["guidance"], batch["guidance_mask"], batch.get(SCALE_KEY)
+        index, outliers = batch.get(OUTLIER_INDEX_KEY), batch.get(OUTLIER_KEY)
         keep = []
         for row, ((fd, off, specs), t) in enumerate(zip(located, lengths)):
-            parts = [("guidance", guidance[row, :t]), ("ip_lose", ip_lose[row]), ("ip_win", ip_win[row])]
+            parts = [("guidance", guidance[row, :t]), ("ip_lose", batch["ip_lose"][row]),
+                     ("ip_win", batch["ip_win"][row])]
+            if scale is not None:
+                parts.append((SCALE_KEY, scale[row, :t]))
+            if index is not None:
+                parts += [(OUTLIER_INDEX_KEY, index[row]), (OUTLIER_KEY, outliers[row, :t])]
             try:
                 parts.sort(key=lambda p: specs[p[0]].begin)
                 contiguous = all(specs[a].end == specs[b].begin for (a, _), (b, _) in zip(parts, parts[1:]))
@@ -292,12 +406,24 @@ class BatchReader:
                 else:
                     for name, dest in parts:
                         _pread_into(fd, [dest], off + specs[name].begin)
+                bad = [name for name, dest in parts if dest.is_floating_point() and has_nonfinite(dest)]
+                if scale is not None and SCALE_KEY not in bad and not scales_ok(scale[row, :t]):
+                    bad.append(SCALE_KEY)
+                if bad:
+                    raise CacheFormatError(f"non-finite values in {', '.join(sorted(bad))}")
+                if index is not None and not _valid_index(index[row], self.guidance_dim):
+                    raise CacheFormatError(f"{OUTLIER_INDEX_KEY} is not {self.outliers} distinct channels "
+                                           f"below {self.guidance_dim}")
             except (CacheFormatError, OSError) as err:
                 self._report_bad(good[row], err)
                 continue
             # numpy, not torch: a torch fill may wake the intra-op thread pool from a reader thread
             # for a few hundred kB of padding, which costs more than the read itself.
             guidance[row, t:].view(torch.uint8).numpy().fill(0)
+            if scale is not None:
+                scale[row, t:].view(torch.uint8).numpy().fill(0)
+            if outliers is not None:
+                outliers[row, t:].view(torch.uint8).numpy().fill(0)
             row_mask = mask[row].numpy()
             row_mask[:t] = True
             row_mask[t:] = False
@@ -305,25 +431,21 @@ class BatchReader:
         num_bad = len(indices) - len(keep)
         if len(keep) != b:  # rare: a read failed after allocation; compact the batch
             rows = torch.tensor(keep, dtype=torch.long)
-            guidance, mask, ip_lose, ip_win = (x[rows] for x in (guidance, mask, ip_lose, ip_win))
-        return {
-            "guidance": guidance,
-            "guidance_mask": mask,
-            "ip_lose": ip_lose,
-            "ip_win": ip_win,
-            "index": torch.tensor([good[r] for r in keep], dtype=torch.long),
-            "num_bad": torch.tensor(num_bad, dtype=torch.long),
-        }
+            batch = {k: v[rows] for k, v in batch.items()}
+        batch["index"] = torch.tensor([good[r] for r in keep], dtype=torch.long)
+        batch["num_bad"] = torch.tensor(num_bad, dtype=torch.long)
+        return batch
 
     def _report_bad(self, i: int, err: Exception) -> None:
         shard = int(self.view.shard_of[i])
-        if shard not in self._warned:
-            self._warned.add(shard)
-            log.warning(
-                "dropping corrupt sample %s in %s: %s (further problems in this shard are counted, not "
-                "logged; run `img-preprocess verify %s`)",
-                self.view.keys[i].decode(),
-                self.view.shard_paths[shard],
-                err,
-                self.view.root,
-            )
+        logged = self._logged.get(shard, 0)
+        self._logged[shard] = logged + 1
+        if logged > self.MAX_LOGGED_PER_SHARD:
+            return
+        key, path = self.view.keys[i].decode(), self.view.shard_paths[shard]
+        if logged == self.MAX_LOGGED_PER_SHARD:
+            log.warning("more bad samples in %s: counted, no longer logged; run `img-preprocess verify %s`",
+                        path, self.view.root)
+            return
+        log.warning("dropping bad sample %s in %s: %s (run `img-preprocess verify %s`)", key, path, err,
+                    self.view.root)

@@ -2,20 +2,37 @@
 
 A crash mid-shard leaves only a ``.tmp`` file (ignored and overwritten by the next run); a
 finished shard always has its index file, which is what makes it count as done.
+
+Shards are plain POSIX tar written with the standard library's :mod:`tarfile` (the format every
+WebDataset reader streams). The byte offset of every member, which the index needs for random
+access, is counted by the sink the tar is written through: ``TarFile.addfile`` writes a member's
+header, data and padding straight to it, so the sink's size after the call is the member's end.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
+import tarfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import webdataset as wds
 from torch import Tensor
 
-from .format import META_EXT, SHARD_PATTERN, TENSOR_EXT, TENSOR_KEYS, check_key, encode_sample
+from .format import (
+    FP8_DTYPE,
+    META_EXT,
+    OUTLIER_KEY,
+    QUANT_KEYS,
+    SCALE_KEY,
+    SHARD_PATTERN,
+    TENSOR_EXT,
+    TENSOR_KEYS,
+    check_key,
+    encode_sample,
+)
 from .manifest import (
     Manifest,
     SampleRecord,
@@ -28,15 +45,21 @@ from .manifest import (
 
 _BLOCK = 512
 
-_DTYPE_NAMES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.float32": "float32"}
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _tensor_spec(tensors: Mapping[str, Tensor]) -> dict:
+    """The manifest's ``tensors`` entry: what every sample of the cache must look like."""
     g, ip = tensors["guidance"], tensors["ip_lose"]
-    return {
-        "guidance": {"dtype": _DTYPE_NAMES.get(str(g.dtype), str(g.dtype)), "dim": int(g.shape[1])},
-        "ip": {"dtype": _DTYPE_NAMES.get(str(ip.dtype), str(ip.dtype)), "shape": [int(s) for s in ip.shape]},
-    }
+    guidance = {"dtype": _dtype_name(g.dtype), "dim": int(g.shape[1])}
+    if g.dtype == FP8_DTYPE:
+        guidance["scale"] = {"dtype": _dtype_name(tensors[SCALE_KEY].dtype), "per": "token"}
+        outliers = tensors.get(OUTLIER_KEY)
+        guidance["outliers"] = {"channels": 0 if outliers is None else int(outliers.shape[1]),
+                                "dtype": None if outliers is None else _dtype_name(outliers.dtype)}
+    return {"guidance": guidance, "ip": {"dtype": _dtype_name(ip.dtype), "shape": [int(s) for s in ip.shape]}}
 
 
 def shard_is_complete(shard_path: Path) -> bool:
@@ -52,8 +75,9 @@ def shard_is_complete(shard_path: Path) -> bool:
 
 
 class _HashingFile:
-    """Sequential sink that hashes and counts what passes through (tar streams never seek), so a
-    finished shard's sha256 and size cost no second read of the file."""
+    """Sequential sink that hashes and counts what passes through (the tar is written front to
+    back, never seeking), so a finished shard's sha256, size and member offsets cost no second
+    read of the file."""
 
     def __init__(self, f: Any) -> None:
         self.f = f
@@ -64,6 +88,9 @@ class _HashingFile:
         self.sha256.update(data)
         self.size += len(data)
         return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
 
     def flush(self) -> None:
         self.f.flush()
@@ -83,8 +110,7 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp_path, "wb")
         self._sink = _HashingFile(self._file)
-        # Fixed mtime/owner/mode: the same samples always give byte-identical shards.
-        self._tar = wds.TarWriter(self._sink, encoder=False, mtime=0.0, user="img", group="img", mode=0o444)
+        self._tar = tarfile.open(fileobj=self._sink, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8")
         self._keys: set[str] = set()
         self._records: list[SampleRecord] = []
         self.tensors: Optional[dict] = None
@@ -99,27 +125,31 @@ class ShardWriter:
             self.tensors = spec
         elif spec != self.tensors:
             raise ValueError(f"{self.path}: sample {key!r} has tensors {spec}, shard started with {self.tensors}")
-        members = encode_sample({k: tensors[k] for k in TENSOR_KEYS}, meta)
-        # Two calls in the order one call would use (sorted extensions), so the member offsets for
-        # the index can be read off the tar stream as it goes.
+        members = encode_sample({k: tensors[k] for k in (*TENSOR_KEYS, *QUANT_KEYS) if k in tensors}, meta)
         meta_bytes, payload = members[META_EXT], members[TENSOR_EXT]
-        self._tar.write({"__key__": key, META_EXT: meta_bytes})
-        meta_end = self._tar.tarstream.offset
-        self._tar.write({"__key__": key, TENSOR_EXT: payload})
-        tensor_end = self._tar.tarstream.offset
+        meta_offset = self._add(f"{key}.{META_EXT}", meta_bytes)
+        offset = self._add(f"{key}.{TENSOR_EXT}", payload)
         (header_len,) = struct.unpack_from("<Q", payload, 0)
         self._records.append(
             SampleRecord(
                 key=key,
-                offset=tensor_end - _padded(len(payload)),
+                offset=offset,
                 size=len(payload),
                 header_len=8 + header_len,
-                meta_offset=meta_end - _padded(len(meta_bytes)),
+                meta_offset=meta_offset,
                 meta_size=len(meta_bytes),
                 num_tokens=int(tensors["guidance"].shape[0]),
             )
         )
         self._keys.add(key)
+
+    def _add(self, name: str, data: bytes) -> int:
+        """Append one member; returns the byte offset of its data in the shard."""
+        # Fixed mtime/owner/mode: the same samples always give byte-identical shards.
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "img", "img"
+        self._tar.addfile(info, io.BytesIO(data))
+        return self._sink.size - _padded(len(data))
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -8,9 +8,25 @@ that recipe by :func:`cache_key_of`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
 from .encoders import EncodersConfig, recipe_of_encoders
+
+
+class StoreDtype(Enum):
+    """16-bit storage dtypes (IP tokens, and guidance unless ``guidance_dtype`` says otherwise)."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class GuidanceDtype(Enum):
+    """Storage of the MLLM guidance, ~98 % of a cache's bytes (see README "Feature cache format")."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float8_e4m3fn = "float8_e4m3fn"  # 8-bit with one float32 scale per token: half the bytes
 
 
 @dataclass
@@ -26,7 +42,14 @@ class PreprocessDataConfig:
 
 @dataclass
 class CacheLayoutConfig:
-    dtype: str = "float16"  # stored tensor dtype: "float16" | "bfloat16" (cache key)
+    dtype: StoreDtype = StoreDtype.float16  # stored tensor dtype (cache key)
+    # Guidance storage (cache key); null: the same as `dtype`. float8_e4m3fn halves the bytes per
+    # pair (disk, loader and host-to-device traffic) for a rounding error of up to 6 % per stored
+    # value; what that does to the aligner: README "8-bit guidance", benchmarks/fp8_fidelity.py.
+    guidance_dtype: Optional[GuidanceDtype] = None
+    # With float8 guidance: the channels of each sample kept at `dtype` (the largest ones, where
+    # LLM "massive activations" live; 8 cost ~0.3 % of the bytes). Cache key when float8.
+    fp8_outlier_channels: int = 8
     shard_size: int = 256  # pairs per shard (layout only)
     seed: int = 0  # seed of the global pair -> shard permutation (layout only)
     # How the seeded global permutation is drawn (layout only; the features are the same):
@@ -72,8 +95,27 @@ def recipe_of(cfg) -> dict:
             "require_different": cfg.data.require_different,
             "limit": cfg.data.limit,
         },
-        "dtype": cfg.cache.dtype,
+        "dtype": cfg.cache.dtype.value,
+        **_guidance_storage(cfg),
     }
+
+
+def _guidance_storage(cfg) -> dict:
+    """Recipe entries of the guidance storage, only when it differs from ``cache.dtype``, so every
+    16-bit cache keeps the key it always had."""
+    name = guidance_dtype_name(cfg.cache)
+    if name == cfg.cache.dtype.value:
+        return {}
+    out = {"guidance_dtype": name}
+    if name == GuidanceDtype.float8_e4m3fn.value:
+        out["fp8_outlier_channels"] = int(cfg.cache.fp8_outlier_channels)
+    return out
+
+
+def guidance_dtype_name(cache_cfg) -> str:
+    """The effective guidance storage dtype of a ``cache`` config block, e.g. ``"float8_e4m3fn"``."""
+    g = cache_cfg.guidance_dtype
+    return g.value if g is not None else cache_cfg.dtype.value
 
 
 def cache_key_of(cfg) -> str:

@@ -1,6 +1,6 @@
 """Typed schema of ``img-train`` configs (``configs/train/*.yaml``).
 
-Defaults are the paper's SDXL recipe (DESIGN §1): LLaVA-1.5-13B guidance (5120), aligner dim 2048,
+Defaults are the paper's SDXL recipe: LLaVA-1.5-13B guidance (5120), aligner dim 2048,
 depth 4, 20 heads of 64, AdamW 1e-4 / wd 1e-4 constant, lambda 1, k = 10, batch 8 per GPU,
 100K steps.
 """
@@ -80,10 +80,14 @@ class DataConfig:
     prefetch_factor: int = 2  # batches in flight per reader thread
     pin_memory: bool = True  # read straight into pinned memory when training on a GPU
     seed: int = 0  # shuffle seed; the permutation of epoch e uses (seed, e)
-    # Shards whose size differs from the manifest are skipped; samples that fail to decode are
-    # dropped from their batch. Above this fraction of the data the run stops.
+    # Shards whose size differs from the manifest are skipped; samples that fail to decode or hold
+    # NaN/Inf are dropped from their batch (and named in the log). Above this fraction of the data
+    # the run stops.
     max_bad_fraction: float = 0.01
-    verify_checksums: bool = False  # sha256 every shard at start-up (slow on big caches)
+    # sha256 every shard at start-up, on every rank: a full extra read of the cache at one core's
+    # hashing speed (README "Performance"). Off: the loader's per-sample checks catch what would
+    # train silently wrong; run `img-preprocess verify --workers N` once after copying a cache.
+    verify_checksums: bool = False
     max_open_shards: int = 64  # per loader worker
 
 

@@ -1,4 +1,4 @@
-"""Cached-feature data loading (DESIGN §4)."""
+"""Cached-feature data loading: rank/epoch plan, reader threads, exact resume."""
 
 from .datamodule import CacheMismatchError, ExpectedFeatures, FeatureCacheDataModule, check_cache
 from .plan import BatchRequest, ResumableBatchSampler, epoch_permutation, rank_batches

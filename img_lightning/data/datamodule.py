@@ -8,6 +8,10 @@ a restart the sampler skips exactly the batches already trained on in that epoch
 The data epoch is derived from that position too, not from ``trainer.current_epoch``: Lightning
 (2.6) never calls ``set_epoch`` on our sampler after a mid-epoch resume, and after a resume from a
 checkpoint taken on an epoch's last batch its epoch counter runs one ahead of an uninterrupted run.
+
+8-bit guidance travels to the device as stored (float8 + per-token scales) and is widened to float32
+in :meth:`on_after_batch_transfer`, on the device, so the loader and the host-to-device copy move
+half the bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..cache.quant import dequantize_batch
 from ..cache.reader import CacheView
 from ..errors import UserError
 from .loader import ThreadedBatchLoader
@@ -180,6 +185,11 @@ class FeatureCacheDataModule(L.LightningDataModule):
             self._account_bad(int(batch["num_bad"]))
         return batch
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # 8-bit guidance crossed to the device as stored (half the bytes through the pinned buffers
+        # and PCIe); widen it here, on the device, after the copy.
+        return dequantize_batch(batch) if isinstance(batch, dict) and "guidance" in batch else batch
+
     def _account_bad(self, n: int) -> None:
         if n == 0:
             return
@@ -190,8 +200,9 @@ class FeatureCacheDataModule(L.LightningDataModule):
         fraction = (self.bad_samples + skipped) / max(total, 1)
         if fraction > self.cfg.max_bad_fraction:
             raise RuntimeError(
-                f"{self.cfg.cache}: {self.bad_samples} samples failed to decode and {skipped} sit in skipped "
-                f"shards ({fraction:.2%} of the cache), above data.max_bad_fraction={self.cfg.max_bad_fraction}. "
+                f"{self.cfg.cache}: {self.bad_samples} samples failed to decode or held NaN/Inf and {skipped} "
+                f"sit in skipped shards ({fraction:.2%} of the cache), above data.max_bad_fraction="
+                f"{self.cfg.max_bad_fraction}. "
                 f"Run `img-preprocess verify {self.cfg.cache}` and re-create the bad shards."
             )
 
@@ -214,7 +225,8 @@ class FeatureCacheDataModule(L.LightningDataModule):
         steps = len(self.train_ids) // (self.cfg.batch_size * world)
         return (
             f"cache {v.root}: {v.num_samples} pairs in {len(v.shard_paths)} shards "
-            f"({len(v.skipped)} skipped), key {v.manifest.cache_key}; train {len(self.train_ids)}, "
+            f"({len(v.skipped)} skipped), key {v.manifest.cache_key}, guidance {str(v.guidance_dtype).removeprefix('torch.')}; "
+            f"train {len(self.train_ids)}, "
             f"val {0 if self.val_ids is None else len(self.val_ids)}; {steps} steps/epoch at "
             f"{self.cfg.batch_size} x {world} ranks; {math.ceil(v.manifest.num_bytes / 2**20)} MiB"
         )

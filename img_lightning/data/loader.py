@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Optional
 
-from ..cache.reader import BatchReader, CacheView, StoragePool
+from ..cache.reader import BatchReader, BufferPool, CacheView
 from .plan import BatchRequest, ResumableBatchSampler
 
 
@@ -48,7 +48,7 @@ class ThreadedBatchLoader:
         self._executor: Optional[ThreadPoolExecutor] = None
         self.wait_seconds = 0.0  # time the consumer spent blocked on data (read by the Throughput callback)
         # Enough recycled batches for those in flight plus the few the consumer holds.
-        self._pool = StoragePool(max_buffers=max(1, self.num_workers) * self.prefetch + 4)
+        self._pool = BufferPool(max_buffers=max(1, self.num_workers) * self.prefetch + 4)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
