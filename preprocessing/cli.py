@@ -73,6 +73,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"cache complete: {cfg.data.output} ({m.num_samples} samples, {len(m.shards)} shards, "
               f"{m.num_bytes / 1e9:.3f} GB, cache key {m.cache_key}); check it with "
               f"`img-preprocess verify {cfg.data.output}`")
+    elif result.busy_shards:
+        print(f"task {result.task_index}/{result.num_tasks} done, but {len(result.busy_shards)} shard(s) were being "
+              f"written by another process (first {result.busy_shards[0]}) and were left to it; when it has "
+              f"finished run `img-preprocess manifest {cfg.data.output}`")
     else:
         print(f"task {result.task_index}/{result.num_tasks} done; when every task has finished run "
               f"`img-preprocess manifest {cfg.data.output}`")

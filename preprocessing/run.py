@@ -13,13 +13,14 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
 from img_lightning.cache.format import CACHE_DTYPES, GUIDANCE_DTYPES
+from img_lightning.cache.lock import ShardLocks
 from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index, write_json_atomic
 from img_lightning.cache.writer import shard_is_complete
 from img_lightning.config.loading import ConfigError
@@ -29,11 +30,16 @@ from img_lightning.errors import UserError
 from .extract import FeatureExtractor
 from .pickapic import ImageFetcher, PairTable, ReaderError, scan_pairs
 from .plan import PLAN_NAME, ShardPlan, build_plan, load_plan_document, plan_document, task_from_env
-from .stages import REPORTS_DIR, Chunk, Prefetcher, ShardSink, ThreadedSink, report_path, source
+from .stages import (REPORTS_DIR, Chunk, Prefetcher, ShardSink, ThreadedSink, remove_stale_temporaries, report_path,
+                     source)
 
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.json"
+
+
+class EmptyCacheError(UserError, ValueError):
+    """Preprocessing finished without a single usable sample."""
 
 
 class PlanMismatchError(UserError, ValueError):
@@ -51,6 +57,7 @@ class RunResult:
     pairs_skipped: int
     seconds: float  # extraction loop only (excludes scanning and model loading)
     manifest: Optional[Manifest] = None
+    busy_shards: list[str] = field(default_factory=list)  # held by another process, left to it
 
     @property
     def pairs_per_s(self) -> float:
@@ -102,8 +109,9 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 def _write_shards(out: Path, shards: list[int], plan: ShardPlan, table: PairTable, extractor: FeatureExtractor,
-                  cache_key: str, cache_cfg, run_cfg, progress: bool, desc: str) -> ShardSink:
-    """Extract and write ``shards``; returns the sink (its counters say what was written)."""
+                  cache_key: str, cache_cfg, run_cfg, progress: bool, desc: str) -> tuple[ShardSink, list[int]]:
+    """Extract and write ``shards``; returns the sink (its counters say what was written) and the
+    shards left to another process that holds their lock."""
     (out / REPORTS_DIR).mkdir(parents=True, exist_ok=True)
     bar = _progress(sum(len(plan.shard_pairs(k)) for k in shards), progress, desc)
 
@@ -115,13 +123,16 @@ def _write_shards(out: Path, shards: list[int], plan: ShardPlan, table: PairTabl
 
     dtype = CACHE_DTYPES[cache_cfg.dtype.value]
     guidance_dtype = GUIDANCE_DTYPES[guidance_dtype_name(cache_cfg)]
+    locks = ShardLocks(out)
+    busy: list[int] = []
     sink = ShardSink(out, plan, cache_key, dtype, on_progress, guidance_dtype=guidance_dtype,
-                     outlier_channels=cache_cfg.fp8_outlier_channels)
+                     outlier_channels=cache_cfg.fp8_outlier_channels, locks=locks)
     overlap = _overlap(run_cfg, extractor)
     threads = int(run_cfg.decode_threads)
     with ThreadPoolExecutor(max_workers=threads) if threads > 1 else contextlib.nullcontext() as pool:
         items: Iterator[Any] = source(shards, plan, table, extractor, ImageFetcher(table, run_cfg.row_group_cache),
-                                      pool)
+                                      pool, locks=locks, busy=busy,
+                                      done=lambda k: _shard_done(out, plan.shard_name(k), cache_key))
         prefetcher = Prefetcher(items, run_cfg.prefetch_batches) if overlap else None
         writer = ThreadedSink(sink, run_cfg.prefetch_batches) if overlap else sink
         try:
@@ -137,7 +148,8 @@ def _write_shards(out: Path, shards: list[int], plan: ShardPlan, table: PairTabl
             if prefetcher is not None:
                 prefetcher.close()
             bar.close()
-    return sink
+            locks.release_all()
+    return sink, busy
 
 
 def finalize(out: str | Path) -> Manifest:
@@ -159,6 +171,7 @@ def finalize(out: str | Path) -> Manifest:
         "duplicates": reader["duplicates"],
         "bad_images": reasons.get("bad_image", 0),
         "bad_prompts": reasons.get("bad_prompt", 0),
+        "same_images": reasons.get("same_image", 0),
         "nonfinite_features": reasons.get("nonfinite", 0),
         "written": manifest.num_samples,
         "reader": reader,
@@ -169,6 +182,13 @@ def finalize(out: str | Path) -> Manifest:
         "skipped_pairs_listed_in": f"{REPORTS_DIR}/shard-*.json",
     }
     write_json_atomic(out / SUMMARY_NAME, summary)
+    if manifest.num_samples == 0:
+        raise EmptyCacheError(
+            f"{out}: every pair was skipped, the cache holds no samples ({SUMMARY_NAME}: "
+            f"{summary['bad_images']} bad images, {summary['same_images']} identical pairs, "
+            f"{summary['bad_prompts']} bad prompts, {summary['nonfinite_features']} non-finite features; each "
+            f"skipped pair and its reason is in {REPORTS_DIR}/). Check data.input and the encoders."
+        )
     return manifest
 
 
@@ -213,21 +233,26 @@ def run_preprocess(cfg, task_index: Optional[int] = None, num_tasks: Optional[in
     out = Path(cfg.data.output)
     cache_key, recipe = cache_key_of(cfg), recipe_of(cfg)
     table = scan_pairs(cfg.data.input, split=cfg.data.split, drop_ties=cfg.data.drop_ties,
-                       require_different=cfg.data.require_different, limit=cfg.data.limit)
+                       require_different=cfg.data.require_different, limit=cfg.data.limit,
+                       drop_empty_captions=cfg.data.drop_empty_captions)
     st = table.stats
     log.info("read %d rows from %d files: kept %d pairs (ties %d, duplicates %d, unlabelled %d, bad labels %d, "
-             "missing values %d, empty files %d)", st.rows_read, st.files, st.kept, st.ties_dropped, st.duplicates,
-             st.unlabelled, st.bad_labels, st.missing_values, st.empty_files)
+             "missing values %d, empty captions %d, same image %d, empty files %d)", st.rows_read, st.files, st.kept,
+             st.ties_dropped, st.duplicates, st.unlabelled, st.bad_labels, st.missing_values, st.empty_captions,
+             st.same_image, st.empty_files)
     if len(table) == 0:
         raise ReaderError(f"no usable pairs in data.input={cfg.data.input!r} (see the counts above)")
     plan = build_plan(table, cfg.cache.shard_size, cfg.cache.seed, cfg.cache.shuffle)
     _check_or_write_plan(out, plan_document(plan, table, cache_key, recipe))
     owned = plan.owned(task_index, num_tasks)
+    with ShardLocks(out) as locks:
+        remove_stale_temporaries(out, locks)
     todo = [k for k in owned if not _shard_done(out, plan.shard_name(k), cache_key)]
     log.info("task %d/%d: %d of %d shards owned, %d already complete, cache key %s", task_index, num_tasks,
              len(owned), plan.num_shards, len(owned) - len(todo), cache_key)
     shards_written = pairs_written = pairs_skipped = 0
     seconds = 0.0
+    busy: list[int] = []
     if todo:
         threads = torch.get_num_threads()
         if cfg.run.torch_threads:
@@ -235,14 +260,17 @@ def run_preprocess(cfg, task_index: Optional[int] = None, num_tasks: Optional[in
         try:
             extractor = extractor or FeatureExtractor.from_config(cfg.encoders)
             t0 = time.perf_counter()
-            sink = _write_shards(out, todo, plan, table, extractor, cache_key, cfg.cache, cfg.run, progress,
-                                 desc=f"task {task_index}/{num_tasks}")
+            sink, busy = _write_shards(out, todo, plan, table, extractor, cache_key, cfg.cache, cfg.run, progress,
+                                       desc=f"task {task_index}/{num_tasks}")
             shards_written, pairs_written, pairs_skipped = sink.shards_written, sink.written, sink.skipped
             seconds = time.perf_counter() - t0
         finally:
             torch.set_num_threads(threads)
     result = RunResult(task_index, num_tasks, len(owned), len(owned) - len(todo), shards_written, pairs_written,
-                       pairs_skipped, seconds)
-    if num_tasks == 1:
+                       pairs_skipped, seconds, busy_shards=[plan.shard_name(k) for k in busy])
+    if num_tasks == 1 and not busy:
         result.manifest = finalize(out)
+    elif busy:
+        log.warning("%d shard(s) were being written by another process (first %s); once it has finished, "
+                    "run `img-preprocess manifest %s`", len(busy), plan.shard_name(busy[0]), out)
     return result

@@ -9,7 +9,9 @@ inline: extra threads would only fight the encoders for the same cores (``run.ov
 
 Crash safety comes from :class:`img_lightning.cache.ShardWriter` (temporary name, renamed when
 complete, index written last): a killed task leaves at most a hidden ``.shard-*.tmp`` file, which
-the next run of the same shard deletes before rewriting it. Each shard's report (which pairs were
+the next run of the same shard deletes before rewriting it. One writer per shard: the source takes
+the shard's lock (:mod:`img_lightning.cache.lock`) before starting it and the sink releases it once
+the shard is written, so concurrent or overlapping tasks never touch each other's files. Each shard's report (which pairs were
 skipped and why) is written BEFORE the shard is renamed, so a finished shard always has one.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from img_lightning.cache.lock import ShardLocks
 from img_lightning.cache.manifest import write_json_atomic
 from img_lightning.cache.quant import DEFAULT_OUTLIER_CHANNELS, NonFiniteFeatures, to_storage
 from img_lightning.cache.writer import ShardWriter
@@ -59,6 +63,34 @@ def report_path(out: Path, shard_name: str) -> Path:
     return out / REPORTS_DIR / (shard_name[: -len(".tar")] + ".json")
 
 
+# -- temporaries ----------------------------------------------------------------------------------
+_SHARD_TEMP = re.compile(r"^\.(shard-\d+)\..*\.tmp$")
+
+
+def remove_shard_temporaries(out: Path, name: str) -> None:
+    """Delete the temporary files of shard ``name`` (call only while holding its lock)."""
+    stem = name[: -len(".tar")] if name.endswith(".tar") else name
+    for folder in (out, out / REPORTS_DIR):
+        for tmp in folder.glob(f".{stem}.*.tmp"):
+            log.info("removing %s, left by an interrupted run", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(out: Path, locks: ShardLocks) -> None:
+    """Remove temporary files of every shard no live process is writing (its lock is free)."""
+    stems = {m.group(1) for folder in (out, out / REPORTS_DIR) if folder.is_dir()
+             for p in folder.iterdir() if (m := _SHARD_TEMP.match(p.name))}
+    for stem in sorted(stems):
+        name = f"{stem}.tar"
+        if locks.acquire(name):
+            try:
+                remove_shard_temporaries(out, name)
+            finally:
+                locks.release(name)
+        else:
+            log.info("temporary files of %s belong to a live writer (it holds the shard's lock): left alone", name)
+
+
 # -- source -------------------------------------------------------------------------------------
 def _decode_pair(data: tuple[Optional[bytes], Optional[bytes]]):
     winner, why_w = decode_image(data[0])
@@ -90,10 +122,27 @@ def pair_meta(table: PairTable, i: int, template_id: int, template_set: str, mll
 
 
 def source(shards: list[int], plan: ShardPlan, table: PairTable, extractor: FeatureExtractor,
-           fetcher: ImageFetcher, pool: Optional[ThreadPoolExecutor]) -> Iterator[Any]:
-    """Everything before the encoders, shard by shard: fetch bytes, decode, prepare batches."""
+           fetcher: ImageFetcher, pool: Optional[ThreadPoolExecutor], locks: Optional[ShardLocks] = None,
+           busy: Optional[list[int]] = None, done: Callable[[int], bool] = lambda k: False) -> Iterator[Any]:
+    """Everything before the encoders, shard by shard: fetch bytes, decode, prepare batches.
+
+    With ``locks``, a shard is started only once its lock is taken (released by the sink when the
+    shard is written); a shard another process holds is skipped, logged and listed in ``busy``,
+    and one that became complete meanwhile (``done``) is skipped too.
+    """
     step = extractor.batch_size
     for k in shards:
+        name = plan.shard_name(k)
+        if locks is not None:
+            if not locks.acquire(name):
+                log.warning("%s is being written by another process (it holds the shard's lock in %s): leaving "
+                            "it to that process", name, locks.dir)
+                if busy is not None:
+                    busy.append(k)
+                continue
+            if done(k):
+                locks.release(name)
+                continue
         indices = [int(i) for i in plan.shard_pairs(k)]
         raw = fetcher.fetch(indices)
         for start in range(0, len(indices), step):
@@ -192,6 +241,7 @@ class ShardSink:
     on_progress: Callable[[int, "ShardSink"], None] = lambda n, sink: None
     guidance_dtype: Optional[torch.dtype] = None  # None: dtype; float8_e4m3fn: see cache/quant.py
     outlier_channels: int = DEFAULT_OUTLIER_CHANNELS  # with 8-bit guidance: channels kept 16-bit
+    locks: Optional[ShardLocks] = None  # shard locks taken by the source, released once written
     shards_written: int = 0
     written: int = 0
     skipped: int = 0
@@ -201,9 +251,8 @@ class ShardSink:
     def consume(self, item: Any, feats: Optional[list[dict[str, Tensor]]]) -> None:
         name = self.plan.shard_name(item.shard)
         if self._writer is None:
-            for tmp in self.out.glob(f".{name}.*.tmp"):  # left by an interrupted run of this shard
-                log.info("removing unfinished %s from an interrupted run", tmp.name)
-                tmp.unlink(missing_ok=True)
+            # Left by an interrupted run of this shard; we hold its lock, so nobody is writing them.
+            remove_shard_temporaries(self.out, name)
             self._writer = ShardWriter(self.out / name, self.cache_key)
             self._report = {"shard": name, "planned": 0, "written": 0, "skipped": []}
         report = self._report
@@ -225,6 +274,8 @@ class ShardSink:
             write_json_atomic(report_path(self.out, name), report)
             self._writer.close()
             self._writer = None
+            if self.locks is not None:
+                self.locks.release(name)
             self.shards_written += 1
             self.written += report["written"]
             self.skipped += len(report["skipped"])

@@ -64,6 +64,7 @@ class VerifyReport:
     cache_key: Optional[str]
     shards: list[ShardCheck]
     problems: list[str]  # cache-level and per-shard problems, each naming its file
+    notes: list[str] = field(default_factory=list)  # harmless findings (shown, not failing)
 
     @property
     def ok(self) -> bool:
@@ -80,11 +81,12 @@ class VerifyReport:
     def render(self) -> str:
         head = (f"{self.root}: {len(self.shards)} shards, {self.num_samples} samples, "
                 f"{self.num_bytes / 1e9:.3f} GB, cache key {self.cache_key}")
+        notes = [f"  note: {n}" for n in self.notes]
         if self.ok:
-            return head + "\nOK: every shard verified"
+            return "\n".join([head, "OK: every shard verified", *notes])
         lines = [head, f"FAILED: {len(self.problems)} problem(s)"]
         lines += [f"  - {p}" for p in self.problems]
-        return "\n".join(lines)
+        return "\n".join(lines + notes)
 
 
 class _HashingReader:
@@ -287,6 +289,7 @@ def _entries(root: Path) -> tuple[Optional[str], dict, list[dict], list[str]]:
 def verify_cache(root: str | Path, workers: int = 1) -> VerifyReport:
     root = Path(root)
     cache_key, spec, entries, problems = _entries(root)
+    notes: list[str] = []
     checks: list[ShardCheck] = []
     if entries:
         args = [(str(root), e, cache_key, spec) for e in entries]
@@ -302,13 +305,20 @@ def verify_cache(root: str | Path, workers: int = 1) -> VerifyReport:
             if key in seen and seen[key] != c.name:
                 problems.append(f"{c.name}: sample key {key!r} also in {seen[key]}")
             seen.setdefault(key, c.name)
+    # A temporary file beside its finished shard is harmless (an interrupted duplicate writer, removed
+    # by the next img-preprocess run); one without a finished shard means a task did not complete.
+    finished = {e["name"] for e in entries}
     stray = sorted(p.name for p in root.glob(".shard-*.tmp"))
-    if stray:
-        problems.append(f"{len(stray)} unfinished temporary shard file(s) (first {stray[0]}): a task was "
+    unfinished = [n for n in stray if not any(n.startswith(f".{name}.") for name in finished)]
+    if unfinished:
+        problems.append(f"{len(unfinished)} unfinished temporary shard file(s) (first {unfinished[0]}): a task was "
                         f"interrupted; re-run it to complete its shards")
+    if len(stray) > len(unfinished):
+        notes.append(f"{len(stray) - len(unfinished)} leftover temporary file(s) beside finished shards; the next "
+                     f"img-preprocess run on this directory removes them")
     orphans = sorted(p.name[: -len(INDEX_SUFFIX)] for p in root.glob("shard-*" + INDEX_SUFFIX)
                      if p.name[: -len(INDEX_SUFFIX)] + ".tar" not in {e["name"] for e in entries})
     if orphans and (root / "manifest.json").is_file():
         problems.append(f"{len(orphans)} finished shard(s) not in manifest.json (first {orphans[0]}.tar): "
                         f"re-run `img-preprocess manifest {root}`")
-    return VerifyReport(root=root, cache_key=cache_key, shards=checks, problems=problems)
+    return VerifyReport(root=root, cache_key=cache_key, shards=checks, problems=problems, notes=notes)

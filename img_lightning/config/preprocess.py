@@ -38,6 +38,9 @@ class PreprocessDataConfig:
     drop_ties: bool = True  # cache key
     require_different: bool = False  # keep only `are_different` pairs (cache key)
     limit: Optional[int] = None  # keep at most this many pairs (cache key: it changes the data)
+    # Pairs with an empty (or whitespace-only) caption have nothing to align to: dropped and counted
+    # by default (cache key).
+    drop_empty_captions: bool = True
 
 
 @dataclass
@@ -94,6 +97,7 @@ def recipe_of(cfg) -> dict:
             "drop_ties": cfg.data.drop_ties,
             "require_different": cfg.data.require_different,
             "limit": cfg.data.limit,
+            "drop_empty_captions": cfg.data.drop_empty_captions,
         },
         "dtype": cfg.cache.dtype.value,
         **_guidance_storage(cfg),
