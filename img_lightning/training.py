@@ -69,6 +69,14 @@ def resume_free_keys(cfg: Any) -> frozenset[str]:
     return RESUME_FREE_KEYS
 
 
+def planned_world_size(trainer_cfg: Any) -> Optional[int]:
+    """Processes the run will have, when the config says (``devices: auto`` leaves it to Lightning)."""
+    devices = parse_devices(trainer_cfg.devices)
+    if devices == "auto" or (isinstance(devices, int) and devices < 0):
+        return None
+    return (len(devices) if isinstance(devices, list) else devices) * int(trainer_cfg.num_nodes)
+
+
 def parse_devices(value: Any) -> Any:
     text = str(value).strip()
     if text == "auto":
@@ -172,6 +180,10 @@ def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainRes
     ckpt_path = resolve_resume(run_dir, cfg.run.ckpt_path)
     changes = check_resume_config(run_dir, cfg, TrainConfig, resume_free_keys(cfg)) if ckpt_path else {}
     datamodule = build_datamodule(cfg)
+    datamodule.open_caches()  # before models, DDP processes or the run directory exist
+    world = planned_world_size(cfg.trainer)
+    if world is not None:
+        datamodule.check_fits(world)
     module = build_module(cfg)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)

@@ -134,3 +134,18 @@ def test_swap_log_has_no_duplicate_after_resume(caches, tmp_path):
     assert len(before) > sum(json.loads(line)["step"] <= 3 for line in expected)
     assert [json.loads(line)["swap"] for line in got] == list(range(1, len(got) + 1))
     assert got == expected
+
+
+def test_resume_with_another_world_size_is_refused(caches, tmp_path):
+    """devices: auto on a machine with another GPU count would silently change the global batch."""
+    cache, _, key = caches
+    run_dir = _interrupted_run(tmp_path, cache, key)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    import torch
+
+    state = torch.load(ckpt, weights_only=True)
+    assert state["FeatureCacheDataModule"]["world_size"] == 1
+    state["FeatureCacheDataModule"]["world_size"] = 2  # as if it had been counted on two ranks
+    torch.save(state, ckpt)
+    with pytest.raises(Exception, match="2 ranks x batch 4"):
+        run_training(tiny_config(cache, key, tmp_path, "run", **{"trainer.max_steps": 8, "run.ckpt_path": "last"}))

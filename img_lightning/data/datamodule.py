@@ -98,35 +98,55 @@ class FeatureCacheDataModule(L.LightningDataModule):
         self.train_loader: Optional[ThreadedBatchLoader] = None
 
     # ------------------------------------------------------------------ setup
-    def setup(self, stage: Optional[str] = None) -> None:
+    def open_caches(self) -> None:
+        """Open and check the caches (manifests and shard indexes only: no tensor bytes are read).
+
+        ``img-train`` calls it before it builds models, launches DDP processes or creates the run
+        directory, so a wrong or incomplete cache fails in a second, not after minutes of start-up.
+        """
         if self.train_view is not None:
             return
         cfg = self.cfg
         self.train_view = CacheView.open(cfg.cache, verify_checksums=cfg.verify_checksums)
         check_cache(self.train_view, self.expected, cfg.max_bad_fraction)
-        all_ids = np.arange(self.train_view.num_samples, dtype=np.int64)
         if cfg.val_cache:
             self.val_view = CacheView.open(cfg.val_cache, verify_checksums=cfg.verify_checksums)
             check_cache(self.val_view, self.expected, cfg.max_bad_fraction)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_ids is not None:
+            return
+        self.open_caches()
+        cfg = self.cfg
+        all_ids = np.arange(self.train_view.num_samples, dtype=np.int64)
+        if cfg.val_cache:
             self.train_ids = all_ids
             self.val_ids = np.arange(self.val_view.num_samples, dtype=np.int64)
         elif cfg.val_fraction > 0:
-            if not 0 < cfg.val_fraction < 1:
-                raise ValueError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
-            n_val = max(1, int(round(cfg.val_fraction * len(all_ids))))
+            n_val = self._num_held_out(len(all_ids))
             perm = np.random.default_rng([int(cfg.val_split_seed), 7919]).permutation(len(all_ids))
             self.val_view = self.train_view
             self.val_ids = np.sort(all_ids[perm[:n_val]])
             self.train_ids = np.sort(all_ids[perm[n_val:]])
         else:
             self.train_ids = all_ids
-        world = self._world_size()
-        if len(self.train_ids) < cfg.batch_size * world:
-            raise ValueError(
-                f"{cfg.cache}: {len(self.train_ids)} training samples cannot fill one batch of "
-                f"{cfg.batch_size} on each of {world} ranks"
-            )
+        self.check_fits(self._world_size())
         rank_zero_info(self.describe())
+
+    def _num_held_out(self, n: int) -> int:
+        """Samples ``data.val_fraction`` holds out of ``n`` (at least one when it is set)."""
+        return max(1, int(round(self.cfg.val_fraction * n))) if self.cfg.val_fraction > 0 else 0
+
+    def check_fits(self, world_size: int) -> None:
+        """Every rank needs at least one full batch per epoch (the caches must be open)."""
+        cfg = self.cfg
+        n = self.train_view.num_samples
+        available = n - self._num_held_out(n) if not cfg.val_cache else n
+        if available < cfg.batch_size * world_size:
+            raise CacheMismatchError(
+                f"{cfg.cache}: {available} training samples cannot fill one batch of "
+                f"{cfg.batch_size} on each of {world_size} ranks; lower data.batch_size or use a bigger cache"
+            )
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -207,9 +227,20 @@ class FeatureCacheDataModule(L.LightningDataModule):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "bad_samples": self.bad_samples}
+        # The position counts batches of one rank: it means the same samples only with the same
+        # global batch, so the layout it was counted in is saved too and checked on resume.
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "bad_samples": self.bad_samples,
+                "world_size": self._world_size(), "batch_size": int(self.cfg.batch_size)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = (state_dict.get("world_size"), state_dict.get("batch_size"))
+        now = (self._world_size(), int(self.cfg.batch_size))
+        if saved[0] is not None and saved != now:
+            raise CacheMismatchError(
+                f"the checkpoint's data position was counted with {saved[0]} ranks x batch {saved[1]}, this run has "
+                f"{now[0]} x {now[1]}: resuming would train on other samples than the interrupted run. Resume with "
+                f"the same number of processes and data.batch_size, or start a new run."
+            )
         self.epoch = int(state_dict["epoch"])
         self.batches_done = int(state_dict["batches_done"])
         self.bad_samples = int(state_dict.get("bad_samples", 0))
