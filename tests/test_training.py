@@ -193,8 +193,10 @@ def test_data_wait_share_reflects_a_slow_loader(caches, tmp_path, monkeypatch):
 
     read = ThreadedBatchLoader._read
 
+    delay = 0.6  # per batch: well above a tiny step's compute even on a loaded 2-core machine
+
     def slow_read(self, request):
-        _time.sleep(0.3)
+        _time.sleep(delay)
         return read(self, request)
 
     monkeypatch.setattr(ThreadedBatchLoader, "_read", slow_read)
@@ -204,7 +206,7 @@ def test_data_wait_share_reflects_a_slow_loader(caches, tmp_path, monkeypatch):
     shares = [e.value for e in events.Scalars("perf/data_wait_share")]
     assert len(shares) == 2 and all(0.5 < s <= 1.0 for s in shares), shares
     rates = [e.value for e in events.Scalars("perf/samples_per_s")]
-    assert all(r < 4 / 0.3 for r in rates)  # at most one batch of 4 per 300 ms
+    assert all(r < 4 / delay for r in rates)  # at most one batch of 4 per `delay`
 
 
 class RecordGuidance(Callback):
