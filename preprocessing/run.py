@@ -23,7 +23,7 @@ from img_lightning.cache.format import CACHE_DTYPES
 from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index, write_json_atomic
 from img_lightning.cache.writer import shard_is_complete
 from img_lightning.config.loading import ConfigError
-from img_lightning.config.preprocess import cache_key_of, recipe_of
+from img_lightning.recipe import cache_key_of, recipe_of
 from img_lightning.errors import UserError
 
 from .extract import FeatureExtractor

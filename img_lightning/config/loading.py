@@ -45,10 +45,11 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         merged = OmegaConf.merge(base, other)
         # OmegaConf keeps the base's value where `other` says ???; a file that writes ??? for a
-        # key means "the user must set this", so that key becomes missing again (dict keys only).
+        # key means "the user must set this", so that key becomes missing again. Inside a list too
+        # (`scorers: [{checkpoint: ???}]`): a merge replaces a list whole, so `other`'s indices are
+        # the merged list's.
         for key in OmegaConf.missing_keys(other):
-            if "[" not in key:
-                OmegaConf.update(merged, key, "???", merge=False)
+            OmegaConf.update(merged, key, "???", merge=False)
         return merged  # type: ignore[return-value]
     except ConfigKeyError as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None) or str(err)
@@ -94,7 +95,7 @@ def load_config(
             raise ConfigError(f"command-line override: {err}") from None
         cfg = _merge(cfg, dotlist, "command line")
     if require_complete:
-        missing = sorted(OmegaConf.missing_keys(cfg))
+        missing = missing_keys(cfg)
         if missing:
             raise ConfigError(
                 "these config keys have no value (set them in a YAML file or as key=value): "
@@ -111,6 +112,13 @@ def validate(cfg: Any, schema: Any) -> None:
     found = problems(cfg, getattr(schema, "CHECKS", {}))
     if found:
         raise ConfigError("invalid config values:\n  " + "\n  ".join(found))
+
+
+def missing_keys(cfg: Any) -> list[str]:
+    """Keys still ``???``, sorted, written as they are set on the command line (``scorers.0.checkpoint``)."""
+    import re
+
+    return sorted(re.sub(r"\[(\d+)\]", r".\1", k) for k in OmegaConf.missing_keys(cfg))
 
 
 def to_yaml(cfg: Any) -> str:

@@ -2,7 +2,7 @@
 
 It lives in the library (not in ``preprocessing/``) because training needs it too: a training
 config names the preprocessing recipe its cache must come from, and the cache key is computed from
-that recipe by :func:`cache_key_of`.
+that recipe by :func:`img_lightning.recipe.cache_key_of`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .encoders import EncodersConfig, recipe_of_encoders
+from .encoders import EncodersConfig
 
 
 @dataclass
@@ -59,24 +59,3 @@ class PreprocessConfig:
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     cache: CacheLayoutConfig = field(default_factory=CacheLayoutConfig)
     run: PreprocessRunConfig = field(default_factory=PreprocessRunConfig)
-
-
-def recipe_of(cfg) -> dict:
-    """Everything that decides *what* the cached features are, nothing about where or how fast."""
-    return {
-        "encoders": recipe_of_encoders(cfg.encoders),
-        "data": {
-            "dataset": cfg.data.dataset,
-            "split": cfg.data.split,
-            "drop_ties": cfg.data.drop_ties,
-            "require_different": cfg.data.require_different,
-            "limit": cfg.data.limit,
-        },
-        "dtype": cfg.cache.dtype,
-    }
-
-
-def cache_key_of(cfg) -> str:
-    from ..cache.key import cache_key  # the cache package pulls in torch; config loading must not
-
-    return cache_key(recipe_of(cfg))
