@@ -41,6 +41,16 @@ def resolve_config_path(path: str | Path) -> Path:
     return shipped if shipped.is_file() else given
 
 
+def _written_missing(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` (as :func:`OmegaConf.missing_keys` names it) is ``???`` itself, rather than an
+    interpolation (``${prompts.path}``) of a key that is."""
+    import re
+
+    parent, _, leaf = re.sub(r"\[(\d+)\]", r".\1", key).rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return OmegaConf.is_missing(node, int(leaf) if leaf.isdigit() else leaf)
+
+
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         merged = OmegaConf.merge(base, other)
@@ -49,7 +59,8 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         # (`scorers: [{checkpoint: ???}]`): a merge replaces a list whole, so `other`'s indices are
         # the merged list's.
         for key in OmegaConf.missing_keys(other):
-            OmegaConf.update(merged, key, "???", merge=False)
+            if _written_missing(other, key):  # not an interpolation of a missing key: that stays
+                OmegaConf.update(merged, key, "???", merge=False)
         return merged  # type: ignore[return-value]
     except ConfigKeyError as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None) or str(err)
