@@ -28,8 +28,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                     "img_lightning.run_dir")),
     ("cache", ("img_lightning.cache",)),  # the feature-cache format, writer, manifest, reader
     ("data", ("img_lightning.data",)),  # the DataModule over a cache
-    # MLLM and IP encoders, the cache recipe (its key needs the question file's hash), checkpoint conversion
-    ("features", ("img_lightning.encoders", "img_lightning.recipe", "img_lightning.convert")),
+    # MLLM and IP encoders, the cache recipe (its key needs the question file's hash), checkpoint conversion;
+    # the finetuned-MLLM export manifest, which the encoders read to identify a finetuned model folder
+    ("features", ("img_lightning.encoders", "img_lightning.recipe", "img_lightning.convert",
+                  "img_lightning.finetune.manifest")),
     # the aligner, its objective and LightningModule, the training job; the MLLM finetuning stage
     ("training", ("img_lightning.aligner", "img_lightning.objective", "img_lightning.module",
                   "img_lightning.callbacks", "img_lightning.training", "img_lightning.finetune")),
@@ -131,6 +133,8 @@ def test_the_scan_resolves_every_import_form(source, expected):
 
 def test_layer_placement():
     assert layer_of("img_lightning") == layer_of("img_lightning.errors") == 0
+    # a longer entry places one module of a package elsewhere
+    assert layer_of("img_lightning.finetune.manifest") < layer_of("img_lightning.finetune.training")
     assert layer_of("img_lightning.evaluation.scorers.clip") == LAYER_NAMES.index("evaluation")
     assert layer_of("img_lightning.cli.eval") > layer_of("img_lightning.evaluation.pipeline")
     assert layer_of("img_lightning.no_such_module") is None  # the root entry does not place new modules
