@@ -6,8 +6,8 @@ name in the same directory (same file system, so the final ``rename`` is atomic)
 then renamed over the target. If anything fails on the way (a full disk, a kill signal raised as an
 exception) the temporary file is removed and the target is left as it was.
 
-Temporary names are ``.{name}.{pid}.tmp``: hidden from globs like ``shard-*.tar``, unique per
-process, and recognisable by :func:`is_temporary` so a later run can clean up after a hard kill.
+Temporary names are ``.{name}.{pid}.tmp``: hidden from globs like ``shard-*.tar`` and unique per
+process.
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ TMP_SUFFIX = ".tmp"
 def temporary_name(path: Path) -> Path:
     """The hidden temporary sibling that :func:`atomic_path` writes before renaming to ``path``."""
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-
-
-def is_temporary(path: Path) -> bool:
-    """Whether ``path`` looks like a temporary file left behind by :func:`atomic_path`."""
-    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
 
 
 @contextlib.contextmanager

@@ -72,6 +72,43 @@ def find_in(root: Path, subfolder: str, name: str, model_id: str, config_key: st
     )
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_model(what: str, model_id: Optional[str], path: Optional[str], key: str, *, revision: Optional[str] = None,
+                subfolder: str = "", marker: Optional[str] = "config.json", weights: bool = True) -> Path:
+    """Is ``what`` there? The cheap check before a long run: nothing is loaded.
+
+    The local ``path`` must exist, else ``model_id`` must be a local directory or be in the local
+    Hugging Face cache (never the network), as for :func:`from_pretrained`. With ``marker``, the
+    folder (``subfolder`` of it, or itself) must hold that file, and with ``weights`` a weights file
+    beside it (a download of the configs alone is not a model). Returns that folder, or the root
+    when there is no marker; raises :class:`ModelNotFoundError` naming ``key``.
+    """
+    if path:
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise ModelNotFoundError(f"{what}: local path {path} does not exist (set by {key})")
+    elif model_id and Path(model_id).expanduser().is_dir():
+        root = Path(model_id).expanduser()
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(model_id or "", revision=revision, local_files_only=True))
+        except Exception:  # noqa: BLE001 - every failure here means "not available locally"
+            raise ModelNotFoundError(missing_model_message(what, model_id or "", key, revision)) from None
+    if marker is None:
+        return root
+    folder = find_in(root, subfolder, marker, model_id or str(root), key).parent
+    if weights and not any(p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json")
+                           for p in folder.iterdir()):
+        raise ModelNotFoundError(f"{what} {model_id!r}: {folder} has {marker} but no weights file "
+                                 f"({', '.join('*' + s for s in WEIGHT_SUFFIXES)}); the download is incomplete "
+                                 f"or {key} points at the wrong folder.")
+    return folder
+
+
 def model_dir(root: Path, subfolder: str, model_id: str, config_key: str) -> Path:
     """The folder holding ``config.json`` of a sub-model (``root/subfolder`` or ``root`` itself)."""
     return find_in(root, subfolder, "config.json", model_id, config_key).parent

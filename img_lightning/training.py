@@ -51,7 +51,8 @@ def expected_cache_key(data_cfg: Any) -> str:
     if data_cfg.cache_key:
         return str(data_cfg.cache_key)
     if data_cfg.recipe:
-        from .config.preprocess import PreprocessConfig, cache_key_of
+        from .config.preprocess import PreprocessConfig
+        from .recipe import cache_key_of
 
         recipe_cfg = load_config(PreprocessConfig, [data_cfg.recipe], list(data_cfg.recipe_overrides),
                                  require_complete=False)

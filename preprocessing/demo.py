@@ -113,7 +113,7 @@ def _demo(args: argparse.Namespace) -> int:
         t = _stage("5/5 img-eval: base vs control vs IMG on held-out captions")
         import pyarrow.parquet as pq
 
-        from img_lightning.evaluation.demo import run_demo_eval
+        from img_lightning.tiny.demo_eval import run_demo_eval
 
         captions = sorted({c for c in pq.read_table(val_pq, columns=["caption"]).column("caption").to_pylist() if c})
         random.Random(args.seed).shuffle(captions)

@@ -5,7 +5,7 @@ draws exactly that scene; the LOSING image gets one attribute wrong (the colour,
 size or the background). So "what should change" is visible and learnable even for tiny random
 encoders. One tie row and one row with corrupt JPEG bytes exercise the filters.
 
-The schema is Pick-a-Pic v2's, column for column and dtype for dtype (DESIGN §5), so the demo
+The schema is Pick-a-Pic v2's, column for column and dtype for dtype, so the demo
 runs the real reader.
 """
 

@@ -24,8 +24,9 @@ from img_lightning.cache.lock import ShardLocks
 from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index, write_json_atomic
 from img_lightning.cache.writer import shard_is_complete
 from img_lightning.config.loading import ConfigError
-from img_lightning.config.preprocess import cache_key_of, guidance_dtype_name, recipe_of
+from img_lightning.config.preprocess import guidance_dtype_name
 from img_lightning.errors import UserError
+from img_lightning.recipe import cache_key_of, recipe_of
 
 from .extract import FeatureExtractor
 from .pickapic import ImageFetcher, PairTable, ReaderError, scan_pairs

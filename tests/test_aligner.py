@@ -24,7 +24,7 @@ def _randomised(seed: int = 0, **dims) -> ImplicitAligner:
 
 
 def official_key_shapes(guidance_dim, dim, depth, heads, dim_head, ff_mult=4) -> dict[str, tuple]:
-    """Parameter names and shapes of the released module, written out from DESIGN §1."""
+    """Parameter names and shapes of the released module (``aligner_sdxl.pth`` / ``aligner_flux.pth``), written out."""
     inner = heads * dim_head
     keys = {
         "proj_in.weight": (dim, guidance_dim),

@@ -4,8 +4,8 @@ built on the tiny models, over the six T2I-CompBench categories loaded from the 
 from PIL import Image
 
 from bench_paths import BENCH, requires_bench
-from img_lightning.cli.eval import load_prompt_set, resolve_config
-from img_lightning.evaluation.demo import DEMO_CONFIG
+from img_lightning.evaluation.pipeline import load_prompt_set, resolve_config
+from img_lightning.tiny.demo_eval import DEMO_CONFIG
 from img_lightning.evaluation.prompts import T2I_COMPBENCH_CATEGORIES
 from img_lightning.evaluation.scorers import build_scorers
 

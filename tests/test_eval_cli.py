@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from img_lightning.aligner import ImplicitAligner
-from img_lightning.cli.eval import main, resolve_config
-from img_lightning.evaluation.demo import DEMO_CONFIG, DEMO_RECIPE, run_demo_eval, tiny_eval_overrides
+from img_lightning.cli.eval import main
+from img_lightning.evaluation.pipeline import resolve_config
+from img_lightning.tiny.demo_eval import DEMO_CONFIG, DEMO_RECIPE, run_demo_eval, tiny_eval_overrides
 
 from bench_paths import BENCH, requires_bench
 COLOR = BENCH / "t2i-compbench" / "color_val.txt"

@@ -5,7 +5,7 @@ import json
 
 from PIL import Image
 
-from img_lightning.evaluation.prompts import PromptRecord
+from img_lightning.eval_run import PromptRecord
 from img_lightning.evaluation.report import ReportInputs, paste_table, summarize, write_report
 
 METRICS = {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from img_lightning.evaluation.prompts import PromptRecord
+from img_lightning.eval_run import PromptRecord
 from img_lightning.evaluation.report import ReportInputs, summarize, write_report
 from img_lightning.evaluation.stats import bootstrap_indices, mean_ci, paired_comparison
 

@@ -21,7 +21,7 @@ from img_lightning.generation.conditioner import pad_guidance
 from img_lightning.generation.ip_inject import PassThroughIPProjection
 from img_lightning.generation.pipeline import DiffusionBackend
 from img_lightning.generation.seeds import seed_for
-from img_lightning.generation.store import ImageStore
+from img_lightning.eval_run import ImageStore
 
 WEIGHT = "ip-adapter-plus_sdxl_vit-h.safetensors"
 REPO = Path(__file__).resolve().parents[1]
@@ -331,7 +331,7 @@ class _FakeConditioner:
 def test_each_arm_gets_its_released_settings(tmp_path):
     """base: generation.base; IMG rounds: img.* at img.ip_scale; control: the same at IP scale 0."""
     from img_lightning.config.loading import ConfigError
-    from img_lightning.evaluation.prompts import PromptRecord
+    from img_lightning.eval_run import PromptRecord
     from img_lightning.generation.runner import GenerationRun
 
     cfg = load_config(EvalConfig, [REPO / "configs/eval/backbones/flux.yaml"], [

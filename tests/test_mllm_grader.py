@@ -12,12 +12,12 @@ from PIL import Image
 from img_lightning.config.eval import ScorerConfig
 from img_lightning.config.loading import ConfigError
 from img_lightning.errors import NonFiniteError
-from img_lightning.evaluation.prompts import PromptRecord
+from img_lightning.eval_run import PromptRecord
 from img_lightning.evaluation.scorers import build_scorers
 from img_lightning.evaluation.scorers.mllm_grader import MLLMGrader
 from img_lightning.evaluation.scorers.rubric import DEFAULT_RUBRIC, load_rubric, parse_answer
 from img_lightning.evaluation.scoring import read_answers, read_scores, score_run
-from img_lightning.generation.store import ImageStore
+from img_lightning.eval_run import ImageStore
 
 RUBRIC = load_rubric()
 KEYS = ("accuracy_to_prompt", "creativity", "visual_quality", "consistency", "emotional_resonance")

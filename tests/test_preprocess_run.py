@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from img_lightning.cache import BatchReader, CacheView, Manifest
 from img_lightning.cache.format import decode_tensors
 from img_lightning.config.loading import load_config
-from img_lightning.config.preprocess import PreprocessConfig, cache_key_of
+from img_lightning.config.preprocess import PreprocessConfig
+from img_lightning.recipe import cache_key_of
 from img_lightning.encoders.templates import template_id_for
 from preprocessing.cli import main
 from preprocessing.demo_data import write_demo_parquet

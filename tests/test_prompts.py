@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from img_lightning.eval_run.prompts import chunk
 from img_lightning.evaluation.prompts import (
     PromptFileError,
-    chunk,
     load_drawbench,
     load_hpd_benchmark,
     load_hpd_csv,

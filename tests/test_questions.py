@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 
 from img_lightning.config.encoders import MLLMConfig
 from img_lightning.config.loading import ConfigError, load_config
-from img_lightning.config.preprocess import PreprocessConfig, cache_key_of, recipe_of
+from img_lightning.config.preprocess import PreprocessConfig
+from img_lightning.recipe import cache_key_of, recipe_of
 from img_lightning.encoders.questions import (
     QuestionFileError,
     builtin_question_set,

@@ -25,7 +25,7 @@ def synthetic_recipe(guidance_dim: int, ip_tokens: int, ip_dim: int, task_seed: 
         "synthetic": {"guidance_dim": guidance_dim, "ip_tokens": ip_tokens, "ip_dim": ip_dim, "task_seed": task_seed},
         "dtype": dtype,
     }
-    if guidance_dtype not in (None, dtype):  # as in config.preprocess.recipe_of: 16-bit keys unchanged
+    if guidance_dtype not in (None, dtype):  # as in recipe.recipe_of: 16-bit keys unchanged
         recipe["guidance_dtype"] = guidance_dtype
         if guidance_dtype == "float8_e4m3fn":
             recipe["fp8_outlier_channels"] = outlier_channels

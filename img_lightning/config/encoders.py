@@ -2,15 +2,24 @@
 
 Fields split in two: *identity* fields (model ids, revisions, dtype, layer, templates, image
 preprocessing) go into the cache key; *location/speed* fields (local paths, device, batch size) do
-not. ``recipe_fields`` lists the identity fields of each block.
+not. ``recipe_fields`` lists the identity fields of each block; :mod:`img_lightning.recipe` turns them
+(with the question file's sha256) into the cache key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
-from ..encoders.conversation import PromptFormat
+
+class PromptFormat(str, Enum):
+    """How the MLLM's question is wrapped (the formats: :mod:`img_lightning.encoders.conversation`)."""
+
+    auto = "auto"  # llava_v1 for LLaVA, chat_template otherwise
+    llava_v0 = "llava_v0"
+    llava_v1 = "llava_v1"
+    chat_template = "chat_template"
 
 
 @dataclass
@@ -76,20 +85,3 @@ class IPEncoderConfig:
 class EncodersConfig:
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
     ip: IPEncoderConfig = field(default_factory=IPEncoderConfig)
-
-
-def _plain(value):
-    return getattr(value, "value", value)  # Enum members enter the recipe as their value
-
-
-def recipe_of_encoders(cfg) -> dict:
-    """The identity part of an encoders config (goes into the cache key). The question file is
-    read here: its sha256 is what identifies it, so moving the file keeps the key."""
-    from ..encoders.questions import question_recipe
-
-    mllm = {k: _plain(cfg.mllm[k]) for k in MLLMConfig.recipe_fields}
-    mllm.update(question_recipe(cfg.mllm))
-    return {
-        "mllm": mllm,
-        "ip": {k: cfg.ip[k] for k in IPEncoderConfig.recipe_fields},
-    }

@@ -125,7 +125,6 @@ class IMGConfig:
     # FLUX only: IP scale of the negative (true-CFG) pass (XLabs' neg_ip_scale); None = the arm's IP
     # scale. SDXL applies one scale to both CFG halves in one UNet pass, so there it must stay None.
     negative_ip_scale: Optional[float] = None
-    save_features: bool = True  # aligned IP tokens per image (safetensors) for inspection and resume
     free_encoders: bool = True  # drop the MLLM and IP encoder before regenerating (GPU memory)
 
 

@@ -41,13 +41,25 @@ def resolve_config_path(path: str | Path) -> Path:
     return shipped if shipped.is_file() else given
 
 
+def _written_missing(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` (as :func:`OmegaConf.missing_keys` names it) is ``???`` itself, rather than an
+    interpolation (``${prompts.path}``) of a key that is."""
+    import re
+
+    parent, _, leaf = re.sub(r"\[(\d+)\]", r".\1", key).rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return OmegaConf.is_missing(node, int(leaf) if leaf.isdigit() else leaf)
+
+
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         merged = OmegaConf.merge(base, other)
         # OmegaConf keeps the base's value where `other` says ???; a file that writes ??? for a
-        # key means "the user must set this", so that key becomes missing again (dict keys only).
+        # key means "the user must set this", so that key becomes missing again. Inside a list too
+        # (`scorers: [{checkpoint: ???}]`): a merge replaces a list whole, so `other`'s indices are
+        # the merged list's.
         for key in OmegaConf.missing_keys(other):
-            if "[" not in key:
+            if _written_missing(other, key):  # not an interpolation of a missing key: that stays
                 OmegaConf.update(merged, key, "???", merge=False)
         return merged  # type: ignore[return-value]
     except ConfigKeyError as err:
@@ -94,7 +106,7 @@ def load_config(
             raise ConfigError(f"command-line override: {err}") from None
         cfg = _merge(cfg, dotlist, "command line")
     if require_complete:
-        missing = sorted(OmegaConf.missing_keys(cfg))
+        missing = missing_keys(cfg)
         if missing:
             raise ConfigError(
                 "these config keys have no value (set them in a YAML file or as key=value): "
@@ -111,6 +123,13 @@ def validate(cfg: Any, schema: Any) -> None:
     found = problems(cfg, getattr(schema, "CHECKS", {}))
     if found:
         raise ConfigError("invalid config values:\n  " + "\n  ".join(found))
+
+
+def missing_keys(cfg: Any) -> list[str]:
+    """Keys still ``???``, sorted, written as they are set on the command line (``scorers.0.checkpoint``)."""
+    import re
+
+    return sorted(re.sub(r"\[(\d+)\]", r".\1", k) for k in OmegaConf.missing_keys(cfg))
 
 
 def to_yaml(cfg: Any) -> str:

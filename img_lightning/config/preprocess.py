@@ -2,7 +2,7 @@
 
 It lives in the library (not in ``preprocessing/``) because training needs it too: a training
 config names the preprocessing recipe its cache must come from, and the cache key is computed from
-that recipe by :func:`cache_key_of`.
+that recipe by :func:`img_lightning.recipe.cache_key_of`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
-from .encoders import EncodersConfig, recipe_of_encoders
+from .encoders import EncodersConfig
 
 
 class StoreDtype(Enum):
@@ -87,42 +87,7 @@ class PreprocessConfig:
     run: PreprocessRunConfig = field(default_factory=PreprocessRunConfig)
 
 
-def recipe_of(cfg) -> dict:
-    """Everything that decides *what* the cached features are, nothing about where or how fast."""
-    return {
-        "encoders": recipe_of_encoders(cfg.encoders),
-        "data": {
-            "dataset": cfg.data.dataset,
-            "split": cfg.data.split,
-            "drop_ties": cfg.data.drop_ties,
-            "require_different": cfg.data.require_different,
-            "limit": cfg.data.limit,
-            "drop_empty_captions": cfg.data.drop_empty_captions,
-        },
-        "dtype": cfg.cache.dtype.value,
-        **_guidance_storage(cfg),
-    }
-
-
-def _guidance_storage(cfg) -> dict:
-    """Recipe entries of the guidance storage, only when it differs from ``cache.dtype``, so every
-    16-bit cache keeps the key it always had."""
-    name = guidance_dtype_name(cfg.cache)
-    if name == cfg.cache.dtype.value:
-        return {}
-    out = {"guidance_dtype": name}
-    if name == GuidanceDtype.float8_e4m3fn.value:
-        out["fp8_outlier_channels"] = int(cfg.cache.fp8_outlier_channels)
-    return out
-
-
 def guidance_dtype_name(cache_cfg) -> str:
     """The effective guidance storage dtype of a ``cache`` config block, e.g. ``"float8_e4m3fn"``."""
     g = cache_cfg.guidance_dtype
     return g.value if g is not None else cache_cfg.dtype.value
-
-
-def cache_key_of(cfg) -> str:
-    from ..cache.key import cache_key  # the cache package pulls in torch; config loading must not
-
-    return cache_key(recipe_of(cfg))

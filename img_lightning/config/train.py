@@ -1,8 +1,8 @@
 """Typed schema of ``img-train`` configs (``configs/train/*.yaml``).
 
-Defaults are the paper's SDXL recipe: LLaVA-1.5-13B guidance (5120), aligner dim 2048,
-depth 4, 20 heads of 64, AdamW 1e-4 / wd 1e-4 constant, lambda 1, k = 10, batch 8 per GPU,
-100K steps.
+Defaults are the paper's SDXL recipe (README "Full recipe"): LLaVA-1.5-13B guidance (5120),
+aligner dim 2048, depth 4, 20 heads of 64, AdamW 1e-4 / wd 1e-4 constant, lambda 1, k = 10, batch 8
+per GPU, 100K steps.
 """
 
 from __future__ import annotations

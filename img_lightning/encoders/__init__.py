@@ -1,11 +1,14 @@
 """Feature encoders shared by preprocessing (training cache) and evaluation (inference), so both
 compute identical features:
 
-* :mod:`.mllm` - ``GuidanceEncoder``: MLLM hidden states for (image, templated question);
+* :mod:`.mllm` - ``GuidanceEncoder``: MLLM hidden states for (image, question);
 * :mod:`.ip` - ``IPEncoder`` / ``build_ip_encoder``: IP-Adapter tokens (SDXL plus, FLUX XLabs);
-* :mod:`.templates` - the versioned question templates and the per-pair template choice;
-* :mod:`.common` - model resolution (local path or HF cache, never a download) and errors.
+* :mod:`.conversation` - the conversation formats and LLaVA's token ids (also used by MLLM finetuning);
+* :mod:`.questions` / :mod:`.templates` - question files and the built-in question set, and the
+  per-sample question choice;
+* :mod:`.checks` - "is the model there, how wide are its features?" without loading weights.
 
+Models are found by :mod:`img_lightning.models` (local path or HF cache, never a download).
 Submodules are imported explicitly (``from img_lightning.encoders.ip import build_ip_encoder``)
 so importing the package stays cheap.
 """

@@ -32,17 +32,11 @@ loss on the answer only); for chat templates :func:`chat_template_prompt`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Optional, Sequence
 
+from ..config.encoders import PromptFormat  # the enum lives with the schema that types it
+
 IMAGE_MARKER = "<image>"
-
-
-class PromptFormat(str, Enum):
-    auto = "auto"  # llava_v1 for LLaVA, chat_template otherwise
-    llava_v0 = "llava_v0"
-    llava_v1 = "llava_v1"
-    chat_template = "chat_template"
 
 
 class PromptTextError(ValueError):

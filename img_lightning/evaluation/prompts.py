@@ -2,40 +2,24 @@
 
 Each loader reads the file exactly as its authors ship it (quirks included: PartiPrompts' literal
 double quotes, CRLF line ends, missing final newlines, a UTF-8 BOM, the malformed HPD csv) and
-returns :class:`PromptRecord` s with a stable ``uid``. The uid (not the row position in a filtered
-list) names every image and seeds it, so a chunk of a SLURM array or a resumed run produces exactly
-the images of a single full run.
+returns :class:`~img_lightning.eval_run.prompts.PromptRecord` s with a stable ``uid``. The uid (not
+the row position in a filtered list) names every image and seeds it, so a chunk of a SLURM array or
+a resumed run produces exactly the images of a single full run.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import UserError
+from ..eval_run.prompts import PromptRecord
 
 
 class PromptFileError(UserError, ValueError):
     """A prompt file that cannot be read; the message names the file (and row) and what to do."""
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    uid: str  # stable id inside its prompt set (row id or zero-padded line index)
-    text: str
-    category: Optional[str] = None  # benchmark category / style / challenge
-    subtype: Optional[str] = None  # T2I-CompBench complex: "spatial" | "action" | "spatial_action"
-    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PromptRecord":
-        return cls(d["uid"], d["text"], d.get("category"), d.get("subtype"), dict(d.get("meta") or {}))
 
 
 def _require_file(path: Path, what: str) -> Path:
@@ -292,9 +276,3 @@ def load_prompts(
         records = records[:limit]
     return records
 
-
-def chunk(records: Sequence[PromptRecord], index: int, count: int) -> list[PromptRecord]:
-    """Task ``index`` of ``count`` takes every ``count``-th prompt (balanced across categories)."""
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"chunk index {index} out of range for {count} chunks")
-    return list(records[index::count])

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..atomic import atomic_write
-from .prompts import PromptRecord
+from ..eval_run.prompts import PromptRecord
 from .stats import mean_ci, paired_comparison
 
 PROXY_KINDS = ("spatial_proxy", "t2i_complex")  # always proxies, whatever an old metrics.json says

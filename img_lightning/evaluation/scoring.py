@@ -18,8 +18,7 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError
-from ..generation.store import ImageStore
-from .prompts import PromptRecord
+from ..eval_run import ImageStore, PromptRecord
 from .scorers import Scorer, build_scorers, scorer_name
 
 

@@ -1,6 +1,6 @@
 """Statistics of a paired comparison: means, win rates with ties apart, seeded bootstrap intervals.
 
-Win rate of A over B (DESIGN §6) = share of prompts (same seed) where score(A) > score(B). Ties are
+Win rate of A over B = share of prompts (same seed) where score(A) > score(B). Ties are
 counted separately rather than split, because a metric like the T2I-CompBench spatial score is 0
 for many images and would otherwise hide how often the two arms are indistinguishable.
 """

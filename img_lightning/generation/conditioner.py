@@ -31,13 +31,15 @@ def pad_guidance(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 class IMGConditioner:
-    def __init__(self, encoders_cfg: Any, aligner_cfg: Any, device: str = "auto") -> None:
+    def __init__(self, encoders_cfg: Any, aligner_cfg: Any, device: str = "auto",
+                 aligner: Optional[ImplicitAligner] = None) -> None:
+        """``aligner``: the one ``aligner_cfg`` names, already loaded; else loaded on first use."""
         self.encoders_cfg = encoders_cfg
         self.aligner_cfg = aligner_cfg
         self.device = resolve_device(device)
         self._ip: Any = None
         self._mllm: Any = None
-        self._aligner: Optional[ImplicitAligner] = None
+        self._aligner = None if aligner is None else aligner.eval().to(self.device)
         self._questions: Any = None
 
     # ------------------------------------------------------------------ lazy models

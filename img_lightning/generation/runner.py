@@ -22,42 +22,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..config.loading import ConfigError
-from ..evaluation.prompts import PromptRecord
+from ..aligner import ImplicitAligner
+from ..eval_run import ImageStore, PromptRecord, arm_names, chunk_tag, img_arm, safe_uid
 from .conditioner import IMGConditioner
 from .pipeline import DiffusionBackend
+from .requirements import check_generation_config
 from .seeds import seed_for
-from .store import ImageStore, safe_uid
-
-
-def img_arm(round_index: int) -> str:
-    return f"img_r{round_index}"
-
-
-def arm_names(rounds: int, control: bool) -> list[str]:
-    return ["base", *(["control"] if control else []), *[img_arm(r) for r in range(1, rounds + 1)]]
-
-
-def chunk_tag(cfg: Any) -> str:
-    return f"{cfg.chunk.index}of{cfg.chunk.count}"
 
 
 def _name(value: Any) -> str:
     return value.value if hasattr(value, "value") else str(value)
-
-
-def check_generation_config(cfg: Any) -> None:
-    """Settings the pipelines cannot honour, as one clear error before any model is loaded."""
-    kind, s, img = cfg.generation.pipeline.kind, cfg.generation.sampler, cfg.img
-    if kind == "sdxl":
-        if img.negative_ip_scale is not None:
-            raise ConfigError("img.negative_ip_scale is FLUX-only: SDXL applies one IP scale to both CFG halves "
-                              "in one UNet pass; leave it unset (null)")
-        if s.true_cfg_scale != 1.0 or s.true_cfg_start_step != 0:
-            raise ConfigError("generation.sampler.true_cfg_scale/true_cfg_start_step are FLUX-only "
-                              "(SDXL's guidance_scale is already real CFG)")
-    if s.true_cfg_start_step < 0:
-        raise ConfigError(f"generation.sampler.true_cfg_start_step must be >= 0, got {s.true_cfg_start_step}")
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -68,8 +42,12 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
 
 
 class GenerationRun:
-    def __init__(self, cfg: Any, prompts: Sequence[PromptRecord], run_dir: str | Path, progress: bool = True) -> None:
+    def __init__(self, cfg: Any, prompts: Sequence[PromptRecord], run_dir: str | Path, progress: bool = True,
+                 aligner: Optional[ImplicitAligner] = None) -> None:
+        """``aligner``: the configured one, already loaded (by the checks before the run); else it is
+        loaded when the first IMG round needs it."""
         self.cfg = cfg
+        self._aligner = aligner
         self.prompts = list(prompts)
         self.by_uid = {p.uid: p for p in self.prompts}
         self.run_dir = Path(run_dir)
@@ -92,7 +70,8 @@ class GenerationRun:
     @property
     def conditioner(self) -> IMGConditioner:
         if self._conditioner is None:
-            self._conditioner = IMGConditioner(self.cfg.encoders, self.cfg.img.aligner, self.cfg.generation.pipeline.device)
+            self._conditioner = IMGConditioner(self.cfg.encoders, self.cfg.img.aligner, self.cfg.generation.pipeline.device,
+                                               aligner=self._aligner)
         return self._conditioner
 
     def seed(self, uid: str) -> int:

@@ -9,9 +9,10 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ...config.loading import ConfigError
+from ...errors import Problems
 
 from . import aesthetic, blip_vqa, clip, complex, hps, image_reward, mllm_grader, spatial  # noqa: F401  (register the kinds)
-from .base import REGISTRY, Scorer
+from .base import CHECKS, REGISTRY, Scorer
 
 # Keys that only name or select: two scorers equal in everything else share one loaded model.
 _NOT_MODEL_KEYS = ("name", "label", "categories")
@@ -50,4 +51,24 @@ def build_scorers(cfgs: Sequence[Any]) -> dict[str, Scorer]:
     return built
 
 
-__all__ = ["Scorer", "build_scorers", "scorer_name", "REGISTRY"]
+def _check_one(cfg: Any, key: str, problems: Problems, earlier: list[str]) -> None:
+    if cfg.kind not in REGISTRY:
+        problems.add(f"{key}.kind: unknown scorer kind '{cfg.kind}'; choose one of {sorted(REGISTRY)}")
+        return
+    name = scorer_name(cfg)
+    if name in earlier:
+        problems.add(f"{key}: two scorers are named '{name}'; give one of them another `name`")
+    CHECKS[cfg.kind](cfg, key, problems, earlier=list(earlier))
+
+
+def check_scorers(cfgs: Sequence[Any], problems: Problems) -> None:
+    """What :func:`build_scorers` would fail on, found without loading weights: every scorer's model,
+    processor and checkpoint files and options, recorded in ``problems`` under ``scorers.N``."""
+    earlier: list[str] = []
+    for i, cfg in enumerate(cfgs):
+        problems.check(_check_one, cfg, f"scorers.{i}", problems, earlier)
+        if not OmegaConf.is_missing(cfg, "kind"):
+            earlier.append(scorer_name(cfg))
+
+
+__all__ = ["Scorer", "build_scorers", "check_scorers", "scorer_name", "REGISTRY"]

@@ -17,9 +17,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from ...models import ModelNotFoundError, compute_dtype, from_pretrained, resolve_device
-from .base import Scorer, register
-from .checkpoints import CheckpointError, file_sha256, load_state_dict_file, model_sha256
+from ...errors import Problems
+from ...models import ModelNotFoundError, check_model, compute_dtype, from_pretrained, resolve_device
+from .base import Scorer, register, register_check
+from .checkpoints import CheckpointError, file_sha256, load_state_dict_file, model_sha256, need_file
+
+CLIP_MODEL = "openai/clip-vit-large-patch14"  # the embedding the released MLP was trained on
+MLP_SOURCE = "sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor, or a .safetensors of it"
 from .transforms import clip_pixels
 
 MLP_LINEAR_INDICES = (0, 2, 4, 6, 7)  # nn.Sequential positions of the Linear layers (dropouts between)
@@ -73,13 +77,10 @@ class AestheticScorer(Scorer):
 
         key = f"scorers[{cfg.name or 'aesthetic'}]"
         if not cfg.checkpoint:
-            raise ModelNotFoundError(
-                f"aesthetic: set {key}.checkpoint to the predictor's MLP weights (sac+logos+ava1-l14-linearMSE.pth "
-                f"from christophschuhmann/improved-aesthetic-predictor, or a .safetensors of it)"
-            )
+            raise ModelNotFoundError(f"aesthetic: set {key}.checkpoint to the predictor's MLP weights ({MLP_SOURCE})")
         mlp = aesthetic_mlp(load_state_dict_file(cfg.checkpoint, "aesthetic MLP", f"{key}.checkpoint"), cfg.checkpoint)
         device = resolve_device(cfg.device)
-        model_id = cfg.model or "openai/clip-vit-large-patch14"
+        model_id = cfg.model or CLIP_MODEL
         vision = from_pretrained(CLIPModel.from_pretrained, "CLIP model", model_id, cfg.path,
                                  f"{key}.path", dtype=compute_dtype(cfg.dtype, device))
         return cls(vision, mlp, device, name=cfg.name or "aesthetic", model_id=model_id, batch_size=cfg.batch_size,
@@ -106,3 +107,9 @@ class AestheticScorer(Scorer):
 @register("aesthetic")
 def _build(cfg: Any, **_: Any) -> Scorer:
     return AestheticScorer.from_config(cfg)
+
+
+@register_check("aesthetic")
+def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+    problems.check(need_file, cfg.checkpoint, "aesthetic predictor's MLP weights", f"{key}.checkpoint", MLP_SOURCE)
+    problems.check(check_model, "CLIP model", cfg.model or CLIP_MODEL, cfg.path, f"{key}.path")

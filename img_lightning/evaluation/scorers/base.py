@@ -59,11 +59,25 @@ def rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
 
 ScorerFactory = Callable[..., Scorer]
 REGISTRY: dict[str, ScorerFactory] = {}
+# kind -> check(cfg, key, problems, earlier=[names of the scorers listed before]): records in
+# ``problems`` what would stop the scorer from building (missing model, processor or checkpoint
+# file, bad option), without loading any weights. ``key`` is the entry's config key (scorers.N).
+ScorerCheck = Callable[..., None]
+CHECKS: dict[str, ScorerCheck] = {}
 
 
 def register(kind: str) -> Callable[[ScorerFactory], ScorerFactory]:
     def deco(factory: ScorerFactory) -> ScorerFactory:
         REGISTRY[kind] = factory
         return factory
+
+    return deco
+
+
+def register_check(*kinds: str) -> Callable[[ScorerCheck], ScorerCheck]:
+    def deco(check: ScorerCheck) -> ScorerCheck:
+        for kind in kinds:
+            CHECKS[kind] = check
+        return check
 
     return deco

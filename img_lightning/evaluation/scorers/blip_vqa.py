@@ -19,10 +19,13 @@ from PIL import Image
 from torch import Tensor
 
 from ...config.loading import ConfigError
-from ...models import compute_dtype, from_pretrained, resolve_device
-from .base import Scorer, register, rgb
+from ...errors import Problems
+from ...models import check_model, compute_dtype, from_pretrained, resolve_device
+from .base import Scorer, register, register_check, rgb
 from .checkpoints import model_sha256
 from .noun_phrases import is_exact, noun_phrase_extractor, resolve_noun_phrases
+
+MODEL = "Salesforce/blip-vqa-base"  # transformers' port of BLIP-VQA (T2I-CompBench runs the original at 480 px)
 
 
 def yes_probability(logits: Tensor, yes_id: int, no_id: int) -> Tensor:
@@ -78,7 +81,7 @@ class BlipVQAScorer(Scorer):
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
         device = resolve_device(cfg.device)
-        model_id = cfg.model or "Salesforce/blip-vqa-base"
+        model_id = cfg.model or MODEL
         key = f"scorers[{cfg.name or 'blip_vqa'}]"
         model = from_pretrained(BlipForQuestionAnswering.from_pretrained, "BLIP VQA model", model_id, cfg.path,
                                 f"{key}.path", dtype=compute_dtype(cfg.dtype, device))
@@ -148,3 +151,12 @@ class BlipVQAScorer(Scorer):
 @register("blip_vqa")
 def _build(cfg: Any, **_: Any) -> Scorer:
     return BlipVQAScorer.from_config(cfg)
+
+
+@register_check("blip_vqa")
+def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+    model_id = cfg.model or MODEL
+    problems.check(check_model, "BLIP VQA model", model_id, cfg.path, f"{key}.path")
+    problems.check(check_model, "BLIP processor", cfg.processor or model_id, cfg.processor_path or cfg.path,
+                   f"{key}.processor_path", marker=None, weights=False)
+    problems.check(noun_phrase_extractor, cfg.noun_phrases, where=f"{key}.noun_phrases")

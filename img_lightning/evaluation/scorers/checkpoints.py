@@ -59,6 +59,17 @@ def model_sha256(model_id: str, path: Optional[str]) -> Optional[str]:
     return folder_sha256(root) if root.is_dir() else file_sha256(root)
 
 
+def need_file(path: Optional[str], what: str, key: str, where: str = "") -> Path:
+    """The file a scorer reads, checked before the run: set, and there. ``where`` says where to get it."""
+    hint = f" ({where})" if where else ""
+    if not path:
+        raise ModelNotFoundError(f"{key}: not set; point it at the {what}{hint}")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelNotFoundError(f"{key}={path}: no such file; it should be the {what}{hint}")
+    return p
+
+
 def load_state_dict_file(path: str | Path, what: str, key: str) -> dict[str, Tensor]:
     """A plain state dict from ``.safetensors`` or a torch file, never unpickling code.
 

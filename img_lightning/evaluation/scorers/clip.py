@@ -20,13 +20,31 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ...models import compute_dtype, from_pretrained, resolve_device
-from .base import Scorer, register, rgb
+from ...errors import Problems
+from ...models import check_model, compute_dtype, from_pretrained, resolve_device
+from .base import Scorer, register, register_check, rgb
 from .checkpoints import model_sha256
 from .transforms import clip_pixels
 
 PROCESSOR = "processor"  # transformers' CLIP image processor (PIL backend unless configured)
 OPENAI_CLIP = "openai_clip"  # OpenAI CLIP's clip.load transform (transforms.py)
+
+
+# kind -> (default model, default processor): a processor of its own (PickScore) or the model's
+DEFAULTS = {
+    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "clip": ("openai/clip-vit-large-patch14", None),
+    "t2i_non_spatial": ("openai/clip-vit-base-patch32", None),
+}
+
+
+def sources(cfg: Any) -> tuple[str, Optional[str], str, Optional[str]]:
+    """``(model id, model path, processor id, processor path)`` a CLIP-family scorer loads."""
+    default_model, default_processor = DEFAULTS[cfg.kind]
+    model_id = cfg.model or default_model
+    proc_id = cfg.processor or default_processor or model_id
+    proc_path = cfg.processor_path or (cfg.path if not (cfg.processor or default_processor) else None)
+    return model_id, cfg.path, proc_id, proc_path
 
 
 def _pooled(out: Any) -> Tensor:
@@ -59,19 +77,17 @@ class CLIPPairScorer(Scorer):
         self.image_size = int(model.config.vision_config.image_size)
 
     @classmethod
-    def load(cls, cfg: Any, *, default_model: str, default_processor: Optional[str], scale: Optional[float],
-             clamp_zero: bool, default_name: str, preprocess: str, reference: str) -> "CLIPPairScorer":
+    def load(cls, cfg: Any, *, scale: Optional[float], clamp_zero: bool, default_name: str, preprocess: str,
+             reference: str) -> "CLIPPairScorer":
         from transformers import CLIPModel, CLIPProcessor
 
         device = resolve_device(cfg.device)
-        model_id = cfg.model or default_model
+        model_id, _, proc_id, proc_path = sources(cfg)
         key = f"scorers[{cfg.name or default_name}]"
         model = from_pretrained(
             CLIPModel.from_pretrained, "CLIP model", model_id, cfg.path, f"{key}.path",
             dtype=compute_dtype(cfg.dtype, device),
         )
-        proc_id = cfg.processor or default_processor or model_id
-        proc_path = cfg.processor_path or (cfg.path if not (cfg.processor or default_processor) else None)
         processor = from_pretrained(CLIPProcessor.from_pretrained, "CLIP processor", proc_id, proc_path,
                                     f"{key}.processor_path", backend=cfg.image_backend.value)
         return cls(model, processor, device, scale=scale, clamp_zero=clamp_zero, name=cfg.name or default_name,
@@ -109,8 +125,7 @@ class CLIPPairScorer(Scorer):
 @register("pickscore")
 def _pickscore(cfg: Any, **_: Any) -> Scorer:
     return CLIPPairScorer.load(
-        cfg, default_model="yuvalkirstain/PickScore_v1", default_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        scale=cfg.scale, clamp_zero=bool(cfg.clamp_zero), default_name="pickscore", preprocess=PROCESSOR,
+        cfg, scale=cfg.scale, clamp_zero=bool(cfg.clamp_zero), default_name="pickscore", preprocess=PROCESSOR,
         reference="PickScore (yuvalkirstain/PickScore): logit_scale.exp() x cosine, transformers CLIP processor",
     )
 
@@ -118,8 +133,7 @@ def _pickscore(cfg: Any, **_: Any) -> Scorer:
 @register("clip")
 def _clip(cfg: Any, **_: Any) -> Scorer:
     return CLIPPairScorer.load(
-        cfg, default_model="openai/clip-vit-large-patch14", default_processor=None,
-        scale=100.0 if cfg.scale is None else cfg.scale,
+        cfg, scale=100.0 if cfg.scale is None else cfg.scale,
         clamp_zero=True if cfg.clamp_zero is None else cfg.clamp_zero, default_name="clip", preprocess=OPENAI_CLIP,
         reference="CLIPScore (Hessel et al.) with OpenAI CLIP's preprocessing",
     )
@@ -128,8 +142,15 @@ def _clip(cfg: Any, **_: Any) -> Scorer:
 @register("t2i_non_spatial")
 def _non_spatial(cfg: Any, **_: Any) -> Scorer:
     return CLIPPairScorer.load(
-        cfg, default_model="openai/clip-vit-base-patch32", default_processor=None,
-        scale=1.0 if cfg.scale is None else cfg.scale,
+        cfg, scale=1.0 if cfg.scale is None else cfg.scale,
         clamp_zero=False if cfg.clamp_zero is None else cfg.clamp_zero, default_name="non_spatial",
         preprocess=OPENAI_CLIP, reference="T2I-CompBench CLIPScore_eval/CLIP_similarity.py (CLIP ViT-B/32 cosine)",
     )
+
+
+@register_check(*DEFAULTS)
+def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+    model_id, path, proc_id, proc_path = sources(cfg)
+    problems.check(check_model, "CLIP model", model_id, path, f"{key}.path")
+    problems.check(check_model, "CLIP processor", proc_id, proc_path, f"{key}.processor_path", marker=None,
+                   weights=False)

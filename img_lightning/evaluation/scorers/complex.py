@@ -12,15 +12,16 @@ T2I-CompBench's ``CLIP_similarity.py --complex`` does (spaCy ADJ tokens dropped;
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 from torch import Tensor
 
 from ...config.loading import ConfigError
+from ...errors import Problems
 from ..prompts import COMPLEX_SUBSET_FILES, PromptFileError, _complex_key, _lines
-from .base import Scorer, register
+from .base import Scorer, register, register_check
 from .noun_phrases import adjective_stripper, is_exact, resolve_noun_phrases
 
 
@@ -91,3 +92,17 @@ def _build(cfg: Any, *, others: dict[str, Scorer] | None = None, **_: Any) -> Sc
         raise ConfigError("t2i_complex: set subset_dir to the T2I-CompBench dataset dir (complex_val_*.txt)")
     return ComplexScorer(others[cfg.attribute], others[cfg.spatial], others[cfg.action],
                          complex_subtypes(cfg.subset_dir), cfg.name or "complex_3in1", cfg.noun_phrases)
+
+
+@register_check("t2i_complex")
+def _check(cfg: Any, key: str, problems: Problems, *, earlier: Sequence[str] = (), **_: Any) -> None:
+    names = {"attribute": cfg.attribute, "spatial": cfg.spatial, "action": cfg.action}
+    missing = [f"{role}={n}" for role, n in names.items() if n not in earlier]
+    if missing:
+        problems.add(f"{key}: t2i_complex combines scorers that are not in the scorer list before it: "
+                     f"{', '.join(missing)} (listed before it: {list(earlier)})")
+    if not cfg.subset_dir:
+        problems.add(f"{key}.subset_dir: not set; point it at T2I-CompBench's dataset dir (complex_val_*.txt)")
+    else:
+        problems.check(complex_subtypes, cfg.subset_dir, where=f"{key}.subset_dir")
+    problems.check(adjective_stripper, cfg.noun_phrases, where=f"{key}.noun_phrases")

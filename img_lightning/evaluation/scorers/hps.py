@@ -34,9 +34,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
+from ...errors import Problems
 from ...models import ModelNotFoundError, compute_dtype, resolve_device
-from .base import Scorer, register, rgb
-from .checkpoints import CheckpointError, file_sha256
+from .base import Scorer, register, register_check, rgb
+from .checkpoints import CheckpointError, file_sha256, need_file
 from .transforms import OPENAI_MEAN, OPENAI_STD
 
 # The released checkpoints (HF repo xswu/HPSv2) and the version each one is.
@@ -157,3 +158,21 @@ class HPSScorer(Scorer):
 @register("hps")
 def _build(cfg: Any, **_: Any) -> Scorer:
     return HPSScorer.from_config(cfg)
+
+
+@register_check("hps")
+def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+    import open_clip
+
+    if cfg.model_config:
+        config = problems.check(need_file, cfg.model_config, "open_clip model config (JSON)", f"{key}.model_config")
+        if config is not None:
+            open_clip.add_model_config(str(config))
+    arch = cfg.model or "ViT-H-14"
+    if arch not in open_clip.list_models():
+        problems.add(f"{key}.model: unknown open_clip architecture '{arch}' (register it with "
+                     f"{key}.model_config=FILE.json)")
+    path = problems.check(need_file, cfg.checkpoint, "HPS checkpoint", f"{key}.checkpoint",
+                          "HPS_v2_compressed.pt or HPS_v2.1_compressed.pt, HF repo xswu/HPSv2")
+    if path is not None:
+        problems.check(hps_version, path, cfg.version, where=f"{key}.version")

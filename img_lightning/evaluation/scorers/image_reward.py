@@ -27,11 +27,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ...models import ModelNotFoundError, compute_dtype, from_pretrained, resolve_device
+from ...errors import Problems
+from ...models import ModelNotFoundError, check_model, compute_dtype, from_pretrained, resolve_device
 from .aesthetic import aesthetic_mlp
-from .base import Scorer, register
+from .base import Scorer, register, register_check
 from .blip_layout import ImageRewardState, count_layers, split_image_reward_state
-from .checkpoints import CheckpointError, file_sha256, load_state_dict_file
+from .checkpoints import CheckpointError, file_sha256, load_state_dict_file, need_file
+
+TOKENIZER = "bert-base-uncased"  # ImageReward's text side
 from .transforms import clip_pixels
 
 REWARD_MEAN = 0.16717362830052426
@@ -137,7 +140,7 @@ class ImageRewardScorer(Scorer):
             raise ModelNotFoundError(f"image_reward: set {key}.checkpoint to ImageReward.pt (HF repo THUDM/ImageReward)")
         raw = load_state_dict_file(cfg.checkpoint, "ImageReward checkpoint", f"{key}.checkpoint")
         vision, text, head = build_image_reward_modules(split_image_reward_state(raw, cfg.checkpoint), _med_config(cfg))
-        tok_id = cfg.processor or "bert-base-uncased"
+        tok_id = cfg.processor or TOKENIZER
         tokenizer = from_pretrained(BertTokenizer.from_pretrained, "BERT tokenizer", tok_id, cfg.processor_path,
                                     f"{key}.processor_path")
         device = resolve_device(cfg.device)
@@ -173,3 +176,13 @@ class ImageRewardScorer(Scorer):
 @register("image_reward")
 def _build(cfg: Any, **_: Any) -> Scorer:
     return ImageRewardScorer.from_config(cfg)
+
+
+@register_check("image_reward")
+def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+    problems.check(need_file, cfg.checkpoint, "ImageReward checkpoint", f"{key}.checkpoint",
+                   "ImageReward.pt, HF repo THUDM/ImageReward")
+    if cfg.model_config:
+        problems.check(need_file, cfg.model_config, "ImageReward med_config.json", f"{key}.model_config")
+    problems.check(check_model, "BERT tokenizer", cfg.processor or TOKENIZER, cfg.processor_path,
+                   f"{key}.processor_path", marker=None, weights=False)

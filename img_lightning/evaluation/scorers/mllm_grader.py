@@ -23,7 +23,8 @@ from PIL import Image
 from torch import Tensor
 
 from ...config.loading import ConfigError
-from .base import Scorer, register, rgb
+from ...errors import Problems
+from .base import Scorer, register, register_check, rgb
 from .checkpoints import model_sha256
 from .rubric import Rubric, load_rubric, parse_answer
 
@@ -120,3 +121,15 @@ def greedy_generate(encoder: Any, max_new_tokens: int) -> GenerateFn:
 @register("mllm_grader")
 def _build(cfg: Any, **_: Any) -> Scorer:
     return MLLMGrader.from_config(cfg)
+
+
+@register_check("mllm_grader")
+def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+    from ...encoders.checks import check_mllm
+
+    if cfg.mllm is None:
+        problems.add(f"{key}.mllm: not set; give the grader's MLLM (backend, model, path, dtype, device), e.g. "
+                     f"backend: qwen2_5_vl, model: Qwen/Qwen2.5-VL-7B-Instruct")
+    else:
+        check_mllm(cfg.mllm, problems, key=f"{key}.mllm")
+    problems.check(load_rubric, cfg.rubric, where=f"{key}.rubric")

@@ -20,11 +20,13 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import box_convert, box_iou
 
-from ...models import compute_dtype, from_pretrained, resolve_device
-from .base import Scorer, register, rgb
+from ...errors import Problems
+from ...models import check_model, compute_dtype, from_pretrained, resolve_device
+from .base import Scorer, register, register_check, rgb
 from .checkpoints import model_sha256
 from .noun_phrases import rule_noun_phrases
 
+DETECTOR = "google/owlv2-base-patch16-ensemble"  # the open-vocabulary detector standing in for UniDet
 # Longest first so "on the left of" wins over shorter matches; T2I-CompBench's locality words.
 RELATIONS = ("on the bottom of", "on the right of", "on the left of", "on the top of", "on top of",
              "on side of", "next to", "near")
@@ -105,7 +107,7 @@ class SpatialProxyScorer(Scorer):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         device = resolve_device(cfg.device)
-        model_id = cfg.model or "google/owlv2-base-patch16-ensemble"
+        model_id = cfg.model or DETECTOR
         key = f"scorers[{cfg.name or 'spatial_proxy'}]"
         model = from_pretrained(AutoModelForZeroShotObjectDetection.from_pretrained, "detector", model_id, cfg.path,
                                 f"{key}.path", dtype=compute_dtype(cfg.dtype, device))
@@ -161,3 +163,11 @@ class SpatialProxyScorer(Scorer):
 @register("spatial_proxy")
 def _build(cfg: Any, **_: Any) -> Scorer:
     return SpatialProxyScorer.from_config(cfg)
+
+
+@register_check("spatial_proxy")
+def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+    model_id = cfg.model or DETECTOR
+    problems.check(check_model, "detector", model_id, cfg.path, f"{key}.path")
+    problems.check(check_model, "detector processor", cfg.processor or model_id, cfg.processor_path or cfg.path,
+                   f"{key}.processor_path", marker=None, weights=False)

@@ -1,5 +1,7 @@
 """Where generated images live: deterministic names, atomic writes and JSONL metadata.
 
+The generate stage writes through :class:`ImageStore`; the score and report stages read through it.
+
 ``{run}/images/{arm}/{uid}.png``; metadata lines go to ``{run}/metadata/{arm}.{chunk}.jsonl`` (one
 file per array task, so concurrent tasks never append to the same file). An image counts as done
 when its file exists AND a metadata line names it, so a task killed between the two simply redoes
@@ -52,9 +54,6 @@ class ImageStore:
         if self._done is None:
             self._done = {u: r for u, r in self.records().items() if self.path_for(u).is_file()}
         return self._done
-
-    def is_done(self, uid: str) -> bool:
-        return uid in self.done()
 
     def pending(self, uids: Iterable[str]) -> list[str]:
         done = self.done()

@@ -1,5 +1,5 @@
-"""A few prompts through ``img-eval all`` on the tiny models: the end of ``img-demo`` and of the
-end-to-end test. Every model is local; nothing is downloaded.
+"""A few prompts through the evaluation pipeline (``img-eval all``) on the tiny models: the end of
+``img-demo`` and of the end-to-end test. Every model is local; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def run_demo_eval(
     """Generate (base, control, IMG), score and report ``limit`` prompts of a T2I-CompBench-style
     text file; builds the tiny scorers under ``out_dir/tiny_scorers`` unless given. Returns the
     report's index.html."""
-    from ..cli.eval import run
-    from ..tiny.scorers import build_tiny_scorers
+    from ..evaluation.pipeline import run
+    from .scorers import build_tiny_scorers
 
     out = Path(out_dir)
     if scorer_dirs is None:

@@ -1,0 +1,167 @@
+"""The evaluation pipeline behind ``img-eval``: config, checks, then generate, score and report.
+
+:func:`run` is what the CLI calls (and what the demo and tests call):
+
+1. :func:`resolve_config`: schema <- YAML files <- overrides (``scorers.0.path=...`` included), then
+   the ``recipe``'s encoders block, so inference features come from the training cache's settings;
+2. :func:`~.preflight.preflight`: every key left ``???``, the prompt files, and every model,
+   checkpoint and question file the requested stages load, in one error, before anything is
+   written to the run directory or any image is generated;
+3. ``config.yaml`` and ``prompts.jsonl`` into the run directory, then the stages.
+
+Every stage is resumable: finished images and scores are skipped. Under a SLURM array each task
+takes every N-th prompt (``chunk.index``/``chunk.count``); ``report`` merges all tasks' outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+
+from ..config.eval import EvalConfig
+from ..config.loading import ConfigError, load_config, missing_keys, split_cli_args, to_container, to_yaml
+
+STAGES = ("generate", "score", "report", "all")
+
+
+def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_tasks: Optional[int] = None,
+                   allow_missing: bool = False) -> Any:
+    """Schema <- YAML files <- overrides; then the recipe's encoders block (+ encoders.* overrides).
+
+    A key left ``???`` (anywhere, lists included) is an error unless ``allow_missing`` (then
+    :func:`~.preflight.preflight` reports it together with every other problem).
+    """
+    files, overrides = split_cli_args(args)
+    # OmegaConf's dotlist merge cannot index into lists (scorers.0.path=...): apply those afterwards.
+    indexed = [o for o in overrides if any(part.isdigit() for part in o.split("=", 1)[0].split("."))]
+    plain = [o for o in overrides if o not in indexed]
+    cfg = load_config(EvalConfig, files, plain, require_complete=False)
+    for o in indexed:
+        key, value = o.split("=", 1)
+        try:
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)
+        except Exception as err:
+            raise ConfigError(f"command-line override '{o}': {err}") from None
+    if cfg.recipe:
+        from ..config.preprocess import PreprocessConfig
+
+        recipe = load_config(PreprocessConfig, [cfg.recipe], require_complete=False)
+        cfg.encoders = recipe.encoders
+        enc_overrides = [o for o in overrides if o.startswith("encoders.")]
+        if enc_overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(enc_overrides))
+    missing = missing_keys(cfg)
+    if missing and not allow_missing:
+        raise ConfigError("these config keys have no value (set them in a YAML file or as key=value): "
+                          + ", ".join(missing))
+    if task_index is not None:
+        cfg.chunk.index = task_index
+    if num_tasks is not None:
+        cfg.chunk.count = num_tasks
+    if not 0 <= cfg.chunk.index < cfg.chunk.count:
+        raise ConfigError(f"chunk.index={cfg.chunk.index} must be in [0, chunk.count={cfg.chunk.count})")
+    if cfg.img.rounds < 0 or cfg.img.aligner.passes < 1:
+        raise ConfigError("img.rounds must be >= 0 and img.aligner.passes >= 1")
+    return cfg
+
+
+def load_prompt_set(cfg: Any) -> list:
+    """The configured prompt set (``prompts.*``); an empty selection is an error."""
+    from .prompts import load_prompts
+
+    p = cfg.prompts
+    options = {"subset_dir": p.subset_dir} if p.format == "t2i_compbench" and p.subset_dir else {}
+    prompts = load_prompts(p.format, p.path, categories=list(p.categories), limit=p.limit, **options)
+    if not prompts:
+        raise ConfigError(f"no prompts left in {p.path} after prompts.categories/prompts.limit")
+    return prompts
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def stage_generate(cfg: Any, prompts: list, run_dir: Path, progress: bool, aligner: Any = None) -> dict[str, int]:
+    from ..eval_run import chunk
+    from ..generation.runner import GenerationRun
+
+    mine = chunk(prompts, cfg.chunk.index, cfg.chunk.count)
+    counts = GenerationRun(cfg, mine, run_dir, progress=progress, aligner=aligner).run()
+    print(f"img-eval generate: {len(mine)} prompts in this task; new images: {counts}")
+    return counts
+
+
+def stage_score(cfg: Any, prompts: list, run_dir: Path, progress: bool) -> None:
+    from ..eval_run import arm_names, chunk, chunk_tag
+    from .scorers import build_scorers
+    from .scoring import score_run
+
+    if not cfg.scorers:
+        print("img-eval score: no scorers configured (scorers: [...]); nothing to do")
+        return
+    scorers = build_scorers(cfg.scorers)
+    _write_text(run_dir / "scores" / "metrics.json", json.dumps({n: s.describe() for n, s in scorers.items()}, indent=2))
+    mine = chunk(prompts, cfg.chunk.index, cfg.chunk.count)
+    counts = score_run(cfg, mine, run_dir, arm_names(cfg.img.rounds, cfg.img.control), chunk_tag(cfg), scorers,
+                       progress)
+    print(f"img-eval score: new scores {counts}")
+
+
+def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
+    from ..eval_run import ImageStore, arm_names, chunk_tag, img_arm
+    from .report import ReportInputs, write_report
+    from .scorers import scorer_name
+    from .scoring import read_scores
+
+    arms = arm_names(cfg.img.rounds, cfg.img.control)
+    metrics_file = run_dir / "scores" / "metrics.json"
+    described = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    names = [scorer_name(c) for c in cfg.scorers]
+    scores = {a: {m: read_scores(run_dir, a, m) for m in names} for a in arms}
+    images = {}
+    for a in arms:
+        store = ImageStore(run_dir, a, chunk_tag(cfg), cfg.generation.image_format)
+        images[a] = {u: str(store.path_for(u)) for u in store.done()}
+    inputs = ReportInputs(
+        prompts=prompts, scores=scores, images=images,
+        metrics={m: described.get(m, {"name": m}) for m in names},
+        img_arms=[img_arm(r) for r in range(1, cfg.img.rounds + 1)],
+        title=f"IMG evaluation: {cfg.prompts.name} ({cfg.generation.pipeline.kind})",
+        config=to_container(cfg),
+        run_dir=run_dir,
+    )
+    r = cfg.report
+    paths = write_report(inputs, run_dir / "report", r.bootstrap, r.seed, r.tie_tolerance, r.gallery_limit, r.thumb_size)
+    print(f"img-eval report: {paths['html']}")
+    return paths["html"]
+
+
+def run(stage: str, args: Sequence[str], task_index: Optional[int] = None, num_tasks: Optional[int] = None,
+        progress: bool = True) -> Optional[Path]:
+    """Resolve, check, then run ``stage`` (``generate``/``score``/``report``/``all``); returns the
+    report's HTML path for report/all. Nothing is written before the checks pass."""
+    from .preflight import preflight
+
+    if stage not in STAGES:
+        raise ConfigError(f"unknown img-eval stage {stage!r}; use one of {list(STAGES)}")
+    cfg = resolve_config(args, task_index, num_tasks, allow_missing=True)
+    ready = preflight(cfg, stage)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(run_dir / "config.yaml", to_yaml(cfg))
+    _write_text(run_dir / "prompts.jsonl", "".join(json.dumps(p.to_dict()) + "\n" for p in ready.prompts))
+    if stage in ("generate", "all"):
+        stage_generate(cfg, ready.prompts, run_dir, progress, ready.aligner)
+    if stage in ("score", "all"):
+        stage_score(cfg, ready.prompts, run_dir, progress)
+    if stage in ("report", "all"):
+        return stage_report(cfg, ready.prompts, run_dir)
+    return None

@@ -1,0 +1,71 @@
+"""The recipe of a feature cache: everything that decides *what* the cached features are, and its key.
+
+A preprocessing config (:class:`~img_lightning.config.preprocess.PreprocessConfig`) splits into
+identity and location/speed; :func:`recipe_of` keeps the identity (encoder ids and revisions,
+layer, dtype, the question set, image preprocessing, the data filter, the stored dtype) and
+:func:`cache_key_of` hashes it. Preprocessing writes the key into every shard's manifest entry;
+training recomputes it from the recipe it names and refuses a cache with another key.
+
+It sits above the encoders (a question file enters the recipe through its sha256, read by the
+encoders' question module) and above the cache (whose :func:`~img_lightning.cache.key.cache_key`
+does the hashing), so the config schemas below both stay free of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config.encoders import IPEncoderConfig, MLLMConfig
+from .config.preprocess import GuidanceDtype, guidance_dtype_name
+from .encoders.questions import question_recipe
+
+
+def _plain(value: Any) -> Any:
+    return getattr(value, "value", value)  # Enum members enter the recipe as their value
+
+
+def recipe_of_encoders(cfg: Any) -> dict:
+    """The identity part of an encoders config (goes into the cache key). The question file is
+    read here: its sha256 is what identifies it, so moving the file keeps the key."""
+    mllm = {k: _plain(cfg.mllm[k]) for k in MLLMConfig.recipe_fields}
+    mllm.update(question_recipe(cfg.mllm))
+    return {
+        "mllm": mllm,
+        "ip": {k: cfg.ip[k] for k in IPEncoderConfig.recipe_fields},
+    }
+
+
+def recipe_of(cfg: Any) -> dict:
+    """Everything that decides *what* the cached features are, nothing about where or how fast."""
+    return {
+        "encoders": recipe_of_encoders(cfg.encoders),
+        "data": {
+            "dataset": cfg.data.dataset,
+            "split": cfg.data.split,
+            "drop_ties": cfg.data.drop_ties,
+            "require_different": cfg.data.require_different,
+            "limit": cfg.data.limit,
+            "drop_empty_captions": cfg.data.drop_empty_captions,
+        },
+        "dtype": _plain(cfg.cache.dtype),
+        **_guidance_storage(cfg),
+    }
+
+
+def _guidance_storage(cfg: Any) -> dict:
+    """Recipe entries of the guidance storage, only when it differs from ``cache.dtype``, so every
+    16-bit cache keeps the key it always had."""
+    name = guidance_dtype_name(cfg.cache)
+    if name == _plain(cfg.cache.dtype):
+        return {}
+    out = {"guidance_dtype": name}
+    if name == GuidanceDtype.float8_e4m3fn.value:
+        out["fp8_outlier_channels"] = int(cfg.cache.fp8_outlier_channels)
+    return out
+
+
+def cache_key_of(cfg: Any) -> str:
+    """The cache key of a preprocessing config (``sha256`` of :func:`recipe_of`, 16 hex digits)."""
+    from .cache.key import cache_key  # the cache package pulls in torch; computing a recipe need not
+
+    return cache_key(recipe_of(cfg))

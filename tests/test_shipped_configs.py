@@ -1,0 +1,207 @@
+"""Every YAML shipped under configs/ loads with its schema and builds what it describes, so a config
+can never rot unnoticed. Data-driven over the directory: a new file is covered by the loader of its
+folder; a new folder fails until it is given a loader here (or listed in ``NOT_COVERED``).
+
+Up to the point of needing weights: preprocess recipes compute their cache key and pass
+preprocessing's value checks; train configs build the ``AlignerModule`` (full-size ones on the
+``meta`` device, no memory allocated) and the key of the recipe they name; eval configs resolve
+every backbone x benchmark (recipe merged) and run every check of ``img-eval``'s preflight that is
+about the config, with "is the model/file there?" answered yes; rubrics load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from img_lightning.config.eval import EvalConfig
+from img_lightning.config.loading import load_config, missing_keys
+from img_lightning.config.preprocess import PreprocessConfig
+from img_lightning.config.train import TrainConfig
+from img_lightning.models import ModelNotFoundError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Folders whose configs another test covers; anything else unknown fails test_every_folder_has_a_loader.
+NOT_COVERED = {
+    "finetune_mllm": "img-finetune-mllm configs: covered by that stage's own tests",
+}
+COVERED = ("preprocess", "train", "eval/backbones", "eval/benchmarks", "eval/rubrics", "eval")
+
+
+def yamls(folder: str) -> list[Path]:
+    return sorted((CONFIGS / folder).glob("*.yaml"))
+
+
+def _ids(paths):
+    return [str(p.relative_to(CONFIGS)) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def question_file(tmp_path_factory):
+    """A question file of our own for the recipes that leave ``encoders.mllm.questions`` to the user."""
+    path = tmp_path_factory.mktemp("questions") / "questions.json"
+    path.write_text(json.dumps(["How should the image change to show {prompt}?", "What is wrong with {prompt}?"]))
+    return path
+
+
+def test_every_folder_has_a_loader():
+    folders = {str(p.parent.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
+    unknown = folders - set(COVERED) - {f for f in folders for skip in NOT_COVERED if f.split("/")[0] == skip}
+    assert not unknown, f"configs/ folders no test loads: {sorted(unknown)}; add a loader to tests/test_shipped_configs.py"
+    assert all(yamls(f) for f in ("preprocess", "train", "eval/backbones", "eval/benchmarks", "eval/rubrics"))
+
+
+# ---------------------------------------------------------------------------------- preprocess
+def _recipe(path, question_file):
+    from omegaconf import OmegaConf
+
+    cfg = load_config(PreprocessConfig, [path], require_complete=False)
+    if OmegaConf.is_missing(cfg.encoders.mllm, "questions"):
+        cfg.encoders.mllm.questions = str(question_file)
+    return cfg
+
+
+def test_preprocess_recipes_validate_and_have_distinct_keys(question_file):
+    from preprocessing.run import validate_config
+
+    from img_lightning.recipe import cache_key_of
+
+    keys = {}
+    for path in yamls("preprocess"):
+        cfg = _recipe(path, question_file)
+        assert set(missing_keys(cfg)) <= {"data.input", "data.output", "encoders.mllm.path"}, path.name
+        validate_config(cfg)
+        keys[path.stem] = cache_key_of(cfg)
+    assert len(set(keys.values())) == len(keys), keys  # every recipe is a different cache
+
+
+# ---------------------------------------------------------------------------------- train
+@pytest.mark.parametrize("path", yamls("train"), ids=_ids(yamls("train")))
+def test_train_config_builds_its_module_and_names_a_shipped_recipe(path, question_file):
+    from img_lightning.training import build_module, expected_cache_key
+
+    cfg = load_config(TrainConfig, [path], require_complete=False)
+    assert missing_keys(cfg) == ["data.cache"], path.name  # the only thing left to the user
+    recipe = CONFIGS / Path(cfg.data.recipe).relative_to("configs")
+    assert recipe.is_file() and recipe.parent.name == "preprocess"
+    cfg.data.recipe_overrides = [f"encoders.mllm.questions={question_file}"]
+    assert len(expected_cache_key(cfg.data)) == 16
+    small = cfg.model.dim * cfg.model.guidance_dim <= 1 << 16
+    with torch.device("cpu" if small else "meta"):  # full size: shapes only, nothing allocated
+        module = build_module(cfg)
+    dims = module.aligner.dims
+    assert (dims["dim"], dims["guidance_dim"], dims["heads"] * dims["dim_head"]) == (
+        cfg.model.dim, cfg.model.guidance_dim, cfg.model.heads * cfg.model.dim_head)
+    assert module.reference.dims == dims and not any(p.requires_grad for p in module.reference.parameters())
+
+
+# ---------------------------------------------------------------------------------- eval
+@pytest.fixture
+def models_are_there(monkeypatch, tmp_path):
+    """Every "is the model/file there?" check answers yes, so only the config itself is checked."""
+    import img_lightning.generation.requirements  # noqa: F401 - imported before the patch: it keeps the real checks
+    from img_lightning.encoders import checks as enc_checks
+    from img_lightning.evaluation.scorers import aesthetic, blip_vqa, clip, hps, image_reward, spatial
+
+    for module in (aesthetic, blip_vqa, clip, image_reward, spatial):
+        monkeypatch.setattr(module, "check_model", lambda *a, **k: tmp_path)
+    def file_is_there(path, what, key, where=""):
+        if not path:  # not set at all is still a config problem
+            raise ModelNotFoundError(f"{key}: not set")
+        return Path(path)
+
+    for module in (aesthetic, hps, image_reward):
+        monkeypatch.setattr(module, "need_file", file_is_there)
+    monkeypatch.setattr(enc_checks, "check_mllm", lambda *a, **k: None)  # the grader's MLLM (imported when called)
+
+
+def _fill_missing(cfg, tmp_path):
+    """A value for every ``???``: the released HPS file name (the version is read from it), a T2I-CompBench-
+    style dataset folder of our own (complex subtypes), placeholder paths elsewhere."""
+    from omegaconf import OmegaConf
+
+    dataset = tmp_path / "dataset"
+    dataset.mkdir(exist_ok=True)
+    for name in ("complex_val_spatial.txt", "complex_val_action.txt"):
+        (dataset / name).write_text("a cat on the left of a dog\n")
+    for key in missing_keys(cfg):
+        if key.startswith("scorers.") and key.endswith(".checkpoint") and cfg.scorers[int(key.split(".")[1])].kind == "hps":
+            value = str(tmp_path / "HPS_v2.1_compressed.pt")
+        elif key in ("prompts.path",) or key.endswith("subset_dir"):
+            value = str(dataset)
+        else:
+            value = str(tmp_path / key.replace(".", "_"))
+        OmegaConf.update(cfg, key, value, merge=False)
+    assert not missing_keys(cfg)
+
+
+def _check_config(cfg):
+    """The preflight's config-level checks: generation settings, the encoders block (preprocessing's
+    value checks, as the recipe it came from), every scorer's options."""
+    from preprocessing.run import validate_config
+
+    from img_lightning.errors import Problems
+    from img_lightning.evaluation.scorers import check_scorers
+    from img_lightning.generation.requirements import PIPELINE_KINDS, check_generation_config
+
+    check_generation_config(cfg)
+    assert cfg.generation.pipeline.kind in PIPELINE_KINDS
+    as_recipe = load_config(PreprocessConfig, [], require_complete=False)
+    as_recipe.encoders = cfg.encoders
+    validate_config(as_recipe)
+    problems = Problems()
+    check_scorers(cfg.scorers, problems)
+    assert not problems, problems.items
+
+
+BENCHMARKS = yamls("eval/benchmarks")
+
+
+@pytest.mark.parametrize("bench", BENCHMARKS, ids=_ids(BENCHMARKS))
+def test_every_backbone_with_every_benchmark(bench, models_are_there, tmp_path):
+    from img_lightning.evaluation.pipeline import resolve_config
+
+    for backbone in yamls("eval/backbones"):
+        cfg = resolve_config([str(backbone), str(bench), f"run_dir={tmp_path / 'run'}"], allow_missing=True)
+        assert cfg.recipe and cfg.scorers, (backbone.name, bench.name)
+        _fill_missing(cfg, tmp_path)
+        _check_config(cfg)
+
+
+def test_demo_eval_config(models_are_there, tmp_path):
+    """configs/eval/demo.yaml (the only top-level eval config; img-demo fills its paths and registers
+    the tiny HPS architecture, see img_lightning/tiny/demo_eval.py, and test_eval_preflight.py runs
+    it for real on the tiny models)."""
+    from img_lightning.evaluation.pipeline import resolve_config
+
+    assert [p.name for p in yamls("eval")] == ["demo.yaml"], "a new top-level eval config needs a test here"
+    cfg = resolve_config([str(CONFIGS / "eval" / "demo.yaml"), "recipe=configs/preprocess/demo.yaml"],
+                         allow_missing=True)
+    _fill_missing(cfg, tmp_path)
+    assert cfg.scorers[0].kind == "hps"
+    # the demo gives the tiny HPS architecture's JSON and checkpoint on its command line
+    cfg.scorers[0].model, cfg.scorers[0].checkpoint = "ViT-H-14", str(tmp_path / "hps_tiny.pt")
+    _check_config(cfg)
+
+
+@pytest.mark.parametrize("backbone", yamls("eval/backbones"), ids=_ids(yamls("eval/backbones")))
+def test_backbone_aligner_settings_match_the_train_config_of_its_recipe(backbone):
+    """The eval backbone reads aligners that a shipped train config makes from the same recipe."""
+    cfg = load_config(EvalConfig, [backbone], require_complete=False)
+    trains = [load_config(TrainConfig, [p], require_complete=False) for p in yamls("train")]
+    same = [t for t in trains if Path(t.data.recipe) == Path(cfg.recipe)]
+    assert same, f"no train config uses {cfg.recipe}"
+    for t in same:
+        assert t.model.passes == cfg.img.aligner.passes
+        assert cfg.img.aligner.dim_head in (None, t.model.dim_head)
+
+
+@pytest.mark.parametrize("path", yamls("eval/rubrics"), ids=_ids(yamls("eval/rubrics")))
+def test_rubrics_load(path):
+    from img_lightning.evaluation.scorers.rubric import load_rubric
+
+    rubric = load_rubric(path)
+    assert rubric.aspects and "{prompt}" in rubric.template
