@@ -29,6 +29,7 @@ def temporary_name(path: Path) -> Path:
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it replaces ``path``, on error it is removed.
+    The parent directory is created if needed.
 
     For writers that want a file name (``safetensors.torch.save_file``, ``PIL.Image.save``,
     ``torch.save``)::
@@ -37,6 +38,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             save_file(tensors, tmp)
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
         yield tmp
@@ -59,9 +61,10 @@ def atomic_write(path: str | Path, data: bytes | str, encoding: str = "utf-8") -
     return path
 
 
-def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1, **kwargs: Any) -> Path:
-    """``json.dumps(obj)`` + a trailing newline, written atomically."""
-    return atomic_write(path, json.dumps(obj, indent=indent, **kwargs) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1, sort_keys: bool = True) -> Path:
+    """``json.dumps(obj)`` + a trailing newline, written atomically. Keys are sorted by default, so
+    the same content always gives the same bytes (caches are compared byte for byte)."""
+    return atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n")
 
 
 def _fsync_file(path: Path) -> None:

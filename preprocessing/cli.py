@@ -89,9 +89,9 @@ def _verify(args: argparse.Namespace) -> int:
     report = verify_cache(args.dir, workers=max(1, args.workers))
     print(report.render())
     if args.json:
-        from img_lightning.cache.manifest import write_json_atomic
+        from img_lightning.atomic import atomic_write_json
 
-        write_json_atomic(args.json, {"ok": report.ok, "problems": report.problems, "samples": report.num_samples,
+        atomic_write_json(args.json, {"ok": report.ok, "problems": report.problems, "samples": report.num_samples,
                                       "bytes": report.num_bytes, "shards": len(report.shards),
                                       "cache_key": report.cache_key})
     return 0 if report.ok else 1

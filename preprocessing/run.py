@@ -21,7 +21,8 @@ import torch
 
 from img_lightning.cache.format import CACHE_DTYPES, GUIDANCE_DTYPES
 from img_lightning.cache.lock import ShardLocks
-from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index, write_json_atomic
+from img_lightning.atomic import atomic_write_json
+from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index
 from img_lightning.cache.writer import shard_is_complete
 from img_lightning.config.loading import ConfigError
 from img_lightning.config.preprocess import guidance_dtype_name
@@ -79,7 +80,7 @@ def _check_or_write_plan(out: Path, doc: dict) -> None:
                 )
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, doc)
+    atomic_write_json(path, doc)
 
 
 def _shard_done(out: Path, name: str, cache_key: str) -> bool:
@@ -182,7 +183,7 @@ def finalize(out: str | Path) -> Manifest:
         "cache_key": doc["cache_key"],
         "skipped_pairs_listed_in": f"{REPORTS_DIR}/shard-*.json",
     }
-    write_json_atomic(out / SUMMARY_NAME, summary)
+    atomic_write_json(out / SUMMARY_NAME, summary)
     if manifest.num_samples == 0:
         raise EmptyCacheError(
             f"{out}: every pair was skipped, the cache holds no samples ({SUMMARY_NAME}: "

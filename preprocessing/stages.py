@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from img_lightning.cache.lock import ShardLocks
-from img_lightning.cache.manifest import write_json_atomic
+from img_lightning.atomic import atomic_write_json
 from img_lightning.cache.quant import DEFAULT_OUTLIER_CHANNELS, NonFiniteFeatures, to_storage
 from img_lightning.cache.writer import ShardWriter
 from img_lightning.encoders.conversation import PromptTextError
@@ -271,7 +271,7 @@ class ShardSink:
             self.on_progress((len(item.batch.items) if item.batch else 0) + len(item.skipped), self)
         else:  # ShardEnd: the report first, then the shard (a finished shard always has its report)
             report["planned"] = item.planned
-            write_json_atomic(report_path(self.out, name), report)
+            atomic_write_json(report_path(self.out, name), report)
             self._writer.close()
             self._writer = None
             if self.locks is not None:

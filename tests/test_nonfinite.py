@@ -98,3 +98,23 @@ def test_non_finite_validation_is_an_error_not_a_missing_metric(cache, tmp_path)
     cfg = tiny_config(train, key, tmp_path, "val", **{"trainer.max_steps": 6, "data.val_cache": str(val)})
     with pytest.raises(FloatingPointError, match="val/base"):
         run_training(cfg, [PoisonBatch(validation=True)])
+
+
+def test_constant_images_are_flagged_in_metadata_and_report(tmp_path):
+    from PIL import Image
+
+    from img_lightning.eval_run.store import ImageStore, constant_images
+    from img_lightning.evaluation.report import ReportInputs, write_report
+    from img_lightning.eval_run import PromptRecord
+
+    store = ImageStore(tmp_path, "img_r1")
+    store.save("black", Image.new("RGB", (8, 8)), {})
+    noisy = Image.new("RGB", (8, 8))
+    noisy.putpixel((3, 3), (10, 0, 0))
+    store.save("ok", noisy, {})
+    assert constant_images(ImageStore(tmp_path, "img_r1").done()) == ["black"]
+    prompts = [PromptRecord(uid="black", text="a cat"), PromptRecord(uid="ok", text="a dog")]
+    warning = "img_r1: 1 of 2 images have every pixel the same value"
+    inputs = ReportInputs(prompts=prompts, scores={"img_r1": {}}, images={"img_r1": {}}, warnings=[warning])
+    html = write_report(inputs, tmp_path / "report", num_resamples=10)["html"]
+    assert warning in html.read_text()

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from ..atomic import atomic_write_json
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -61,18 +62,6 @@ class ShardEntry:
 
 def index_path(shard_path: Path) -> Path:
     return shard_path.with_name(shard_path.name[: -len(".tar")] + INDEX_SUFFIX)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
@@ -128,7 +117,7 @@ def scan_shard(path: Path) -> list[SampleRecord]:
 
 def write_shard_index(shard_path: Path, entry: ShardEntry, records: list[SampleRecord]) -> Path:
     out = index_path(shard_path)
-    write_json_atomic(out, {**asdict(entry), "samples": [r.to_row() for r in records]})
+    atomic_write_json(out, {**asdict(entry), "samples": [r.to_row() for r in records]})
     return out
 
 
@@ -237,5 +226,5 @@ def finalize_manifest(
         tensors = tensors or e.tensors
     manifest = Manifest(cache_key=cache_key, recipe=recipe, tensors=tensors, shards=entries,
                         version=format_version(tensors))
-    write_json_atomic(cache_dir / MANIFEST_NAME, manifest.to_json())
+    atomic_write_json(cache_dir / MANIFEST_NAME, manifest.to_json())
     return manifest

@@ -11,11 +11,28 @@ that image.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from PIL import Image
+
+from ..atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def is_constant(image: Image.Image) -> bool:
+    """Whether every pixel of ``image`` has the same value (per channel)."""
+    extrema = image.getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    return all(low == high for low, high in bands)
+
+
+def constant_images(records: dict[str, dict[str, Any]]) -> list[str]:
+    """Uids whose metadata flags a constant image."""
+    return sorted(u for u, rec in records.items() if rec.get("constant_image"))
 
 
 def safe_uid(uid: str) -> str:
@@ -62,10 +79,13 @@ class ImageStore:
     def save(self, uid: str, image: Image.Image, meta: dict[str, Any]) -> Path:
         path = self.path_for(uid)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        image.save(tmp, format="PNG" if self.ext == "png" else self.ext.upper())
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG" if self.ext == "png" else self.ext.upper())
         rec = {"uid": uid, "arm": self.arm, "file": str(path.relative_to(self.run_dir)), **meta}
+        if is_constant(image):  # all black (a NaN latent decodes to that) or any single colour
+            rec["constant_image"] = True
+            log.warning("%s/%s: every pixel has the same value; it is kept, flagged in its metadata and the report",
+                        self.arm, uid)
         self.meta_dir.mkdir(parents=True, exist_ok=True)
         with self.meta_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")

@@ -16,13 +16,13 @@ takes every N-th prompt (``chunk.index``/``chunk.count``); ``report`` merges all
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
 
+from ..atomic import atomic_write
 from ..config.eval import EvalConfig
 from ..config.loading import ConfigError, load_config, missing_keys, split_cli_args, to_container, to_yaml
 
@@ -82,13 +82,6 @@ def load_prompt_set(cfg: Any) -> list:
     return prompts
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def stage_generate(cfg: Any, prompts: list, run_dir: Path, progress: bool, aligner: Any = None) -> dict[str, int]:
     from ..eval_run import chunk
     from ..generation.runner import GenerationRun
@@ -108,7 +101,7 @@ def stage_score(cfg: Any, prompts: list, run_dir: Path, progress: bool) -> None:
         print("img-eval score: no scorers configured (scorers: [...]); nothing to do")
         return
     scorers = build_scorers(cfg.scorers)
-    _write_text(run_dir / "scores" / "metrics.json", json.dumps({n: s.describe() for n, s in scorers.items()}, indent=2))
+    atomic_write(run_dir / "scores" / "metrics.json", json.dumps({n: s.describe() for n, s in scorers.items()}, indent=2))
     mine = chunk(prompts, cfg.chunk.index, cfg.chunk.count)
     counts = score_run(cfg, mine, run_dir, arm_names(cfg.img.rounds, cfg.img.control), chunk_tag(cfg), scorers,
                        progress)
@@ -117,6 +110,7 @@ def stage_score(cfg: Any, prompts: list, run_dir: Path, progress: bool) -> None:
 
 def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
     from ..eval_run import ImageStore, arm_names, chunk_tag, img_arm
+    from ..eval_run.store import constant_images
     from .report import ReportInputs, write_report
     from .scorers import scorer_name
     from .scoring import read_scores
@@ -126,10 +120,16 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
     described = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     names = [scorer_name(c) for c in cfg.scorers]
     scores = {a: {m: read_scores(run_dir, a, m) for m in names} for a in arms}
-    images = {}
+    images, warnings = {}, []
     for a in arms:
         store = ImageStore(run_dir, a, chunk_tag(cfg), cfg.generation.image_format)
-        images[a] = {u: str(store.path_for(u)) for u in store.done()}
+        done = store.done()
+        images[a] = {u: str(store.path_for(u)) for u in done}
+        constant = constant_images(done)
+        if constant:
+            warnings.append(f"{a}: {len(constant)} of {len(done)} images have every pixel the same value (e.g. all "
+                            f"black; first: {constant[0]}); they are scored like the others - check them before "
+                            f"trusting this arm")
     inputs = ReportInputs(
         prompts=prompts, scores=scores, images=images,
         metrics={m: described.get(m, {"name": m}) for m in names},
@@ -137,6 +137,7 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
         title=f"IMG evaluation: {cfg.prompts.name} ({cfg.generation.pipeline.kind})",
         config=to_container(cfg),
         run_dir=run_dir,
+        warnings=warnings,
     )
     r = cfg.report
     paths = write_report(inputs, run_dir / "report", r.bootstrap, r.seed, r.tie_tolerance, r.gallery_limit, r.thumb_size)
@@ -156,8 +157,8 @@ def run(stage: str, args: Sequence[str], task_index: Optional[int] = None, num_t
     ready = preflight(cfg, stage)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(run_dir / "config.yaml", to_yaml(cfg))
-    _write_text(run_dir / "prompts.jsonl", "".join(json.dumps(p.to_dict()) + "\n" for p in ready.prompts))
+    atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+    atomic_write(run_dir / "prompts.jsonl", "".join(json.dumps(p.to_dict()) + "\n" for p in ready.prompts))
     if stage in ("generate", "all"):
         stage_generate(cfg, ready.prompts, run_dir, progress, ready.aligner)
     if stage in ("score", "all"):

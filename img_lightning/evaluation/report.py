@@ -41,11 +41,7 @@ class ReportInputs:
     title: str = "IMG evaluation"
     config: dict[str, Any] = field(default_factory=dict)
     run_dir: Optional[Path] = None  # where scores/{arm}/answers/ are (unparsed MLLM answers)
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data)
+    warnings: Sequence[str] = ()  # shown above the results (e.g. arms with constant images)
 
 
 def _finite(x: Optional[float]) -> bool:
@@ -136,7 +132,7 @@ def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_t
                 vals = [s[u] for u in uids if u in s and _finite(s[u])]
                 if vals:
                     categories.setdefault(cat, {}).setdefault(metric, {})[arm] = sum(vals) / len(vals)
-    notes = [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
+    notes = [f"Warning: {w}" for w in inp.warnings] + [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
     if any(d.get("kind") == "hps" for d in inp.metrics.values()):
         notes.append("HPS: 100 x cosine (hpsv2.score() returns the raw cosine: divide by 100 to compare); v2.0 and "
                      "v2.1 scores are not comparable with each other, the version used is listed under metrics.")
@@ -176,7 +172,7 @@ def write_csv(inp: ReportInputs, path: Path) -> Path:
             img = inp.images.get(arm, {}).get(p.uid)
             row.append(os.path.relpath(img, path.parent) if img else "")
         w.writerow(row)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -214,7 +210,7 @@ def write_chart(summary: dict, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -239,8 +235,8 @@ def write_tables(summary: dict, out: Path) -> dict[str, Path]:
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     if summary["notes"]:
         md += ["", *summary["notes"]]
-    _atomic_write(out / "table.md", "\n".join(md) + "\n")
-    _atomic_write(out / "table.tsv", "\n".join("\t".join(r) for r in rows) + "\n")
+    atomic_write(out / "table.md", "\n".join(md) + "\n")
+    atomic_write(out / "table.tsv", "\n".join("\t".join(r) for r in rows) + "\n")
     return {"table_md": out / "table.md", "table_tsv": out / "table.tsv"}
 
 
@@ -282,7 +278,7 @@ def write_html(inp: ReportInputs, summary: dict, path: Path, limit: int = 200, t
         s=summary, arms=arms, metrics=metrics, metric_rows=metric_rows, gallery=gallery, thumb=thumb,
         table=paste_table(summary),
     )
-    _atomic_write(path, html)
+    atomic_write(path, html)
     return path
 
 
@@ -296,7 +292,7 @@ def write_report(inp: ReportInputs, out_dir: str | Path, num_resamples: int = 10
         "chart": write_chart(summary, out / "winrate.png"),
         **write_tables(summary, out),
     }
-    _atomic_write(out / "report.json", json.dumps(summary, indent=2, default=str))
+    atomic_write(out / "report.json", json.dumps(summary, indent=2, default=str))
     paths["json"] = out / "report.json"
     paths["html"] = write_html(inp, summary, out / "index.html", gallery_limit, thumb_size)
     return paths

@@ -14,7 +14,6 @@ run does not reload the MLLM for images whose features exist.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..aligner import ImplicitAligner
+from ..atomic import atomic_path
 from ..eval_run import ImageStore, PromptRecord, arm_names, chunk_tag, img_arm, safe_uid
 from .conditioner import IMGConditioner
 from .pipeline import DiffusionBackend
@@ -36,9 +36,8 @@ def _name(value: Any) -> str:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 class GenerationRun:
