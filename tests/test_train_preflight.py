@@ -29,3 +29,20 @@ def test_bad_cache_fails_before_anything_is_created(cache, tmp_path, capsys, pro
     last = capsys.readouterr().err.strip().splitlines()[-1]  # the CLI's own last word
     assert last.startswith("img-train: error:") and expected in last
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("other", [{"guidance_dim": 24}, {"dtype": "bfloat16"}])
+def test_a_shard_of_another_width_or_dtype_is_one_clear_error(tmp_path, capsys, other):
+    """A mis-copied shard (another recipe's) never reaches the model: skipped (size differs) or its
+    samples dropped (same size, other dtype), then the run stops naming the cache."""
+    import shutil
+
+    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    a = write_synthetic_cache(tmp_path / "a", 24, **dims)
+    write_synthetic_cache(tmp_path / "b", 24, **{**dims, **other})
+    for name in ("shard-000001.tar", "shard-000001.index.json"):
+        shutil.copy(tmp_path / "b" / name, tmp_path / "a" / name)
+    argv = tiny_overrides(tmp_path / "a", a.cache_key, tmp_path / "runs", "r", **{"trainer.max_steps": 12})
+    assert train_main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("img-train: error:") and "img-preprocess verify" in last

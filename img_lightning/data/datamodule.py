@@ -35,6 +35,10 @@ from .plan import ResumableBatchSampler
 log = logging.getLogger(__name__)
 
 
+class DamagedCacheError(UserError, RuntimeError):
+    """More of a cache is unreadable or non-finite than ``data.max_bad_fraction`` allows."""
+
+
 class CacheMismatchError(UserError, ValueError):
     """The cache was made by a different recipe, or its shapes do not fit the model."""
 
@@ -219,7 +223,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
         skipped = view.skipped_samples if view is not None else 0
         fraction = (self.bad_samples + skipped) / max(total, 1)
         if fraction > self.cfg.max_bad_fraction:
-            raise RuntimeError(
+            raise DamagedCacheError(
                 f"{self.cfg.cache}: {self.bad_samples} samples failed to decode or held NaN/Inf and {skipped} "
                 f"sit in skipped shards ({fraction:.2%} of the cache), above data.max_bad_fraction="
                 f"{self.cfg.max_bad_fraction}. "
