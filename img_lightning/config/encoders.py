@@ -2,7 +2,8 @@
 
 Fields split in two: *identity* fields (model ids, revisions, dtype, layer, templates, image
 preprocessing) go into the cache key; *location/speed* fields (local paths, device, batch size) do
-not. ``recipe_fields`` lists the identity fields of each block.
+not, except that a local MLLM folder holding a finetuned export adds the export's identity (its
+manifest's sha256). ``recipe_fields`` lists the identity fields of each block.
 """
 
 from __future__ import annotations
@@ -84,11 +85,16 @@ def _plain(value):
 
 def recipe_of_encoders(cfg) -> dict:
     """The identity part of an encoders config (goes into the cache key). The question file is
-    read here: its sha256 is what identifies it, so moving the file keeps the key."""
+    read here: its sha256 is what identifies it, so moving the file keeps the key. A local MLLM
+    folder is a location, not an identity, except when it is a finetuned export
+    (``img-finetune-mllm``): then the sha256 of its manifest (which lists the sha256 of every weight
+    file) joins the key, so another export behind the same config gets another cache."""
     from ..encoders.questions import question_recipe
+    from ..finetune.manifest import export_recipe
 
     mllm = {k: _plain(cfg.mllm[k]) for k in MLLMConfig.recipe_fields}
     mllm.update(question_recipe(cfg.mllm))
+    mllm.update(export_recipe(cfg.mllm))
     return {
         "mllm": mllm,
         "ip": {k: cfg.ip[k] for k in IPEncoderConfig.recipe_fields},
