@@ -115,3 +115,37 @@ def test_memory_of_the_13b_full_recipe_fits_80_gb():
     assert states == pytest.approx((4 * counts.total + 12 * counts.trainable) / 8 / 1e9)
     on_four = full_finetune_memory(counts, world=4, batch=16, seq=2048)
     assert on_four["AdamW states (2 x fp32)"] == pytest.approx(2 * at_max["AdamW states (2 x fp32)"])
+
+
+def test_fsdp_gradient_clipping_and_export_paths(tiny_llava_dir, tmp_path):
+    """Under FSDP the global grad norm is the root module's clip_grad_norm_ (Lightning's FSDP precision
+    refuses norm clipping); the export rebuilds a plain model from the gathered weights and writes
+    exactly what the unsharded export writes."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor
+
+    from img_lightning.finetune.export import export_model, plain_model
+    from img_lightning.finetune.module import MLLMFinetuneModule
+
+    cfg = _cfg(tiny_llava_dir, **{"trainer.strategy": "fsdp"})
+    module = MLLMFinetuneModule(cfg.mllm, cfg.finetune, cfg.optim, strategy="fsdp")
+    calls = []
+    root = SimpleNamespace(clip_grad_norm_=lambda value: calls.append(value))
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root))
+    module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    module.configure_gradient_clipping(None, gradient_clip_val=None)
+    assert calls == [1.0]
+    module._trainer = None
+
+    module.configure_model()
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    direct = export_model(module.core, processor, tmp_path / "direct", {}, dtype="float32")
+    gathered = {k: v.clone() for k, v in module.core.state_dict().items()}  # what rank 0 receives
+    rebuilt = export_model(plain_model(module.core.config, "llava", gathered), processor, tmp_path / "rebuilt", {},
+                           dtype="float32")
+    a, b = load_file(direct / "model.safetensors"), load_file(rebuilt / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        plain_model(module.core.config, "llava", {"nope": torch.zeros(1)})

@@ -67,6 +67,23 @@ def export_model(model: torch.nn.Module, processor: Any, out_dir: str | Path, ma
     return out_dir
 
 
+def plain_model(config: Any, backend: str, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain transformers model of ``backend`` holding ``state`` (built on the meta device, the
+    tensors assigned, not copied): what FSDP's gathered weights are saved from, instead of the
+    wrapped training module."""
+    import transformers
+
+    from ..encoders.mllm import BACKENDS
+
+    with torch.device("meta"):
+        model = getattr(transformers, BACKENDS[backend][0])._from_config(config)
+    missing, unexpected = model.load_state_dict(dict(state), strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"the gathered weights do not fit {BACKENDS[backend][0]}: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    return model
+
+
 def full_state_dict_fsdp(fsdp_module: torch.nn.Module, prefix: str = "model.") -> Optional[dict[str, torch.Tensor]]:
     """Gather the full weights of an FSDP-wrapped LightningModule onto rank 0's CPU (every rank
     must call this; others get None). Keys lose the LightningModule's ``prefix``."""

@@ -174,11 +174,25 @@ class MLLMFinetuneModule(L.LightningModule):
             raise ValueError("nothing to train: every parameter is frozen (check finetune.train_projector / method)")
         return list(groups.values())
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        """Global-norm clipping. Under FSDP each rank holds a shard of the gradient, so the norm must
+        be FSDP's own (``clip_grad_norm_`` of the root module, which all-reduces the shards' norms);
+        Lightning's FSDP precision plugin refuses norm clipping, hence this hook."""
+        if not gradient_clip_val:
+            return
+        if self.sharded:
+            self.trainer.strategy.model.clip_grad_norm_(float(gradient_clip_val))
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                                gradient_clip_algorithm=gradient_clip_algorithm)
+
     def configure_optimizers(self) -> Any:
         from ..module import build_scheduler
 
         cfg = self.optim_cfg
-        fused = self.device.type == "cuda"
+        # fused AdamW on GPUs; not over FSDP's views of flat parameters (a rank's view may be empty)
+        fused = self.device.type == "cuda" and not self.sharded
         optimizer = torch.optim.AdamW(self.param_groups(), betas=tuple(cfg.betas), eps=float(cfg.eps), fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = math.ceil(float(cfg.warmup_ratio) * total)

@@ -20,7 +20,6 @@ from torch import Tensor
 from ..encoders.conversation import (
     LLAVA_CONVERSATIONS,
     EncodedConversation,
-    PromptFormat,
     chat_template_prompt,
     encode_chat_template_conversation,
     encode_llava_conversation,
@@ -174,6 +173,3 @@ class SampleEncoder:
                 batch[k] = torch.cat([s.image_inputs[k] for s in samples], dim=0)
         return batch
 
-
-def is_llava_format(fmt: Any) -> bool:
-    return PromptFormat(getattr(fmt, "value", fmt)) in LLAVA_CONVERSATIONS

@@ -159,19 +159,20 @@ def export_trained(cfg: Any, module: MLLMFinetuneModule, datamodule: EditTriplet
     from transformers import AutoProcessor
 
     from ..encoders.mllm import mllm_folder
-    from .export import export_model, full_state_dict_fsdp
+    from .export import export_model, full_state_dict_fsdp, plain_model
     from .model import merged_for_export
 
-    state = None
-    if module.sharded:
+    if module.sharded:  # every rank takes part in gathering the shards; rank 0 gets the full weights
         state = full_state_dict_fsdp(trainer.strategy.model)
+        model = plain_model(module.core.config, module.backend, state) if state is not None else None
+    else:
+        model = merged_for_export(module.model) if trainer.is_global_zero else None
     if not trainer.is_global_zero:
         return None
-    model = module.core if module.sharded else merged_for_export(module.model)
     processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm))
     manifest = export_manifest(cfg, datamodule, trainer.global_step, trainer.world_size,
                                trainer.accumulate_grad_batches, metrics)
-    path = export_model(model, processor, out_dir, manifest, dtype=str(cfg.run.export_dtype), state_dict=state)
+    path = export_model(model, processor, out_dir, manifest, dtype=str(cfg.run.export_dtype))
     log.info("exported the finetuned MLLM to %s", path)
     return path
 
