@@ -78,6 +78,16 @@ def test_run_directory_tensorboard_summary_and_export(triplets, tiny_llava_dir, 
                  f"export/{MANIFEST_NAME}", "export/model.safetensors"):
         assert (run_dir / name).exists(), name
     assert json.loads((run_dir / "run_info.json").read_text())["git"]["sha"]
+    # every sample's question is recorded: the key's stable choice from the question set
+    import pyarrow.parquet as pq
+
+    from img_lightning.encoders.questions import builtin_question_set
+
+    record = pq.read_table(run_dir / "samples.parquet")
+    questions = builtin_question_set("img-v1")
+    keys, chosen = record.column("key").to_pylist(), record.column("question_index").to_pylist()
+    assert len(keys) == 49 and chosen == [questions.index_for(k) for k in keys] and len(set(chosen)) > 10
+    assert record.schema.metadata[b"questions_sha256"].decode() == questions.sha256
     summary = json.loads((run_dir / "summary.json").read_text())
     # 12 steps = 1.2 epochs: the corrupt image was read (and skipped) once in each epoch
     assert summary["data"]["empty_instructions"] == 1 and summary["skipped"]["train"] == {"corrupt_image": 2}

@@ -44,13 +44,16 @@ class TooManyBadSamples(UserError, RuntimeError):
 
 class EditTripletDataModule(L.LightningDataModule):
     def __init__(self, data_cfg: Any, mllm_cfg: Any, skip_dir: Optional[Path] = None,
-                 encoder: Optional[SampleEncoder] = None, progress: bool = False) -> None:
+                 encoder: Optional[SampleEncoder] = None, progress: bool = False,
+                 record_path: Optional[Path] = None) -> None:
         """``data_cfg``/``mllm_cfg``: the ``data`` and ``mllm`` blocks of the finetuning config;
-        ``skip_dir``: where each rank lists its skipped samples (None: nowhere)."""
+        ``skip_dir``: where each rank lists its skipped samples (None: nowhere); ``record_path``:
+        where rank 0 records every sample's key, location, split and question (None: nowhere)."""
         super().__init__()
         self.cfg = data_cfg
         self.mllm_cfg = mllm_cfg
         self.skip_dir = Path(skip_dir) if skip_dir is not None else None
+        self.record_path = Path(record_path) if record_path is not None else None
         self.encoder = encoder
         self.progress = progress
         self.index: Optional[TripletIndex] = None
@@ -85,6 +88,8 @@ class EditTripletDataModule(L.LightningDataModule):
         if len(self.train_ids) < cfg.batch_size * world:
             raise UserError(f"data.input={cfg.input}: {len(self.train_ids)} training samples cannot fill one batch of "
                             f"{cfg.batch_size} on each of {world} ranks")
+        if self.record_path is not None and self._rank() == 0:
+            write_sample_record(self.record_path, self.index, self.encoder)
         rank_zero_info(self.describe())
 
     def _world_size(self) -> int:
@@ -218,3 +223,28 @@ def skip_summary(skip_dir: Path) -> dict[str, dict[str, int]]:
             seen.add(ident)
             counts.setdefault(item["split"], Counter())[item["reason"]] += 1
     return {split: dict(c) for split, c in counts.items()}
+
+
+def write_sample_record(path: Path, index: TripletIndex, encoder: SampleEncoder) -> Path:
+    """``samples.parquet``: per kept triplet its key, parquet file / row group / row, split and the
+    index of the question it is asked with (a pure function of the key and the question set, so the
+    record is the same on every rank and in every resume), plus the question set's sha256."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..atomic import atomic_path
+
+    questions = encoder.questions
+    table = pa.table({
+        "key": pa.array(index.keys, pa.string()),
+        "file": pa.array([Path(index.files[i]).name for i in index.file_index.tolist()], pa.string()),
+        "row_group": pa.array(index.row_group, pa.int32()),
+        "row": pa.array(index.row, pa.int64()),
+        "heldout": pa.array(index.heldout, pa.bool_()),
+        "question_index": pa.array([questions.index_for(k) for k in index.keys], pa.int32()),
+    }).replace_schema_metadata({"questions_sha256": questions.sha256, "questions_name": questions.name,
+                                "fingerprint": index.fingerprint})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path

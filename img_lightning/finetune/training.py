@@ -2,8 +2,9 @@
 
 Same run-directory contract as ``img-train``: ``{run.root}/{run.name}`` without a timestamp (the
 same on every rank and across SLURM requeues) holding ``config.yaml`` + ``run_info.json`` (git SHA,
-versions, command), ``tensorboard/``, ``checkpoints/last.ckpt`` (a directory with FSDP's sharded
-checkpoints), ``skipped/rank*.jsonl``, ``summary.json`` and, at the end, ``export/``. A resume
+versions, command), ``samples.parquet`` (every triplet's key, location, split and question index),
+``tensorboard/``, ``checkpoints/last.ckpt`` (a directory with FSDP's sharded checkpoints),
+``skipped/rank*.jsonl``, ``summary.json`` and, at the end, ``export/``. A resume
 (``run.ckpt_path=last``) must be the same run: the config is compared with the saved one, and the
 data fingerprint, world size and batch size with the checkpoint's.
 """
@@ -184,7 +185,8 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
     ckpt_path = resolve_resume(run_dir, cfg.run.ckpt_path)
     changes = check_resume_config(run_dir, cfg, FinetuneMLLMConfig, resume_free_keys(cfg)) if ckpt_path else {}
     datamodule = EditTripletDataModule(cfg.data, cfg.mllm, skip_dir=run_dir / "skipped",
-                                       progress=bool(cfg.trainer.enable_progress_bar))
+                                       progress=bool(cfg.trainer.enable_progress_bar),
+                                       record_path=run_dir / "samples.parquet")
     module = MLLMFinetuneModule(cfg.mllm, cfg.finetune, cfg.optim, strategy=_value(cfg.trainer.strategy),
                                 seed=cfg.run.seed)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
