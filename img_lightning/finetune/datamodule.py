@@ -32,6 +32,7 @@ from .samples import SampleEncoder
 from .triplets import RowGroupImages, TripletIndex, scan_triplets
 
 log = logging.getLogger(__name__)
+WARN_FIRST = 10  # skipped samples logged one by one per rank; the rest only in RUN/skipped/
 
 
 class ResumeMismatchError(UserError, ValueError):
@@ -67,6 +68,7 @@ class EditTripletDataModule(L.LightningDataModule):
         self.samples_read = 0
         self.samples_skipped = 0
         self.skip_counts: Counter = Counter()
+        self._warned = 0
         self.train_loader: Optional[TripletBatchLoader] = None
 
     # ------------------------------------------------------------------ setup
@@ -161,7 +163,11 @@ class EditTripletDataModule(L.LightningDataModule):
                 for item in skipped:
                     fh.write(json.dumps({"split": split, "epoch": epoch, **item}) + "\n")
         for item in skipped:
-            log.warning("skipped %s sample %s: %s (%s)", split, item["key"], item["reason"], item["detail"])
+            # The first few per rank are worth a line each; the rest are in the skip list and the summary.
+            self._warned += 1
+            level = logging.WARNING if self._warned <= WARN_FIRST else logging.DEBUG
+            log.log(level, "skipped %s sample %s: %s (%s)%s", split, item["key"], item["reason"], item["detail"],
+                    f"; further skips are listed in {self.skip_dir} only" if self._warned == WARN_FIRST else "")
         fraction = self.samples_skipped / max(1, self.samples_read)
         if split == "train" and self.samples_read >= 100 and fraction > self.cfg.max_bad_fraction:
             raise TooManyBadSamples(
