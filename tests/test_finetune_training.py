@@ -189,3 +189,6 @@ def test_cli_train_print_config_and_errors(triplets, tiny_llava_dir, tmp_path, c
     assert "optim.lrr" in capsys.readouterr().err
     assert main(["train", *args, "run.name=other", "data.global_batch_size=6"]) == 2
     assert "not a multiple" in capsys.readouterr().err
+    assert main(["train", *args, "run.name=other2", f"mllm.path={tmp_path / 'no-model'}"]) == 2
+    err = capsys.readouterr().err
+    assert "mllm.path=" in err and "does not exist" in err and "Traceback" not in err

@@ -29,7 +29,6 @@ resize is the one LLaVA's CLIPImageProcessor ran.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -55,8 +54,6 @@ from .templates import build_question, template_id_for
 
 __all__ = ["GuidanceEncoder", "build_question", "template_id_for", "expand_to_square", "prepare_image", "pad_fill",
            "mllm_folder", "load_mllm_model", "load_mllm_processor", "llava_num_image_tokens", "BACKENDS"]
-
-log = logging.getLogger(__name__)
 
 # backend -> (transformers model class name, config.model_type)
 BACKENDS = {
@@ -102,24 +99,25 @@ def llava_num_image_tokens(config, pixel_values: Tensor) -> int:
     return n + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
-def mllm_folder(cfg: MLLMConfig) -> Path:
+def mllm_folder(cfg: MLLMConfig, key: str = "encoders.mllm") -> Path:
     """The local folder of ``cfg``'s MLLM (``path``, a local ``model``, or the HF cache); checks the
-    backend against the folder's ``config.json``. Never downloads."""
+    backend against the folder's ``config.json``. Never downloads. ``key``: the config block's name
+    in messages (``mllm`` in the finetuning configs)."""
     from transformers import AutoConfig
 
     if cfg.backend not in BACKENDS:
-        raise ConfigError(f"encoders.mllm.backend={cfg.backend!r} is not supported; use one of {sorted(BACKENDS)}")
+        raise ConfigError(f"{key}.backend={cfg.backend!r} is not supported; use one of {sorted(BACKENDS)}")
     if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, "path"):
-        raise ConfigError(f"encoders.mllm.path is not set: the recipe's MLLM ({cfg.model}) is a local folder; "
+        raise ConfigError(f"{key}.path is not set: the recipe's MLLM ({cfg.model}) is a local folder; "
                           f"for the released IMG model, convert its llava/ folder once with img-convert-llava "
-                          f"and set encoders.mllm.path to the output (see README)")
-    root = resolve_model_root(cfg.model, cfg.path, cfg.revision, "encoders.mllm.path")
-    folder = model_dir(root, "", cfg.model, "encoders.mllm.path")
+                          f"and set {key}.path to the output (see README)")
+    root = resolve_model_root(cfg.model, cfg.path, cfg.revision, f"{key}.path")
+    folder = model_dir(root, "", cfg.model, f"{key}.path")
     _, model_type = BACKENDS[cfg.backend]
     found = AutoConfig.from_pretrained(folder).model_type
     if found != model_type:
-        raise ConfigError(f"encoders.mllm.backend={cfg.backend!r} expects a {model_type!r} model, but "
-                          f"{folder} holds {found!r}; fix encoders.mllm.backend or the model path"
+        raise ConfigError(f"{key}.backend={cfg.backend!r} expects a {model_type!r} model, but "
+                          f"{folder} holds {found!r}; fix {key}.backend or the model path"
                           + (" (an original LLaVA-repository folder? convert it with img-convert-llava)"
                              if cfg.backend == "llava" else ""))
     return folder

@@ -136,7 +136,7 @@ def model_answers(mllm_cfg: Any, cases: Sequence[EvalCase], cfg: Any, progress: 
     from ..encoders.mllm import load_mllm_model, mllm_folder
     from ..models import compute_dtype, resolve_device
 
-    folder = mllm_folder(mllm_cfg)
+    folder = mllm_folder(mllm_cfg, key="mllm")
     device = resolve_device(str(mllm_cfg.device))
     model = load_mllm_model(mllm_cfg, folder, compute_dtype(str(mllm_cfg.dtype), device), device)
     model = model.to(device).eval()

@@ -86,7 +86,7 @@ def build_trainable_model(mllm_cfg: Any, ft_cfg: Any, sharded: bool, seed: int =
         raise ValueError("finetune.method=lora runs under DDP (trainer.strategy=ddp or auto); FSDP is for the full finetune")
     backend = str(mllm_cfg.backend)
     dtype = torch.float32 if sharded else resolve_dtype(str(mllm_cfg.dtype))
-    model = load_mllm_model(mllm_cfg, mllm_folder(mllm_cfg), dtype)
+    model = load_mllm_model(mllm_cfg, mllm_folder(mllm_cfg, key="mllm"), dtype)
     model.config.use_cache = False
     model.requires_grad_(method == "full")
     vision_tower(model, backend).requires_grad_(False)
@@ -109,7 +109,11 @@ def build_trainable_model(mllm_cfg: Any, ft_cfg: Any, sharded: bool, seed: int =
     vision_tower(model, backend).eval()
     if bool(ft_cfg.gradient_checkpointing) and not sharded:
         # FSDP checkpoints the decoder layers through the strategy instead (see strategy.py).
-        inner(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        core = inner(model)
+        if hasattr(core, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -59,6 +59,6 @@ def export_checkpoint(cfg: Any, checkpoint: Optional[str] = None, out: Optional[
                                int(info.get("accumulate_grad_batches", 1)), {})
     manifest["training"]["checkpoint"] = str(path)
     target = Path(out) if out else run_dir / "export"
-    processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm))
+    processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm, key="mllm"))
     model = merged_for_export(module.model)
     return export_model(model, processor, target, manifest, dtype=str(cfg.run.export_dtype))

@@ -83,7 +83,7 @@ class SampleEncoder:
         from ..encoders.questions import question_set_from_config
 
         questions = question_set_from_config(mllm_cfg)
-        folder = mllm_folder(mllm_cfg)
+        folder = mllm_folder(mllm_cfg, key="mllm")
         return cls(str(mllm_cfg.backend), load_mllm_processor(mllm_cfg, folder), AutoConfig.from_pretrained(folder),
                    questions, prompt_format=mllm_cfg.prompt_format, image_mode=str(mllm_cfg.image_mode),
                    max_length=max_length)

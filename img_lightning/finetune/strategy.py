@@ -29,7 +29,7 @@ def layer_classes(mllm_cfg: Any) -> tuple[set[type[nn.Module]], set[type[nn.Modu
     from .model import decoder_layer_classes, vision_layer_classes
 
     backend = str(mllm_cfg.backend)
-    config = AutoConfig.from_pretrained(mllm_folder(mllm_cfg))
+    config = AutoConfig.from_pretrained(mllm_folder(mllm_cfg, key="mllm"))
     with torch.device("meta"):
         skeleton = getattr(transformers, BACKENDS[backend][0])._from_config(config)
     return decoder_layer_classes(skeleton), vision_layer_classes(skeleton, backend)

@@ -124,7 +124,7 @@ def export_manifest(cfg: Any, datamodule: EditTripletDataModule, global_step: in
     encoder = datamodule.encoder
     index = datamodule.index
     assert encoder is not None and index is not None
-    folder = mllm_folder(cfg.mllm)
+    folder = mllm_folder(cfg.mllm, key="mllm")
     global_batch = int(cfg.data.batch_size) * int(world_size) * int(accumulate)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__}
     try:
@@ -170,7 +170,7 @@ def export_trained(cfg: Any, module: MLLMFinetuneModule, datamodule: EditTriplet
         model = merged_for_export(module.model) if trainer.is_global_zero else None
     if not trainer.is_global_zero:
         return None
-    processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm))
+    processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm, key="mllm"))
     manifest = export_manifest(cfg, datamodule, trainer.global_step, trainer.world_size,
                                trainer.accumulate_grad_batches, metrics)
     path = export_model(model, processor, out_dir, manifest, dtype=str(cfg.run.export_dtype))
