@@ -18,6 +18,7 @@ from typing import Any
 from .config.encoders import IPEncoderConfig, MLLMConfig
 from .config.preprocess import GuidanceDtype, guidance_dtype_name
 from .encoders.questions import question_recipe
+from .finetune.manifest import export_recipe
 
 
 def _plain(value: Any) -> Any:
@@ -26,9 +27,13 @@ def _plain(value: Any) -> Any:
 
 def recipe_of_encoders(cfg: Any) -> dict:
     """The identity part of an encoders config (goes into the cache key). The question file is
-    read here: its sha256 is what identifies it, so moving the file keeps the key."""
+    read here: its sha256 is what identifies it, so moving the file keeps the key. A local MLLM
+    folder is a location, not an identity, except when it is a finetuned export
+    (``img-finetune-mllm``): then the sha256 of its manifest (which lists the sha256 of every weight
+    file) joins the key, so another export behind the same config gets another cache."""
     mllm = {k: _plain(cfg.mllm[k]) for k in MLLMConfig.recipe_fields}
     mllm.update(question_recipe(cfg.mllm))
+    mllm.update(export_recipe(cfg.mllm))
     return {
         "mllm": mllm,
         "ip": {k: cfg.ip[k] for k in IPEncoderConfig.recipe_fields},

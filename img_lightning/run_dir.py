@@ -139,9 +139,10 @@ def resolve_resume(run_dir: Path, ckpt_path: Optional[str]) -> Optional[str]:
     ``"last"``: the newest of ``checkpoints/last.ckpt`` and Lightning's SLURM pre-emption checkpoints
     (``hpc_ckpt_*.ckpt``); a fresh start when there is none, so requeue scripts can always pass it.
     ``None`` in a directory that already has checkpoints is refused instead of silently mixing runs.
+    A checkpoint may be a file or a directory (FSDP's sharded checkpoints).
     """
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = [p for p in candidates if p.is_file()]
+    existing = [p for p in candidates if p.is_file() or (p.is_dir() and (p / ".metadata").is_file())]
     if ckpt_path is None:
         if existing:
             raise FileExistsError(
@@ -151,6 +152,6 @@ def resolve_resume(run_dir: Path, ckpt_path: Optional[str]) -> Optional[str]:
         return None
     if ckpt_path == "last":
         return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
-    if not Path(ckpt_path).is_file():
+    if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"run.ckpt_path={ckpt_path}: no such checkpoint")
     return ckpt_path

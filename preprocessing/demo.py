@@ -3,13 +3,17 @@
 1. build tiny, randomly initialised models in their real on-disk formats (LLaVA-style MLLM,
    CLIP vision tower + IP-Adapter-Plus checkpoint, SDXL pipeline, evaluation scorers);
 2. draw a small Pick-a-Pic-schema parquet (winner matches the caption, loser gets one attribute
-   wrong; plus a tie and a corrupt image) and a held-out one;
-3. ``img-preprocess`` both into feature caches;
-4. ``img-train`` the Implicit Aligner (1-2 minutes on 2 cores) and compare it with the identity
+   wrong; plus a tie and a corrupt image), a held-out one, and InstructPix2Pix-layout edit triplets
+   (the image shows one attribute wrong, the prompt the right scene, the instruction the change:
+   "make the square red"; plus a corrupt image and an empty instruction);
+3. ``img-finetune-mllm`` the tiny LLaVA on the triplets into a misalignment detector (the paper's
+   MLLM stage), and compare its held-out answers with the base model's (ROUGE-L, before/after);
+4. ``img-preprocess`` both Pick-a-Pic parquets into feature caches, with the finetuned export as the MLLM;
+5. ``img-train`` the Implicit Aligner (1-2 minutes on 2 cores) and compare it with the identity
    baseline on the held-out pairs;
-5. ``img-eval all`` on a few held-out captions: base vs control vs IMG, scored and reported.
+6. ``img-eval all`` on a few held-out captions: base vs control vs IMG, scored and reported.
 
-It lives in ``preprocessing/`` because it drives both stages; the library never imports it.
+It lives in ``preprocessing/`` because it drives every stage; the library never imports it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from img_lightning.config.train import TrainConfig
 
 PREPROCESS_CONFIG = resolve_config_path("configs/preprocess/demo.yaml")
 TRAIN_CONFIG = resolve_config_path("configs/train/demo.yaml")
+FINETUNE_CONFIG = resolve_config_path("configs/finetune_mllm/demo.yaml")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=640, help="training pairs to draw")
     p.add_argument("--val-pairs", type=int, default=128, help="held-out pairs to draw")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/train/demo.yaml)")
+    p.add_argument("--triplets", type=int, default=320, help="edit triplets for the MLLM finetuning stage")
+    p.add_argument("--mllm-steps", type=int, default=None,
+                   help="MLLM finetuning steps (default: configs/finetune_mllm/demo.yaml)")
     p.add_argument("--eval-prompts", type=int, default=4, help="held-out captions to evaluate (0: skip evaluation)")
     p.add_argument("--seed", type=int, default=0)
     add_common_arguments(p)
@@ -60,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from img_lightning.tiny.world import build_tiny_world, preprocess_overrides
     from preprocessing.cli import main as preprocess_main
-    from preprocessing.demo_data import write_demo_parquet
+    from preprocessing.demo_data import write_demo_parquet, write_edit_triplets_parquet
 
     out = args.out.resolve()
     # Models are reused between runs; data, caches and runs are made afresh.
@@ -68,20 +76,28 @@ def _demo(args: argparse.Namespace) -> int:
         shutil.rmtree(out / sub, ignore_errors=True)
     total = time.perf_counter()
 
-    t = _stage("1/5 tiny models (real formats, random weights)")
+    t = _stage("1/6 tiny models (real formats, random weights)")
     models = build_tiny_world(out / "models", seed=args.seed)
     for name, path in models.items():
         print(f"   {name}: {path}")
     _done(t)
 
-    t = _stage("2/5 demo data (Pick-a-Pic schema, procedurally drawn)")
+    t = _stage("2/6 demo data (Pick-a-Pic schema and edit triplets, procedurally drawn)")
     train_pq, val_pq = out / "data" / "train.parquet", out / "data" / "val.parquet"
     summary = write_demo_parquet(train_pq, args.pairs, seed=args.seed)
     write_demo_parquet(val_pq, args.val_pairs, seed=args.seed + 1)
     print(f"   {train_pq}: {summary}")
+    triplets_pq = out / "data" / "edit_triplets.parquet"
+    triplets = write_edit_triplets_parquet(triplets_pq, args.triplets, seed=args.seed + 2)
+    print(f"   {triplets_pq}: {triplets['triplets']} triplets + 1 corrupt image + 1 empty instruction")
     _done(t)
 
-    t = _stage("3/5 img-preprocess: MLLM guidance + IP features -> feature caches")
+    t = _stage("3/6 img-finetune-mllm: the tiny LLaVA learns to say what to change")
+    mllm = _finetune_mllm(args, out, models["llava"], triplets_pq)
+    _done(t)
+    models = {**models, "llava": mllm["export"]}  # preprocessing and evaluation read the finetuned MLLM
+
+    t = _stage("4/6 img-preprocess: MLLM guidance + IP features -> feature caches")
     caches = {"train": out / "cache" / "train", "val": out / "cache" / "val"}
     for split, parquet in (("train", train_pq), ("val", val_pq)):
         argv_pre = ["run", str(PREPROCESS_CONFIG), f"data.input={parquet}", f"data.output={caches[split]}",
@@ -94,11 +110,13 @@ def _demo(args: argparse.Namespace) -> int:
             return code
     _done(t)
 
-    t = _stage("4/5 img-train: Implicit Aligner with the preference objective")
+    t = _stage("5/6 img-train: Implicit Aligner with the preference objective")
     from img_lightning.cli.train import report
     from img_lightning.training import run_training
 
+    # The finetuned export is part of the cache key (its manifest's sha256): the recipe names it.
     overrides = [f"data.cache={caches['train']}", f"data.val_cache={caches['val']}", f"run.root={out / 'runs'}",
+                 f"data.recipe_overrides=[encoders.mllm.path={models['llava']}]",
                  f"trainer.enable_progress_bar={not args.quiet}"]
     if args.steps is not None:
         overrides.append(f"trainer.max_steps={args.steps}")
@@ -110,7 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     html = None
     if args.eval_prompts > 0:
-        t = _stage("5/5 img-eval: base vs control vs IMG on held-out captions")
+        t = _stage("6/6 img-eval: base vs control vs IMG on held-out captions")
         import pyarrow.parquet as pq
 
         from img_lightning.tiny.demo_eval import run_demo_eval
@@ -127,6 +145,8 @@ def _demo(args: argparse.Namespace) -> int:
         _done(t)
 
     print("\n== summary")
+    print(f"   MLLM held-out ROUGE-L (vs the reference instruction): base {mllm['before']:.4f}, "
+          f"finetuned {mllm['after']:.4f}; export {mllm['export']}")
     if "val/identity" in m:
         print(f"   held-out ||c_w - f(c)||^2: identity {m['val/identity']:.5f}, trained {m['val/base']:.5f} "
               f"({100 * m['val/rel_improvement']:.1f}% lower)")
@@ -138,7 +158,31 @@ def _demo(args: argparse.Namespace) -> int:
     if not improved:
         print("the trained aligner did not beat the identity baseline", file=sys.stderr)
         return 1
+    if not mllm["after"] > mllm["before"]:
+        print("the finetuned MLLM did not beat the base model's held-out ROUGE-L", file=sys.stderr)
+        return 1
     return 0
+
+
+def _finetune_mllm(args: argparse.Namespace, out: Path, llava: Path, triplets: Path) -> dict:
+    """Finetune the tiny LLaVA on the edit triplets, evaluate base vs finetuned on the held-out
+    ones; returns the export folder and the two held-out ROUGE-L values."""
+    from img_lightning.cli.finetune_mllm import report_eval, report_training
+    from img_lightning.config.finetune_mllm import FinetuneMLLMConfig
+    from img_lightning.finetune.evaluate import run_eval
+    from img_lightning.finetune.training import run_finetune
+
+    overrides = [f"data.input={triplets}", f"mllm.path={llava}", f"run.root={out / 'runs'}",
+                 f"trainer.enable_progress_bar={not args.quiet}"]
+    if args.mllm_steps is not None:
+        overrides.append(f"trainer.max_steps={args.mllm_steps}")
+    cfg = load_config(FinetuneMLLMConfig, [FINETUNE_CONFIG], overrides)
+    result = run_finetune(cfg)
+    report_training(result)
+    evaluated = run_eval(cfg, progress=not args.quiet)
+    report_eval(evaluated)
+    return {"export": result.export_dir, "before": evaluated.metrics["base"]["rouge_l"],
+            "after": evaluated.metrics["finetuned"]["rouge_l"], "eval": evaluated.out_dir}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A small Pick-a-Pic-schema parquet with procedurally drawn images, for the demo and tests.
+"""Small procedurally drawn datasets for the demo and tests: a Pick-a-Pic-schema parquet of
+preference pairs and an InstructPix2Pix-layout parquet of edit triplets (MLLM finetuning).
 
 Each pair: a scene (shape, colour, size, background) described by the caption; the WINNING image
 draws exactly that scene; the LOSING image gets one attribute wrong (the colour, the shape, the
@@ -174,3 +175,68 @@ def write_demo_parquet(path: str | Path, num_pairs: int, seed: int = 0, image_si
         "expected_kept_by_reader": num_pairs + 1,  # the corrupt row is found when decoding
         "expected_written": num_pairs,
     }
+
+
+# -- edit triplets (InstructPix2Pix layout) for the MLLM finetuning stage ---------------------------
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image feature
+IP2P_SCHEMA = pa.schema([
+    ("original_prompt", pa.string()),
+    ("original_image", IMAGE_STRUCT),
+    ("edit_prompt", pa.string()),
+    ("edited_prompt", pa.string()),
+    ("edited_image", IMAGE_STRUCT),
+])
+
+
+def edit_instruction(wrong: dict, scene: dict, attribute: str) -> str:
+    """The instruction that turns the drawn (wrong) scene into the prompted one: "make the square red"."""
+    if attribute == "colour":
+        return f"make the {wrong['shape']} {scene['colour']}"
+    if attribute == "shape":
+        return f"turn the {wrong['shape']} into a {scene['shape']}"
+    if attribute == "size":
+        return f"make the {wrong['shape']} {scene['size']}"
+    return f"change the background to {scene['background']}"
+
+
+def write_ip2p_rows(path: str | Path, rows: Iterable[dict[str, Any]], row_group_size: int = 32) -> Path:
+    """Write rows (dicts with the InstructPix2Pix columns; images as ``{"bytes", "path"}``) as parquet."""
+    rows = list(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pydict({f.name: [r.get(f.name) for r in rows] for f in IP2P_SCHEMA}, schema=IP2P_SCHEMA)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def write_edit_triplets_parquet(path: str | Path, num_triplets: int, seed: int = 0, image_size: int = 64,
+                                row_group_size: int = 32, bad_rows: bool = True) -> dict[str, Any]:
+    """``num_triplets`` edit triplets in the InstructPix2Pix layout: the ORIGINAL image draws a scene
+    with one attribute wrong, the EDITED prompt describes the right scene, the instruction says what
+    to change ("make the square red"). With ``bad_rows``, one row with corrupt image bytes and one
+    with an empty instruction are added (the reader must count and skip them)."""
+    rng = random.Random(seed)
+    rows, changed = [], {a: 0 for a in ATTRIBUTES}
+    for index in range(num_triplets):
+        scene = _random_scene(rng)
+        wrong, attribute = _corrupt(scene, rng)
+        changed[attribute] += 1
+        rows.append({
+            "original_prompt": caption_of(wrong),
+            "original_image": {"bytes": _jpeg(draw_scene(wrong, image_size, rng)), "path": f"{index:06d}_0.jpg"},
+            "edit_prompt": edit_instruction(wrong, scene, attribute),
+            "edited_prompt": caption_of(scene),
+            "edited_image": {"bytes": _jpeg(draw_scene(scene, image_size, rng)), "path": f"{index:06d}_1.jpg"},
+        })
+    if bad_rows:
+        scene = _random_scene(rng)
+        wrong, attribute = _corrupt(scene, rng)
+        corrupt = {"original_prompt": caption_of(wrong), "original_image": {"bytes": CORRUPT_JPEG, "path": "bad.jpg"},
+                   "edit_prompt": edit_instruction(wrong, scene, attribute), "edited_prompt": caption_of(scene),
+                   "edited_image": {"bytes": _jpeg(draw_scene(scene, image_size, rng)), "path": "bad_1.jpg"}}
+        empty = {**rows[0], "edit_prompt": "  ", "original_image": rows[0]["original_image"]}
+        rows.insert(min(5, len(rows)), corrupt)
+        rows.insert(min(11, len(rows)), empty)
+    write_ip2p_rows(path, rows, row_group_size=row_group_size)
+    return {"path": str(path), "rows": len(rows), "triplets": num_triplets, "corrupt_images": int(bad_rows),
+            "empty_instructions": int(bad_rows), "changed_attribute_counts": changed, "seed": seed}

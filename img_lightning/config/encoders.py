@@ -2,8 +2,9 @@
 
 Fields split in two: *identity* fields (model ids, revisions, dtype, layer, templates, image
 preprocessing) go into the cache key; *location/speed* fields (local paths, device, batch size) do
-not. ``recipe_fields`` lists the identity fields of each block; :mod:`img_lightning.recipe` turns them
-(with the question file's sha256) into the cache key.
+not, except that a local MLLM folder holding a finetuned export adds the export's identity (its
+manifest's sha256). ``recipe_fields`` lists the identity fields of each block;
+:mod:`img_lightning.recipe` turns them (with the question file's sha256) into the cache key.
 """
 
 from __future__ import annotations

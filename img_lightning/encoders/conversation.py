@@ -12,7 +12,8 @@ Formats (:class:`PromptFormat`):
 * ``llava_v1`` - LLaVA's ``conv_llava_v1`` (style TWO), LLaVA-1.5's training conversation:
   ``{system} USER: <image>\\n{question} ASSISTANT:``; an answer turn ends with ``</s>``.
 * ``chat_template`` - one user turn (image, then question) through the processor's own chat
-  template (Qwen2.5-VL, or llava-hf's template).
+  template (Qwen2.5-VL, or llava-hf's template); training samples (:func:`encode_chat_template_conversation`)
+  take their ids from the processor, as the guidance encoder does.
 
 Token ids of the LLaVA formats follow LLaVA's ``tokenizer_image_token``, not the llava-hf processor
 (which tokenises the whole string at once and so tokenises the text after ``<image>`` with another
@@ -125,16 +126,19 @@ def chat_template_prompt(processor: Any, question: str) -> str:
 
 
 def chat_template_conversation(processor: Any, question: str, answer: str) -> Rendered:
-    """The prompt plus the assistant's answer; the answer span ends after the tokenizer's EOS text
-    when the template closes the turn with it (Qwen's ``<|im_end|>``)."""
+    """The prompt plus the assistant's answer; the answer span starts right after the generation
+    prompt (spaces the template puts before the answer, as llava-hf's ``ASSISTANT: ``, belong to
+    it, as in LLaVA's own formats) and ends after the tokenizer's EOS text when the template closes
+    the turn with it (Qwen's ``<|im_end|>``)."""
     prompt = chat_template_prompt(processor, question)
     messages = _user_message(question) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     text = processor.apply_chat_template(messages, tokenize=False)
     start = len(prompt)
-    if not text.startswith(prompt) or not text[start:].startswith(answer):
+    gap = len(text[start:]) - len(text[start:].lstrip(" "))
+    if not text.startswith(prompt) or not text[start + gap:].startswith(answer):
         raise PromptTextError("the chat template does not render the answer right after the generation prompt; "
                               "its answer tokens cannot be located")
-    end = start + len(answer)
+    end = start + gap + len(answer)
     eos = getattr(getattr(processor, "tokenizer", processor), "eos_token", None)
     if eos and text[end:].lstrip(" ").startswith(eos):
         end = text.index(eos, end) + len(eos)
@@ -229,3 +233,18 @@ def encode_llava_conversation(tokenizer: Any, fmt: PromptFormat, question: str, 
                                            num_image_tokens)
     start, end = answer_token_span(prompt_ids, full_ids, full_ids)
     return EncodedConversation(input_ids=full_ids, answer_start=start, answer_end=end)
+
+
+def encode_chat_template_conversation(processor: Any, image: Any, question: str,
+                                      answer: str) -> tuple[EncodedConversation, dict]:
+    """A chat-template training sample: the processor's ids and image inputs for the whole
+    conversation (image placeholders expanded by the processor, exactly as the guidance encoder's
+    ``processor(images, text)`` call does for the prompt), and the answer span, located from the
+    processor's ids of the prompt and of the text up to the answer's end."""
+    rendered = chat_template_conversation(processor, question, answer)
+    full = processor(images=[image], text=[rendered.text], return_tensors="pt")
+    spans = processor(images=[image, image], text=[rendered.prompt, rendered.text[: rendered.answer_end]])
+    full_ids = [int(t) for t in full["input_ids"][0].tolist()]
+    start, end = answer_token_span(list(spans["input_ids"][0]), list(spans["input_ids"][1]), full_ids)
+    extra = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")}
+    return EncodedConversation(input_ids=full_ids, answer_start=start, answer_end=end), extra

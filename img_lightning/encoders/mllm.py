@@ -30,6 +30,7 @@ resize is the one LLaVA's CLIPImageProcessor ran.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from ..config.encoders import MLLMConfig
 from ..config.loading import ConfigError
+from ..finetune.manifest import warn_if_trained_otherwise
 from ..models import ModelNotFoundError, model_dir, resolve_device, resolve_dtype, resolve_model_root
 from .conversation import (
     LLAVA_CONVERSATIONS,
@@ -51,7 +53,8 @@ from .conversation import (
 from .questions import QuestionSet, builtin_question_set, question_set_from_config
 from .templates import build_question, template_id_for
 
-__all__ = ["GuidanceEncoder", "build_question", "template_id_for", "expand_to_square", "BACKENDS"]
+__all__ = ["GuidanceEncoder", "build_question", "template_id_for", "expand_to_square", "prepare_image", "pad_fill",
+           "mllm_folder", "load_mllm_model", "load_mllm_processor", "llava_num_image_tokens", "BACKENDS"]
 
 # backend -> (transformers model class name, config.model_type)
 BACKENDS = {
@@ -73,6 +76,91 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     canvas = Image.new("RGB", (side, side), fill)
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     return canvas
+
+
+def pad_fill(processor) -> tuple[int, int, int]:
+    """LLaVA's padding colour: the image processor's mean, ``int(mean * 255)`` (truncated, as LLaVA)."""
+    mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+    return tuple(int(float(m) * 255) for m in mean[:3])  # type: ignore[return-value]
+
+
+def prepare_image(image: Image.Image, image_mode: str, fill: tuple[int, int, int]) -> Image.Image:
+    """The image the processor receives: RGB, padded to a square with ``fill`` in ``"pad"`` mode.
+    Shared by the guidance encoder and the MLLM finetuning stage, so both see the same pixels."""
+    if image_mode not in IMAGE_MODES:
+        raise ValueError(f"unknown image_mode {image_mode!r}; use one of {IMAGE_MODES}")
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    return expand_to_square(image, fill) if image_mode == "pad" else image
+
+
+def llava_num_image_tokens(config, pixel_values: Tensor) -> int:
+    """Image features a llava-hf model produces for one image of this size."""
+    patch = int(config.vision_config.patch_size)
+    n = (int(pixel_values.shape[-2]) // patch) * (int(pixel_values.shape[-1]) // patch)
+    return n + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def mllm_folder(cfg: MLLMConfig, key: str = "encoders.mllm") -> Path:
+    """The local folder of ``cfg``'s MLLM (``path``, a local ``model``, or the HF cache); checks the
+    backend against the folder's ``config.json``. Never downloads. ``key``: the config block's name
+    in messages (``mllm`` in the finetuning configs)."""
+    from transformers import AutoConfig
+
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"{key}.backend={cfg.backend!r} is not supported; use one of {sorted(BACKENDS)}")
+    if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, "path"):
+        raise ConfigError(f"{key}.path is not set: the recipe's MLLM ({cfg.model}) is a local folder; "
+                          f"for the released IMG model, convert its llava/ folder once with img-convert-llava "
+                          f"and set {key}.path to the output (see README)")
+    root = resolve_model_root(cfg.model, cfg.path, cfg.revision, f"{key}.path")
+    folder = model_dir(root, "", cfg.model, f"{key}.path")
+    _, model_type = BACKENDS[cfg.backend]
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if "mm_vision_tower" in raw or "LlavaLlamaForCausalLM" in (raw.get("architectures") or []):
+        # Its model_type also says "llava", but transformers would load it with random projector
+        # and tower weights: refuse instead of producing meaningless features.
+        raise ConfigError(f"{folder} is a checkpoint in the original LLaVA repository format; convert it once "
+                          f"with `img-convert-llava {folder} OUT` and set {key}.path=OUT")
+    found = AutoConfig.from_pretrained(folder).model_type
+    if found != model_type:
+        raise ConfigError(f"{key}.backend={cfg.backend!r} expects a {model_type!r} model, but "
+                          f"{folder} holds {found!r}; fix {key}.backend or the model path"
+                          + (" (an original LLaVA-repository folder? convert it with img-convert-llava)"
+                             if cfg.backend == "llava" else ""))
+    return folder
+
+
+def load_mllm_processor(cfg: MLLMConfig, folder: Path):
+    """The processor as the guidance encoder uses it (LLaVA: transformers' PIL image backend, the
+    resize LLaVA's own code ran; Qwen: ``min_pixels``/``max_pixels`` applied)."""
+    from transformers import AutoProcessor
+
+    backend = {"backend": "pil"} if cfg.backend == "llava" else {}
+    try:
+        processor = AutoProcessor.from_pretrained(folder, **backend)
+    except OSError as err:
+        raise ModelNotFoundError(f"cannot load the processor of the MLLM {cfg.model!r} from {folder}: {err}") from None
+    if cfg.backend == "qwen2_5_vl" and (cfg.min_pixels or cfg.max_pixels):
+        size = dict(processor.image_processor.size)
+        if cfg.min_pixels:
+            size["shortest_edge"] = int(cfg.min_pixels)
+        if cfg.max_pixels:
+            size["longest_edge"] = int(cfg.max_pixels)
+        processor.image_processor.size = size
+    return processor
+
+
+def load_mllm_model(cfg: MLLMConfig, folder: Path, dtype: torch.dtype, device: torch.device | None = None):
+    """The transformers model of ``cfg.backend`` from ``folder`` (straight onto ``device`` if a GPU)."""
+    import transformers
+
+    class_name, _ = BACKENDS[cfg.backend]
+    # Straight onto the GPU: a 13B model need not pass through host memory first.
+    placement = {"device_map": {"": str(device)}} if device is not None and device.type == "cuda" else {}
+    try:
+        return getattr(transformers, class_name).from_pretrained(folder, dtype=dtype, **placement)
+    except OSError as err:
+        raise ModelNotFoundError(f"cannot load the MLLM {cfg.model!r} from {folder}: {err}") from None
 
 
 class GuidanceEncoder:
@@ -108,8 +196,7 @@ class GuidanceEncoder:
         if not -(num_layers + 1) <= self.layer <= num_layers:
             raise ValueError(f"layer {layer} out of range: the language model has {num_layers} layers "
                              f"(hidden_states has {num_layers + 1} entries)")
-        mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        self.pad_fill = tuple(int(float(m) * 255) for m in mean[:3])  # LLaVA truncates, not rounds
+        self.pad_fill = pad_fill(processor)  # LLaVA truncates, not rounds
 
     @property
     def template_set(self) -> str:
@@ -118,50 +205,13 @@ class GuidanceEncoder:
 
     @classmethod
     def from_config(cls, cfg: MLLMConfig) -> "GuidanceEncoder":
-        import transformers
-        from transformers import AutoConfig, AutoProcessor
-
-        if cfg.backend not in BACKENDS:
-            raise ValueError(f"encoders.mllm.backend={cfg.backend!r} is not supported; use one of {sorted(BACKENDS)}")
         questions = question_set_from_config(cfg)  # a bad question file fails before the model loads
-        if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, "path"):
-            raise ConfigError(f"encoders.mllm.path is not set: the recipe's MLLM ({cfg.model}) is a local folder; "
-                              f"for the released IMG model, convert its llava/ folder once with img-convert-llava "
-                              f"and set encoders.mllm.path to the output (see README)")
-        root = resolve_model_root(cfg.model, cfg.path, cfg.revision, "encoders.mllm.path")
-        folder = model_dir(root, "", cfg.model, "encoders.mllm.path")
-        class_name, model_type = BACKENDS[cfg.backend]
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        if "mm_vision_tower" in raw or "LlavaLlamaForCausalLM" in (raw.get("architectures") or []):
-            # Its model_type also says "llava", but transformers would load it with random
-            # projector and tower weights: refuse instead of producing meaningless features.
-            raise ConfigError(f"{folder} is a checkpoint in the original LLaVA repository format; convert it once "
-                              f"with `img-convert-llava {folder} OUT` and set encoders.mllm.path=OUT")
-        found = AutoConfig.from_pretrained(folder).model_type
-        if found != model_type:
-            raise ValueError(f"encoders.mllm.backend={cfg.backend!r} expects a {model_type!r} model, but "
-                             f"{folder} holds {found!r}; fix encoders.mllm.backend or the model path"
-                             + (" (an original LLaVA-repository folder? convert it with img-convert-llava)"
-                                if cfg.backend == "llava" else ""))
+        folder = mllm_folder(cfg)
+        warn_if_trained_otherwise(cfg, folder)
         dtype = resolve_dtype(cfg.dtype)
         device = resolve_device(cfg.device)
-        # Straight onto the GPU: a 13B model need not pass through host memory first.
-        placement = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
-        try:
-            model = getattr(transformers, class_name).from_pretrained(folder, dtype=dtype, **placement)
-            # LLaVA: the PIL image processor, i.e. the resize of the CLIPImageProcessor LLaVA's own
-            # code used (transformers' torchvision backend rounds differently, ~1 grey level).
-            backend = {"backend": "pil"} if cfg.backend == "llava" else {}
-            processor = AutoProcessor.from_pretrained(folder, **backend)
-        except OSError as err:
-            raise ModelNotFoundError(f"cannot load the MLLM {cfg.model!r} from {folder}: {err}") from None
-        if cfg.backend == "qwen2_5_vl" and (cfg.min_pixels or cfg.max_pixels):
-            size = dict(processor.image_processor.size)
-            if cfg.min_pixels:
-                size["shortest_edge"] = int(cfg.min_pixels)
-            if cfg.max_pixels:
-                size["longest_edge"] = int(cfg.max_pixels)
-            processor.image_processor.size = size
+        model = load_mllm_model(cfg, folder, dtype, device)
+        processor = load_mllm_processor(cfg, folder)
         return cls(cfg.backend, model, processor, layer=cfg.layer, image_mode=cfg.image_mode,
                    template_set=questions, device=device, dtype=dtype,
                    batch_size=cfg.batch_size, prompt_format=cfg.prompt_format)
@@ -186,15 +236,11 @@ class GuidanceEncoder:
         return self.chat_text(self.question(prompt, int(template_id)))
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
-        image = image if image.mode == "RGB" else image.convert("RGB")
-        return expand_to_square(image, self.pad_fill) if self.image_mode == "pad" else image
+        return prepare_image(image, self.image_mode, self.pad_fill)
 
     def num_image_tokens(self, pixel_values: Tensor) -> int:
         """Image features the llava-hf model produces for one image of this size."""
-        config = self.model.config
-        patch = int(config.vision_config.patch_size)
-        n = (int(pixel_values.shape[-2]) // patch) * (int(pixel_values.shape[-1]) // patch)
-        return n + (1 if config.vision_feature_select_strategy == "full" else 0)
+        return llava_num_image_tokens(self.model.config, pixel_values)
 
     def _prepare_llava(self, images: list[Image.Image], texts: list[str]) -> dict:
         pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]

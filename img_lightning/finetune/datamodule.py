@@ -1,0 +1,256 @@
+"""The DataModule of the MLLM finetuning stage: index, split, rank plan, exact resume, skip counts.
+
+Same contract as the aligner's DataModule: every training batch carries ``(epoch, position)``;
+:meth:`on_before_batch_transfer` (called only for the batch about to be trained on) records it,
+the checkpoint saves it, and after a restart the plan skips exactly the batches already trained on
+in that epoch. The data epoch is derived from that position, never from ``trainer.current_epoch``.
+The checkpoint also holds the index fingerprint, world size and batch size: a resume on other data
+or another rank layout (which would change which samples the remaining steps see) is refused.
+
+Skipped samples (corrupt image, over-long, image placeholder in the text) are appended by each
+rank to ``RUN/skipped/rank{r}.jsonl`` (split, epoch, key, reason) when the batch is trained on or
+evaluated; :func:`skip_summary` merges the ranks' files (a resumed run re-reads some batches, so
+entries are unique per split, epoch and key) for the run summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..errors import UserError
+from .loader import TripletBatchLoader
+from .plan import EvalPlan, TrainPlan
+from .samples import SampleEncoder
+from .triplets import RowGroupImages, TripletIndex, scan_triplets
+
+log = logging.getLogger(__name__)
+WARN_FIRST = 10  # skipped samples logged one by one per rank; the rest only in RUN/skipped/
+
+
+class ResumeMismatchError(UserError, ValueError):
+    """The checkpoint was trained on other data or another rank layout."""
+
+
+class TooManyBadSamples(UserError, RuntimeError):
+    """More unusable samples than ``data.max_bad_fraction`` allows."""
+
+
+class EditTripletDataModule(L.LightningDataModule):
+    def __init__(self, data_cfg: Any, mllm_cfg: Any, skip_dir: Optional[Path] = None,
+                 encoder: Optional[SampleEncoder] = None, progress: bool = False,
+                 record_path: Optional[Path] = None) -> None:
+        """``data_cfg``/``mllm_cfg``: the ``data`` and ``mllm`` blocks of the finetuning config;
+        ``skip_dir``: where each rank lists its skipped samples (None: nowhere); ``record_path``:
+        where rank 0 records every sample's key, location, split and question (None: nowhere)."""
+        super().__init__()
+        self.cfg = data_cfg
+        self.mllm_cfg = mllm_cfg
+        self.skip_dir = Path(skip_dir) if skip_dir is not None else None
+        self.record_path = Path(record_path) if record_path is not None else None
+        self.encoder = encoder
+        self.progress = progress
+        self.index: Optional[TripletIndex] = None
+        self.images: Optional[RowGroupImages] = None
+        self.train_ids: Optional[np.ndarray] = None
+        self.val_ids: Optional[np.ndarray] = None
+        self.epoch = 0
+        self.batches_done = 0
+        self._resume: Optional[tuple[int, int]] = None
+        self._trained_any = False
+        self.samples_read = 0
+        self.samples_skipped = 0
+        self.skip_counts: Counter = Counter()
+        self._warned = 0
+        self.train_loader: Optional[TripletBatchLoader] = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.index is not None:
+            return
+        cfg = self.cfg
+        self.index = scan_triplets(cfg.input, cfg.heldout_fraction, cfg.heldout_salt, progress=self.progress)
+        if self.encoder is None:
+            self.encoder = SampleEncoder.from_config(self.mllm_cfg, cfg.max_length)
+        self.images = RowGroupImages(self.index.files, capacity=cfg.row_group_cache)
+        train = self.index.train_ids
+        if cfg.limit is not None:
+            train = train[: int(cfg.limit)]
+        self.train_ids = train
+        val = self.index.heldout_ids
+        self.val_ids = val[: int(cfg.heldout_limit)] if cfg.heldout_limit is not None else val
+        world = self._world_size()
+        if len(self.train_ids) < cfg.batch_size * world:
+            raise UserError(f"data.input={cfg.input}: {len(self.train_ids)} training samples cannot fill one batch of "
+                            f"{cfg.batch_size} on each of {world} ranks")
+        if self.record_path is not None and self._rank() == 0:
+            write_sample_record(self.record_path, self.index, self.encoder)
+        rank_zero_info(self.describe())
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches per rank and epoch (optimizer steps x accumulation)."""
+        assert self.train_ids is not None, "call setup() first"
+        return len(self.train_ids) // (self.cfg.batch_size * self._world_size())
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, plan) -> TripletBatchLoader:
+        assert self.index is not None and self.images is not None and self.encoder is not None
+        return TripletBatchLoader(self.index, self.images, self.encoder, plan,
+                                  num_workers=self.cfg.num_workers, prefetch=self.cfg.prefetch_batches)
+
+    def train_dataloader(self) -> TripletBatchLoader:
+        assert self.index is not None and self.train_ids is not None, "call setup() first"
+        plan = TrainPlan(self.train_ids, self.index.group_of, batch_size=self.cfg.batch_size, rank=self._rank(),
+                         world_size=self._world_size(), seed=self.cfg.seed, window=self.cfg.shuffle_window,
+                         start_fn=self._next_pass)
+        self.train_loader = self._loader(plan)
+        return self.train_loader
+
+    def val_dataloader(self) -> TripletBatchLoader | list:
+        if self.val_ids is None or len(self.val_ids) == 0:
+            return []
+        plan = EvalPlan(self.val_ids, batch_size=self.cfg.val_batch_size or self.cfg.batch_size, rank=self._rank(),
+                        world_size=self._world_size())
+        return self._loader(plan)
+
+    # ------------------------------------------------------------------ position and skips
+    def _next_pass(self) -> tuple[int, int]:
+        """``(epoch, first batch)`` of a new training pass."""
+        if self._resume is not None:
+            epoch, done = self._resume
+            self._resume = None
+            return (epoch, done) if done < self.steps_per_epoch else (epoch + 1, 0)
+        return (self.epoch + 1, 0) if self._trained_any else (0, 0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is None or "position" not in batch:
+            return batch
+        training = bool(trainer.training)
+        if training:
+            self.epoch = int(batch["epoch"])
+            self.batches_done = int(batch["position"]) + 1
+            self._trained_any = True
+        skipped = batch.pop("skipped", [])
+        self._account(skipped, int(batch["num_requested"]), "train" if training else "heldout", int(batch["epoch"]))
+        return batch
+
+    def _account(self, skipped: list[dict], requested: int, split: str, epoch: int) -> None:
+        if split == "train":
+            self.samples_read += requested
+            self.samples_skipped += len(skipped)
+        if not skipped:
+            return
+        for item in skipped:
+            self.skip_counts[(split, item["reason"])] += 1
+        if self.skip_dir is not None:
+            self.skip_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.skip_dir / f"rank{self._rank()}.jsonl", "a", encoding="utf-8") as fh:
+                for item in skipped:
+                    fh.write(json.dumps({"split": split, "epoch": epoch, **item}) + "\n")
+        for item in skipped:
+            # The first few per rank are worth a line each; the rest are in the skip list and the summary.
+            self._warned += 1
+            level = logging.WARNING if self._warned <= WARN_FIRST else logging.DEBUG
+            log.log(level, "skipped %s sample %s: %s (%s)%s", split, item["key"], item["reason"], item["detail"],
+                    f"; further skips are listed in {self.skip_dir} only" if self._warned == WARN_FIRST else "")
+        fraction = self.samples_skipped / max(1, self.samples_read)
+        if split == "train" and self.samples_read >= 100 and fraction > self.cfg.max_bad_fraction:
+            raise TooManyBadSamples(
+                f"{self.cfg.input}: {self.samples_skipped} of the {self.samples_read} training samples read on rank "
+                f"{self._rank()} were unusable ({fraction:.2%} > data.max_bad_fraction={self.cfg.max_bad_fraction}); "
+                f"see {self.skip_dir or 'the log'} for which and why")
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "world_size": self._world_size(),
+                "batch_size": int(self.cfg.batch_size),
+                "fingerprint": self.index.fingerprint if self.index is not None else None,
+                "train_samples": int(len(self.train_ids)) if self.train_ids is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        problems = []
+        if self.index is not None and state.get("fingerprint") not in (None, self.index.fingerprint):
+            problems.append(f"the data differs (index fingerprint {state['fingerprint'][:12]}... in the checkpoint, "
+                            f"{self.index.fingerprint[:12]}... now)")
+        if self.train_ids is not None and state.get("train_samples") not in (None, len(self.train_ids)):
+            problems.append(f"the training set has {len(self.train_ids)} samples, the checkpoint's had "
+                            f"{state['train_samples']}")
+        for key, now in (("world_size", self._world_size()), ("batch_size", int(self.cfg.batch_size))):
+            if state.get(key) not in (None, now):
+                problems.append(f"{key} is {now}, the checkpoint's run had {state[key]}")
+        if problems:
+            raise ResumeMismatchError("cannot resume exactly: " + "; ".join(problems) +
+                                      ". Resume with the same data and ranks, or start a new run (another run.name).")
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state["batches_done"])
+        self._resume = (self.epoch, self.batches_done)
+        self._trained_any = True
+
+    # ------------------------------------------------------------------ info
+    def describe(self) -> str:
+        if self.index is None:
+            return "data not set up"
+        s = self.index.stats
+        return (f"edit triplets {self.cfg.input}: {s.rows_read} rows in {s.files} files, {s.kept} kept "
+                f"({s.empty_instructions} empty instructions, {s.empty_prompts} empty prompts, "
+                f"{s.placeholder_in_text} with an image placeholder dropped); train {len(self.train_ids)}, "
+                f"held-out {s.heldout} ({len(self.val_ids)} for val/loss); {self.steps_per_epoch} batches/epoch at "
+                f"{self.cfg.batch_size} x {self._world_size()} ranks; fingerprint {self.index.fingerprint[:12]}")
+
+
+def skip_summary(skip_dir: Path) -> dict[str, dict[str, int]]:
+    """``{split: {reason: count}}`` over every rank's skip list; an entry counts once per split,
+    epoch and key (batches re-read after a resume are listed again), held-out ones once per key."""
+    seen: set = set()
+    counts: dict[str, Counter] = {"train": Counter(), "heldout": Counter()}
+    for path in sorted(Path(skip_dir).glob("rank*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            ident = (item["split"], item["epoch"] if item["split"] == "train" else 0, item["key"])
+            if ident in seen:
+                continue
+            seen.add(ident)
+            counts.setdefault(item["split"], Counter())[item["reason"]] += 1
+    return {split: dict(c) for split, c in counts.items()}
+
+
+def write_sample_record(path: Path, index: TripletIndex, encoder: SampleEncoder) -> Path:
+    """``samples.parquet``: per kept triplet its key, parquet file / row group / row, split and the
+    index of the question it is asked with (a pure function of the key and the question set, so the
+    record is the same on every rank and in every resume), plus the question set's sha256."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..atomic import atomic_path
+
+    questions = encoder.questions
+    table = pa.table({
+        "key": pa.array(index.keys, pa.string()),
+        "file": pa.array([Path(index.files[i]).name for i in index.file_index.tolist()], pa.string()),
+        "row_group": pa.array(index.row_group, pa.int32()),
+        "row": pa.array(index.row, pa.int64()),
+        "heldout": pa.array(index.heldout, pa.bool_()),
+        "question_index": pa.array([questions.index_for(k) for k in index.keys], pa.int32()),
+    }).replace_schema_metadata({"questions_sha256": questions.sha256, "questions_name": questions.name,
+                                "fingerprint": index.fingerprint})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path

@@ -1,0 +1,113 @@
+"""Export a finetuned MLLM as a folder ``img-preprocess`` loads directly (``encoders.mllm.path``).
+
+The folder is what transformers' ``save_pretrained`` writes for the model class (llava-hf
+``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``: ``config.json``,
+safetensors shards, ``generation_config.json``) plus the base model's processor, and the manifest
+``img_finetune.json`` (:mod:`.manifest`) with the sha256 of every weight file. It is written into
+a hidden temporary folder and renamed when complete, so a reader never sees half an export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from ..models import resolve_dtype
+from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_model(model: torch.nn.Module, processor: Any, out_dir: str | Path, manifest: Mapping[str, Any],
+                 dtype: str = "bfloat16", state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Write ``model`` (a plain transformers model; LoRA already merged) with ``processor`` and the
+    manifest into ``out_dir``. ``state_dict``: the full weights when the model's own are sharded
+    (FSDP gathers them on rank 0). Returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    target = resolve_dtype(dtype)
+    source = state_dict if state_dict is not None else model.state_dict()
+    weights = {k: (v.detach().to(target) if v.is_floating_point() else v.detach()) for k, v in source.items()}
+    config = model.config
+    use_cache = getattr(config, "use_cache", None)
+    try:
+        config.use_cache = True  # training turned it off; generation and feature extraction want it
+        config.dtype = target
+        text_config = getattr(config, "text_config", None)
+        if text_config is not None:
+            text_config.use_cache = True
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True, max_shard_size="5GB")
+        processor.save_pretrained(tmp)
+        files = sorted(p.name for p in tmp.glob("*.safetensors"))
+        full = {**manifest, "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dtype": dtype,
+                "weights": {name: file_sha256(tmp / name) for name in files}}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        config.use_cache = use_cache
+    return out_dir
+
+
+def plain_model(config: Any, backend: str, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain transformers model of ``backend`` holding ``state`` (built on the meta device, the
+    tensors assigned, not copied): what FSDP's gathered weights are saved from, instead of the
+    wrapped training module."""
+    import transformers
+
+    from ..encoders.mllm import BACKENDS
+
+    with torch.device("meta"):
+        model = getattr(transformers, BACKENDS[backend][0])._from_config(config)
+    missing, unexpected = model.load_state_dict(dict(state), strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"the gathered weights do not fit {BACKENDS[backend][0]}: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    return model
+
+
+def full_state_dict_fsdp(fsdp_module: torch.nn.Module, prefix: str = "model.") -> Optional[dict[str, torch.Tensor]]:
+    """Gather the full weights of an FSDP-wrapped LightningModule onto rank 0's CPU (every rank
+    must call this; others get None). Keys lose the LightningModule's ``prefix``."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(fsdp_module, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        state = fsdp_module.state_dict()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_sharded_checkpoint(module: torch.nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load the model weights of a Lightning FSDP *sharded* checkpoint directory into an unwrapped
+    module in one process (``torch.distributed.checkpoint`` reshards); returns the metadata
+    (``meta.pt``, read with ``weights_only``)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    state = {"model": module.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    module.load_state_dict(state["model"], strict=True)
+    meta = path / "meta.pt"
+    return torch.load(meta, map_location="cpu", weights_only=True) if meta.is_file() else {}

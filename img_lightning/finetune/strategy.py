@@ -1,0 +1,67 @@
+"""The distributed strategy of a finetuning run.
+
+* ``full`` + ``trainer.strategy: fsdp`` (the 13B recipe): Lightning's ``FSDPStrategy`` with the
+  language model's decoder layers (and the vision tower's blocks) as auto-wrap units, the chosen
+  sharding (FULL_SHARD: parameters, gradients and AdamW states split over all ranks), activation
+  checkpointing of every decoder layer, bf16 compute over float32 shards (``bf16-mixed``) and
+  sharded checkpoints (each rank writes its own shard; no rank ever gathers 13B parameters to save).
+* ``lora`` (or a model that fits per GPU): DDP; the frozen base is replicated in ``mllm.dtype``,
+  only adapters and projector are all-reduced; gradient checkpointing via transformers.
+
+The layer classes are read from the model itself (built on the meta device from its config, no
+weights), so a llava-hf folder around another language model gets that model's layer class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def layer_classes(mllm_cfg: Any) -> tuple[set[type[nn.Module]], set[type[nn.Module]]]:
+    """``(decoder layer classes, vision block classes)`` of the configured MLLM, from its config."""
+    import transformers
+    from transformers import AutoConfig
+
+    from ..encoders.mllm import BACKENDS, mllm_folder
+    from .model import decoder_layer_classes, vision_layer_classes
+
+    backend = str(mllm_cfg.backend)
+    config = AutoConfig.from_pretrained(mllm_folder(mllm_cfg, key="mllm"))
+    with torch.device("meta"):
+        skeleton = getattr(transformers, BACKENDS[backend][0])._from_config(config)
+    return decoder_layer_classes(skeleton), vision_layer_classes(skeleton, backend)
+
+
+def build_strategy(cfg: Any) -> Any:
+    """The Lightning strategy for ``cfg`` (a string for Lightning's defaults, else a strategy object)."""
+    kind = str(getattr(cfg.trainer.strategy, "value", cfg.trainer.strategy))
+    if kind == "fsdp":
+        return fsdp_strategy(cfg)
+    if kind == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # Every trainable weight gets a gradient every step (frozen ones are not tracked by DDP).
+        return DDPStrategy(find_unused_parameters=False)
+    return "auto"
+
+
+def fsdp_strategy(cfg: Any) -> Any:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    method = str(getattr(cfg.finetune.method, "value", cfg.finetune.method))
+    if method != "full":
+        raise ValueError(f"trainer.strategy=fsdp is for finetune.method=full (got {method}); LoRA runs under ddp")
+    decoder, vision = layer_classes(cfg.mllm)
+    f = cfg.fsdp
+    return FSDPStrategy(
+        auto_wrap_policy=decoder | vision,
+        activation_checkpointing_policy=decoder if cfg.finetune.gradient_checkpointing else None,
+        sharding_strategy=str(getattr(f.sharding_strategy, "value", f.sharding_strategy)),
+        state_dict_type=str(getattr(f.state_dict_type, "value", f.state_dict_type)),
+        cpu_offload=bool(f.cpu_offload),
+        limit_all_gathers=bool(f.limit_all_gathers),
+        use_orig_params=True,  # frozen tower + trainable parts, named param groups
+    )

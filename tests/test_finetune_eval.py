@@ -1,0 +1,179 @@
+"""``img-finetune-mllm eval``: text metrics, the LLM judge's request/parse logic (injected transport and
+a local stand-in server), the SEED-Data-Edit reader, and an evaluation run on the tiny LLaVA."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from finetune_utils import tiny_finetune_config
+from img_lightning.config.finetune_mllm import JudgeConfig
+from img_lightning.finetune.judge import Judge, JudgeError, parse_verdict
+from img_lightning.finetune.metrics import aggregate, exact_match, lcs_length, rouge_l, token_f1
+from img_lightning.finetune.seed_edit import SeedEditFormatError, read_seed_edit_sample
+
+
+def test_metrics_by_hand():
+    assert exact_match("Make the square red.", "make the square red") == 1.0  # case, punctuation
+    assert exact_match("make square red", "make the square red") == 1.0  # articles
+    assert exact_match("make it blue", "make the square red") == 0.0
+    # token F1: pred {make, it, red} vs ref {make, square, red} (articles dropped): 2 common
+    assert token_f1("make it red", "make the square red") == pytest.approx(2 / 3)
+    assert lcs_length("a b c d".split(), "a c x d".split()) == 3
+    # ROUGE-L keeps articles: pred [make the circle red] vs ref [make the square red]: LCS 3, P = R = 3/4
+    assert rouge_l("make the circle red", "make the square red") == pytest.approx(0.75)
+    # P = 2/2, R = 2/4 -> F = 2/3
+    assert rouge_l("make red", "make the square red") == pytest.approx(2 / 3)
+    assert rouge_l("", "") == token_f1("", "") == 1.0 and rouge_l("", "x") == token_f1("x", "") == 0.0
+    agg = aggregate([{"rouge_l": 1.0, "token_f1": 0.5, "exact_match": 0.0},
+                     {"rouge_l": 0.0, "token_f1": 0.5, "exact_match": 1.0}])
+    assert agg == {"rouge_l": 0.5, "token_f1": 0.5, "exact_match": 0.5, "n": 2}
+
+
+def _judge_cfg(**kw):
+    return OmegaConf.structured(JudgeConfig(enabled=True, **kw))
+
+
+def test_judge_request_and_parse_with_an_injected_transport(monkeypatch):
+    calls = []
+
+    def transport(url, payload, headers, timeout):
+        calls.append((url, payload, headers, timeout))
+        return {"choices": [{"message": {"content": "Yes." if "red" in payload["messages"][0]["content"] else "no"}}]}
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test")
+    judge = Judge(_judge_cfg(endpoint="http://judge.invalid/v1/", model="m1", api_key_env="MY_JUDGE_KEY"), transport)
+    verdict = judge.ask("make the square red", "paint the square red")
+    assert verdict.consistent is True and verdict.reply == "Yes."
+    url, payload, headers, timeout = calls[0]
+    assert url == "http://judge.invalid/v1/chat/completions" and headers == {"Authorization": "Bearer sk-test"}
+    content = payload["messages"][0]["content"]
+    assert "make the square red" in content and "paint the square red" in content and "yes or no" in content
+    assert payload["model"] == "m1" and payload["temperature"] == 0
+    assert judge.ask("make it blue", "add a dog").consistent is False
+    assert [parse_verdict(t) for t in ("YES", "no, because", "Maybe", "")] == [True, False, None, None]
+    with pytest.raises(JudgeError, match="chat completion"):
+        Judge(_judge_cfg(), lambda *a: {"unexpected": 1}).ask("a", "b")
+
+
+class _StandIn(BaseHTTPRequestHandler):
+    replies = []
+    seen = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _StandIn.seen.append((self.path, body))
+        status, text = _StandIn.replies.pop(0)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        if status == 200:
+            self.wfile.write(json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_judge_against_a_local_stand_in_server_retries_server_errors():
+    server = HTTPServer(("127.0.0.1", 0), _StandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_port}/v1"
+        _StandIn.replies[:] = [(503, ""), (200, "yes")]
+        judge = Judge(_judge_cfg(endpoint=endpoint, api_key_env=None, max_retries=2), sleep=lambda s: None)
+        assert judge.ask("make it red", "turn it red").consistent is True
+        assert [p for p, _ in _StandIn.seen] == ["/v1/chat/completions"] * 2
+        _StandIn.replies[:] = [(400, "")]
+        with pytest.raises(JudgeError, match="HTTP 400"):
+            judge.ask("a", "b")
+    finally:
+        server.shutdown()
+
+
+def _image(path, colour=(200, 0, 0)):
+    Image.new("RGB", (24, 24), colour).save(path)
+    return path
+
+
+def test_seed_data_edit_reader_aliases_missing_images_and_errors(tmp_path):
+    (tmp_path / "img").mkdir()
+    _image(tmp_path / "img" / "a.jpg")
+    _image(tmp_path / "img" / "b.png", (0, 0, 200))
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"not an image")
+    lines = [
+        {"id": "case-a", "source_image": "img/a.jpg", "target_prompt": "a blue square", "instruction": "make it blue"},
+        {"input_image": str(tmp_path / "img" / "b.png"), "edited_prompt": "a red square", "edit_instruction": "red"},
+        {"source_image": "img/missing.jpg", "target_prompt": "x", "instruction": "y"},
+        {"source_image": "img/broken.jpg", "target_prompt": "x", "instruction": "y"},
+        {"source_image": "img/a.jpg", "target_caption": "a dog", "instruction_1": "add a dog", "edit_image_1": "z"},
+    ]
+    sample = tmp_path / "seed.jsonl"
+    sample.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cases, skipped = read_seed_edit_sample(sample)
+    assert [c.key for c in cases] == ["case-a", "seed.jsonl:2", "seed.jsonl:5"]
+    assert [(c.prompt, c.reference) for c in cases] == [("a blue square", "make it blue"), ("a red square", "red"),
+                                                        ("a dog", "add a dog")]
+    assert skipped == {"missing_image": 1, "corrupt_image": 1} and cases[0].image.size == (24, 24)
+    assert len(read_seed_edit_sample(sample, limit=1)[0]) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"source_image": "img/a.jpg", "instruction": "x"}) + "\n")
+    with pytest.raises(SeedEditFormatError, match=r"bad.jsonl:1: no target prompt.*target_prompt"):
+        read_seed_edit_sample(bad)
+
+
+def test_eval_writes_metrics_page_and_answers_batched_like_single(tmp_path, tiny_llava_dir):
+    from img_lightning.cli.finetune_mllm import main
+    from img_lightning.finetune.evaluate import generate_answers, run_eval
+    from img_lightning.finetune.samples import SampleEncoder
+    from img_lightning.finetune.seed_edit import EvalCase
+    from preprocessing.demo_data import write_edit_triplets_parquet
+
+    data = tmp_path / "t.parquet"
+    write_edit_triplets_parquet(data, 40, seed=4)
+    # the base model stands in for the finetuned export (the page and metrics are what is tested here)
+    cfg = tiny_finetune_config(data, tiny_llava_dir, tmp_path, "ev", **{"eval.finetuned": str(tiny_llava_dir),
+                                                                       "eval.judge.enabled": True})
+    verdicts = iter(["yes", "yes", "no", "no"] * 100)  # per case: base, finetuned
+    result = run_eval(cfg, judge_transport=lambda *a: {"choices": [{"message": {"content": next(verdicts)}}]})
+    metrics = json.loads((result.out_dir / "metrics.json").read_text())
+    assert set(metrics) == {"base", "finetuned"}
+    for m in metrics.values():
+        assert {"rouge_l", "token_f1", "exact_match", "n"} <= set(m) and m["n"] == 6
+        assert 0 <= m["rouge_l"] <= 1 and m["judge_consistent"] == 0.5
+    assert metrics["base"] == metrics["finetuned"]  # the same weights answer the same
+    page = (result.out_dir / "index.html").read_text()
+    assert page.count("<img ") == 6 and "reference instruction" in page
+    answers = [json.loads(x) for x in (result.out_dir / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 6 and {"base", "finetuned", "reference", "prompt"} <= set(answers[0])
+    assert answers[0]["base"]["question"].endswith("?") or answers[0]["base"]["question"].endswith(".")
+
+    # batched greedy generation (left padding) answers exactly as one case at a time
+    import transformers
+
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).eval()
+    encoder = SampleEncoder.from_config(cfg.mllm)
+    colours = [(200, 0, 0), (0, 0, 200), (0, 150, 0)]
+    cases = [EvalCase(f"k{i}", Image.new("RGB", (40, 28 + 8 * i), c), p, "r")
+             for i, (c, p) in enumerate(zip(colours, ["a red square", "a large blue circle on a white background",
+                                                       "green"]))]
+    batched = generate_answers(model, encoder, cases, batch_size=3, max_new_tokens=8)
+    single = [generate_answers(model, encoder, [c], batch_size=1, max_new_tokens=8)[0] for c in cases]
+    assert [b["text"] for b in batched] == [s["text"] for s in single]
+
+    # SEED-Data-Edit source through the CLI; a missing eval.input is one clear error
+    Image.new("RGB", (30, 30), (10, 200, 10)).save(tmp_path / "s.jpg")
+    (tmp_path / "seed.jsonl").write_text(json.dumps({"source_image": "s.jpg", "target_prompt": "a green square",
+                                                     "instruction": "make the square green"}) + "\n")
+    base_args = [f"mllm.path={tiny_llava_dir}", "mllm.dtype=float32", "mllm.device=cpu", "mllm.prompt_format=llava_v0",
+                 f"data.input={data}", f"run.root={tmp_path}", "run.name=ev", f"eval.finetuned={tiny_llava_dir}",
+                 "eval.max_new_tokens=4", "eval.source=seed_data_edit"]
+    assert main(["eval", "-q", *base_args, f"eval.input={tmp_path / 'seed.jsonl'}",
+                 f"eval.output={tmp_path / 'seed'}"]) == 0
+    assert json.loads((tmp_path / "seed" / "metrics.json").read_text())["finetuned"]["n"] == 1
+    assert main(["eval", *base_args]) == 2
