@@ -142,7 +142,8 @@ def test_qwen_trains_and_exports_with_its_chat_template(triplets, tiny_qwen_dir,
 def test_export_feeds_img_preprocess_and_joins_the_cache_key(triplets, tiny_llava_dir, tiny_ip_adapter_dir, tmp_path):
     from img_lightning.cache.reader import CacheView
     from img_lightning.config.loading import load_config
-    from img_lightning.config.preprocess import PreprocessConfig, cache_key_of
+    from img_lightning.config.preprocess import PreprocessConfig
+    from img_lightning.recipe import cache_key_of
     from img_lightning.finetune.offline import export_checkpoint
     from preprocessing.cli import main as preprocess_main
     from preprocessing.demo_data import write_demo_parquet
