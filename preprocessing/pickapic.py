@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from img_lightning.errors import UserError
+from img_lightning.parquet_files import find_parquet_files
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +102,7 @@ def list_parquet_files(spec: str, split: Optional[str] = None) -> list[str]:
     For a directory, files of ``split`` (Pick-a-Pic names them ``{split}-NNNNN-of-MMMMM-*.parquet``)
     are selected when there are any, so pointing at the downloaded repository just works.
     """
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return [str(path)]
-    if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*.parquet"))
-        if split:
-            of_split = [f for f in files if Path(f).name.startswith(f"{split}-")]
-            files = of_split or files
-    else:
-        files = sorted(glob.glob(str(path), recursive=True))
-        files = [f for f in files if Path(f).is_file()]
+    files = [str(f) for f in find_parquet_files(spec, split)]
     if not files:
         raise ReaderError(f"data.input={spec!r} matches no parquet file (give a file, a directory or a glob)")
     return files

@@ -31,6 +31,7 @@ from ..cache.reader import CacheView
 from ..errors import UserError
 from .loader import ThreadedBatchLoader
 from .plan import ResumableBatchSampler
+from .position import DataPosition
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
         self.train_ids: Optional[np.ndarray] = None
         self.val_ids: Optional[np.ndarray] = None
         # Training position: last (epoch, batches done) handed to the training step.
-        self.epoch = 0
-        self.batches_done = 0
-        self._resume: Optional[tuple[int, int]] = None
-        self._trained_any = False
+        self.position = DataPosition()  # checkpointed: what exact resume restarts from
         self.bad_samples = 0
         self.train_loader: Optional[ThreadedBatchLoader] = None
 
@@ -193,19 +191,11 @@ class FeatureCacheDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ resume state
     def _next_pass(self) -> tuple[int, int]:
         """``(epoch, first batch)`` of a new training pass over the data."""
-        if self._resume is not None:
-            epoch, done = self._resume
-            self._resume = None
-            per_epoch = len(self.train_ids) // (self.cfg.batch_size * self._world_size())
-            return (epoch, done) if done < per_epoch else (epoch + 1, 0)
-        # A new pass follows the epoch of the last batch trained on (stable if iter() is called twice).
-        return (self.epoch + 1, 0) if self._trained_any else (0, 0)
+        return self.position.next_pass(len(self.train_ids) // (self.cfg.batch_size * self._world_size()))
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and "position" in batch:
-            self.epoch = int(batch["epoch"])
-            self.batches_done = int(batch["position"]) + 1
-            self._trained_any = True
+            self.position.trained(batch)
             self._account_bad(int(batch["num_bad"]))
         return batch
 
@@ -231,25 +221,18 @@ class FeatureCacheDataModule(L.LightningDataModule):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        # The position counts batches of one rank: it means the same samples only with the same
-        # global batch, so the layout it was counted in is saved too and checked on resume.
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "bad_samples": self.bad_samples,
-                "world_size": self._world_size(), "batch_size": int(self.cfg.batch_size)}
+        return {**self.position.state(self._world_size(), self.cfg.batch_size), "bad_samples": self.bad_samples}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = (state_dict.get("world_size"), state_dict.get("batch_size"))
-        now = (self._world_size(), int(self.cfg.batch_size))
-        if saved[0] is not None and saved != now:
+        problems = DataPosition.layout_problems(state_dict, self._world_size(), self.cfg.batch_size)
+        if problems:
             raise CacheMismatchError(
-                f"the checkpoint's data position was counted with {saved[0]} ranks x batch {saved[1]}, this run has "
-                f"{now[0]} x {now[1]}: resuming would train on other samples than the interrupted run. Resume with "
-                f"the same number of processes and data.batch_size, or start a new run."
+                f"the checkpoint's data position was counted under another layout ({'; '.join(problems)}): resuming "
+                f"would train on other samples than the interrupted run. Resume with the same number of processes "
+                f"and data.batch_size, or start a new run."
             )
-        self.epoch = int(state_dict["epoch"])
-        self.batches_done = int(state_dict["batches_done"])
+        self.position.restore(state_dict)
         self.bad_samples = int(state_dict.get("bad_samples", 0))
-        self._resume = (self.epoch, self.batches_done)
-        self._trained_any = True
 
     # ------------------------------------------------------------------ info
     def describe(self) -> str:

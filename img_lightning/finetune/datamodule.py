@@ -25,6 +25,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..data.position import DataPosition
 from ..errors import UserError
 from .loader import TripletBatchLoader
 from .plan import EvalPlan, TrainPlan
@@ -61,10 +62,7 @@ class EditTripletDataModule(L.LightningDataModule):
         self.images: Optional[RowGroupImages] = None
         self.train_ids: Optional[np.ndarray] = None
         self.val_ids: Optional[np.ndarray] = None
-        self.epoch = 0
-        self.batches_done = 0
-        self._resume: Optional[tuple[int, int]] = None
-        self._trained_any = False
+        self.position = DataPosition()  # checkpointed: what exact resume restarts from
         self.samples_read = 0
         self.samples_skipped = 0
         self.skip_counts: Counter = Counter()
@@ -130,11 +128,7 @@ class EditTripletDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ position and skips
     def _next_pass(self) -> tuple[int, int]:
         """``(epoch, first batch)`` of a new training pass."""
-        if self._resume is not None:
-            epoch, done = self._resume
-            self._resume = None
-            return (epoch, done) if done < self.steps_per_epoch else (epoch + 1, 0)
-        return (self.epoch + 1, 0) if self._trained_any else (0, 0)
+        return self.position.next_pass(self.steps_per_epoch)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
@@ -142,9 +136,7 @@ class EditTripletDataModule(L.LightningDataModule):
             return batch
         training = bool(trainer.training)
         if training:
-            self.epoch = int(batch["epoch"])
-            self.batches_done = int(batch["position"]) + 1
-            self._trained_any = True
+            self.position.trained(batch)
         skipped = batch.pop("skipped", [])
         self._account(skipped, int(batch["num_requested"]), "train" if training else "heldout", int(batch["epoch"]))
         return batch
@@ -177,8 +169,7 @@ class EditTripletDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "world_size": self._world_size(),
-                "batch_size": int(self.cfg.batch_size),
+        return {**self.position.state(self._world_size(), self.cfg.batch_size),
                 "fingerprint": self.index.fingerprint if self.index is not None else None,
                 "train_samples": int(len(self.train_ids)) if self.train_ids is not None else None}
 
@@ -190,16 +181,11 @@ class EditTripletDataModule(L.LightningDataModule):
         if self.train_ids is not None and state.get("train_samples") not in (None, len(self.train_ids)):
             problems.append(f"the training set has {len(self.train_ids)} samples, the checkpoint's had "
                             f"{state['train_samples']}")
-        for key, now in (("world_size", self._world_size()), ("batch_size", int(self.cfg.batch_size))):
-            if state.get(key) not in (None, now):
-                problems.append(f"{key} is {now}, the checkpoint's run had {state[key]}")
+        problems += DataPosition.layout_problems(state, self._world_size(), self.cfg.batch_size)
         if problems:
             raise ResumeMismatchError("cannot resume exactly: " + "; ".join(problems) +
                                       ". Resume with the same data and ranks, or start a new run (another run.name).")
-        self.epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])
-        self._resume = (self.epoch, self.batches_done)
-        self._trained_any = True
+        self.position.restore(state)
 
     # ------------------------------------------------------------------ info
     def describe(self) -> str:

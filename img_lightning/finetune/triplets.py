@@ -23,7 +23,6 @@ its three texts (the dataset repeats a text triplet with several generated image
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import logging
@@ -37,6 +36,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..parquet_files import find_parquet_files
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,7 @@ class TripletDataError(UserError, ValueError):
 
 def list_parquet_files(spec: str | Path) -> list[Path]:
     """A parquet file, a directory (every ``*.parquet`` below it) or a glob -> sorted files."""
-    text = str(Path(str(spec)).expanduser())
-    path = Path(text)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-    else:
-        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+    files = find_parquet_files(spec)
     if not files:
         raise TripletDataError(f"data.input={spec}: no parquet files found (give a file, a directory of *.parquet "
                                f"or a glob; the InstructPix2Pix set: hf download "
