@@ -10,22 +10,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from .aligner import ImplicitAligner
+from .config.loading import to_container
 from .cache.quant import dequantize_batch
 from .errors import NonFiniteError
 from .log_steps import is_logging_step
-from .objective import REDUCTIONS, preference_objective, squared_distance
+from .objective import preference_objective, squared_distance
 
 _TRAIN_LOGS = ("loss", "base", "pref", "dpo_margin", "spin_margin", "implicit_acc", "ref_acc")
-
-
-def _plain(block: Any) -> dict:
-    """A config block as a plain dict (checkpoints must load with ``weights_only=True``)."""
-    return OmegaConf.to_container(block, resolve=True) if isinstance(block, DictConfig) else dict(block)
 
 
 def _build_aligner(model_cfg: Any, seed: int) -> ImplicitAligner:
@@ -52,14 +48,11 @@ class AlignerModule(L.LightningModule):
         when a checkpoint is loaded (its weights win anyway).
         """
         super().__init__()
-        self.save_hyperparameters({"model": _plain(model), "objective": _plain(objective),
-                                   "reference": _plain(reference), "optim": _plain(optim), "seed": int(seed)})
+        self.save_hyperparameters({"model": to_container(model), "objective": to_container(objective),
+                                   "reference": to_container(reference), "optim": to_container(optim),
+                                   "seed": int(seed)})
         model, objective, reference, optim = (OmegaConf.create(self.hparams[k])
                                               for k in ("model", "objective", "reference", "optim"))
-        if objective.reduction not in REDUCTIONS:
-            raise ValueError(f"objective.reduction must be one of {REDUCTIONS}, got {objective.reduction!r}")
-        if reference.init not in ("random", "copy"):
-            raise ValueError(f"reference.init must be 'random' or 'copy', got {reference.init!r}")
         self.model_cfg, self.objective_cfg, self.reference_cfg, self.optim_cfg = model, objective, reference, optim
         self.aligner = _build_aligner(model, seed)
         self.reference = _build_aligner(model, reference.seed)

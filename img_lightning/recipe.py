@@ -36,7 +36,7 @@ def recipe_of_encoders(cfg: Any) -> dict:
     mllm.update(export_recipe(cfg.mllm))
     return {
         "mllm": mllm,
-        "ip": {k: cfg.ip[k] for k in IPEncoderConfig.recipe_fields},
+        "ip": {k: _plain(cfg.ip[k]) for k in IPEncoderConfig.recipe_fields},
     }
 
 

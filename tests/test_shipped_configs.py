@@ -143,10 +143,11 @@ def _check_config(cfg):
 
     from img_lightning.errors import Problems
     from img_lightning.evaluation.scorers import check_scorers
-    from img_lightning.generation.requirements import PIPELINE_KINDS, check_generation_config
+    from img_lightning.config.eval import PipelineKind
+    from img_lightning.generation.requirements import check_generation_config
 
     check_generation_config(cfg)
-    assert cfg.generation.pipeline.kind in PIPELINE_KINDS
+    assert isinstance(cfg.generation.pipeline.kind, PipelineKind)
     as_recipe = load_config(PreprocessConfig, [], require_complete=False)
     as_recipe.encoders = cfg.encoders
     validate_config(as_recipe)

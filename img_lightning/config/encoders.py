@@ -10,11 +10,27 @@ manifest's sha256). ``recipe_fields`` lists the identity fields of each block;
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Optional
 
+from .choices import Choice, Dtype
 
-class PromptFormat(str, Enum):
+
+class MLLMBackend(Choice):
+    llava = "llava"  # LLaVA-1.5 (llava-hf format; convert original-format folders with img-convert-llava)
+    qwen2_5_vl = "qwen2_5_vl"
+
+
+class ImageMode(Choice):
+    pad = "pad"  # LLaVA-1.5's pad-to-square with the processor's mean colour, then the processor
+    processor = "processor"  # the HF processor as is (Qwen2.5-VL's native behaviour)
+
+
+class IPKind(Choice):
+    sdxl_plus = "sdxl_plus"  # IP-Adapter-Plus SDXL: CLIP ViT-H penultimate states -> resampler -> [16, 2048]
+    flux_xlabs = "flux_xlabs"  # XLabs FLUX IP-Adapter v1: CLIP ViT-L/14 embedding -> [4, 4096]
+
+
+class PromptFormat(Choice):
     """How the MLLM's question is wrapped (the formats: :mod:`img_lightning.encoders.conversation`)."""
 
     auto = "auto"  # llava_v1 for LLaVA, chat_template otherwise
@@ -25,18 +41,18 @@ class PromptFormat(str, Enum):
 
 @dataclass
 class MLLMConfig:
-    backend: str = "llava"  # "llava" (LLaVA-1.5, llava-hf) | "qwen2_5_vl"
+    backend: MLLMBackend = MLLMBackend.llava
     model: str = "llava-hf/llava-1.5-13b-hf"  # Hugging Face id: the model's identity
     revision: Optional[str] = None
     path: Optional[str] = None  # local directory to load from instead of the HF cache
     layer: int = -1  # index into hidden_states (-1 = last layer, as in the paper)
-    dtype: str = "bfloat16"  # compute dtype of the MLLM
+    dtype: Dtype = Dtype.bfloat16  # compute dtype of the MLLM
     templates: str = "img-v1"  # built-in question set (demo, tests); unused when `questions` is set
     # Question file: a JSON list of strings, each with {prompt} exactly once (the released IMG
     # models: assets/edit_instructions.json of the authors' GitHub repository). Its sha256, not its
     # path, is part of the cache key. None: the built-in set named by `templates`.
     questions: Optional[str] = None
-    image_mode: str = "pad"  # "pad": LLaVA-1.5's pad-to-square; "processor": the HF processor as is
+    image_mode: ImageMode = ImageMode.pad
     # How the question is wrapped (img_lightning/encoders/conversation.py): "llava_v0" = LLaVA's v0
     # conversation ("{system}###Human: <image>\n{q}###Assistant:", what the released IMG code feeds
     # its finetuned LLaVA); "llava_v1" = LLaVA-1.5's own ("{system} USER: <image>\n{q} ASSISTANT:");
@@ -57,7 +73,7 @@ class MLLMConfig:
 
 @dataclass
 class IPEncoderConfig:
-    kind: str = "sdxl_plus"  # "sdxl_plus" (IP-Adapter-Plus SDXL, ViT-H) | "flux_xlabs"
+    kind: IPKind = IPKind.sdxl_plus
     image_encoder: str = "h94/IP-Adapter"  # HF id of the CLIP vision tower
     image_encoder_subfolder: str = "models/image_encoder"
     adapter: str = "h94/IP-Adapter"  # HF id holding the adapter checkpoint
@@ -66,7 +82,7 @@ class IPEncoderConfig:
     revision: Optional[str] = None
     image_encoder_path: Optional[str] = None  # local overrides (not part of the cache key)
     adapter_path: Optional[str] = None
-    dtype: str = "float16"
+    dtype: Dtype = Dtype.float16
     device: str = "auto"
     batch_size: int = 16
 

@@ -11,11 +11,13 @@ inference features come from exactly the training-time settings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Optional
 
+from .choices import Choice, Dtype
+from .encoders import EncodersConfig, MLLMConfig
 
-class FluxShift(Enum):
+
+class FluxShift(Choice):
     """How FLUX's timestep shift ``mu`` is computed (the schedule is ``exp(mu)/(exp(mu)+1/t-1)``)."""
 
     # XLabs' x-flux sampler (the released IMG FLUX demo): mu from (W // 8) * (H // 8) // 256,
@@ -25,7 +27,18 @@ class FluxShift(Enum):
     diffusers = "diffusers"
 
 
-class NegativeIPImage(Enum):
+class PipelineKind(Choice):
+    sdxl = "sdxl"  # StableDiffusionXLPipeline (SDXL, SDXL-DPO with another UNet)
+    flux = "flux"  # FLUX.1 with XLabs' IP-Adapter and sampler
+
+
+class ImageFormat(Choice):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+
+
+class NegativeIPImage(Choice):
     """Which image gives the negative (unconditional) IP tokens of the re-generation."""
 
     auto = "auto"  # the released choice for the IP encoder: sdxl_plus -> zero_pixels, flux_xlabs -> black
@@ -33,7 +46,6 @@ class NegativeIPImage(Enum):
     zero_pixels = "zero_pixels"
     black = "black"  # a black RGB image through the CLIP processor (XLabs' FLUX demo, diffusers' FluxPipeline)
 
-from .encoders import EncodersConfig, MLLMConfig
 
 
 @dataclass
@@ -74,7 +86,7 @@ class BaseImageConfig:
 
 @dataclass
 class PipelineConfig:
-    kind: str = "sdxl"  # sdxl | flux
+    kind: PipelineKind = PipelineKind.sdxl
     model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     path: Optional[str] = None  # local copy of `model`
     revision: Optional[str] = None
@@ -83,7 +95,7 @@ class PipelineConfig:
     unet: Optional[str] = None
     unet_path: Optional[str] = None
     unet_subfolder: Optional[str] = None
-    dtype: str = "float16"
+    dtype: Dtype = Dtype.float16
     device: str = "auto"
     cpu_offload: bool = False  # enable_model_cpu_offload (saves GPU memory, slower)
     batch_size: int = 4
@@ -134,10 +146,10 @@ class GenerationConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     base: BaseImageConfig = field(default_factory=BaseImageConfig)
-    image_format: str = "png"
+    image_format: ImageFormat = ImageFormat.png
 
 
-class ImageBackend(str, Enum):
+class ImageBackend(Choice):
     """Image-processing backend of transformers processors. ``pil`` is what the scorers' reference
     code ran (transformers' "slow" processors); transformers 5 defaults to ``torchvision``, whose
     resampling differs slightly, so the backend is pinned rather than left to the installed version."""
@@ -185,7 +197,7 @@ class ScorerConfig:
     rubric: Optional[str] = None  # default: configs/eval/rubrics/diffusion_sharpening.yaml
     max_new_tokens: int = 512
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     batch_size: int = 16
 
 

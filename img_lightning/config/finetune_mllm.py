@@ -14,41 +14,41 @@ exactly the text, token ids and pixels it is later read with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Optional
 
+from .choices import Choice, Dtype
 from .checks import at_least, betas, between, non_negative, one_of, optional, positive, steps_limit
 from .encoders import MLLMConfig
 
 
-class FinetuneMethod(str, Enum):
+class FinetuneMethod(Choice):
     full = "full"  # projector + language model, all weights (LLaVA-1.5's finetune; FSDP for 13B)
     lora = "lora"  # LoRA on the language model's linear layers + the full projector (DDP)
 
 
-class StrategyKind(str, Enum):
+class StrategyKind(Choice):
     auto = "auto"  # Lightning's choice (one device: none; several: DDP)
     ddp = "ddp"
     fsdp = "fsdp"  # Lightning's FSDPStrategy: decoder layers auto-wrapped, sharded checkpoints
 
 
-class Schedule(str, Enum):
+class Schedule(Choice):
     cosine = "cosine"
     constant = "constant"
 
 
-class ShardingStrategy(str, Enum):
+class ShardingStrategy(Choice):
     FULL_SHARD = "FULL_SHARD"  # parameters, gradients and optimizer states sharded (ZeRO-3)
     SHARD_GRAD_OP = "SHARD_GRAD_OP"  # gradients and optimizer states (ZeRO-2)
     HYBRID_SHARD = "HYBRID_SHARD"  # FULL_SHARD inside a node, replicated across nodes
 
 
-class StateDictType(str, Enum):
+class StateDictType(Choice):
     sharded = "sharded"  # each rank writes its shard (torch.distributed.checkpoint directory)
     full = "full"  # rank 0 gathers one file (needs the whole model in host memory)
 
 
-class EvalSource(str, Enum):
+class EvalSource(Choice):
     heldout = "heldout"  # the held-out InstructPix2Pix triplets of `data`
     seed_data_edit = "seed_data_edit"  # a SEED-Data-Edit sample file the user gives (eval.input)
 
@@ -147,7 +147,7 @@ class FinetuneRunConfig:
     seed: int = 42  # LoRA initialisation, dropout
     ckpt_path: Optional[str] = None  # "last": resume from the run's newest checkpoint if any
     export: bool = True  # write RUN/export (llava-hf / Qwen folder + img_finetune.json) at the end
-    export_dtype: str = "bfloat16"  # dtype of the exported weights
+    export_dtype: Dtype = Dtype.bfloat16  # dtype of the exported weights
     # torch intra-op threads (None: torch's default). On a small or shared CPU box use 1: with small
     # models, OpenMP threads waiting on a descheduled sibling make each step ~10x slower.
     torch_threads: Optional[int] = None

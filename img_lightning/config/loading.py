@@ -138,7 +138,10 @@ def to_yaml(cfg: Any) -> str:
 
 
 def to_container(cfg: Any) -> dict:
-    """A plain, resolved dict (for hashing and JSON)."""
+    """A plain, resolved dict of plain values (for hashing, JSON, and checkpoints that must load
+    with ``weights_only=True``: enums become their names). A plain mapping is copied as is."""
+    if not OmegaConf.is_config(cfg):
+        return dict(cfg)
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 

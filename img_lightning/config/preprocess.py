@@ -8,20 +8,31 @@ that recipe by :func:`img_lightning.recipe.cache_key_of`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Optional
 
+from .choices import Choice
 from .encoders import EncodersConfig
 
 
-class StoreDtype(Enum):
+class StoreDtype(Choice):
     """16-bit storage dtypes (IP tokens, and guidance unless ``guidance_dtype`` says otherwise)."""
 
     float16 = "float16"
     bfloat16 = "bfloat16"
 
 
-class GuidanceDtype(Enum):
+class Shuffle(Choice):
+    pairs = "pairs"
+    row_groups = "row_groups"
+
+
+class Overlap(Choice):
+    auto = "auto"
+    thread = "thread"
+    inline = "inline"
+
+
+class GuidanceDtype(Choice):
     """Storage of the MLLM guidance, ~98 % of a cache's bytes (see README "Feature cache format")."""
 
     float16 = "float16"
@@ -61,7 +72,7 @@ class CacheLayoutConfig:
     #                 amplification on full Pick-a-Pic (row groups of ~100 pairs).
     #   "row_groups": permute the parquet row groups, then the pairs inside each one. Every row
     #                 group is read once; what the full-dataset configs use.
-    shuffle: str = "pairs"
+    shuffle: Shuffle = Shuffle.pairs
 
 
 @dataclass
@@ -72,7 +83,7 @@ class PreprocessRunConfig:
     prefetch_batches: int = 4  # prepared batches queued ahead of the encoders
     # "auto": prepare the next batches in a background thread when an encoder runs on a GPU,
     # inline on CPU-only runs; "thread" / "inline" force either.
-    overlap: str = "auto"
+    overlap: Overlap = Overlap.auto
     # torch intra-op threads while extracting (None: torch's default). On a shared or small CPU
     # box use 1: with tiny models, OpenMP threads waiting on a descheduled sibling are ~10x slower.
     torch_threads: Optional[int] = None

@@ -11,6 +11,22 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .checks import at_least, betas, between, non_negative, one_of, optional, positive, steps_limit
+from .choices import Choice
+
+
+class Reduction(Choice):
+    mean = "mean"  # ||.||^2 averaged over each sample's elements (see README "Objective")
+    sum = "sum"  # summed: eq. 5 literally with unit-variance Gaussians
+
+
+class ReferenceInit(Choice):
+    random = "random"  # an independent random initialisation (the paper)
+    copy = "copy"  # a copy of f_theta
+
+
+class Schedule(Choice):
+    constant = "constant"  # the paper
+    cosine = "cosine"
 
 
 @dataclass
@@ -34,12 +50,12 @@ class ObjectiveConfig:
     # beta = 1 / (2 sigma^2) of the Gaussian likelihood; see README "Objective" for how it
     # interacts with `reduction` (mean over the 16x2048 elements vs their sum).
     beta: float = 1.0
-    reduction: str = "mean"  # "mean" | "sum" over each sample's elements
+    reduction: Reduction = Reduction.mean
 
 
 @dataclass
 class ReferenceConfig:
-    init: str = "random"  # "random" (paper) | "copy" (start as a copy of f_theta)
+    init: ReferenceInit = ReferenceInit.random
     patience: int = 10  # k: consecutive optimizer steps f_theta must beat f_ref before a swap
     seed: int = 1234  # seed of the independent random initialisation of f_ref
 
@@ -50,7 +66,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    schedule: str = "constant"  # "constant" | "cosine"
+    schedule: Schedule = Schedule.constant
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: Optional[float] = None  # max global grad norm; the paper does not clip
@@ -153,14 +169,11 @@ TrainConfig.CHECKS = {  # type: ignore[attr-defined]  # value ranges, checked at
                                              "num_tokens", "passes")},
     "objective.lambda_pref": non_negative,
     "objective.beta": positive,
-    "objective.reduction": one_of("mean", "sum"),
-    "reference.init": one_of("random", "copy"),
     "reference.patience": at_least(1),
     "optim.lr": positive,
     "optim.weight_decay": non_negative,
     "optim.eps": positive,
     "optim.betas": betas,
-    "optim.schedule": one_of("constant", "cosine"),
     "optim.warmup_steps": non_negative,
     "optim.min_lr_ratio": between(0.0, 1.0),
     "optim.grad_clip": optional(positive),

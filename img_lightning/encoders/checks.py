@@ -59,11 +59,6 @@ def adapter_file(what: str, model_id: str, path: Optional[str], subfolder: str, 
 
 def check_ip_encoder(cfg: Any, problems: Problems, key: str = "encoders.ip") -> Optional[int]:
     """The IP encoder's CLIP tower and adapter file are there; returns its token width."""
-    from .ip import KINDS
-
-    if cfg.kind not in KINDS:
-        problems.add(f"{key}.kind={cfg.kind!r} is not supported; use one of {list(KINDS)}")
-        return None
     problems.check(check_model, "IP image encoder (CLIP vision tower)", cfg.image_encoder, cfg.image_encoder_path,
                    f"{key}.image_encoder_path", revision=cfg.revision, subfolder=cfg.image_encoder_subfolder)
     file = problems.check(adapter_file, "IP-Adapter of the IP encoder", cfg.adapter, cfg.adapter_path,

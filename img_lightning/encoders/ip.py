@@ -170,7 +170,5 @@ class IPEncoder:
 
 
 def build_ip_encoder(cfg: IPEncoderConfig) -> IPEncoder:
-    """Factory used by preprocessing and evaluation."""
-    if cfg.kind not in KINDS:
-        raise ValueError(f"encoders.ip.kind={cfg.kind!r} is not supported; use one of {KINDS}")
+    """Factory used by preprocessing and evaluation (``cfg.kind`` is an ``IPKind``: checked at load)."""
     return IPEncoder.from_config(cfg)

@@ -18,10 +18,11 @@ from typing import Any, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from ..config.loading import to_container
 from ..errors import NonFiniteError
 from ..log_steps import is_logging_step
 from .model import build_trainable_model, inner, is_projector_parameter
@@ -30,17 +31,12 @@ from .samples import IGNORE
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
-def _plain(block: Any) -> dict:
-    return OmegaConf.to_container(block, resolve=True, enum_to_str=True) if isinstance(block, DictConfig) \
-        else dict(block)
-
-
 class MLLMFinetuneModule(L.LightningModule):
     def __init__(self, mllm: Any, finetune: Any, optim: Any, strategy: str = "auto", seed: int = 42) -> None:
         """``mllm``, ``finetune``, ``optim``: the config blocks of the same names; ``strategy``:
         ``fsdp`` builds the model for FSDP (everything float32, checkpointing by the strategy)."""
         super().__init__()
-        self.save_hyperparameters({"mllm": _plain(mllm), "finetune": _plain(finetune), "optim": _plain(optim),
+        self.save_hyperparameters({"mllm": to_container(mllm), "finetune": to_container(finetune), "optim": to_container(optim),
                                    "strategy": str(getattr(strategy, "value", strategy)), "seed": int(seed)})
         self.mllm_cfg = OmegaConf.create(self.hparams["mllm"])
         self.ft_cfg = OmegaConf.create(self.hparams["finetune"])

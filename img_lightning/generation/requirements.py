@@ -19,9 +19,6 @@ from ..encoders.checks import adapter_file, adapter_widths, check_ip_encoder, ch
 from ..errors import Problems
 from ..models import ModelNotFoundError, check_model
 
-PIPELINE_KINDS = ("sdxl", "flux")
-
-
 def check_generation_config(cfg: Any) -> None:
     """Settings the pipelines cannot honour, as one clear error before any model is loaded."""
     kind, s, img = cfg.generation.pipeline.kind, cfg.generation.sampler, cfg.img
@@ -38,9 +35,6 @@ def check_generation_config(cfg: Any) -> None:
 
 def check_pipeline(cfg: Any, problems: Problems, key: str = "generation.pipeline") -> None:
     """The pipeline folder with every component its ``model_index.json`` lists, and the UNet."""
-    if cfg.kind not in PIPELINE_KINDS:
-        problems.add(f"{key}.kind must be one of {list(PIPELINE_KINDS)}, got {cfg.kind!r}")
-        return
     root = problems.check(check_model, f"{cfg.kind.upper()} pipeline", cfg.model, cfg.path, f"{key}.path",
                           revision=cfg.revision, marker="model_index.json", weights=False)
     if root is not None:
