@@ -69,8 +69,11 @@ class FeatureExtractor:
         return self.mllm.question_index(pair_id)
 
     def mllm_prompt(self, caption: str, template_id: int) -> str:
-        """The exact text the MLLM reads for this pair (raises PromptTextError if unusable)."""
-        return self.mllm.prompt_text(caption, template_id)
+        """The exact text the MLLM reads for this pair (raises PromptTextError if unusable, its
+        subclass PromptTooLong when it does not fit the MLLM's context)."""
+        text = self.mllm.prompt_text(caption, template_id)
+        self.mllm.check_length(text)
+        return text
 
     def prepare(self, items: list[PairItem]) -> PreparedBatch:
         losers = [it.loser for it in items]

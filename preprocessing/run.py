@@ -173,6 +173,7 @@ def finalize(out: str | Path) -> Manifest:
         "duplicates": reader["duplicates"],
         "bad_images": reasons.get("bad_image", 0),
         "bad_prompts": reasons.get("bad_prompt", 0),
+        "too_long": reasons.get("too_long", 0),
         "same_images": reasons.get("same_image", 0),
         "nonfinite_features": reasons.get("nonfinite", 0),
         "written": manifest.num_samples,

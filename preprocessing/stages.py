@@ -33,7 +33,7 @@ from img_lightning.cache.lock import ShardLocks
 from img_lightning.atomic import atomic_write_json
 from img_lightning.cache.quant import DEFAULT_OUTLIER_CHANNELS, NonFiniteFeatures, to_storage
 from img_lightning.cache.writer import ShardWriter
-from img_lightning.encoders.conversation import PromptTextError
+from img_lightning.encoders.conversation import PromptTextError, PromptTooLong
 
 from .extract import FeatureExtractor, PairItem, PreparedBatch
 from .pickapic import ImageFetcher, PairTable, decode_image
@@ -161,8 +161,9 @@ def source(shards: list[int], plan: ShardPlan, table: PairTable, extractor: Feat
                 tid = extractor.template_id(table.pair_id[i])
                 try:
                     text = extractor.mllm_prompt(table.caption[i], tid)
-                except PromptTextError as err:  # a caption holding the MLLM's image placeholder
-                    skipped.append({"pair_id": table.pair_id[i], "source": table.source(i), "kind": "bad_prompt",
+                except PromptTextError as err:  # holds the MLLM's image placeholder, or too long for it
+                    kind = "too_long" if isinstance(err, PromptTooLong) else "bad_prompt"
+                    skipped.append({"pair_id": table.pair_id[i], "source": table.source(i), "kind": kind,
                                     "reason": str(err)})
                     continue
                 meta = pair_meta(table, i, tid, extractor.template_set, text, extractor.questions_sha256)

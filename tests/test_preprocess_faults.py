@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from img_lightning.cache import writer as cache_writer
 from img_lightning.cache.lock import ShardLocks
@@ -117,3 +118,27 @@ def test_identical_images_and_empty_captions_are_dropped_and_counted(models, tmp
     assert summary["reader"]["empty_captions"] == 1
     assert summary["same_images"] == 2
     assert summary["written"] == 5
+
+
+def test_captions_too_long_for_the_mllm_are_skipped_and_counted(models, tmp_path, tiny_llava_dir):
+    """The tiny LLaVA's context is 512 tokens: a caption of ~600 words cannot fit and is refused
+    (not truncated); at evaluation time the same prompt is one clear error."""
+    from img_lightning.config.loading import load_config
+    from img_lightning.config.preprocess import PreprocessConfig
+    from img_lightning.encoders.conversation import PromptTooLong
+    from img_lightning.encoders.mllm import GuidanceEncoder
+
+    long_caption = " ".join(["a red circle on a white square"] * 90)
+    rows = _rows(4, 5)
+    rows[1].update(caption=long_caption)
+    out = tmp_path / "cache"
+    assert _run(models, write_pickapic_rows(tmp_path / "long.parquet", rows), out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["too_long"] == 1 and summary["written"] == 3
+
+    cfg = load_config(PreprocessConfig, [DEMO], [*models, "data.input=x", "data.output=y"])
+    encoder = GuidanceEncoder.from_config(cfg.encoders.mllm)
+    short = encoder.prompt_text("a red circle", 0)
+    assert encoder.sequence_length(short) < encoder.max_tokens
+    with pytest.raises(PromptTooLong, match="more than the model's context of 512"):
+        encoder.encode([Image.new("RGB", (32, 32))], [long_caption], [0])

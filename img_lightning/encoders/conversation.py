@@ -37,11 +37,17 @@ from typing import Any, Optional, Sequence
 
 from ..config.encoders import PromptFormat  # the enum lives with the schema that types it
 
+from ..errors import UserError
+
 IMAGE_MARKER = "<image>"
 
 
-class PromptTextError(ValueError):
+class PromptTextError(UserError, ValueError):
     """A question or answer that cannot be put into the conversation (it holds the image marker)."""
+
+
+class PromptTooLong(PromptTextError):
+    """A prompt whose token sequence (question + image tokens) exceeds the MLLM's context."""
 
 
 # The system line LLaVA's v0 and v1 conversations share.

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +46,7 @@ from .conversation import (
     LLAVA_CONVERSATIONS,
     LLAVA_SYSTEM,
     PromptFormat,
+    PromptTooLong,
     chat_template_prompt,
     llava_input_ids,
     resolve_format,
@@ -242,10 +243,42 @@ class GuidanceEncoder:
         """Image features the llava-hf model produces for one image of this size."""
         return llava_num_image_tokens(self.model.config, pixel_values)
 
+    @property
+    def max_tokens(self) -> int:
+        """The language model's context (``max_position_embeddings``): longer inputs are refused."""
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        return int(text_config.max_position_embeddings)
+
+    def sequence_length(self, text: str) -> Optional[int]:
+        """Tokens the MLLM reads for ``text`` and one image (the LLaVA formats: exact, image tokens
+        included; the chat-template formats: None, their images' token count depends on the image)."""
+        if self.format not in LLAVA_CONVERSATIONS:
+            return None
+        side = self.processor.image_processor.crop_size
+        pixels = torch.zeros(1, 3, int(side["height"]), int(side["width"]))
+        image_token = int(self.model.config.image_token_id)
+        return len(llava_input_ids(self.processor.tokenizer, [text], image_token, self.num_image_tokens(pixels))[0])
+
+    def check_length(self, text: str) -> None:
+        """Refuse a prompt longer than the model's context (raises :class:`PromptTooLong`).
+
+        The rule is refusal, not truncation: a truncated question would cut the caption the
+        guidance is about, and the features would no longer say what they claim to. Preprocessing
+        skips such a pair and counts it (``too_long`` in ``summary.json``); evaluation stops.
+        """
+        n = self.sequence_length(text)
+        if n is not None and n > self.max_tokens:
+            raise PromptTooLong(f"the MLLM input is {n} tokens (question, caption and image), more than the "
+                                f"model's context of {self.max_tokens}: {text[:80]!r}...")
+
     def _prepare_llava(self, images: list[Image.Image], texts: list[str]) -> dict:
         pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         image_token = int(self.model.config.image_token_id)
         ids = llava_input_ids(self.processor.tokenizer, texts, image_token, self.num_image_tokens(pixels))
+        for text, row in zip(texts, ids):
+            if len(row) > self.max_tokens:
+                raise PromptTooLong(f"the MLLM input is {len(row)} tokens (question, caption and image), more than "
+                                    f"the model's context of {self.max_tokens}: {text[:80]!r}...")
         pad = self.processor.tokenizer.pad_token_id
         pad = 0 if pad is None else int(pad)
         width = max(len(x) for x in ids)
