@@ -95,7 +95,8 @@ def _demo(args: argparse.Namespace) -> int:
     t = _stage("3/6 img-finetune-mllm: the tiny LLaVA learns to say what to change")
     mllm = _finetune_mllm(args, out, models["llava"], triplets_pq)
     _done(t)
-    models = {**models, "llava": mllm["export"]}  # preprocessing and evaluation read the finetuned MLLM
+    # Preprocessing and the IMG step read the finetuned MLLM; the MLLM grader stays the base model.
+    models = {**models, "llava": mllm["export"], "llava_base": models["llava"]}
 
     t = _stage("4/6 img-preprocess: MLLM guidance + IP features -> feature caches")
     caches = {"train": out / "cache" / "train", "val": out / "cache" / "val"}
@@ -140,7 +141,7 @@ def _demo(args: argparse.Namespace) -> int:
         html = run_demo_eval(
             out, models["sdxl"], models["ip_adapter"], models["llava"], result.run_dir / "export" / "aligner.pth",
             prompts, limit=args.eval_prompts, extra=["prompts.format=text", "prompts.name=demo-heldout"],
-            progress=not args.quiet,
+            progress=not args.quiet, grader_dir=models["llava_base"],
         )
         _done(t)
 

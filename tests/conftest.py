@@ -6,7 +6,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _our_logs_reach_caplog():
+    """A CLI run inside a test detaches our loggers from the root (they print through their own
+    handler); reattach them so every test's ``caplog`` sees our records."""
+    from img_lightning.cli.common import OUR_LOGGERS
+
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).propagate = True
+    yield
 
 
 # -- tiny models in the real on-disk formats (img_lightning/tiny) -------------------------------

@@ -81,16 +81,18 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Our loggers at INFO (DEBUG with -v, WARNING with -q) with a handler of their own; the root
-    logger is left alone, so libraries that chat at INFO on it (open_clip) stay quiet and Lightning
-    keeps its own handler (no doubled lines). Without -v, transformers/diffusers loading bars are
-    hidden too."""
+    """Our loggers at INFO (DEBUG with -v, WARNING with -q) with a handler of their own, and not
+    propagated to the root logger: a library that logs through ``logging.warning()`` (open_clip
+    does) gives the root Python's default handler, which would print each of our lines twice. The
+    root logger is otherwise left alone, so libraries that chat at INFO on it stay quiet and
+    Lightning keeps its own handler. Without -v, transformers/diffusers loading bars are hidden too."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     for name in OUR_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level)
+        logger.propagate = False
         if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
             logger.addHandler(handler)
     # An advertisement Lightning prints at every start.

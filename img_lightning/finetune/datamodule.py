@@ -66,7 +66,7 @@ class EditTripletDataModule(L.LightningDataModule):
         self.samples_read = 0
         self.samples_skipped = 0
         self.skip_counts: Counter = Counter()
-        self._warned = 0
+        self._warned: set[str] = set()  # sample keys already logged (a bad sample recurs every epoch)
         self.train_loader: Optional[TripletBatchLoader] = None
 
     # ------------------------------------------------------------------ setup
@@ -155,11 +155,14 @@ class EditTripletDataModule(L.LightningDataModule):
                 for item in skipped:
                     fh.write(json.dumps({"split": split, "epoch": epoch, **item}) + "\n")
         for item in skipped:
-            # The first few per rank are worth a line each; the rest are in the skip list and the summary.
-            self._warned += 1
-            level = logging.WARNING if self._warned <= WARN_FIRST else logging.DEBUG
+            # The first few samples per rank are worth a line each, once; the rest are in the skip list
+            # and the summary.
+            if item["key"] in self._warned:
+                continue
+            self._warned.add(item["key"])
+            level = logging.WARNING if len(self._warned) <= WARN_FIRST else logging.DEBUG
             log.log(level, "skipped %s sample %s: %s (%s)%s", split, item["key"], item["reason"], item["detail"],
-                    f"; further skips are listed in {self.skip_dir} only" if self._warned == WARN_FIRST else "")
+                    f"; further skips are listed in {self.skip_dir} only" if len(self._warned) == WARN_FIRST else "")
         fraction = self.samples_skipped / max(1, self.samples_read)
         if split == "train" and self.samples_read >= 100 and fraction > self.cfg.max_bad_fraction:
             raise TooManyBadSamples(

@@ -22,8 +22,10 @@ def tiny_eval_overrides(
     scorer_dirs: Mapping[str, Path],
     prompts_path: str | Path,
     limit: int = 4,
+    grader_dir: Optional[str | Path] = None,
 ) -> list[str]:
-    """``key=value`` overrides that point configs/eval/demo.yaml at the tiny models."""
+    """``key=value`` overrides that point configs/eval/demo.yaml at the tiny models (the MLLM grader
+    reads ``grader_dir``, by default the guidance MLLM)."""
     s = scorer_dirs
     return [
         f"run_dir={run_dir}",
@@ -44,7 +46,7 @@ def tiny_eval_overrides(
         f"scorers.3.checkpoint={s['aesthetic_mlp']}",
         f"scorers.4.checkpoint={s['image_reward_checkpoint']}",
         f"scorers.4.processor_path={s['image_reward_tokenizer']}",
-        f"scorers.5.mllm.path={llava_dir}",
+        f"scorers.5.mllm.path={grader_dir or llava_dir}",
     ]
 
 
@@ -60,6 +62,7 @@ def run_demo_eval(
     recipe: Optional[str | Path] = DEMO_RECIPE,
     extra: Sequence[str] = (),
     progress: bool = True,
+    grader_dir: Optional[str | Path] = None,
 ) -> Path:
     """Generate (base, control, IMG), score and report ``limit`` prompts of a T2I-CompBench-style
     text file; builds the tiny scorers under ``out_dir/tiny_scorers`` unless given. Returns the
@@ -71,7 +74,7 @@ def run_demo_eval(
     if scorer_dirs is None:
         scorer_dirs = build_tiny_scorers(out / "tiny_scorers")
     args = [str(DEMO_CONFIG), *tiny_eval_overrides(out / "eval", sdxl_dir, ip_adapter_dir, llava_dir, aligner_path,
-                                                   scorer_dirs, prompts_path, limit)]
+                                                   scorer_dirs, prompts_path, limit, grader_dir)]
     if recipe is not None:
         args.append(f"recipe={recipe}")
     html = run("all", [*args, *extra], progress=progress)

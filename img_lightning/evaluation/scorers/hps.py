@@ -26,8 +26,10 @@ prints the version and the checkpoint's sha256.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torchvision.transforms.functional as TF
@@ -92,6 +94,18 @@ def load_hps_state_dict(path: str | Path) -> dict[str, Tensor]:
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
+
+@contextlib.contextmanager
+def _quiet_root_warnings() -> Iterator[None]:
+    """Hide warnings logged on the root logger (open_clip's ``logging.warning``) for a moment."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
 class HPSScorer(Scorer):
     def __init__(
         self, model: Any, tokenizer: Any, device: torch.device, scale: float = 100.0, version: str = "v2.1",
@@ -125,7 +139,8 @@ class HPSScorer(Scorer):
             raise ModelNotFoundError("hps: set checkpoint=PATH to HPS_v2_compressed.pt or HPS_v2.1_compressed.pt")
         version = hps_version(cfg.checkpoint, cfg.version)
         state = load_hps_state_dict(cfg.checkpoint)
-        model = open_clip.create_model(arch, pretrained=None, device="cpu")
+        with _quiet_root_warnings():  # open_clip warns "initialized randomly": the HPS weights come next
+            model = open_clip.create_model(arch, pretrained=None, device="cpu")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointError(
