@@ -50,6 +50,7 @@ MLLM_HIDDEN = {
     "liuhaotian/llava-v1.5-7b": 4096,
     "liuhaotian/llava-v1.5-13b": 5120,
     "shi-labs/IMG": 5120,
+    "shi-labs/IMG/llava": 5120,  # the IMG-finetuned LLaVA-1.5-13B (its llava/ folder), as the recipes name it
     "Qwen/Qwen2.5-VL-3B-Instruct": 2048,
     "Qwen/Qwen2.5-VL-7B-Instruct": 3584,
     "Qwen/Qwen2.5-VL-72B-Instruct": 8192,
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     print(f"  measured ratio fp8 / fp16 bytes on disk per pair: {fixed[(True, 'disk')] / fixed[(False, 'disk')]:.4f}")
 
     print(f"\nprojected cache for {args.pairs:,} pairs (+{args.text_tokens} text tokens per question):")
-    print(f"{'recipe':<18} {'tokens':>22} {'hidden':>6} {'IP':>7} {'16-bit MB':>9} {'TB':>5} "
+    print(f"{'recipe':<28} {'tokens':>22} {'hidden':>6} {'IP':>7} {'16-bit MB':>9} {'TB':>5} "
           f"{'fp8 MB':>7} {'TB':>5} {'fp8/16':>6}")
     worst = 0.0
     for path in sorted((REPO / "configs" / "preprocess").glob("*.yaml")):
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
         per16 = raw_bytes(tokens, hidden, ip, elsize, False) + fixed[False]
         per8 = raw_bytes(tokens, hidden, ip, elsize, True) + fixed[True]
         worst = max(worst, per8 / per16)
-        print(f"{path.stem:<18} {f'{tokens} ({note})':>22} {hidden:>6} {f'{ip[0]}x{ip[1]}':>7} "
+        print(f"{path.stem:<28} {f'{tokens} ({note})':>22} {hidden:>6} {f'{ip[0]}x{ip[1]}':>7} "
               f"{per16 / 1e6:>9.2f} {per16 * args.pairs / 1e12:>5.2f} {per8 / 1e6:>7.2f} "
               f"{per8 * args.pairs / 1e12:>5.2f} {per8 / per16:>6.3f}")
     print(f"largest fp8 / 16-bit ratio over the recipes: {worst:.3f} (goal <= 0.52)")
