@@ -123,7 +123,8 @@ def original_dir(tmp_path_factory, tower_dir):
 @pytest.fixture(scope="module")
 def converted_dir(tmp_path_factory, original_dir):
     # mm_vision_tower names the local tower folder, as LLaVA's configs may
-    return convert_llava(original_dir, tmp_path_factory.mktemp("conv") / "llava-hf").dst
+    # float32: the tiny model's own precision, so the parity below is exact to 1e-5
+    return convert_llava(original_dir, tmp_path_factory.mktemp("conv") / "llava-hf", dtype="float32").dst
 
 
 def _images():
@@ -152,7 +153,7 @@ def test_converted_guidance_equals_original_forward(layout, tmp_path, tower_dir,
     else:  # the same model stored as one torch.save state dict, no index
         src = tmp_path / "llava-bin"
         build_tiny_llava_original(src, tower_dir, weights="bin", shards=1)
-        conv = convert_llava(src, tmp_path / "conv").dst
+        conv = convert_llava(src, tmp_path / "conv", dtype="float32").dst
     reference = OriginalLlava(src, tower_dir)
     enc = _encoder(conv)
     images, tids = _images(), [0, 5, 17]
@@ -200,6 +201,36 @@ def test_converted_folder_contents(converted_dir, original_dir, tower_dir):
     processor = AutoProcessor.from_pretrained(converted_dir)
     assert processor.tokenizer.pad_token == "[PAD]" and processor.tokenizer.convert_tokens_to_ids("<image>") == 601
     assert not [p for p in converted_dir.parent.iterdir() if p.name.startswith(".")]  # no scratch left
+
+
+def test_default_dtype_and_context_are_the_released_loaders(tmp_path, original_dir, converted_dir):
+    """By default every weight is written as float16, as LLaVA's loader casts them (tower included),
+    and LLaVA's cut-off (tokenizer_model_max_length, below the position limit) is the encoder's limit."""
+    from transformers import LlavaForConditionalGeneration
+
+    from img_lightning.encoders.conversation import PromptTooLong
+
+    result = convert_llava(original_dir, tmp_path / "fp16")
+    assert result.record["dtype"] == "float16"
+    assert result.record["context"]["tokenizer_model_max_length"] == 256
+    half = LlavaForConditionalGeneration.from_pretrained(result.dst)
+    full = LlavaForConditionalGeneration.from_pretrained(converted_dir)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    for (name, a), (_, b) in zip(half.state_dict().items(), full.state_dict().items()):
+        assert torch.equal(a, b.to(torch.float16)), name
+    assert half.config.tokenizer_model_max_length == 256 < half.config.text_config.max_position_embeddings == 512
+
+    enc = _encoder(converted_dir)
+    assert enc.max_tokens == 256
+    short = "a red square"
+    base = enc.sequence_length(enc.prompt_text(short, 0))
+    long_prompt = " ".join(["red"] * (256 - base + 5))  # over 256 tokens, under 512
+    assert 256 < enc.sequence_length(enc.prompt_text(long_prompt, 0)) < 512
+    enc.check_length(enc.prompt_text(short, 0))
+    with pytest.raises(PromptTooLong, match="limit of 256"):
+        enc.check_length(enc.prompt_text(long_prompt, 0))
+    with pytest.raises(PromptTooLong, match="limit of 256"):
+        enc.encode(_images()[:1], [long_prompt], [0])
 
 
 def test_encoder_refuses_an_unconverted_folder(original_dir):

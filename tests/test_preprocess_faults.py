@@ -140,5 +140,5 @@ def test_captions_too_long_for_the_mllm_are_skipped_and_counted(models, tmp_path
     encoder = GuidanceEncoder.from_config(cfg.encoders.mllm)
     short = encoder.prompt_text("a red circle", 0)
     assert encoder.sequence_length(short) < encoder.max_tokens
-    with pytest.raises(PromptTooLong, match="more than the model's context of 512"):
+    with pytest.raises(PromptTooLong, match="more than the model's limit of 512"):
         encoder.encode([Image.new("RGB", (32, 32))], [long_caption], [0])

@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-tower", metavar="PATH_OR_ID", default=None,
                         help="CLIP vision tower: a local folder or a hub id in the local Hugging Face cache "
                              "(default: the config's mm_vision_tower, openai/clip-vit-large-patch14-336 for LLaVA-1.5)")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
-                        help="dtype of the written weights (default: the checkpoint's own, float16 for LLaVA-1.5)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                        help="dtype of the written weights (default: float16, what LLaVA's own loader computes "
+                             "with whatever the checkpoint's dtype, tower included)")
     parser.add_argument("--pad-vocab-multiple", type=int, default=64,
                         help="pad the embedding rows to a multiple of this (llava-hf models use 64; 1: no padding)")
     add_common_arguments(parser)

@@ -24,8 +24,15 @@ to the other the way transformers' own llava-1.5 conversion does, with every ste
   are the mean of the source rows, in the embedding and in ``lm_head`` (LLaVA's own rule for added
   tokens): deterministic, and never seen by the guidance features (image positions are replaced by
   image features).
-* **dtype**: the language model's stored dtype for everything (LLaVA runs its tower in the
-  model's half precision too), unless ``dtype`` says otherwise.
+* **dtype**: float16 for everything by default, because that is what LLaVA's loader computes
+  with whatever the checkpoint's stored dtype: it loads the model with ``torch_dtype=float16`` and
+  casts the (float32) CLIP tower to float16 too. A bf16 run of the converted folder (the recipes'
+  ``encoders.mllm.dtype``) then holds exactly the released code's weights (stored -> fp16 -> bf16);
+  ``dtype`` chooses another one (``float32`` keeps a float32 tiny model exact).
+* **context**: LLaVA cuts the embedded sequence (image features spliced in) at the config's
+  ``tokenizer_model_max_length`` (2048 for LLaVA-1.5), not at ``max_position_embeddings``. The
+  value is kept in the llava-hf config under the same name, and the guidance encoder refuses
+  longer inputs (it never truncates: see ``GuidanceEncoder.check_length``).
 
 The output is written into a temporary folder next to ``dst`` and renamed when complete.
 """
@@ -75,13 +82,14 @@ REQUIRED_VALUES: dict[str, tuple[tuple, Any]] = {
     "mlp_bias": ((False,), False),
     "pretraining_tp": ((1,), 1),
 }
-# read elsewhere (mm_vision_tower, mm_hidden_size, rope_theta, unfreeze_mm_vision_tower) or used
+# read elsewhere (mm_vision_tower, mm_hidden_size, rope_theta, unfreeze_mm_vision_tower,
+# tokenizer_model_max_length: CONTEXT_FIELD) or used
 # only by training / generation / bookkeeping, so they do not change the forward pass
 OTHER_FIELDS = frozenset({
-    "mm_vision_tower", "mm_hidden_size", "rope_theta", "unfreeze_mm_vision_tower",
+    "mm_vision_tower", "mm_hidden_size", "rope_theta", "unfreeze_mm_vision_tower", "tokenizer_model_max_length",
     "_name_or_path", "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
     "freeze_mm_mlp_adapter", "tune_mm_mlp_adapter", "tune_mm_vision_resampler", "use_mm_proj", "mm_projector_lr",
-    "mm_vision_tower_lr", "tokenizer_model_max_length", "tokenizer_padding_side", "image_grid_pinpoints",
+    "mm_vision_tower_lr", "tokenizer_padding_side", "image_grid_pinpoints",
     "image_crop_resolution", "image_split_resolution", "s2_scales", "max_length", "max_sequence_length",
     "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
     "id2label", "label2id", "problem_type", "torchscript", "use_return_dict", "tie_encoder_decoder",
@@ -94,6 +102,10 @@ OTHER_FIELDS = frozenset({
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss",
     "torch_compile",
 })
+
+# LLaVA's length limit on the embedded sequence; carried into the llava-hf config under this name
+CONTEXT_FIELD = "tokenizer_model_max_length"
+DEFAULT_DTYPE = "float16"  # LLaVA's loader (see the module docstring)
 
 # original key prefix -> role; the target prefix comes from the installed model's modules
 KEY_RULES = (
@@ -234,7 +246,7 @@ def _replace_module(model, dotted: str, new) -> None:
 
 
 def convert_llava(src: str | Path, dst: str | Path, vision_tower: Optional[str] = None,
-                  dtype: Optional[str] = None, pad_vocab_multiple: int = 64) -> ConversionResult:
+                  dtype: str = DEFAULT_DTYPE, pad_vocab_multiple: int = 64) -> ConversionResult:
     """Convert ``src`` (original LLaVA folder) into a new llava-hf folder ``dst``."""
     import transformers
     from accelerate import init_empty_weights
@@ -291,9 +303,12 @@ def convert_llava(src: str | Path, dst: str | Path, vision_tower: Optional[str] 
     if embed.shape != head.shape or embed.shape[0] != int(llama_kwargs["vocab_size"]):
         raise ConversionError(f"{src}: embed_tokens {tuple(embed.shape)} and lm_head {tuple(head.shape)} must both "
                               f"have vocab_size={llama_kwargs['vocab_size']} rows")
-    target_dtype = getattr(torch, dtype) if dtype else embed.dtype
-    if not isinstance(target_dtype, torch.dtype):
-        raise ConversionError(f"unknown dtype {dtype!r}")
+    target_dtype = getattr(torch, str(dtype), None)
+    if target_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ConversionError(f"unknown dtype {dtype!r} (float16, bfloat16 or float32)")
+    context = raw_config.get(CONTEXT_FIELD)
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ConversionError(f"{src / 'config.json'}: {CONTEXT_FIELD} must be a positive integer, got {context!r}")
 
     # vision tower ---------------------------------------------------------------------------------
     tower = load_tower(tower_dir)
@@ -367,6 +382,8 @@ def convert_llava(src: str | Path, dst: str | Path, vision_tower: Optional[str] 
             image_seq_length=(int(vconf.image_size) // patch) ** 2, multimodal_projector_bias=True,
             tie_word_embeddings=False,
         )
+        if context is not None:
+            setattr(config, CONTEXT_FIELD, int(context))
         with init_empty_weights():
             model = LlavaForConditionalGeneration(config)
         prefixes = _module_prefixes(model)
@@ -421,6 +438,8 @@ def convert_llava(src: str | Path, dst: str | Path, vision_tower: Optional[str] 
                        "new_rows_init": "mean of the source rows (embed_tokens and lm_head)"},
             "image_tokens_per_image": (int(vconf.image_size) // patch) ** 2,
             "dtype": str(target_dtype).removeprefix("torch."),
+            "context": {CONTEXT_FIELD: context, "max_position_embeddings": llama_kwargs["max_position_embeddings"],
+                        "rule": "longer inputs are refused by the guidance encoder (LLaVA truncates them)"},
             "conversation_by_folder_name": {"model_name": name, "conversation": conversation_for_name(name)},
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,

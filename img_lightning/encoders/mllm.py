@@ -245,9 +245,14 @@ class GuidanceEncoder:
 
     @property
     def max_tokens(self) -> int:
-        """The language model's context (``max_position_embeddings``): longer inputs are refused."""
+        """The longest input the model's own code would read whole: the language model's context
+        (``max_position_embeddings``), or LLaVA's ``tokenizer_model_max_length`` (the length at which
+        the original LLaVA code cuts the embedded sequence, 2048 for LLaVA-1.5; ``img-convert-llava``
+        keeps it in the config) when smaller. Longer inputs are refused."""
         text_config = getattr(self.model.config, "text_config", self.model.config)
-        return int(text_config.max_position_embeddings)
+        limit = int(text_config.max_position_embeddings)
+        released = getattr(self.model.config, "tokenizer_model_max_length", None)
+        return min(limit, int(released)) if released else limit
 
     def sequence_length(self, text: str) -> Optional[int]:
         """Tokens the MLLM reads for ``text`` and one image (the LLaVA formats: exact, image tokens
@@ -269,7 +274,7 @@ class GuidanceEncoder:
         n = self.sequence_length(text)
         if n is not None and n > self.max_tokens:
             raise PromptTooLong(f"the MLLM input is {n} tokens (question, caption and image), more than the "
-                                f"model's context of {self.max_tokens}: {text[:80]!r}...")
+                                f"model's limit of {self.max_tokens}: {text[:80]!r}...")
 
     def _prepare_llava(self, images: list[Image.Image], texts: list[str]) -> dict:
         pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -278,7 +283,7 @@ class GuidanceEncoder:
         for text, row in zip(texts, ids):
             if len(row) > self.max_tokens:
                 raise PromptTooLong(f"the MLLM input is {len(row)} tokens (question, caption and image), more than "
-                                    f"the model's context of {self.max_tokens}: {text[:80]!r}...")
+                                    f"the model's limit of {self.max_tokens}: {text[:80]!r}...")
         pad = self.processor.tokenizer.pad_token_id
         pad = 0 if pad is None else int(pad)
         width = max(len(x) for x in ids)

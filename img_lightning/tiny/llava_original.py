@@ -122,6 +122,8 @@ def original_config(vocab_size: int, vision_tower: str) -> dict:
         "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_vision_select_feature": "patch",
         "mm_vision_select_layer": -2, "mm_vision_tower": vision_tower, "tune_mm_mlp_adapter": False,
         "tune_mm_vision_resampler": False, "unfreeze_mm_vision_tower": False, "use_mm_proj": True,
+        # LLaVA's training writes these two; the first is where its forward cuts long inputs
+        "tokenizer_model_max_length": 256, "tokenizer_padding_side": "right",
     }
 
 
