@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from .aligner import ImplicitAligner
 from .callbacks import ReferenceSwap, Throughput
+from .callbacks.requeue import slurm_requeue_callback
 from .config.changes import describe_changes
 from .config.loading import ConfigError, load_config, to_container
 from .config.train import RESUME_FREE_KEYS, TrainConfig
@@ -42,6 +42,7 @@ class TrainResult:
     exports: dict[str, str] = field(default_factory=dict)
     best_checkpoint: Optional[str] = None
     is_global_zero: bool = True
+    requeued_at: Optional[int] = None  # the step saved when SLURM's time-limit signal stopped the run
 
 
 def expected_cache_key(data_cfg: Any) -> str:
@@ -90,13 +91,13 @@ def parse_devices(value: Any) -> Any:
 def build_trainer(
     cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), logger: Any = False
 ) -> L.Trainer:
-    """The Trainer for ``cfg``. Under SLURM (``srun``), Lightning's SLURM environment with auto-requeue
-    on SIGUSR1 (sent by ``#SBATCH --signal``); we install no signal handler of our own, which would
-    silently disable Lightning's."""
+    """The Trainer for ``cfg``. Under SLURM (``srun``), Lightning's SLURM environment without its
+    auto-requeue, which saves inside the signal handler, mid-step: :class:`RequeueOnSignal` (added by
+    :func:`run_training`) saves at a step boundary and requeues instead."""
     t = cfg.trainer
     plugins = []
     if SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         accelerator=t.accelerator,
         devices=parse_devices(t.devices),
@@ -187,7 +188,9 @@ def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainRes
         datamodule.check_fits(world)
     module = build_module(cfg)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
-    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
+    requeue = slurm_requeue_callback(run_dir)
+    # last, after the callbacks whose state it saves (Lightning moves ModelCheckpoint after it)
+    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks) + ([requeue] if requeue else [])
     trainer = build_trainer(cfg, run_dir, callbacks, logger)
     if trainer.is_global_zero:
         write_run_info(run_dir, cfg, {"resumed_from": ckpt_path, "world_size": trainer.world_size},
@@ -199,6 +202,9 @@ def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainRes
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     result = TrainResult(run_dir=run_dir, is_global_zero=trainer.is_global_zero)
+    if requeue is not None and requeue.requeued_at is not None:
+        result.requeued_at = requeue.requeued_at  # the requeued job continues; nothing final yet
+        return result
     if datamodule.val_ids is not None:
         validated = trainer.validate(module, datamodule=datamodule, verbose=False)
         result.metrics = {k: float(v) for k, v in (validated[0] if validated else {}).items()}

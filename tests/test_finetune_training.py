@@ -4,6 +4,8 @@ LoRA, export -> img-preprocess, the cache key of an export."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -193,3 +195,47 @@ def test_cli_train_print_config_and_errors(triplets, tiny_llava_dir, tmp_path, c
     assert main(["train", *args, "run.name=other2", f"mllm.path={tmp_path / 'no-model'}"]) == 2
     err = capsys.readouterr().err
     assert "mllm.path=" in err and "does not exist" in err and "Traceback" not in err
+
+
+class SignalAfterMicroBatch(Callback):
+    """SLURM's time-limit warning arriving inside a gradient-accumulation window (after micro-batch
+    ``batch_idx``'s backward, before the optimizer step that will use it)."""
+
+    def __init__(self, batch_idx):
+        self.batch_idx = batch_idx
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch_idx:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_time_limit_signal_inside_accumulation_saves_at_the_step_and_resumes_exactly(
+        triplets, tiny_llava_dir, tmp_path, monkeypatch):
+    extra = {"trainer.max_steps": 4, "trainer.accumulate_grad_batches": 2, "trainer.checkpoint_every_n_steps": 2,
+             "run.export": False}
+    straight = RecordBatches()
+    run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "straight", **extra), [straight])
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path / "scontrol.log"}"\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "img-finetune-mllm",
+                        "SLURM_JOB_ID": "77", "SLURM_NODELIST": "n1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                        "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    first = RecordBatches()
+    cut = run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "requeued", **extra),
+                       [first, SignalAfterMicroBatch(4)])
+    # micro-batch 4 opened step 3's window: the save waits for that step (batches 4 and 5)
+    assert cut.requeued_at == 3 and len(first.seen) == 6
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+    resumed = RecordBatches()
+    run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "requeued",
+                                      **{**extra, "run.ckpt_path": "last"}), [resumed])
+    assert first.seen + resumed.seen == straight.seen
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "requeued")
+    assert a["global_step"] == b["global_step"] == 4
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0, msg=k)

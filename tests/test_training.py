@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -145,18 +147,70 @@ def test_cli_trains_and_reports(caches, tmp_path, capsys):
     assert (tmp_path / "cli" / "export" / "aligner.pth").is_file()
 
 
+SRUN_ENV = {
+    "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "img-train", "SLURM_JOB_ID": "4242",
+    "SLURM_NODELIST": "node001", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+}
+
+
 def test_slurm_environment_is_picked_under_srun(monkeypatch, tmp_path, caches):
     train, _, key = caches
-    for name, value in {
-        "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "img-train", "SLURM_JOB_ID": "4242",
-        "SLURM_NODELIST": "node001", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-    }.items():
+    for name, value in SRUN_ENV.items():
         monkeypatch.setenv(name, value)
     cfg = tiny_config(train, key, tmp_path, "slurm")
     trainer = build_trainer(cfg, tmp_path / "slurm")
     env = trainer._accelerator_connector.cluster_environment
-    assert isinstance(env, SLURMEnvironment)
-    assert env.auto_requeue and env.job_id() == 4242
+    assert isinstance(env, SLURMEnvironment) and env.job_id() == 4242
+    # Lightning's auto-requeue saves inside the signal handler (mid-step): ours replaces it
+    assert not env.auto_requeue
+
+
+class SignalDuringStep(Callback):
+    """SLURM's time-limit warning arriving in the middle of optimizer step ``step``: its batch is
+    already handed to the training step, its update not yet applied."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_time_limit_signal_saves_at_a_step_boundary_requeues_and_resumes_exactly(monkeypatch, tmp_path, caches):
+    train, _, key = caches
+    extra = {"data.num_workers": 2, "trainer.max_steps": 12, "trainer.checkpoint_every_n_steps": 4}
+    straight = RecordBatches()
+    run_training(tiny_config(train, key, tmp_path, "straight", **extra), [straight])
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    scontrol_log = tmp_path / "scontrol.log"
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{scontrol_log}"\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    for name, value in SRUN_ENV.items():
+        monkeypatch.setenv(name, value)
+    before = signal.getsignal(signal.SIGUSR1)
+
+    first = RecordBatches()
+    result = run_training(tiny_config(train, key, tmp_path, "requeued", **extra), [first, SignalDuringStep(6)])
+    assert result.requeued_at == 7 and not result.exports  # saved after step 6's update; nothing final
+    assert scontrol_log.read_text().split() == ["requeue", "4242"]
+    saved = torch.load(tmp_path / "requeued" / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 7 and len(first.seen) == 7
+    assert signal.getsignal(signal.SIGUSR1) == before  # handler restored
+
+    # the requeued job: same job id, same run directory, run.ckpt_path=last
+    resumed = RecordBatches()
+    done = run_training(tiny_config(train, key, tmp_path, "requeued", **{**extra, "run.ckpt_path": "last"}), [resumed])
+    assert done.requeued_at is None and done.exports
+    assert first.seen + resumed.seen == straight.seen  # no batch skipped or repeated
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "requeued")
+    assert a["global_step"] == b["global_step"] == 12
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0, msg=k)
+    assert a["callbacks"]["ReferenceSwap"] == b["callbacks"]["ReferenceSwap"]
 
 
 def test_slurm_sbatch_script_passes_the_job_to_img_train(tmp_path):

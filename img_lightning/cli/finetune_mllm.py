@@ -86,6 +86,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def report_training(result) -> None:
     lines = [f"run directory: {result.run_dir}"]
+    if result.requeued_at is not None:
+        lines.append(f"stopped by SLURM's time-limit signal: saved at step {result.requeued_at}; the requeued job "
+                     f"resumes there (run.ckpt_path=last)")
     if "val/loss" in result.metrics:
         lines.append(f"held-out loss per answer token: {result.metrics['val/loss']:.4f}")
     skipped = result.summary.get("skipped", {})

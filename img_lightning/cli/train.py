@@ -52,6 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def report(result) -> None:
     m = result.metrics
     lines = [f"run directory: {result.run_dir}"]
+    if result.requeued_at is not None:
+        lines.append(f"stopped by SLURM's time-limit signal: saved at step {result.requeued_at}; the requeued job "
+                     f"resumes there (run.ckpt_path=last)")
     if "val/identity" in m:
         lines.append(
             f"validation ||c_w - f(c)||^2: identity baseline {m['val/identity']:.5f} -> trained "

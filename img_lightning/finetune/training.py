@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import signal
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from ..atomic import atomic_write_json
+from ..callbacks.requeue import slurm_requeue_callback
 from ..config.changes import describe_changes
 from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, to_container
@@ -50,6 +50,7 @@ class FinetuneResult:
     export_dir: Optional[Path] = None
     summary: dict[str, Any] = field(default_factory=dict)
     is_global_zero: bool = True
+    requeued_at: Optional[int] = None  # the step saved when SLURM's time-limit signal stopped the run
 
 
 def _value(x: Any) -> str:
@@ -76,12 +77,13 @@ def accumulation(cfg: Any, world_size: int) -> int:
 
 
 def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), logger: Any = False) -> L.Trainer:
-    """The Trainer; under SLURM (``srun``) Lightning's SLURM environment requeues on SIGUSR1 (sent by
-    ``#SBATCH --signal``); no signal handler of our own, which would silently disable it."""
+    """The Trainer; under SLURM (``srun``) Lightning's SLURM environment without its auto-requeue,
+    which saves mid-step (with gradient accumulation: accumulated gradients lost, their batches
+    counted as done): :class:`RequeueOnSignal` saves at an optimizer-step boundary instead."""
     from ..training import parse_devices
 
     t = cfg.trainer
-    plugins = [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)] if SLURMEnvironment.detect() else []
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes,
         strategy=build_strategy(cfg), precision=t.precision, max_steps=t.max_steps, max_epochs=t.max_epochs,
@@ -190,7 +192,8 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
     module = MLLMFinetuneModule(cfg.mllm, cfg.finetune, cfg.optim, strategy=_value(cfg.trainer.strategy),
                                 seed=cfg.run.seed)
     logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
-    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks)
+    requeue = slurm_requeue_callback(run_dir)
+    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks) + ([requeue] if requeue else [])
     trainer = build_trainer(cfg, run_dir, callbacks, logger)
     if trainer.is_global_zero:
         write_run_info(run_dir, cfg, {"resumed_from": ckpt_path, "world_size": trainer.world_size,
@@ -202,6 +205,9 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     result = FinetuneResult(run_dir=run_dir, is_global_zero=trainer.is_global_zero)
+    if requeue is not None and requeue.requeued_at is not None:
+        result.requeued_at = requeue.requeued_at  # the requeued job continues; nothing final yet
+        return result
     if datamodule.val_ids is not None and len(datamodule.val_ids) and cfg.trainer.limit_val_batches > 0:
         validated = trainer.validate(module, datamodule=datamodule, verbose=False)
         result.metrics = {k: float(v) for k, v in (validated[0] if validated else {}).items()}

@@ -1,0 +1,124 @@
+"""Save and requeue on SLURM's time-limit warning, at an optimizer-step boundary, all ranks together.
+
+``#SBATCH --signal=SIGUSR1@120`` warns every task two minutes before the time limit. Lightning's
+own auto-requeue saves its checkpoint *inside* the signal handler, i.e. wherever the main thread
+happens to be: in the middle of a step (the batch is already counted as trained in the data
+position but its update is not in the weights, so the resumed run skips it; with gradient
+accumulation, the accumulated gradients are lost while their batches count as done), and under
+DDP/FSDP with the ranks at different points (the checkpoint's barrier can meet another rank's
+gradient all-reduce). Either way the resumed run is silently not the run that was interrupted.
+
+Here the handler only sets a flag. After every optimizer step the ranks agree on it (one boolean
+all-reduce, next to the step's own collectives) and, when any rank was signalled, every rank saves
+the same checkpoint at the same step boundary (the state ``ModelCheckpoint`` would save there, so
+the exact-resume guarantees hold), rank 0 asks SLURM to requeue the job, and training stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = "hpc_ckpt_*.ckpt"  # the name Lightning uses too; ``run.ckpt_path=last`` finds it
+
+
+def next_requeue_checkpoint(folder: Path) -> Path:
+    """``hpc_ckpt_{n+1}.ckpt`` after the highest ``n`` in ``folder``."""
+    numbers = [int(m.group(1)) for p in folder.glob(CHECKPOINT_PATTERN)
+               if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    return folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
+class RequeueOnSignal(Callback):
+    """On ``signum``: checkpoint at the next optimizer-step boundary, requeue the SLURM job, stop.
+
+    ``requeued_at`` is the global step saved (None when no signal came): the caller skips its
+    end-of-run work (final validation, export) for a run that will continue in the requeued job.
+    """
+
+    def __init__(self, folder: Path, job_id: Optional[str], signum: int = signal.SIGUSR1,
+                 requeue_command: Sequence[str] = ("scontrol", "requeue")) -> None:
+        self.folder = Path(folder)
+        self.job_id = job_id
+        self.signum = signum
+        self.requeue_command = tuple(requeue_command)
+        self.signalled = False
+        self.requeued_at: Optional[int] = None
+        self.checkpoint: Optional[Path] = None
+        self._previous: Any = None
+        self._installed = False
+        self._last_step: Optional[int] = None
+
+    # -- the handler: a flag only -------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self._installed:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not on the main thread: no handler for signal %s, so no requeue on the time limit",
+                        self.signum)
+            return
+        self._previous = signal.signal(self.signum, self._on_signal)
+        self._installed = True
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._installed:
+            signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+    # -- the decision, at step boundaries -----------------------------------------------------------
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self._last_step:
+            return  # inside a gradient-accumulation window: no optimizer step yet
+        self._last_step = trainer.global_step
+        if self.requeued_at is not None or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        path = next_requeue_checkpoint(self.folder)
+        path = Path(trainer.strategy.broadcast(str(path)))  # one name on every rank
+        trainer.save_checkpoint(path)
+        self.requeued_at, self.checkpoint = trainer.global_step, path
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            log.info("time-limit signal: saved %s at step %d", path, trainer.global_step)
+            self._requeue()
+
+    def _requeue(self) -> None:
+        if not self.job_id:
+            log.warning("no SLURM job id: not requeued; resume with run.ckpt_path=last")
+            return
+        # an array task is requeued under its own id (SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID)
+        cmd = [*self.requeue_command, self.job_id]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except OSError as err:
+            log.error("could not run %s (%s): resume with run.ckpt_path=last", " ".join(cmd), err)
+            return
+        if done.returncode == 0:
+            log.info("requeued SLURM job %s", self.job_id)
+        else:
+            log.error("%s failed (exit %d): %s; resume with run.ckpt_path=last", " ".join(cmd), done.returncode,
+                      (done.stderr or done.stdout).strip())
+
+
+def slurm_requeue_callback(folder: Path) -> Optional[RequeueOnSignal]:
+    """The callback for a run under ``srun`` (None otherwise)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return None
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID")
+    return RequeueOnSignal(folder, job_id)
