@@ -327,3 +327,21 @@ def test_non_finite_samples_are_dropped_counted_and_stop_the_run_above_the_limit
     strict = tiny_config(root, manifest.cache_key, tmp_path, "strict", **{"trainer.max_steps": 6})
     with pytest.raises(RuntimeError, match=r"NaN/Inf.*max_bad_fraction=0.01"):
         run_training(strict)
+
+
+def test_trains_from_bf16_guidance_beside_fp16_ip_tokens(tmp_path):
+    """The SDXL recipes store the MLLM's bf16 states as bf16 (bit-exact) and the fp16 IP-Adapter
+    tokens as fp16: one cache, two 16-bit dtypes, read and trained as any other."""
+    from img_lightning.cache import BatchReader, CacheView
+
+    cache = tmp_path / "mixed"
+    manifest = write_synthetic_cache(cache, 26, guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9,
+                                     shard_size=8, dtype="float16", guidance_dtype="bfloat16")
+    assert manifest.tensors["guidance"]["dtype"] == "bfloat16" and manifest.tensors["ip"]["dtype"] == "float16"
+    batch = BatchReader(CacheView.open(cache)).read(range(4))
+    assert batch["guidance"].dtype == torch.bfloat16 and batch["ip_win"].dtype == torch.float16
+    result = run_training(tiny_config(cache, manifest.cache_key, tmp_path, "mixed", **{"trainer.max_steps": 4,
+                                                                                  "trainer.checkpoint_every_n_steps": 2}))
+    state = _final_state(tmp_path / "mixed")
+    assert state["global_step"] == 4 and result.exports
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
