@@ -34,10 +34,10 @@ def recipe_of_encoders(cfg: Any) -> dict:
     mllm = {k: _plain(cfg.mllm[k]) for k in MLLMConfig.recipe_fields}
     mllm.update(question_recipe(cfg.mllm))
     mllm.update(export_recipe(cfg.mllm))
-    return {
-        "mllm": mllm,
-        "ip": {k: _plain(cfg.ip[k]) for k in IPEncoderConfig.recipe_fields},
-    }
+    ip = {k: _plain(cfg.ip[k]) for k in IPEncoderConfig.recipe_fields}
+    if cfg.ip.get("autocast", False):  # only when set: every cache made without it keeps its key
+        ip["autocast"] = True
+    return {"mllm": mllm, "ip": ip}
 
 
 def recipe_of(cfg: Any) -> dict:

@@ -61,6 +61,29 @@ def test_ip_encoder_batch_independent(tiny_ip_adapter_dir):
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
 
 
+def test_ip_encoder_autocast_flag(tiny_ip_adapter_dir):
+    """``encoders.ip.autocast`` (the released SDXL ``get_ip_feat``): features under ``torch.autocast`` in
+    the encoder's dtype, unconditional tokens outside it; in float32 it changes nothing."""
+    from img_lightning.evaluation.pipeline import resolve_config
+
+    images = _images()
+    plain = build_ip_encoder(_ip_cfg(tiny_ip_adapter_dir))
+    auto = build_ip_encoder(_ip_cfg(tiny_ip_adapter_dir, autocast=True))
+    assert torch.equal(auto.encode(images), plain.encode(images))
+    assert torch.equal(auto.unconditional(), plain.unconditional())
+    half = build_ip_encoder(OmegaConf.merge(_ip_cfg(tiny_ip_adapter_dir, autocast=True), {"dtype": "bfloat16"}))
+    seen = []
+    half.projection.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+    tokens, uncond = half.encode(images), half.unconditional()
+    assert seen == [True, False]  # encode: one batch under autocast; the unconditional tokens without
+    assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all() and torch.isfinite(uncond).all()
+    torch.testing.assert_close(tokens, plain.encode(images), rtol=0.1, atol=0.05)  # bf16 of the same numbers
+    # the SDXL backbones get it from their recipe (the released SDXL demo), FLUX's XLabs encoder does not
+    for name, want in (("sdxl", True), ("sdxl_dpo", True), ("flux", False)):
+        cfg = resolve_config([f"configs/eval/backbones/{name}.yaml"], allow_missing=True)
+        assert cfg.encoders.ip.autocast is want, name
+
+
 def test_ip_encoder_flux_kind(tmp_path):
     from img_lightning.tiny.ip_adapter import FLUX_WEIGHT, build_tiny_ip_adapter_flux
 

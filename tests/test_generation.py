@@ -356,3 +356,56 @@ def test_each_arm_gets_its_released_settings(tmp_path):
                        require_complete=False)
     with pytest.raises(ConfigError, match="negative_ip_scale is FLUX-only"):
         GenerationRun(sdxl, [], tmp_path / "x")
+
+
+class _NoisyBackend(_RecordingBackend):
+    """Returns random-noise images (what any lossy codec changes) and keeps them."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = []
+
+    def generate(self, prompts, seeds, sampler, **kwargs):
+        super().generate(prompts, seeds, sampler, **kwargs)
+        rng = np.random.default_rng(len(self.calls))
+        out = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in prompts]
+        self.images.append(out)
+        return out
+
+
+class _KeepingConditioner(_FakeConditioner):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def align(self, images, prompts, tids, passes):
+        self.seen.append(list(images))
+        return super().align(images, prompts, tids, passes)
+
+
+def test_img_features_come_from_the_generated_image_itself(tmp_path):
+    """The released demos feed the in-memory image to the MLLM and IP encoder; our rounds read the
+    stored PNG, which must be that image pixel for pixel; lossy formats are refused for IMG runs."""
+    from img_lightning.config.loading import ConfigError
+    from img_lightning.eval_run import PromptRecord
+    from img_lightning.generation.runner import GenerationRun
+
+    overrides = ["img.aligner.checkpoint=x.pth", "prompts.name=p", "prompts.format=text", "prompts.path=x"]
+    cfg = load_config(EvalConfig, [REPO / "configs/eval/backbones/flux.yaml"], overrides + ["img.rounds=2"],
+                      require_complete=False)
+    prompts = [PromptRecord("00000", "a cat"), PromptRecord("00001", "a dog")]
+    run = GenerationRun(cfg, prompts, tmp_path, progress=False)
+    run._backend, run._conditioner = _NoisyBackend(), _KeepingConditioner()
+    run.run()
+    base, round1 = run._backend.images[0], run._backend.images[1]
+    assert len(run._conditioner.seen) == 2  # round 1 from the base images, round 2 from round 1's
+    for generated, seen in zip((base, round1), run._conditioner.seen):
+        for want, got in zip(generated, seen):
+            assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(want))
+    for fmt in ("jpeg", "webp"):
+        lossy = load_config(EvalConfig, [REPO / "configs/eval/backbones/flux.yaml"],
+                            overrides + [f"generation.image_format={fmt}"], require_complete=False)
+        with pytest.raises(ConfigError, match=f"image_format: {fmt} is lossy.*use png"):
+            GenerationRun(lossy, prompts, tmp_path / fmt)
+        lossy.img.rounds = 0  # base images only: nothing is read back
+        GenerationRun(lossy, prompts, tmp_path / fmt)

@@ -324,3 +324,55 @@ def test_tiny_flux_adapter_has_the_v1_layout(flux_world):
         adapter_subfolder="", adapter_weight_name="ip_adapter.safetensors", dtype="float32", device="cpu")))
     torch.testing.assert_close(enc.encode([picture]), xlabs_image_proj(ipa_dir / "ip_adapter.safetensors", emb),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_flux_decodes_in_float32_as_xlabs(flux_world, monkeypatch):
+    """With the backbone's bf16 pipeline the decode is XLabs' ``ae.decode(unpack(x.float(), h, w))``:
+    the bf16 latents upcast, un-scaled and decoded by the stored VAE weights in float32."""
+    from diffusers import AutoencoderKL
+
+    import img_lightning.generation.pipeline as pipeline_module
+    from img_lightning.generation.flux_sampler import decode_float32
+
+    flux_dir, _ = flux_world
+    # on CPU the configured dtype is replaced by float32; force the GPU behaviour (bf16 everywhere but the VAE)
+    monkeypatch.setattr(pipeline_module, "compute_dtype", lambda name, device: torch.bfloat16)
+    cfg = OmegaConf.merge(OmegaConf.structured(PipelineConfig),
+                          dict(kind="flux", path=str(flux_dir), device="cpu", dtype="bfloat16"))
+    pipe = DiffusionBackend.from_config(cfg).pipe
+    assert pipe.transformer.dtype == pipe.text_encoder_2.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.float32
+    decoder_inputs, last_step = [], []
+    pipe.vae.decoder.register_forward_pre_hook(lambda module, args: decoder_inputs.append(args[0].dtype))
+    step = pipe.scheduler.step
+
+    def keep_last(*args, **kwargs):
+        out = step(*args, **kwargs)
+        last_step[:] = [out[0]]
+        return out
+
+    monkeypatch.setattr(pipe.scheduler, "step", keep_last)
+    sampler = OmegaConf.merge(OmegaConf.structured(SamplerConfig),
+                              dict(steps=2, guidance_scale=3.5, height=SIZE, width=SIZE))
+    backend = DiffusionBackend(pipe, "flux", torch.device("cpu"), torch.bfloat16)
+    ours = backend.generate(PROMPTS, SEEDS, sampler, output_type="np")
+    packed = last_step[0]
+    assert packed.dtype == torch.bfloat16  # the sampler's own latents stay in the pipeline's dtype
+    assert decoder_inputs == [torch.float32] * len(PROMPTS)  # one image at a time, in float32
+
+    # independent: XLabs' unpack of x.float() and BFL's un-scaling, the stored VAE weights in float32
+    vae = AutoencoderKL.from_pretrained(flux_dir / "vae").eval()
+    assert vae.dtype == torch.float32
+    c, lh = packed.shape[-1] // 4, SIZE // pipe.vae_scale_factor
+    z = packed.float().reshape(len(PROMPTS), lh // 2, lh // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, lh, lh)
+    with torch.no_grad():
+        want = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
+        bf16 = vae.to(torch.bfloat16).decode((z / vae.config.scaling_factor + vae.config.shift_factor).bfloat16()).sample
+    as_np = lambda x: ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()  # noqa: E731
+    np.testing.assert_allclose(ours, as_np(want), atol=1e-6)
+    gap = np.abs(as_np(bf16) - as_np(want)).max()
+    assert gap > 1e-3, gap  # a bf16 decode would not pass the check above
+
+    pipe.vae.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="decodes in float32"):
+        decode_float32(pipe, packed, SIZE, SIZE)

@@ -83,6 +83,10 @@ class IPEncoderConfig:
     image_encoder_path: Optional[str] = None  # local overrides (not part of the cache key)
     adapter_path: Optional[str] = None
     dtype: Dtype = Dtype.float16
+    # Run the CLIP tower and the projection under torch.autocast in `dtype`, as the released SDXL
+    # get_ip_feat does (on CUDA: LayerNorm, softmax and the residual stream in float32, matmuls in
+    # `dtype`); no effect in float32. Identity: in the cache key when true (so older keys stay valid).
+    autocast: bool = False
     device: str = "auto"
     batch_size: int = 16
 

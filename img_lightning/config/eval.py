@@ -146,6 +146,8 @@ class GenerationConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     base: BaseImageConfig = field(default_factory=BaseImageConfig)
+    # IMG rounds read the stored images back for their features, so with img.rounds >= 1 only the
+    # lossless png is accepted (jpeg/webp would feed the aligner a compressed image).
     image_format: ImageFormat = ImageFormat.png
 
 

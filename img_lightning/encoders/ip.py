@@ -19,6 +19,12 @@ our tokens against ``pipe.load_ip_adapter`` + ``unet.encoder_hid_proj``. Images 
 the pipelines do: ``CLIPImageProcessor(size=S, crop_size=S)`` with ``S`` the tower's resolution
 (resize shortest side, centre crop, CLIP mean/std).
 
+Precision: both halves run in ``dtype``; with ``autocast`` (the SDXL recipes) under
+``torch.autocast`` in that dtype, as the released SDXL ``get_ip_feat`` runs its fp16 CLIP and
+resampler inside ``torch.cuda.amp.autocast()`` (on CUDA LayerNorm and softmax then run in float32,
+and the residual stream stays float32). The unconditional tokens are computed without it, as the
+demo's IP-Adapter class computes them.
+
 Unconditional tokens (the negative IP condition at inference) follow the released demos, per kind
 (``unconditional("auto")``): SDXL encodes an all-zero ``pixel_values`` tensor (IP-Adapter's
 ``generate_from_feat``, diffusers' SDXL ``encode_image``); FLUX encodes an all-black image through
@@ -91,7 +97,9 @@ class IPEncoder:
     """Images -> IP tokens ``[B, N, D]`` (float32, CPU)."""
 
     def __init__(self, kind: str, image_encoder, projection: torch.nn.Module, image_size: int,
-                 device: torch.device, dtype: torch.dtype, batch_size: int = 16) -> None:
+                 device: torch.device, dtype: torch.dtype, batch_size: int = 16, autocast: bool = False) -> None:
+        """``autocast``: run both halves under ``torch.autocast`` in ``dtype`` (the released SDXL
+        ``get_ip_feat``); nothing to do, so off, in float32."""
         from transformers import CLIPImageProcessor
 
         if kind not in KINDS:
@@ -100,6 +108,7 @@ class IPEncoder:
         self.device = device
         self.dtype = dtype
         self.batch_size = max(1, int(batch_size))
+        self.autocast = bool(autocast) and dtype in (torch.float16, torch.bfloat16)
         self.image_encoder = image_encoder.to(device=device, dtype=dtype).eval()
         self.projection = projection.to(device=device, dtype=dtype).eval()
         self.image_size = int(image_size)
@@ -129,7 +138,7 @@ class IPEncoder:
             raise ModelNotFoundError(f"cannot load the CLIP image encoder from {enc_dir}: {err}") from None
         projection = build_image_projection(cfg.kind, load_adapter_state_dict(ada_file)["image_proj"])
         return cls(cfg.kind, image_encoder, projection, image_encoder.config.image_size, device, dtype,
-                   cfg.batch_size)
+                   cfg.batch_size, autocast=cfg.autocast)
 
     # -- the two halves, separable so a pipeline can prepare batch i+1 while batch i runs ------
     def prepare(self, images: Sequence[Image.Image]) -> Tensor:
@@ -138,14 +147,15 @@ class IPEncoder:
         return self.processor(images=rgb, return_tensors="pt").pixel_values
 
     @torch.inference_mode()
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        """``pixel_values`` -> tokens ``[B, N, D]`` float32 on CPU."""
+    def forward(self, pixel_values: Tensor, autocast: bool = True) -> Tensor:
+        """``pixel_values`` -> tokens ``[B, N, D]`` float32 on CPU (``autocast=False``: never under autocast)."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        if self.kind == "sdxl_plus":
-            feats = self.image_encoder(pixel_values, output_hidden_states=True).hidden_states[-2]
-        else:
-            feats = self.image_encoder(pixel_values).image_embeds
-        return self.projection(feats).float().cpu()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast and autocast):
+            if self.kind == "sdxl_plus":
+                feats = self.image_encoder(pixel_values, output_hidden_states=True).hidden_states[-2]
+            else:
+                feats = self.image_encoder(pixel_values).image_embeds
+            return self.projection(feats).float().cpu()
 
     def encode(self, images: Sequence[Image.Image]) -> Tensor:
         if len(images) == 0:
@@ -166,7 +176,9 @@ class IPEncoder:
             pixels = self.prepare([Image.new("RGB", (self.image_size, self.image_size), (0, 0, 0))])
         else:
             raise ValueError(f"unknown negative IP image {mode!r}; use auto, zero_pixels or black")
-        return self.forward(pixels)[0]
+        # without autocast: the SDXL demo computes these in its IP-Adapter class (get_image_embeds_feat),
+        # not in get_ip_feat
+        return self.forward(pixels, autocast=False)[0]
 
 
 def build_ip_encoder(cfg: IPEncoderConfig) -> IPEncoder:

@@ -18,8 +18,10 @@ packing (``prepare_latents``), the schedule (the scheduler's ``set_timesteps(sig
 XLabs' ``time_shift`` of ``linspace(1, 0, steps + 1)``), the transformer with the adapter's IP
 attention (``FluxIPAdapterAttnProcessor``: ``img += scale * attn(q_img, k_ip, v_ip)`` after the
 double-stream block, XLabs' ``IPDoubleStreamBlockProcessor``), the Euler update (``scheduler.step``)
-and the VAE decode. With ``shift=diffusers``, start step 0 and equal IP scales it is FluxPipeline's
-own sampling (a test checks both against independent re-implementations).
+and the VAE decode, which runs in float32 as XLabs' ``ae.decode(unpack(x.float(), h, w))`` does (the
+VAE is loaded in float32; the rest of the pipeline in the configured dtype). With
+``shift=diffusers``, start step 0 and equal IP scales it is FluxPipeline's own sampling (a test
+checks both against independent re-implementations).
 
 Numerics that differ from the demo and cannot change a conclusion: the noise comes from a CPU
 generator per prompt (the demo draws it on the GPU), the Euler update accumulates in float32
@@ -73,6 +75,18 @@ def _predict(pipe: Any, latents: Tensor, sigma: Tensor, guidance: Optional[Tenso
     return pipe.transformer(hidden_states=latents, timestep=sigma, guidance=guidance, pooled_projections=pooled,
                             encoder_hidden_states=text, txt_ids=text_ids, img_ids=image_ids,
                             joint_attention_kwargs=kwargs, return_dict=False)[0]
+
+
+def decode_float32(pipe: Any, packed: Tensor, height: int, width: int) -> Tensor:
+    """XLabs' ``ae.decode(unpack(x.float(), h, w))``: un-scale, shift and decode in float32, with a
+    float32 VAE and no autocast (the latents of the bf16 sampler are upcast first, not the image after)."""
+    if pipe.vae.dtype != torch.float32:
+        raise ValueError(f"the FLUX VAE is in {pipe.vae.dtype}; XLabs decodes in float32: load the pipeline with "
+                         "dtype={'default': ..., 'vae': torch.float32} (DiffusionBackend does)")
+    latents = pipe._unpack_latents(packed.float(), height, width, pipe.vae_scale_factor)
+    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    with torch.autocast(latents.device.type, enabled=False):
+        return pipe.vae.decode(latents, return_dict=False)[0]
 
 
 @torch.no_grad()
@@ -131,9 +145,7 @@ def sample_flux(
                            ip.negative_scale if ip else 0.0)
             pred = neg + true_cfg_scale * (pred - neg)
         latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
-    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+    image = decode_float32(pipe, latents, height, width)
     out = pipe.image_processor.postprocess(image, output_type=output_type)
     pipe.maybe_free_model_hooks()
     return out

@@ -55,8 +55,12 @@ class DiffusionBackend:
         elif cfg.kind == "flux":
             from diffusers import FluxPipeline
 
+            # XLabs decodes in float32 with the autoencoder as stored (BFL's ae.safetensors is float32):
+            # the VAE is loaded in float32, everything else in the configured dtype.
+            common["dtype"] = {"default": dtype, "vae": torch.float32}
             pipe = from_pretrained(FluxPipeline.from_pretrained, "FLUX pipeline", cfg.model, cfg.path,
                          "generation.pipeline.path", **common)
+            pipe.vae.enable_slicing()  # one image at a time (as XLabs): a float32 decode at 1024² is large
         else:
             raise ValueError(f"generation.pipeline.kind must be 'sdxl' or 'flux', got '{cfg.kind}'")
         quiet_hf_progress()

@@ -31,6 +31,14 @@ def check_generation_config(cfg: Any) -> None:
                               "(SDXL's guidance_scale is already real CFG)")
     if s.true_cfg_start_step < 0:
         raise ConfigError(f"generation.sampler.true_cfg_start_step must be >= 0, got {s.true_cfg_start_step}")
+    fmt = getattr(cfg.generation.image_format, "value", cfg.generation.image_format)
+    if img.rounds >= 1 and fmt != "png":
+        # Round r reads round r-1's stored image (base for r = 1) to compute the MLLM and IP features;
+        # the demos compute them from the generated image itself. Only a lossless file is that image.
+        raise ConfigError(f"generation.image_format: {fmt} is lossy, and each IMG round computes the aligner's "
+                          f"inputs (MLLM and IP features) from the stored image of the round before (the base "
+                          f"image first), which would then differ from the generated one the released demos "
+                          f"use; use png (lossless), or img.rounds=0 for base images only")
 
 
 def check_pipeline(cfg: Any, problems: Problems, key: str = "generation.pipeline") -> None:

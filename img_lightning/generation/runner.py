@@ -8,7 +8,9 @@ Arms (folders under ``{run}/images/``), all with ``generation.sampler`` and one 
 - ``control``: exactly the re-generation settings at IP scale 0, so base -> control isolates any
   effect of those settings (negative prompt, FLUX's negative IP pass, adapter layers) from IMG's.
   With the released SDXL settings nothing else differs, so control reproduces base.
-Aligned tokens are saved per image under ``{run}/features/img_r{r}/`` (safetensors), so a resumed
+Round r computes its features from round r-1's stored image: a PNG, i.e. exactly the generated
+8-bit RGB image the released demos hand to the MLLM and the IP encoder (lossy formats are refused
+for IMG runs). Aligned tokens are saved per image under ``{run}/features/img_r{r}/`` (safetensors), so a resumed
 run does not reload the MLLM for images whose features exist.
 """
 

@@ -57,7 +57,7 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0) -> Path:
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
         latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035).eval()  # FLUX.1-dev's VAE factors
+        shift_factor=0.1159, scaling_factor=0.3611).eval()  # BFL's autoencoder factors (x-flux AutoEncoderParams)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae, text_encoder=clip,
                         tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
     out_dir.mkdir(parents=True, exist_ok=True)
