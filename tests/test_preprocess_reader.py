@@ -120,6 +120,16 @@ def test_empty_files_are_counted_and_discovery(tmp_path, fixture_file):
     assert list_parquet_files(str(tmp_path / "data" / "val*.parquet"))[0].endswith("validation-00000-of-00001-x.parquet")
     with pytest.raises(ReaderError, match="matches no parquet file"):
         list_parquet_files(str(tmp_path / "nothing-*.parquet"))
+    # a folder with other splits' shards only: never read as the asked split
+    others = tmp_path / "others"
+    for name in ("validation-00000-of-00001-x.parquet", "test_unique-00000-of-00001-y.parquet"):
+        write_pickapic_rows(others / name, [])
+    from img_lightning.parquet_files import SplitNotFoundError
+
+    with pytest.raises(SplitNotFoundError, match=r"\['test_unique', 'validation'\] but none of split 'train'"):
+        list_parquet_files(str(others), "train")
+    assert len(list_parquet_files(str(others), "validation")) == 1
+    assert len(list_parquet_files(str(others / "*.parquet"), "train")) == 2  # a glob is taken as given
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet")
     with pytest.raises(ReaderError, match="bad.parquet"):
