@@ -35,6 +35,46 @@ def test_metrics_by_hand():
     assert agg == {"rouge_l": 0.5, "token_f1": 0.5, "exact_match": 0.5, "n": 2}
 
 
+def _squad_v2(prediction, reference):
+    """SQuAD 2.0's official exact match and F1, written out from the script's documented steps."""
+    import re
+    import string
+    from collections import Counter
+
+    def norm(s):
+        s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+        return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+    pred, ref = norm(prediction).split(), norm(reference).split()
+    em = float(norm(prediction) == norm(reference))
+    if not pred or not ref:
+        return em, float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return em, 0.0
+    p, r = same / len(pred), same / len(ref)
+    return em, 2 * p * r / (p + r)
+
+
+def test_exact_match_and_token_f1_are_squads():
+    # punctuation is deleted, not replaced by a space
+    assert exact_match("don't add a hat", "dont add a hat") == 1.0
+    assert token_f1("don't add a hat", "dont add a hat") == 1.0
+    assert exact_match("black-and-white", "black and white") == 0.0
+    assert token_f1("black-and-white", "black and white") == 0.0  # one token 'blackandwhite' vs three
+    assert token_f1("make it black-and-white", "make it black and white") == pytest.approx(2 * (2 / 3) * (2 / 5) / (2 / 3 + 2 / 5))
+    # empty texts (also empty after normalisation) as SQuAD 2.0 scores them
+    assert exact_match("", "") == token_f1("", "") == 1.0
+    assert exact_match("...", "the") == token_f1("...", "the") == 1.0
+    assert exact_match("", "a hat") == token_f1("", "a hat") == token_f1("a hat", "") == 0.0
+    cases = [("Make the square RED!", "make square red"), ("an apple, a pear", "apple pear"),
+             ("theatre", "the atre"), ("add a 'hat'", "add hat"), ("it's (very) red", "its very red"),
+             ("add 2.5 cm", "add 25 cm"), ("red  \t blue", "red blue"), ("A", ""), ("make it red", "turn it red")]
+    for pred, ref in cases:
+        em, f1 = _squad_v2(pred, ref)
+        assert exact_match(pred, ref) == em and token_f1(pred, ref) == pytest.approx(f1), (pred, ref)
+
+
 def _judge_cfg(**kw):
     return OmegaConf.structured(JudgeConfig(enabled=True, **kw))
 
