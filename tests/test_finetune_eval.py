@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from finetune_utils import tiny_finetune_config
+from finetune_utils import tiny_finetune_config, tiny_finetune_overrides
 from img_lightning.config.finetune_mllm import JudgeConfig
 from img_lightning.finetune.judge import Judge, JudgeError, parse_verdict
 from img_lightning.finetune.metrics import aggregate, exact_match, lcs_length, rouge_l, token_f1
@@ -217,3 +217,68 @@ def test_eval_writes_metrics_page_and_answers_batched_like_single(tmp_path, tiny
                  f"eval.output={tmp_path / 'seed'}"]) == 0
     assert json.loads((tmp_path / "seed" / "metrics.json").read_text())["finetuned"]["n"] == 1
     assert main(["eval", *base_args]) == 2
+
+
+def _export_stub(folder, data, fraction=0.15, salt="img-finetune-heldout-v1", fingerprint=None, **blocks):
+    """An export folder's manifest (and, unless the folder exists, a stand-in config.json)."""
+    from img_lightning.finetune.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+    from img_lightning.finetune.triplets import scan_triplets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "config.json").exists():
+        (folder / "config.json").write_text("{}")
+    fingerprint = fingerprint or scan_triplets(str(data), fraction, salt).fingerprint
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, **blocks,
+                "data": {"heldout_fraction": fraction, "heldout_salt": salt, "fingerprint": fingerprint}}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return folder
+
+
+def test_eval_refuses_a_heldout_split_other_than_the_exports(tmp_path, tiny_llava_dir, capsys):
+    from img_lightning.cli.finetune_mllm import main
+    from img_lightning.finetune.evaluate import HeldoutMismatchError, run_eval
+    from preprocessing.demo_data import write_edit_triplets_parquet
+
+    data = tmp_path / "t.parquet"
+    write_edit_triplets_parquet(data, 24, seed=5)
+    export = _export_stub(tmp_path / "export", data)  # trained at fraction 0.15 with the default salt
+
+    def cfg(**kw):
+        return tiny_finetune_config(data, tiny_llava_dir, tmp_path, "ev", **{"eval.finetuned": str(export), **kw})
+
+    with pytest.raises(HeldoutMismatchError, match=r"data.heldout_fraction=0.3 here, 0.15 in .*img_finetune.json"):
+        run_eval(cfg(**{"data.heldout_fraction": 0.3}))
+    with pytest.raises(HeldoutMismatchError, match=r"data.heldout_salt='other' here, 'img-finetune-heldout-v1' in"):
+        run_eval(cfg(**{"data.heldout_salt": "other"}))
+    other = tmp_path / "other.parquet"
+    write_edit_triplets_parquet(other, 24, seed=6)
+    with pytest.raises(HeldoutMismatchError, match=r"data.input=.*other.parquet gives index fingerprint"):
+        run_eval(cfg(**{"data.input": str(other)}))
+    # the CLI: one line, exit 2
+    args = tiny_finetune_overrides(data, tiny_llava_dir, tmp_path, "ev", **{"eval.finetuned": str(export),
+                                                                           "data.heldout_salt": "other"})
+    assert main(["eval", *args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "heldout_salt" in err and "Traceback" not in err
+
+
+def test_eval_warns_when_the_export_was_trained_with_another_format_or_questions(tmp_path, tiny_llava_dir, caplog):
+    import shutil
+
+    from img_lightning.finetune.evaluate import run_eval
+    from preprocessing.demo_data import write_edit_triplets_parquet
+
+    data = tmp_path / "t.parquet"
+    write_edit_triplets_parquet(data, 24, seed=5)
+    export = tmp_path / "export"
+    shutil.copytree(tiny_llava_dir, export)
+    _export_stub(export, data, conversation={"prompt_format": "llava_v1", "image_mode": "pad"},
+                 questions={"name": "other", "sha256": "0" * 64})
+    cfg = tiny_finetune_config(data, tiny_llava_dir, tmp_path, "ev", **{
+        "eval.finetuned": str(export), "eval.base": False, "eval.limit": 1, "eval.max_new_tokens": 2})
+    with caplog.at_level("WARNING", logger="img_lightning"):
+        result = run_eval(cfg)
+    assert result.n == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("prompt_format: trained with 'llava_v1', now 'llava_v0'" in m for m in warned), warned
+    assert any("questions: trained with 'other'" in m for m in warned), warned
