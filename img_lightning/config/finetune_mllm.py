@@ -144,7 +144,9 @@ class FinetuneTrainerConfig:
 class FinetuneRunConfig:
     root: str = "runs"
     name: str = "img-finetune-mllm"  # run directory {root}/{name}: no timestamp (ranks, requeues)
-    seed: int = 42  # LoRA initialisation, dropout
+    # seed_everything at setup, LoRA's initialisation, and the dropout masks of every micro-batch
+    # (re-seeded from seed, rank and the batch's data position, so a resume draws the same masks)
+    seed: int = 42
     ckpt_path: Optional[str] = None  # "last": resume from the run's newest checkpoint if any
     export: bool = True  # write RUN/export (llava-hf / Qwen folder + img_finetune.json) at the end
     export_dtype: Dtype = Dtype.bfloat16  # dtype of the exported weights
@@ -270,6 +272,7 @@ FinetuneMLLMConfig.CHECKS = {  # type: ignore[attr-defined]  # value ranges, che
     "trainer.limit_val_batches": between(0.0, float("inf")),
     "trainer.checkpoint_every_n_steps": at_least(1),
     "run.export_dtype": one_of("float32", "float16", "bfloat16"),
+    "run.seed": non_negative,
     "run.torch_threads": optional(at_least(1)),
     "eval.limit": optional(at_least(1)),
     "eval.max_new_tokens": at_least(1),
