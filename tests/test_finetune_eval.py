@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from finetune_utils import tiny_finetune_config
+from finetune_utils import tiny_finetune_config, tiny_finetune_overrides
 from img_lightning.config.finetune_mllm import JudgeConfig
 from img_lightning.finetune.judge import Judge, JudgeError, parse_verdict
 from img_lightning.finetune.metrics import aggregate, exact_match, lcs_length, rouge_l, token_f1
@@ -33,6 +33,47 @@ def test_metrics_by_hand():
     agg = aggregate([{"rouge_l": 1.0, "token_f1": 0.5, "exact_match": 0.0},
                      {"rouge_l": 0.0, "token_f1": 0.5, "exact_match": 1.0}])
     assert agg == {"rouge_l": 0.5, "token_f1": 0.5, "exact_match": 0.5, "n": 2}
+
+
+def _squad_v2(prediction, reference):
+    """SQuAD 2.0's official exact match and F1, written out from the script's documented steps."""
+    import re
+    import string
+    from collections import Counter
+
+    def norm(s):
+        s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+        return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+    pred, ref = norm(prediction).split(), norm(reference).split()
+    em = float(norm(prediction) == norm(reference))
+    if not pred or not ref:
+        return em, float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return em, 0.0
+    p, r = same / len(pred), same / len(ref)
+    return em, 2 * p * r / (p + r)
+
+
+def test_exact_match_and_token_f1_are_squads():
+    # punctuation is deleted, not replaced by a space
+    assert exact_match("don't add a hat", "dont add a hat") == 1.0
+    assert token_f1("don't add a hat", "dont add a hat") == 1.0
+    assert exact_match("black-and-white", "black and white") == 0.0
+    assert token_f1("black-and-white", "black and white") == 0.0  # one token 'blackandwhite' vs three
+    p, r = 2 / 3, 2 / 5  # {make, it, blackandwhite} vs {make, it, black, and, white}
+    assert token_f1("make it black-and-white", "make it black and white") == pytest.approx(2 * p * r / (p + r))
+    # empty texts (also empty after normalisation) as SQuAD 2.0 scores them
+    assert exact_match("", "") == token_f1("", "") == 1.0
+    assert exact_match("...", "the") == token_f1("...", "the") == 1.0
+    assert exact_match("", "a hat") == token_f1("", "a hat") == token_f1("a hat", "") == 0.0
+    cases = [("Make the square RED!", "make square red"), ("an apple, a pear", "apple pear"),
+             ("theatre", "the atre"), ("add a 'hat'", "add hat"), ("it's (very) red", "its very red"),
+             ("add 2.5 cm", "add 25 cm"), ("red  \t blue", "red blue"), ("A", ""), ("make it red", "turn it red")]
+    for pred, ref in cases:
+        em, f1 = _squad_v2(pred, ref)
+        assert exact_match(pred, ref) == em and token_f1(pred, ref) == pytest.approx(f1), (pred, ref)
 
 
 def _judge_cfg(**kw):
@@ -177,3 +218,68 @@ def test_eval_writes_metrics_page_and_answers_batched_like_single(tmp_path, tiny
                  f"eval.output={tmp_path / 'seed'}"]) == 0
     assert json.loads((tmp_path / "seed" / "metrics.json").read_text())["finetuned"]["n"] == 1
     assert main(["eval", *base_args]) == 2
+
+
+def _export_stub(folder, data, fraction=0.15, salt="img-finetune-heldout-v1", fingerprint=None, **blocks):
+    """An export folder's manifest (and, unless the folder exists, a stand-in config.json)."""
+    from img_lightning.finetune.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+    from img_lightning.finetune.triplets import scan_triplets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "config.json").exists():
+        (folder / "config.json").write_text("{}")
+    fingerprint = fingerprint or scan_triplets(str(data), fraction, salt).fingerprint
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, **blocks,
+                "data": {"heldout_fraction": fraction, "heldout_salt": salt, "fingerprint": fingerprint}}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return folder
+
+
+def test_eval_refuses_a_heldout_split_other_than_the_exports(tmp_path, tiny_llava_dir, capsys):
+    from img_lightning.cli.finetune_mllm import main
+    from img_lightning.finetune.evaluate import HeldoutMismatchError, run_eval
+    from preprocessing.demo_data import write_edit_triplets_parquet
+
+    data = tmp_path / "t.parquet"
+    write_edit_triplets_parquet(data, 24, seed=5)
+    export = _export_stub(tmp_path / "export", data)  # trained at fraction 0.15 with the default salt
+
+    def cfg(**kw):
+        return tiny_finetune_config(data, tiny_llava_dir, tmp_path, "ev", **{"eval.finetuned": str(export), **kw})
+
+    with pytest.raises(HeldoutMismatchError, match=r"data.heldout_fraction=0.3 here, 0.15 in .*img_finetune.json"):
+        run_eval(cfg(**{"data.heldout_fraction": 0.3}))
+    with pytest.raises(HeldoutMismatchError, match=r"data.heldout_salt='other' here, 'img-finetune-heldout-v1' in"):
+        run_eval(cfg(**{"data.heldout_salt": "other"}))
+    other = tmp_path / "other.parquet"
+    write_edit_triplets_parquet(other, 24, seed=6)
+    with pytest.raises(HeldoutMismatchError, match=r"data.input=.*other.parquet gives index fingerprint"):
+        run_eval(cfg(**{"data.input": str(other)}))
+    # the CLI: one line, exit 2
+    args = tiny_finetune_overrides(data, tiny_llava_dir, tmp_path, "ev", **{"eval.finetuned": str(export),
+                                                                           "data.heldout_salt": "other"})
+    assert main(["eval", *args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "heldout_salt" in err and "Traceback" not in err
+
+
+def test_eval_warns_when_the_export_was_trained_with_another_format_or_questions(tmp_path, tiny_llava_dir, caplog):
+    import shutil
+
+    from img_lightning.finetune.evaluate import run_eval
+    from preprocessing.demo_data import write_edit_triplets_parquet
+
+    data = tmp_path / "t.parquet"
+    write_edit_triplets_parquet(data, 24, seed=5)
+    export = tmp_path / "export"
+    shutil.copytree(tiny_llava_dir, export)
+    _export_stub(export, data, conversation={"prompt_format": "llava_v1", "image_mode": "pad"},
+                 questions={"name": "other", "sha256": "0" * 64})
+    cfg = tiny_finetune_config(data, tiny_llava_dir, tmp_path, "ev", **{
+        "eval.finetuned": str(export), "eval.base": False, "eval.limit": 1, "eval.max_new_tokens": 2})
+    with caplog.at_level("WARNING", logger="img_lightning"):
+        result = run_eval(cfg)
+    assert result.n == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("prompt_format: trained with 'llava_v1', now 'llava_v0'" in m for m in warned), warned
+    assert any("questions: trained with 'other'" in m for m in warned), warned

@@ -69,7 +69,28 @@ def test_llava_hf_chat_template_answer_span(llava):
     enc = SampleEncoder.from_config(_cfg(llava, prompt_format="chat_template"))
     sample = enc.encode("k3", IMAGE, PROMPT, ANSWER)
     labelled = [t for t in sample.labels if t != IGNORE]
-    assert enc.tokenizer.decode(labelled).strip() == ANSWER
+    # llava-hf's template ends the assistant turn with a space; the EOS is supervised after the answer
+    assert enc.tokenizer.decode(labelled).strip() == f"{ANSWER}</s>"
+    guidance = GuidanceEncoder.from_config(_cfg(llava, prompt_format="chat_template"))
+    ids = guidance.prepare([IMAGE], [PROMPT], [guidance.question_index("k3")])["input_ids"][0].tolist()
+    first = next(i for i, t in enumerate(sample.labels) if t != IGNORE)
+    assert sample.input_ids[:first] == ids  # the prompt is still exactly the guidance encoder's
+
+
+@pytest.mark.parametrize("backend,fmt", [("llava", "llava_v0"), ("llava", "llava_v1"), ("llava", "chat_template"),
+                                         ("qwen2_5_vl", "chat_template")])
+def test_supervised_span_ends_with_an_end_of_turn_for_every_format(backend, fmt, tiny_llava_dir, tiny_qwen_dir):
+    """Without an end-of-turn token in the labels the model never learns to stop answering."""
+    path = tiny_llava_dir if backend == "llava" else tiny_qwen_dir
+    enc = SampleEncoder.from_config(_cfg(path, backend=backend, prompt_format=fmt,
+                                         image_mode="pad" if backend == "llava" else "processor"))
+    labelled = [t for t in enc.encode("k4", IMAGE, PROMPT, ANSWER).labels if t != IGNORE]
+    tok = enc.tokenizer
+    if fmt == "llava_v0":  # LLaVA's v0 separator; generation is cut there (SampleEncoder.end_of_turn)
+        assert tok.decode(labelled).endswith(f"{ANSWER}###") and enc.end_of_turn == "###"
+    else:  # EOS: generation stops on it
+        assert labelled[-1] == tok.eos_token_id and tok.decode(labelled[:-1]).strip() == ANSWER
+        assert enc.end_of_turn == tok.eos_token
 
 
 def test_question_choice_is_the_guidance_encoders_and_comes_from_the_question_file(llava, tmp_path):

@@ -72,6 +72,22 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(triplets, tiny_llava_d
     assert len(epoch0) == len(set(epoch0))  # within an epoch every sample at most once
 
 
+def test_lora_dropout_masks_are_seeded_so_a_resume_is_exact(triplets, tiny_llava_dir, tmp_path):
+    # LoRA dropout 0.5: the masks are drawn from (run.seed, rank, epoch, position), never from a
+    # generator state a restart would lose
+    extra = {"finetune.method": "lora", "finetune.lora.r": 4, "finetune.lora.alpha": 8, "finetune.lora.dropout": 0.5,
+             "optim.lr": 2e-3, "trainer.max_steps": 4, "trainer.checkpoint_every_n_steps": 2, "run.export": False}
+    run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "straight", **extra))
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "killed", **extra), [CrashAt(3)])
+    torch.rand(7)  # whatever the process's generators did in between
+    run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "killed", **{**extra, "run.ckpt_path": "last"}))
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "killed")
+    assert a["global_step"] == b["global_step"] == 4
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0, msg=k)
+
+
 def test_run_directory_tensorboard_summary_and_export(triplets, tiny_llava_dir, tmp_path):
     cfg = tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "run", **{"trainer.max_steps": 12})
     result = run_finetune(cfg)
@@ -131,6 +147,15 @@ def test_lora_trains_adapters_and_projector_only_and_merges_on_export(triplets, 
     assert not torch.equal(merged[q], base[q])  # the adapters changed the weights
     tower = next(k for k in base if "vision_tower" in k and "layers.0.self_attn.q_proj.weight" in k)
     assert torch.equal(merged[tower], base[tower])  # the tower is frozen
+    # the merge is checked: the training job on a text probe, `img-finetune-mllm export` on held-out samples
+    check = read_manifest(result.export_dir)["merge_check"]
+    assert check["input"].startswith("text-only probe") and check["max_abs_logit_diff"] < 1e-3
+    from img_lightning.finetune.offline import export_checkpoint
+
+    cfg = tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "lora", **extra)
+    check = read_manifest(export_checkpoint(cfg, None, str(tmp_path / "again")))["merge_check"]
+    assert check["input"] == "held-out batch" and check["samples"] == 4 and check["positions"] >= 4
+    assert check["max_abs_logit_diff"] < 1e-3 and check["top1_agreement"] == 1.0
 
 
 def test_qwen_trains_and_exports_with_its_chat_template(triplets, tiny_qwen_dir, tmp_path):

@@ -134,8 +134,11 @@ def chat_template_prompt(processor: Any, question: str) -> str:
 def chat_template_conversation(processor: Any, question: str, answer: str) -> Rendered:
     """The prompt plus the assistant's answer; the answer span starts right after the generation
     prompt (spaces the template puts before the answer, as llava-hf's ``ASSISTANT: ``, belong to
-    it, as in LLaVA's own formats) and ends after the tokenizer's EOS text when the template closes
-    the turn with it (Qwen's ``<|im_end|>``)."""
+    it, as in LLaVA's own formats) and ends after the tokenizer's EOS text. When the template closes
+    the turn with it (Qwen's ``<|im_end|>``) that is the template's own; when it does not
+    (llava-hf's template ends the turn with a space), the EOS is put right after the answer, as
+    LLaVA's own v1 conversation ends a turn with ``</s>``: a model never shown an end of turn never
+    learns to stop."""
     prompt = chat_template_prompt(processor, question)
     messages = _user_message(question) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     text = processor.apply_chat_template(messages, tokenize=False)
@@ -146,8 +149,14 @@ def chat_template_conversation(processor: Any, question: str, answer: str) -> Re
                               "its answer tokens cannot be located")
     end = start + gap + len(answer)
     eos = getattr(getattr(processor, "tokenizer", processor), "eos_token", None)
-    if eos and text[end:].lstrip(" ").startswith(eos):
+    if not eos:
+        raise UserError("the tokenizer has no EOS token, so an answer's end of turn cannot be supervised with "
+                        "prompt_format=chat_template; use a LLaVA conversation format (llava_v0, llava_v1)")
+    if text[end:].lstrip(" ").startswith(eos):
         end = text.index(eos, end) + len(eos)
+    else:
+        text = text[:end] + eos + text[end:]
+        end += len(eos)
     return Rendered(text=text, prompt_end=start, answer_end=end)
 
 

@@ -13,6 +13,7 @@ Modules, one job each:
 * :mod:`.plan`, :mod:`.loader`, :mod:`.datamodule` - rank/epoch plan, reader threads, exact resume;
 * :mod:`.module`, :mod:`.strategy`, :mod:`.training` - LightningModule, FSDP/DDP, the job;
 * :mod:`.export`, :mod:`.manifest` - llava-hf / Qwen folder + manifest (cache-key identity);
+* :mod:`.merge` - LoRA merged from float32 sums, rounded once to the export dtype, and checked;
 * :mod:`.evaluate`, :mod:`.metrics`, :mod:`.judge`, :mod:`.report` - ``img-finetune-mllm eval``;
 * :mod:`.memory` - the memory arithmetic of the full recipe.
 

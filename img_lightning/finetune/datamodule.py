@@ -125,6 +125,16 @@ class EditTripletDataModule(L.LightningDataModule):
                         world_size=self._world_size())
         return self._loader(plan)
 
+    def check_batch(self, max_samples: int = 4) -> Optional[dict[str, Any]]:
+        """A held-out batch of the first ``max_samples`` held-out samples, model inputs and labels
+        only: what the export's LoRA merge check runs on (small: an export may run on CPU). None
+        without held-out samples."""
+        if self.val_ids is None or len(self.val_ids) == 0:
+            return None
+        plan = EvalPlan(self.val_ids[:max_samples], batch_size=max_samples, rank=0, world_size=1)
+        batch = self._loader(plan).make_batch(next(iter(plan)))
+        return {k: v for k, v in batch.items() if k not in ("keys", "skipped", "epoch", "position")}
+
     # ------------------------------------------------------------------ position and skips
     def _next_pass(self) -> tuple[int, int]:
         """``(epoch, first batch)`` of a new training pass."""

@@ -30,6 +30,7 @@ from ..atomic import atomic_write, atomic_write_json
 from ..config.loading import ConfigError, to_container
 from ..errors import UserError
 from ..run_dir import run_directory
+from .manifest import MANIFEST_NAME, read_manifest, warn_if_trained_otherwise
 from .metrics import aggregate, score
 from .samples import SampleEncoder
 from .seed_edit import EvalCase, read_seed_edit_sample
@@ -50,12 +51,47 @@ def _value(x: Any) -> str:
     return str(getattr(x, "value", x))
 
 
+class HeldoutMismatchError(UserError, ValueError):
+    """The eval config's held-out split is not the one the finetuned export was trained with."""
+
+
 # -- cases ------------------------------------------------------------------------------------------
-def heldout_cases(data_cfg: Any, limit: Optional[int]) -> tuple[list[EvalCase], dict[str, int]]:
-    """The held-out triplets of ``data`` (same split as training), ordered by sha256 of their key."""
+def check_heldout_split(data_cfg: Any, manifest: Optional[dict], folder: Path,
+                        fingerprint: Optional[str] = None) -> None:
+    """Refuse a held-out split other than the export's (its manifest's ``data`` block): another
+    fraction, salt or data (fingerprint) would put training triplets among the held-out cases.
+    ``fingerprint``: the index fingerprint of ``data.input`` (checked once the data is scanned)."""
+    if manifest is None:
+        log.warning("%s has no %s: cannot check that data.heldout_fraction/heldout_salt/input give the held-out "
+                    "split it was trained with", folder, MANIFEST_NAME)
+        return
+    trained = manifest.get("data", {})
+    where = folder / MANIFEST_NAME
+    problems = []
+    for key in ("heldout_fraction", "heldout_salt"):
+        if key in trained and trained[key] != data_cfg[key]:
+            problems.append(f"data.{key}={data_cfg[key]!r} here, {trained[key]!r} in {where}")
+    if fingerprint is not None and trained.get("fingerprint") and trained["fingerprint"] != fingerprint:
+        problems.append(f"data.input={data_cfg.input} gives index fingerprint {fingerprint[:12]}..., the export was "
+                        f"trained on {trained['fingerprint'][:12]}...")
+    if problems:
+        raise HeldoutMismatchError(
+            "the held-out split is not the one the finetuned model was trained with (" + "; ".join(problems) +
+            "): its held-out cases could be training samples. Evaluate with the data.input, data.heldout_fraction "
+            "and data.heldout_salt of its training config, or a SEED-Data-Edit sample (eval.source=seed_data_edit)")
+
+
+def heldout_cases(data_cfg: Any, limit: Optional[int], manifest: Optional[dict] = None,
+                  folder: Optional[Path] = None) -> tuple[list[EvalCase], dict[str, int]]:
+    """The held-out triplets of ``data`` (same split as training), ordered by sha256 of their key.
+    With ``folder`` (the finetuned export) the split is checked against its ``manifest``."""
     from .triplets import CorruptImage, RowGroupImages, decode_image, scan_triplets
 
+    if folder is not None:
+        check_heldout_split(data_cfg, manifest, folder)  # before the scan: the cheap part
     index = scan_triplets(data_cfg.input, data_cfg.heldout_fraction, data_cfg.heldout_salt)
+    if folder is not None and manifest is not None:
+        check_heldout_split(data_cfg, manifest, folder, fingerprint=index.fingerprint)
     ids = sorted(index.heldout_ids.tolist(), key=lambda i: hashlib.sha256(index.keys[i].encode()).hexdigest())
     if not ids:
         raise UserError(f"data.input={data_cfg.input} has no held-out triplets at data.heldout_fraction="
@@ -78,13 +114,15 @@ def heldout_cases(data_cfg: Any, limit: Optional[int]) -> tuple[list[EvalCase], 
     return cases, skipped
 
 
-def load_cases(cfg: Any) -> tuple[list[EvalCase], dict[str, int]]:
+def load_cases(cfg: Any, finetuned: Optional[Path] = None) -> tuple[list[EvalCase], dict[str, int]]:
+    """The cases of ``eval.source``; held-out ones are checked against the export ``finetuned``."""
     source = _value(cfg.eval.source)
     if source == "seed_data_edit":
         if not cfg.eval.input:
             raise ConfigError("eval.source=seed_data_edit needs eval.input=FILE (a .jsonl/.json SEED-Data-Edit sample)")
         return read_seed_edit_sample(cfg.eval.input, cfg.eval.image_root, cfg.eval.limit)
-    return heldout_cases(cfg.data, cfg.eval.limit)
+    manifest = read_manifest(finetuned) if finetuned is not None else None
+    return heldout_cases(cfg.data, cfg.eval.limit, manifest, finetuned)
 
 
 # -- generation -------------------------------------------------------------------------------------
@@ -168,9 +206,11 @@ def run_eval(cfg: Any, judge_transport: Any = None, progress: bool = False) -> E
     source = _value(cfg.eval.source)
     out_dir = Path(cfg.eval.output) if cfg.eval.output else run_directory(cfg.run) / "eval" / source
     models = {"finetuned": finetuned_config(cfg)}
+    finetuned = Path(str(models["finetuned"].path))
+    warn_if_trained_otherwise(models["finetuned"], finetuned)  # prompt format, image mode, question file
     if cfg.eval.base:
         models = {"base": OmegaConf.create(to_container(cfg.mllm)), **models}
-    cases, skipped = load_cases(cfg)
+    cases, skipped = load_cases(cfg, finetuned)
     if not cases:
         raise UserError(f"no usable evaluation cases ({source}; skipped: {skipped})")
     log.info("evaluating %d cases (%s) with %s", len(cases), source, ", ".join(models))

@@ -5,6 +5,11 @@ The folder is what transformers' ``save_pretrained`` writes for the model class 
 safetensors shards, ``generation_config.json``) plus the base model's processor, and the manifest
 ``img_finetune.json`` (:mod:`.manifest`) with the sha256 of every weight file. It is written into
 a hidden temporary folder and renamed when complete, so a reader never sees half an export.
+
+A LoRA model is merged here, where the export dtype is known (:mod:`.merge`: float32 sums rounded
+once to ``dtype``), and the manifest's ``merge_check`` records how much the merge changed the
+logits of one batch. A weight that is not finite in ``dtype`` (float16 overflows above 65504) is
+refused, never written.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from ..errors import NonFiniteError
 from ..models import resolve_dtype
 from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
+from .merge import is_lora, merge_for_export
 
 
 def file_sha256(path: Path) -> str:
@@ -31,17 +38,23 @@ def file_sha256(path: Path) -> str:
 
 
 def export_model(model: torch.nn.Module, processor: Any, out_dir: str | Path, manifest: Mapping[str, Any],
-                 dtype: str = "bfloat16", state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
-    """Write ``model`` (a plain transformers model; LoRA already merged) with ``processor`` and the
-    manifest into ``out_dir``. ``state_dict``: the full weights when the model's own are sharded
-    (FSDP gathers them on rank 0). Returns ``out_dir``."""
+                 dtype: str = "float16", state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+                 check_batch: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``model`` (a transformers model, or a PEFT LoRA one, merged here) with ``processor``
+    and the manifest into ``out_dir``. ``state_dict``: the full weights when the model's own are
+    sharded (FSDP gathers them on rank 0). ``check_batch``: the held-out batch the LoRA merge is
+    checked on (default: a text probe). Returns ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     target = resolve_dtype(dtype)
+    extra: dict[str, Any] = {}
+    if is_lora(model):
+        model, extra["merge_check"] = merge_for_export(model, target, check_batch, processor)
     source = state_dict if state_dict is not None else model.state_dict()
     weights = {k: (v.detach().to(target) if v.is_floating_point() else v.detach()) for k, v in source.items()}
+    check_finite(weights, dtype)
     config = model.config
     use_cache = getattr(config, "use_cache", None)
     try:
@@ -53,7 +66,7 @@ def export_model(model: torch.nn.Module, processor: Any, out_dir: str | Path, ma
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True, max_shard_size="5GB")
         processor.save_pretrained(tmp)
         files = sorted(p.name for p in tmp.glob("*.safetensors"))
-        full = {**manifest, "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dtype": dtype,
+        full = {**manifest, **extra, "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dtype": dtype,
                 "weights": {name: file_sha256(tmp / name) for name in files}}
         (tmp / MANIFEST_NAME).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         if out_dir.exists():
@@ -65,6 +78,14 @@ def export_model(model: torch.nn.Module, processor: Any, out_dir: str | Path, ma
     finally:
         config.use_cache = use_cache
     return out_dir
+
+
+def check_finite(weights: Mapping[str, torch.Tensor], dtype: str) -> None:
+    """Refuse a weight with NaN/Inf (a float16 export overflows above 65504), naming it."""
+    for name, value in weights.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(f"the exported weight {name} is not finite in {dtype}: export with "
+                                 f"run.export_dtype=float32 (or bfloat16, float32's range at less precision)")
 
 
 def plain_model(config: Any, backend: str, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:

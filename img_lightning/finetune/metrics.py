@@ -1,12 +1,15 @@
 """Text metrics of a generated edit instruction against the reference one.
 
-* **exact match** and **token F1** use SQuAD's answer normalisation (lower case, punctuation and
-  the articles a/an/the removed, whitespace collapsed); token F1 is the F1 of the two bags of tokens.
+* **exact match** and **token F1** follow SQuAD's official evaluation script: lower case, every
+  ASCII punctuation character deleted (``don't`` -> ``dont``, ``black-and-white`` ->
+  ``blackandwhite``), the whole words a/an/the removed, whitespace collapsed; token F1 is the F1 of
+  the two bags of whitespace tokens.
 * **ROUGE-L** is the F-measure (beta = 1) of the longest common subsequence of the two token
   sequences, with the tokenisation of the reference ``rouge-score`` package without stemming:
   lower case, runs of ``[a-z0-9]``.
 
-Every metric is in [0, 1]; two empty texts score 1, one empty text scores 0.
+Every metric is in [0, 1]; as in SQuAD 2.0's script, two texts that are empty after
+normalisation score 1, one empty text scores 0.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+_PUNCT = str.maketrans("", "", string.punctuation)  # deleted, not replaced by a space (SQuAD)
 _ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
 
 
 def normalize(text: str) -> str:
+    """SQuAD's ``normalize_answer``: lower case, punctuation deleted, articles removed, whitespace collapsed."""
     text = text.lower().translate(_PUNCT)
     return " ".join(_ARTICLES.sub(" ", text).split())
 

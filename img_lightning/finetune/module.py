@@ -8,6 +8,12 @@ Loss: the language model's hidden states are computed once, and ``lm_head`` runs
 positions that predict an answer token - the logits of a 2048-token batch over a 32K vocabulary
 (~4 GB in float32 at batch 16) are never materialised. The loss is the mean over the answer
 tokens of the micro-batch, as LLaVA's trainer computes it.
+
+Randomness: ``run.seed`` seeds everything at setup (``seed_everything``) and LoRA's initialisation;
+the torch generators are re-seeded before every training micro-batch from ``(run.seed, rank,
+data epoch, batch position)``, so LoRA's dropout masks are a pure function of the sample position:
+a resumed run draws the masks an uninterrupted one would have, with no generator state to
+checkpoint (Lightning does not save it).
 """
 
 from __future__ import annotations
@@ -49,6 +55,16 @@ class MLLMFinetuneModule(L.LightningModule):
         self.strict_loading = self.sharded
         self.val_loss = MeanMetric()
         self._batch_keys: list[str] = []
+
+    # ------------------------------------------------------------------ randomness
+    def setup(self, stage: str) -> None:
+        L.seed_everything(int(self.hparams["seed"]), workers=False, verbose=False)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Dropout masks from ``(seed, rank, epoch, position)``: the same after a resume."""
+        if "epoch" in batch and "position" in batch:
+            torch.manual_seed(batch_seed(int(self.hparams["seed"]), self.global_rank, int(batch["epoch"]),
+                                         int(batch["position"])))
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -194,3 +210,10 @@ class MLLMFinetuneModule(L.LightningModule):
         warmup = math.ceil(float(cfg.warmup_ratio) * total)
         scheduler = build_scheduler(optimizer, str(getattr(cfg.schedule, "value", cfg.schedule)), warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def batch_seed(seed: int, rank: int, epoch: int, position: int) -> int:
+    """A 63-bit torch seed for one micro-batch (numpy's SeedSequence mixes the four numbers)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank, epoch, position]).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -25,9 +25,10 @@ def export_checkpoint(cfg: Any, checkpoint: Optional[str] = None, out: Optional[
     from transformers import AutoProcessor
 
     from ..encoders.mllm import mllm_folder
+    from ..models import resolve_device
     from .datamodule import EditTripletDataModule
     from .export import export_model, load_sharded_checkpoint
-    from .model import merged_for_export
+    from .merge import is_lora
     from .module import MLLMFinetuneModule
     from .training import apply_torch_threads, export_manifest
 
@@ -60,5 +61,7 @@ def export_checkpoint(cfg: Any, checkpoint: Optional[str] = None, out: Optional[
     manifest["training"]["checkpoint"] = str(path)
     target = Path(out) if out else run_dir / "export"
     processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm, key="mllm"))
-    model = merged_for_export(module.model)
-    return export_model(model, processor, target, manifest, dtype=str(cfg.run.export_dtype))
+    if is_lora(module.model):  # the merge check runs two forwards: on mllm.device (a GPU when there is one)
+        module.model.to(resolve_device(str(cfg.mllm.device)))
+    return export_model(module.model, processor, target, manifest, dtype=str(cfg.run.export_dtype),
+                        check_batch=datamodule.check_batch())

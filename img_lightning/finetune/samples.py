@@ -5,7 +5,8 @@ the edited prompt; the conversation, token ids and pixels come from the same fun
 guidance encoder uses (:mod:`..encoders.conversation`, :func:`..encoders.mllm.prepare_image`), so
 the finetuned model is trained on the very text and ids it is later read with. Labels are the
 answer tokens plus the end of turn (``###`` for ``llava_v0``, ``</s>`` for ``llava_v1``, the
-template's EOS for ``chat_template``); everything else is ``IGNORE``.
+tokenizer's EOS for ``chat_template``: the template's own, as Qwen's ``<|im_end|>``, or put after
+the answer when the template closes the turn without one, as llava-hf's); everything else is ``IGNORE``.
 """
 
 from __future__ import annotations
