@@ -49,17 +49,16 @@ def test_lora_merge_rounds_the_float32_sum_once_to_the_export_dtype(tiny_llava_d
     from transformers import AutoProcessor
 
     from img_lightning.finetune.export import export_model
-    from img_lightning.finetune.model import merged_for_export
 
     model, expected = _lora_model(tiny_llava_dir, tmp_path)
     tower = {k: v.detach().clone() for k, v in model.named_parameters() if "vision_tower" in k}
-    # the training job's export path: merged_for_export, then export_model, checked on a batch with images
+    # the training job's export path: export_model on the trained (LoRA) model, checked on a batch with images
     # (a bf16 tower under float16 autocast must not mix the two half types)
     encoder = SampleEncoder.from_config(tiny_finetune_config(tmp_path / "unused.parquet", tiny_llava_dir, tmp_path,
                                                              "m").mllm)
     batch = encoder.collate([encoder.encode(k, Image.new("RGB", (40, 30), c), "a red square", "make it red")
                              for k, c in (("a", (200, 0, 0)), ("b", (0, 0, 200)))])
-    out = export_model(merged_for_export(model), AutoProcessor.from_pretrained(tiny_llava_dir), tmp_path / "export",
+    out = export_model(model, AutoProcessor.from_pretrained(tiny_llava_dir), tmp_path / "export",
                        {}, dtype="float16", check_batch=batch)
     written = load_file(out / "model.safetensors")
     assert expected and all(v.dtype == torch.float16 for v in written.values())
@@ -84,11 +83,10 @@ def test_float32_export_keeps_the_update_exactly_and_float16_overflow_is_refused
     from transformers import AutoProcessor
 
     from img_lightning.finetune.export import export_model
-    from img_lightning.finetune.model import merged_for_export
 
     model, expected = _lora_model(tiny_llava_dir, tmp_path)
     processor = AutoProcessor.from_pretrained(tiny_llava_dir)
-    written = load_file(export_model(merged_for_export(model), processor, tmp_path / "f32", {}, dtype="float32")
+    written = load_file(export_model(model, processor, tmp_path / "f32", {}, dtype="float32")
                         / "model.safetensors")
     for key, (base, delta) in expected.items():
         assert torch.equal(written[_on_disk(written, key, "language_model")], base + delta), key

@@ -345,3 +345,22 @@ def test_trains_from_bf16_guidance_beside_fp16_ip_tokens(tmp_path):
     state = _final_state(tmp_path / "mixed")
     assert state["global_step"] == 4 and result.exports
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_one_swap_decision_per_optimizer_step_with_gradient_accumulation(caches, tmp_path, monkeypatch):
+    """With accumulation, the reference-swap rule decides once per optimizer step, on the distances
+    of the whole global batch, never on the micro-batches before the first step."""
+    from img_lightning.module import AlignerModule
+
+    train, _, key = caches
+    decided = []
+    original = AlignerModule.pop_swap_distances
+
+    def spy(self):
+        decided.append(self.trainer.global_step)
+        return original(self)
+
+    monkeypatch.setattr(AlignerModule, "pop_swap_distances", spy)
+    run_training(tiny_config(train, key, tmp_path, "acc", **{"trainer.max_steps": 4, "trainer.accumulate_grad_batches": 2,
+                                                              "trainer.checkpoint_every_n_steps": 2}))
+    assert decided == [1, 2, 3, 4]

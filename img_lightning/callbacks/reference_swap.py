@@ -38,7 +38,8 @@ class ReferenceSwap(Callback):
         self.streak = 0
         self.swaps = 0
         self.last_swap_step = -1
-        self._seen_step = -1
+        # the optimizer step last decided on; global_step 0 means no step yet (accumulating micro-batches)
+        self._seen_step = 0
 
     @property
     def state_key(self) -> str:

@@ -117,9 +117,3 @@ def build_trainable_model(mllm_cfg: Any, ft_cfg: Any, sharded: bool, seed: int =
     return model
 
 
-def merged_for_export(model: nn.Module) -> nn.Module:
-    """The model to hand to :func:`.export.export_model`, which merges LoRA adapters itself: only
-    it knows the export dtype, and the merge must round the float32 sum of base and update once,
-    to that dtype (:mod:`.merge`), not add the update to the bf16 base in place as PEFT's
-    ``merge_and_unload`` does. Returns ``model`` unchanged."""
-    return model

@@ -163,19 +163,19 @@ def export_trained(cfg: Any, module: MLLMFinetuneModule, datamodule: EditTriplet
 
     from ..encoders.mllm import mllm_folder
     from .export import export_model, full_state_dict_fsdp, plain_model
-    from .model import merged_for_export
 
     if module.sharded:  # every rank takes part in gathering the shards; rank 0 gets the full weights
         state = full_state_dict_fsdp(trainer.strategy.model)
         model = plain_model(module.core.config, module.backend, state) if state is not None else None
     else:
-        model = merged_for_export(module.model) if trainer.is_global_zero else None
+        model = module.model if trainer.is_global_zero else None  # a LoRA model is merged by export_model
     if not trainer.is_global_zero:
         return None
     processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm, key="mllm"))
     manifest = export_manifest(cfg, datamodule, trainer.global_step, trainer.world_size,
                                trainer.accumulate_grad_batches, metrics)
-    path = export_model(model, processor, out_dir, manifest, dtype=str(cfg.run.export_dtype))
+    path = export_model(model, processor, out_dir, manifest, dtype=str(cfg.run.export_dtype),
+                        check_batch=datamodule.check_batch())
     log.info("exported the finetuned MLLM to %s", path)
     return path
 
