@@ -261,6 +261,19 @@ def checkpoint_dims(path: str | Path) -> dict[str, int]:
     return found
 
 
+def recorded_passes(path: str | Path) -> Optional[int]:
+    """The inference passes an export was trained for (``model.passes`` in its ``.json`` sidecar);
+    None for a bare released ``.pth`` or an unreadable sidecar."""
+    import json
+
+    sidecar = Path(path).with_suffix(".json")
+    try:
+        value = json.loads(sidecar.read_text(encoding="utf-8")).get("passes") if sidecar.is_file() else None
+        return int(value) if value is not None else None
+    except (ValueError, TypeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
 def _dim_head_from_heads(state_dict: Mapping[str, Tensor], heads: int, path: str | Path) -> int:
     inner = int(state_dict["layers.0.0.to_q.weight"].shape[0]) if "layers.0.0.to_q.weight" in state_dict else 0
     if heads <= 0 or not inner or inner % heads:

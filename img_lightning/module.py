@@ -21,7 +21,7 @@ from .errors import NonFiniteError
 from .log_steps import is_logging_step
 from .objective import preference_objective, squared_distance
 
-_TRAIN_LOGS = ("loss", "base", "pref", "dpo_margin", "spin_margin", "implicit_acc", "ref_acc")
+_TRAIN_LOGS = ("loss", "base", "pref", "dpo_margin", "spin_margin", "implicit_acc", "closer_to_winner", "ref_acc")
 
 
 def _build_aligner(model_cfg: Any, seed: int) -> ImplicitAligner:
@@ -67,7 +67,7 @@ class AlignerModule(L.LightningModule):
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._batch_index: Tensor | None = None
         self.val_metrics = torch.nn.ModuleDict(
-            {k: MeanMetric() for k in ("base", "pref", "implicit_acc", "identity", "ref_base")}
+            {k: MeanMetric() for k in ("base", "pref", "implicit_acc", "closer_to_winner", "identity", "ref_base")}
         )
 
     def setup(self, stage: str) -> None:
@@ -128,6 +128,7 @@ class AlignerModule(L.LightningModule):
             "base": out["base"],
             "pref": out["pref"],
             "implicit_acc": out["implicit_acc"],
+            "closer_to_winner": out["closer_to_winner"],
             "identity": identity,
             "ref_base": out["dist_win_ref"].mean(),
         }

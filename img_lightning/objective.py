@@ -48,8 +48,13 @@ def preference_objective(
         lose: ``c_l``, the losing image's IP features (also the aligner's input).
 
     Returns a dict of scalars (batch means) ``loss``, ``base``, ``pref``, ``dpo_margin``,
-    ``spin_margin``, ``implicit_acc``, ``ref_acc`` and per-sample ``dist_win`` / ``dist_win_ref``
-    (detached), which the reference-swap rule compares.
+    ``spin_margin``, ``implicit_acc``, ``closer_to_winner``, ``ref_acc`` and per-sample ``dist_win``
+    / ``dist_win_ref`` (detached), which the reference-swap rule compares.
+
+    ``implicit_acc`` is Diffusion-DPO's: the share of pairs whose DPO margin is positive (f_theta's
+    likelihood ratio over f_ref favours the winner). ``closer_to_winner`` is the share whose output
+    is nearer the winner's features than the loser's; since the aligner starts as the identity on
+    the loser's features, it stays 0 until outputs move more than halfway to the winners.
     """
     ref_pred = ref_pred.detach()
     d_w = squared_distance(win, pred, reduction)
@@ -70,7 +75,8 @@ def preference_objective(
         # Margins are reported as log-likelihood ratios (positive = f_theta prefers the winner).
         "dpo_margin": (-dpo).detach().mean(),
         "spin_margin": (-spin).detach().mean(),
-        "implicit_acc": (d_w < d_l).float().mean().detach(),
+        "implicit_acc": (dpo < 0).float().mean().detach(),
+        "closer_to_winner": (d_w < d_l).float().mean().detach(),
         "ref_acc": (d_w < d_w_ref).float().mean().detach(),
         "dist_win": d_w.detach(),
         "dist_win_ref": d_w_ref.detach(),

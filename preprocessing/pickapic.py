@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "image_0_uid", "image_1_uid")
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
-OPTIONAL_COLUMNS = ("has_label", "are_different", "ranking_id", "model_0", "model_1")
+OPTIONAL_COLUMNS = ("has_label", "are_different", "ranking_id", "model_0", "model_1", "best_image_uid")
 
 
 class ReaderError(UserError, ValueError):
@@ -56,6 +56,8 @@ class ReaderStats:
     unlabelled: int = 0
     ties_dropped: int = 0
     bad_labels: int = 0
+    # the labels name one image, best_image_uid another: the preference is not known, so never kept
+    label_uid_mismatch: int = 0
     not_different: int = 0
     empty_captions: int = 0
     same_image: int = 0
@@ -65,6 +67,15 @@ class ReaderStats:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _is_false(value) -> bool:
+    """``has_label`` says no, however the column is typed (bool, 0/1, "false")."""
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return value.strip().lower() in ("false", "0", "no")
+    return not bool(value)
 
 
 @dataclass
@@ -155,7 +166,7 @@ def scan_pairs(spec: str | Sequence[str], split: Optional[str] = "train", drop_t
             if caption is None or l0 is None or l1 is None or u0 is None or u1 is None:
                 stats.missing_values += 1
                 continue
-            if "has_label" in table and table["has_label"][r] is False:
+            if "has_label" in table and _is_false(table["has_label"][r]):
                 stats.unlabelled += 1
                 continue
             if l0 == 0.5 and l1 == 0.5:
@@ -175,6 +186,10 @@ def scan_pairs(spec: str | Sequence[str], split: Optional[str] = "train", drop_t
                 continue
             winner_index = 0 if l0 == 1.0 else 1
             winner, loser = (u0, u1) if winner_index == 0 else (u1, u0)
+            best = table["best_image_uid"][r] if "best_image_uid" in table else None
+            if best and best != winner:
+                stats.label_uid_mismatch += 1
+                continue
             pid = pair_id_of(caption, winner, loser)
             if pid in seen:
                 stats.duplicates += 1

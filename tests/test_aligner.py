@@ -172,6 +172,26 @@ def test_dims_come_from_the_checkpoints_own_metadata(tmp_path):
     assert not torch.allclose(wrong(g, ip), model(g, ip))
 
 
+def test_evaluation_warns_when_passes_differ_from_the_export(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    from img_lightning.aligner import recorded_passes
+    from img_lightning.generation.requirements import load_aligner
+
+    pth = _randomised(6).save_official(tmp_path / "aligner.pth")
+    assert recorded_passes(pth) is None  # a bare released .pth records nothing
+    (tmp_path / "aligner.json").write_text(json.dumps({**DIMS, "passes": 2}))
+    assert recorded_passes(pth) == 2
+    cfg = OmegaConf.create({"checkpoint": str(pth), "dim_head": None, "heads": None, "passes": 3})
+    with caplog.at_level("WARNING"):
+        load_aligner(cfg)
+    assert "exported for 2 passes" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_aligner(OmegaConf.merge(cfg, {"passes": 2}))
+    assert "passes" not in caplog.text
+
+
 def test_bare_official_pth_needs_the_head_split(tmp_path):
     model = _randomised(7)
     bare = tmp_path / "released" / "aligner_sdxl.pth"

@@ -60,7 +60,15 @@ def test_base_loss_total_and_diagnostics(batch):
     torch.testing.assert_close(out["base"], base)
     torch.testing.assert_close(out["loss"], base + 0.5 * out["pref"])
     closer = ((win - pred) ** 2).sum(dim=(1, 2)) < ((lose - pred) ** 2).sum(dim=(1, 2))
-    assert out["implicit_acc"].item() == pytest.approx(closer.float().mean().item())
+    assert out["closer_to_winner"].item() == pytest.approx(closer.float().mean().item())
+    # Diffusion-DPO's implicit accuracy: the policy's log-likelihood ratio over the reference is
+    # larger for the winner than for the loser
+    def sq(a, b):
+        return ((a - b) ** 2).mean(dim=(1, 2))
+
+    favoured = (sq(win, ref) - sq(win, pred)) > (sq(lose, ref) - sq(lose, pred))
+    assert out["implicit_acc"].item() == pytest.approx(favoured.float().mean().item())
+    assert 0 < out["implicit_acc"].item() < 1 and out["implicit_acc"].item() != out["closer_to_winner"].item()
 
 
 def test_identical_policies_give_log2_and_gradient_only_through_pred(batch):

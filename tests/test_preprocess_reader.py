@@ -29,13 +29,13 @@ def fixture_file(tmp_path):
     rng = random.Random(0)
     red, blue = _img("red", rng), _img("blue", rng)
     rows = [make_row(i, f"caption {i}", red, blue, 1.0, rng) for i in range(10)]
-    rows[1].update(label_0=0.0, label_1=1.0)
-    rows[2].update(label_0=0.5, label_1=0.5)
+    rows[1].update(label_0=0.0, label_1=1.0, best_image_uid=rows[1]["image_1_uid"])
+    rows[2].update(label_0=0.5, label_1=0.5, best_image_uid="")
     rows[3].update(has_label=False)
     rows[4].update(label_0=1.0, label_1=1.0)
     rows[5].update(caption=None)
     rows[6] = dict(rows[0], ranking_id=999, __index_level_0__=6)
-    rows[7] = dict(rows[0], label_0=0.0, label_1=1.0, __index_level_0__=7)
+    rows[7] = dict(rows[0], label_0=0.0, label_1=1.0, best_image_uid=rows[0]["image_1_uid"], __index_level_0__=7)
     rows[8].update(jpg_1=CORRUPT_JPEG)
     rows[9].update(are_different=False)
     return write_pickapic_rows(tmp_path / "data" / "train-00000-of-00001-abc.parquet", rows, row_group_size=3), rows
@@ -168,6 +168,30 @@ def test_empty_captions_and_same_uid_pairs_are_counted_and_dropped(tmp_path):
     assert (t.stats.empty_captions, t.stats.same_image, len(t)) == (2, 1, 2)
     kept = scan_pairs(str(path), drop_empty_captions=False)
     assert (kept.stats.empty_captions, len(kept)) == (0, 4)
+
+
+def test_labels_that_contradict_best_image_uid_or_has_label_are_never_kept(tmp_path):
+    """The winner comes from label_0/label_1; a row whose best_image_uid names the other image has
+    no known preference (a flipped pair would train the aligner backwards), so it is dropped and
+    counted. has_label is read whatever its type."""
+    rng = random.Random(2)
+    red, blue = _img("red", rng), _img("blue", rng)
+    rows = [make_row(i, f"caption {i}", red, blue, 1.0 if i % 2 else 0.0, rng) for i in range(6)]
+    rows[1].update(best_image_uid=rows[1]["image_1_uid"])  # label_0 = 1 says image 0
+    rows[2].update(best_image_uid=rows[2]["image_0_uid"])  # label_0 = 0 says image 1
+    rows[3].update(best_image_uid=None)  # unknown: the labels decide
+    path = write_pickapic_rows(tmp_path / "train-00000-of-00001.parquet", rows)
+    t = scan_pairs(str(path))
+    assert t.stats.label_uid_mismatch == 2 and len(t) == 4
+    for caption, winner in zip(t.caption, t.winner_uid):
+        i = int(caption.split()[-1])
+        assert winner == rows[i]["image_0_uid" if rows[i]["label_0"] == 1.0 else "image_1_uid"]
+    # has_label stored as integers
+    table = pq.read_table(path)
+    table = table.set_column(table.schema.get_field_index("has_label"), "has_label",
+                             pa.array([0, 1, 1, 1, 1, 1], type=pa.int64()))
+    pq.write_table(table, tmp_path / "ints.parquet")
+    assert scan_pairs(str(tmp_path / "ints.parquet")).stats.unlabelled == 1
 
 
 def test_binary_caption_column_is_a_clear_error(tmp_path):

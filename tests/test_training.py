@@ -102,7 +102,7 @@ def test_run_directory_tensorboard_and_export(caches, tmp_path):
     for tag in ("train/loss", "train/base", "train/pref", "train/dpo_margin", "train/spin_margin",
                 "train/implicit_acc", "reference/swaps", "reference/streak", "lr-AdamW",
                 "perf/samples_per_s", "perf/data_wait_share", "val/base", "val/identity",
-                "val/rel_improvement", "val/implicit_acc"):
+                "val/rel_improvement", "val/implicit_acc", "val/closer_to_winner", "train/closer_to_winner"):
         assert tag in tags, tag
     swaps = [e.value for e in events.Scalars("reference/swaps")]
     assert swaps[-1] >= 1

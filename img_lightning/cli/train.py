@@ -59,7 +59,8 @@ def report(result) -> None:
         lines.append(
             f"validation ||c_w - f(c)||^2: identity baseline {m['val/identity']:.5f} -> trained "
             f"{m['val/base']:.5f} ({100 * m['val/rel_improvement']:.1f}% lower); "
-            f"implicit accuracy {m['val/implicit_acc']:.3f}"
+            f"implicit accuracy (DPO margin > 0) {m['val/implicit_acc']:.3f}, closer to the winner than the loser "
+            f"{m['val/closer_to_winner']:.3f}"
         )
     for name, path in result.exports.items():
         lines.append(f"exported {name}: {path}")

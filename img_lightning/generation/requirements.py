@@ -11,13 +11,16 @@ projections, its guidance width with the MLLM's hidden states. Problems go into 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Optional
 
-from ..aligner import ImplicitAligner
+from ..aligner import ImplicitAligner, recorded_passes
 from ..config.loading import ConfigError
 from ..encoders.checks import adapter_file, adapter_widths, check_ip_encoder, check_mllm
 from ..errors import Problems
 from ..models import ModelNotFoundError, check_model
+
+log = logging.getLogger(__name__)
 
 def check_generation_config(cfg: Any) -> None:
     """Settings the pipelines cannot honour, as one clear error before any model is loaded."""
@@ -70,9 +73,15 @@ def check_ip_adapter(cfg: Any, problems: Problems, key: str = "img.ip_adapter") 
 def load_aligner(cfg: Any) -> ImplicitAligner:
     """The configured aligner (``img.aligner``), on the CPU, with its dims checked against the file."""
     try:
-        return ImplicitAligner.load_official(cfg.checkpoint, dim_head=cfg.dim_head, heads=cfg.heads)
+        aligner = ImplicitAligner.load_official(cfg.checkpoint, dim_head=cfg.dim_head, heads=cfg.heads)
     except FileNotFoundError:
         raise ModelNotFoundError(f"img.aligner.checkpoint: {cfg.checkpoint} does not exist") from None
+    trained_for = recorded_passes(cfg.checkpoint)
+    if trained_for is not None and trained_for != int(cfg.passes):
+        log.warning("img.aligner.passes=%d, but %s was exported for %d passes (model.passes of its training "
+                    "config); set img.aligner.passes=%d unless the difference is the point", cfg.passes,
+                    cfg.checkpoint, trained_for, trained_for)
+    return aligner
 
 
 def check_generation(cfg: Any, problems: Problems) -> Optional[ImplicitAligner]:
