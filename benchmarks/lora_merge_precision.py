@@ -40,7 +40,7 @@ def lora_model(size: int, rank: int, update: float, seed: int = 0) -> tuple[nn.M
     layer = model.base_model.model.proj
     for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
         p.data = torch.randn(p.shape, dtype=torch.float32)
-    delta = layer.get_delta_weight("default").float()
+    delta = layer.get_delta_weight("default").detach().float()
     weight = layer.base_layer.weight.detach().float()
     scale = update * weight.pow(2).mean().sqrt() / delta.pow(2).mean().sqrt()
     layer.lora_B["default"].weight.data *= scale
