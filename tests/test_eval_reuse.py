@@ -105,6 +105,12 @@ def test_img_images_record_the_aligner_checkpoint_sha256(tmp_path):
     ckpt_a.write_bytes(b"aligner A, retrained")
     with pytest.raises(StaleRunError, match="img_r1/00000: aligner_sha256"):
         check_stored_images(cfg, prompts, tmp_path / "run")
+    # a report on a machine without the aligner file cannot compare its hash (the rest still is)
+    ckpt_a.unlink()
+    check_stored_images(cfg, prompts, tmp_path / "run")
+    with pytest.raises(StaleRunError, match="ip_scale: stored 0.2, now 0.5"):
+        check_stored_images(_cfg(tmp_path / "run", **{"img.rounds": 1, "img.ip_scale": 0.5,
+                                                      "img.aligner.checkpoint": str(ckpt_a)}), prompts, tmp_path / "run")
 
 
 def test_descriptions_are_merged_and_a_metric_without_one_is_refused(tmp_path):
@@ -150,3 +156,9 @@ def test_a_changed_config_is_recorded_beside_the_first(tmp_path):
     changes = json.loads((target / "changes.json").read_text())
     assert changes["config_changes"] == {"report.bootstrap": [1000, 10]} and changes["stage"] == "report"
     assert record_config(tmp_path, _cfg(tmp_path), _prompts(["b"]), "score") == tmp_path / "reruns" / "002"
+
+
+def test_blip_vqa_is_a_proxy_even_when_an_old_description_says_exact():
+    from img_lightning.evaluation.report import is_proxy
+
+    assert is_proxy({"kind": "blip_vqa", "exact": True})

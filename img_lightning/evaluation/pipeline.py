@@ -7,9 +7,13 @@
 2. :func:`~.preflight.preflight`: every key left ``???``, the prompt files, and every model,
    checkpoint and question file the requested stages load, in one error, before anything is
    written to the run directory or any image is generated;
-3. ``config.yaml`` and ``prompts.jsonl`` into the run directory, then the stages.
+3. the stored images of the prompt set checked against the config
+   (:func:`~img_lightning.generation.provenance.check_stored_images`);
+4. ``config.yaml`` and ``prompts.jsonl`` into the run directory (a later call with another config
+   records its own under ``reruns/NNN/``), then the stages.
 
-Every stage is resumable: finished images and scores are skipped. Under a SLURM array each task
+Every stage is resumable: finished images and scores are skipped while they still match the
+config and the scorers (see :mod:`.scoring`). Under a SLURM array each task
 takes every N-th prompt (``chunk.index``/``chunk.count``); ``report`` merges all tasks' outputs.
 """
 
@@ -157,8 +161,10 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
                     "ip_scale": cfg.img.ip_scale, "rounds": cfg.img.rounds, "negative_prompt": cfg.img.negative_prompt,
                     "negative_ip_image": getattr(cfg.img.negative_ip_image, "value", cfg.img.negative_ip_image),
                     "negative_ip_scale": cfg.img.negative_ip_scale}
-    if cfg.img.rounds:
-        img_settings["aligner_sha256"] = aligner_sha256(cfg)
+    if cfg.img.rounds:  # what made the stored IMG images (their metadata), else the configured file's
+        made = sorted({str(r.get("aligner_sha256")) for a in arms if a.startswith("img_r")
+                       for r in ImageStore(run_dir, a, chunk_tag(cfg), cfg.generation.image_format).done().values() if r.get("aligner_sha256")})
+        img_settings["aligner_sha256"] = ", ".join(made) if made else aligner_sha256(cfg)
     inputs = ReportInputs(
         prompts=prompts, scores=scores, images=images,
         metrics={m: described[m] for m in names},

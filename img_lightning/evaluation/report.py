@@ -8,6 +8,11 @@ file is written to a temporary name and renamed.
 A column computed through a proxy (``exact: false`` in its description) carries "(proxy)" in its
 header and a footnote saying why; images a metric could not score (an unparseable MLLM answer) are
 counted per arm and shown, with examples of the answers, never folded into the mean as zeros.
+
+Every table (means, table.md/.tsv, categories, win rates) of a metric is computed over the same
+prompts: those of the current prompt set (within the metric's categories) that have a score in
+every arm, and prints their number ``n``; arms lacking scores for some prompts are named in a
+warning with counts. A metric with scores but no stored description is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ..errors import UserError
 from ..eval_run.prompts import PromptRecord
 from .stats import mean_ci, paired_comparison
 
-PROXY_KINDS = ("spatial_proxy", "t2i_complex")  # always proxies, whatever an old metrics.json says
+PROXY_KINDS = ("spatial_proxy", "t2i_complex", "blip_vqa")  # always proxies, whatever an old metrics.json says
 DEFAULT_PROXY_NOTE = ("computed through a PROXY of the benchmark's own pipeline; compare arms within this report, "
                       "not with published numbers")
 ANSWER_EXAMPLES = 5  # unparsed answers shown per metric and arm

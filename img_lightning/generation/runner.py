@@ -11,7 +11,8 @@ Arms (folders under ``{run}/images/``), all with ``generation.sampler`` and one 
 Round r computes its features from round r-1's stored image: a PNG, i.e. exactly the generated
 8-bit RGB image the released demos hand to the MLLM and the IP encoder (lossy formats are refused
 for IMG runs). Aligned tokens are saved per image under ``{run}/features/img_r{r}/`` (safetensors), so a resumed
-run does not reload the MLLM for images whose features exist.
+run does not reload the MLLM for images whose features exist; they are reused only when made from
+the same prompt, source image (sha256), aligner checkpoint (sha256) and passes.
 """
 
 from __future__ import annotations
