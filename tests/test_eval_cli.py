@@ -104,6 +104,20 @@ def test_img_eval_all_end_to_end_and_resume(world, tmp_path, capsys):
     redone = np.asarray(Image.open(run_dir / "images" / "img_r1" / "00001.png"), dtype=int)
     assert redone.shape == img.shape
 
+    # the same run dir with another prompt file reusing the uids (00000...): refused before anything runs
+    shape = BENCH / "t2i-compbench" / "shape_val.txt"
+    assert main(["score", *_args(world, run_dir), f"prompts.path={shape}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "base/00000" in err and "prompt: stored" in err and str(run_dir) in err and "Traceback" not in err
+    # a changed setting is recorded beside the run's first config, never over it
+    first = (run_dir / "config.yaml").read_text()
+    assert main(["report", *_args(world, run_dir), "report.bootstrap=20", "--no-progress"]) == 0
+    assert (run_dir / "config.yaml").read_text() == first
+    assert "report.bootstrap" in (run_dir / "reruns" / "001" / "changes.json").read_text()
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert len(report["img_settings"]["aligner_sha256"]) == 64
+    assert report["img_settings"]["aligner_sha256"] in (run_dir / "report" / "index.html").read_text()
+
 
 def test_chunked_array_run_with_two_rounds(world, tmp_path, capsys):
     run_dir = tmp_path / "chunks"

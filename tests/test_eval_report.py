@@ -46,7 +46,10 @@ def test_report_table_layout_proxies_hashes_and_unscored(tmp_path):
     s = summarize(inp, num_resamples=50)
     assert s["labels"] == {"clip": "CLIP Score", "spatial": "Spatial (proxy) [1]", "hps": "HPS",
                            "mllm": "MLLM <grader> (proxy) [2]"}
-    assert s["notes"][0] == "[1] Spatial: OWLv2 stands in for UniDet" and s["notes"][1].startswith("[2] MLLM")
+    foot = [n for n in s["notes"] if n.startswith("[")]
+    assert foot[0] == "[1] Spatial: OWLv2 stands in for UniDet" and foot[1].startswith("[2] MLLM")
+    # the NaN answers of img_r1 take those prompts out of every arm's MLLM mean, and the report says so
+    assert any(n.startswith("Warning: MLLM") and "n=2 of 4" in n for n in s["notes"])
     assert any("hpsv2.score() returns the raw cosine" in n for n in s["notes"])
     assert s["unscored"]["mllm"]["img_r1"]["count"] == 2 and s["unscored"]["mllm"]["img_r1"]["of"] == 4
     assert [e["uid"] for e in s["unscored"]["mllm"]["img_r1"]["examples"]] == ["00001", "00002"]

@@ -360,8 +360,27 @@ def test_t2i_compbench_uses_spacy_when_installed_and_labels_the_rules_a_proxy(mo
     assert "PROXY" in rules.describe()["note"]
     monkeypatch.setattr(np_mod, "_spacy", lambda model: _FakeSpacy())
     exact = build_scorers([cfg(kind="blip_vqa", path=str(d["blip_vqa"]))])["blip_vqa"]  # default: auto
-    assert exact.noun_phrases == "spacy:en_core_web_sm" and exact.describe()["exact"] is True
-    assert "exact" in exact.describe()["note"]
+    # still a proxy: transformers' blip-vqa-base at 384 px, not T2I-CompBench's capfilt-large at 480 px
+    assert exact.noun_phrases == "spacy:en_core_web_sm" and exact.describe()["exact"] is False
+    assert "480 px" in exact.describe()["note"] and "spaCy" in exact.describe()["note"]
     assert exact.questions(PROMPTS[0]) == ["a red car?", "a blue dog?"]
     strip = np_mod.adjective_stripper("auto")
     assert strip("The yellow lamp was on top of the wooden desk.") == "The lamp was on top of the desk ."
+
+
+def test_blip_vqa_asks_about_the_first_eight_noun_phrases_only():
+    from img_lightning.evaluation.scorers.blip_vqa import phrase_questions
+
+    prompt = ", ".join(f"a {w}" for w in ("cat", "dog", "cow", "hen", "pig", "fox", "owl", "bee", "ant", "elk"))
+    phrases = np_mod.rule_noun_phrases(prompt)
+    assert len(phrases) == 10  # T2I-CompBench's --np_num 8: the 9th and 10th are never asked
+    assert phrase_questions(phrases) == [f"{p}?" for p in phrases[:8]]
+
+
+def test_on_top_of_scores_no_position_like_t2i_compbench():
+    from img_lightning.evaluation.scorers.spatial import parse_spatial_prompt, position_score
+
+    # determine_position has a branch for "on the top of" but none for "on top of": position 0
+    assert parse_spatial_prompt("a lamp on top of a desk") == ("lamp", "on top of", "desk")
+    above = ((0, 0, 10, 10), (0, 300, 10, 310))  # obj1 well above obj2
+    assert position_score("on the top of", *above) == 1.0 and position_score("on top of", *above) == 0.0

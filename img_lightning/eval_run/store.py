@@ -5,7 +5,8 @@ The generate stage writes through :class:`ImageStore`; the score and report stag
 ``{run}/images/{arm}/{uid}.png``; metadata lines go to ``{run}/metadata/{arm}.{chunk}.jsonl`` (one
 file per array task, so concurrent tasks never append to the same file). An image counts as done
 when its file exists AND a metadata line names it, so a task killed between the two simply redoes
-that image.
+that image. Whether a done image still matches the current config is checked once per call, before
+any stage, by :func:`img_lightning.generation.provenance.check_stored_images`.
 """
 
 from __future__ import annotations

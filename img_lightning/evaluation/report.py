@@ -8,6 +8,11 @@ file is written to a temporary name and renamed.
 A column computed through a proxy (``exact: false`` in its description) carries "(proxy)" in its
 header and a footnote saying why; images a metric could not score (an unparseable MLLM answer) are
 counted per arm and shown, with examples of the answers, never folded into the mean as zeros.
+
+Every table (means, table.md/.tsv, categories, win rates) of a metric is computed over the same
+prompts: those of the current prompt set (within the metric's categories) that have a score in
+every arm, and prints their number ``n``; arms lacking scores for some prompts are named in a
+warning with counts. A metric with scores but no stored description is refused.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..atomic import atomic_write
+from ..errors import UserError
 from ..eval_run.prompts import PromptRecord
 from .stats import mean_ci, paired_comparison
 
-PROXY_KINDS = ("spatial_proxy", "t2i_complex")  # always proxies, whatever an old metrics.json says
+PROXY_KINDS = ("spatial_proxy", "t2i_complex", "blip_vqa")  # always proxies, whatever an old metrics.json says
 DEFAULT_PROXY_NOTE = ("computed through a PROXY of the benchmark's own pipeline; compare arms within this report, "
                       "not with published numbers")
 ANSWER_EXAMPLES = 5  # unparsed answers shown per metric and arm
@@ -42,6 +48,13 @@ class ReportInputs:
     config: dict[str, Any] = field(default_factory=dict)
     run_dir: Optional[Path] = None  # where scores/{arm}/answers/ are (unparsed MLLM answers)
     warnings: Sequence[str] = ()  # shown above the results (e.g. arms with constant images)
+    # metric -> the uids it is meant to score (a scorer limited to some categories); default: every prompt
+    scopes: dict[str, set[str]] = field(default_factory=dict)
+    img_settings: dict[str, Any] = field(default_factory=dict)  # the IMG arm's settings (aligner sha256, ...)
+
+
+class ReportError(UserError):
+    """The report cannot be made honestly from what the run directory holds."""
 
 
 def _finite(x: Optional[float]) -> bool:
@@ -56,10 +69,27 @@ def arms_in_order(inp: ReportInputs) -> list[str]:
 
 
 def metric_names(inp: ReportInputs) -> list[str]:
+    """The metrics, in config order; a metric with scores but no description is refused (it would
+    be reported without its version, checkpoint hash or proxy label)."""
     names: list[str] = list(inp.metrics)
     for per_arm in inp.scores.values():
-        names += [m for m in per_arm if m not in names]
+        for m in per_arm:
+            if m not in names:
+                raise ReportError(f"metric '{m}' has scores but no stored description (model, version, checkpoint "
+                                  f"sha256, exact/proxy); rerun `img-eval score` to record it")
     return names
+
+
+def common_uids(inp: ReportInputs, metric: str, arms: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+    """The prompts every arm has a finite ``metric`` score for, in prompt-set order (the set every
+    table and comparison of the metric is computed over), and per arm how many of the prompts the
+    metric is meant for have no stored score at all."""
+    scope = inp.scopes.get(metric)
+    wanted = [p.uid for p in inp.prompts if scope is None or p.uid in scope]
+    per_arm = [inp.scores.get(a, {}).get(metric, {}) for a in arms]
+    missing = {a: sum(u not in s for u in wanted) for a, s in zip(arms, per_arm)}
+    common = [u for u in wanted if all(u in s and _finite(s[u]) for s in per_arm)]
+    return common, {a: n for a, n in missing.items() if n}
 
 
 def is_proxy(desc: dict[str, Any]) -> bool:
@@ -96,49 +126,63 @@ def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_t
     labels, footnotes = column_labels(inp, metrics)
     means: dict[str, dict[str, Any]] = {}
     unscored: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = {}
+    warnings = list(inp.warnings)
+    common: dict[str, list[str]] = {}
     for metric in metrics:
         means[metric] = {}
+        common[metric], missing = common_uids(inp, metric, arms)
+        counts[metric] = len(common[metric])
+        scope = inp.scopes.get(metric)
+        wanted = [p.uid for p in inp.prompts if scope is None or p.uid in scope]
+        if missing:
+            warnings.append(f"{labels[metric]}: no score stored for " + ", ".join(
+                f"{a} {n} of {len(wanted)}" for a, n in missing.items()) + f" prompts; every table of this metric "
+                f"uses only the n={counts[metric]} prompts scored in every arm")
+        elif counts[metric] < len(wanted):
+            warnings.append(f"{labels[metric]}: every table of this metric uses the n={counts[metric]} of "
+                            f"{len(wanted)} prompts with a score in every arm (see the images without a score)")
         for arm in arms:
-            got = list(inp.scores.get(arm, {}).get(metric, {}).values())
-            vals = [v for v in got if _finite(v)]
-            if vals:
-                means[metric][arm] = {"n": len(vals), **mean_ci(vals, num_resamples, seed).to_dict()}
-            if len(vals) < len(got):
+            s = inp.scores.get(arm, {}).get(metric, {})
+            got = [s[u] for u in wanted if u in s]
+            bad = sum(not _finite(v) for v in got)
+            if common[metric]:
+                means[metric][arm] = {"n": counts[metric],
+                                      **mean_ci([s[u] for u in common[metric]], num_resamples, seed).to_dict()}
+            if bad:
                 unscored.setdefault(metric, {})[arm] = {
-                    "count": len(got) - len(vals), "of": len(got), "examples": _unparsed_examples(inp, metric, arm)}
+                    "count": bad, "of": len(got), "examples": _unparsed_examples(inp, metric, arm)}
     comparisons = []
     for img_arm in inp.img_arms:
         for ref in ("base", "control"):
-            if ref not in inp.scores or img_arm not in inp.scores:
+            if ref not in arms or img_arm not in arms:
                 continue
             for metric in metrics:
-                a = inp.scores[img_arm].get(metric, {})
-                b = inp.scores[ref].get(metric, {})
-                uids = [u for u in a if u in b and _finite(a[u]) and _finite(b[u])]
+                uids = common[metric]
                 if not uids:
                     continue
+                a, b = inp.scores[img_arm][metric], inp.scores[ref][metric]
                 cmp = paired_comparison([a[u] for u in uids], [b[u] for u in uids], num_resamples, seed,
                                         tie_tolerance=tie_tolerance)
                 comparisons.append({"arm": img_arm, "versus": ref, "metric": metric, **cmp.to_dict()})
-    categories: dict[str, dict[str, dict[str, float]]] = {}
-    by_cat: dict[str, list[str]] = {}
+    categories: dict[str, dict[str, dict[str, Any]]] = {}
+    by_cat: dict[str, set[str]] = {}
     for p in inp.prompts:
         if p.category:
-            by_cat.setdefault(p.category, []).append(p.uid)
-    for cat, uids in sorted(by_cat.items()):
+            by_cat.setdefault(p.category, set()).add(p.uid)
+    for cat, members in sorted(by_cat.items()):
         for metric in metrics:
-            for arm in arms:
-                s = inp.scores.get(arm, {}).get(metric, {})
-                vals = [s[u] for u in uids if u in s and _finite(s[u])]
-                if vals:
-                    categories.setdefault(cat, {}).setdefault(metric, {})[arm] = sum(vals) / len(vals)
-    notes = [f"Warning: {w}" for w in inp.warnings] + [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
+            uids = [u for u in common[metric] if u in members]
+            if uids:
+                categories.setdefault(cat, {})[metric] = {
+                    "n": len(uids), **{arm: sum(inp.scores[arm][metric][u] for u in uids) / len(uids) for arm in arms}}
+    notes = [f"Warning: {w}" for w in warnings] + [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
     if any(d.get("kind") == "hps" for d in inp.metrics.values()):
         notes.append("HPS: 100 x cosine (hpsv2.score() returns the raw cosine: divide by 100 to compare); v2.0 and "
                      "v2.1 scores are not comparable with each other, the version used is listed under metrics.")
     for metric, per_arm in unscored.items():
-        counts = ", ".join(f"{arm} {u['count']} of {u['of']}" for arm, u in per_arm.items())
-        notes.append(f"{labels[metric]}: images without a score (left out of the means, not counted as 0): {counts}.")
+        listed = ", ".join(f"{arm} {u['count']} of {u['of']}" for arm, u in per_arm.items())
+        notes.append(f"{labels[metric]}: images without a score (left out of the means, not counted as 0): {listed}.")
     return {
         "title": inp.title,
         "num_prompts": len(inp.prompts),
@@ -147,6 +191,8 @@ def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_t
         "metrics": {m: inp.metrics.get(m, {"name": m}) for m in metrics},
         "labels": labels,
         "means": means,
+        "n": counts,
+        "img_settings": inp.img_settings,
         "unscored": unscored,
         "comparisons": comparisons,
         "categories": categories,
@@ -220,12 +266,14 @@ def _fmt(v: Optional[float], digits: int = 4) -> str:
 
 def paste_table(summary: dict, decimals: int = 4) -> list[list[str]]:
     """Rows ``[arm, value per metric...]`` (header first): one row per arm, the metrics in config
-    order, plain means with ``decimals`` digits, like the comparison tables of papers."""
+    order, plain means with ``decimals`` digits, like the comparison tables of papers; the last row
+    ``n`` is the number of prompts behind each column (the same in every arm)."""
     metrics = list(summary["metrics"])
     rows = [["arm", *(summary["labels"][m] for m in metrics)]]
     for arm in summary["arms"]:
         cells = [summary["means"][m].get(arm) for m in metrics]
         rows.append([arm, *("" if c is None else f"{c['value']:.{decimals}f}" for c in cells)])
+    rows.append(["n", *(str(summary["n"][m]) for m in metrics)])  # prompts behind every mean of the column
     return rows
 
 
@@ -235,6 +283,8 @@ def write_tables(summary: dict, out: Path) -> dict[str, Path]:
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     if summary["notes"]:
         md += ["", *summary["notes"]]
+    if summary.get("img_settings"):
+        md += ["", "IMG arm: " + ", ".join(f"{k}={v}" for k, v in summary["img_settings"].items())]
     atomic_write(out / "table.md", "\n".join(md) + "\n")
     atomic_write(out / "table.tsv", "\n".join("\t".join(r) for r in rows) + "\n")
     return {"table_md": out / "table.md", "table_tsv": out / "table.tsv"}

@@ -1,28 +1,53 @@
 """The ``score`` stage: every configured scorer on every arm's images, resumable per image.
 
-Scores go to ``{run}/scores/{arm}/{metric}.{chunk}.jsonl`` (``{"uid", "score"}`` per line, ``null``
-for an image the metric could not score, e.g. an unparseable MLLM answer); an image already scored
-by a metric is skipped, so adding a scorer to a finished run only computes the new column. A scorer
-that keeps per-image records (the MLLM grader's answers) has them written beside, to
+Scores go to ``{run}/scores/{arm}/{metric}.{chunk}.jsonl``: ``{"uid", "score", "scorer",
+"image_sha256"}`` per line (``score`` is ``null`` for an image the metric could not score, e.g. an
+unparseable MLLM answer). ``scorer`` is the fingerprint of the scorer's full description (model,
+checkpoint sha256, version, options: :func:`scorer_fingerprint`) and ``image_sha256`` the scored
+file's: a score is reused only while both still match, so a changed scorer or a regenerated image
+is scored again, never reported under the new one. Adding a scorer to a finished run only computes
+the new column. The descriptions of every metric ever scored in the run are merged into
+``scores/metrics.json`` (the report refuses a metric that has none). A scorer that keeps per-image
+records (the MLLM grader's answers) has them written beside, to
 ``{run}/scores/{arm}/answers/{metric}.{chunk}.jsonl``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write
 from ..errors import NonFiniteError
 from ..eval_run import ImageStore, PromptRecord
 from .scorers import Scorer, build_scorers, scorer_name
 
+_COSMETIC = ("label",)  # description keys that do not change a score
 
-def read_scores(run_dir: str | Path, arm: str, metric: str) -> dict[str, float]:
+
+def scorer_fingerprint(description: Mapping[str, Any]) -> str:
+    """sha256 over a scorer's description (everything but its column label)."""
+    data = {k: v for k, v in description.items() if k not in _COSMETIC}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def image_hashes(store: ImageStore, uids: Sequence[str]) -> dict[str, str]:
+    """sha256 of each stored image file of ``uids`` (those that exist)."""
+    from ..generation.provenance import sha256_of
+
+    return {u: sha256_of(store.path_for(u)) for u in uids if store.path_for(u).is_file()}
+
+
+def read_scores(run_dir: str | Path, arm: str, metric: str, fingerprint: Optional[str] = None,
+                images: Optional[Mapping[str, str]] = None) -> dict[str, float]:
+    """uid -> score (NaN: the scorer abstained). With ``fingerprint`` / ``images`` (uid -> image
+    sha256) only the records made by that scorer on those very images count; the last one per uid."""
     out: dict[str, float] = {}
     folder = Path(run_dir) / "scores" / arm
     for f in sorted(folder.glob(f"{metric}.*.jsonl")):
@@ -31,9 +56,22 @@ def read_scores(run_dir: str | Path, arm: str, metric: str) -> dict[str, float]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if fingerprint is not None and rec.get("scorer") != fingerprint:
+                continue
+            if images is not None and rec.get("image_sha256") != images.get(rec["uid"]):
+                continue
             v = rec.get("score")
             out[rec["uid"]] = float("nan") if v is None else float(v)
     return out
+
+
+def merge_descriptions(run_dir: str | Path, scorers: Mapping[str, Scorer]) -> dict[str, Any]:
+    """Add (or update) these scorers' descriptions in ``scores/metrics.json``, keeping the others'."""
+    path = Path(run_dir) / "scores" / "metrics.json"
+    described = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    described.update({n: s.describe() for n, s in scorers.items()})
+    atomic_write(path, json.dumps(described, indent=2, default=str))
+    return described
 
 
 def read_answers(run_dir: str | Path, arm: str, metric: str) -> list[dict[str, Any]]:
@@ -86,11 +124,13 @@ def score_run(
     for arm in arms:
         store = ImageStore(run_dir, arm, tag, cfg.generation.image_format)
         done = store.done()
+        hashes = image_hashes(store, [p.uid for p in prompts if p.uid in done])
         for name, scorer in scorers.items():
-            have = read_scores(run_dir, arm, name)
+            fingerprint = scorer_fingerprint(scorer.describe())
+            have = read_scores(run_dir, arm, name, fingerprint, hashes)
             todo = [
                 p for p in prompts
-                if p.uid in done and p.uid not in have and (not cats.get(name) or p.category in cats[name])
+                if p.uid in hashes and p.uid not in have and (not cats.get(name) or p.category in cats[name])
             ]
             counts.setdefault(arm, {})[name] = len(todo)
             if not todo:
@@ -107,5 +147,6 @@ def score_run(
                 if records:  # before the scores: a score line always has its answer on disk
                     _append(run_dir / "scores" / arm / "answers" / f"{name}.{tag}.jsonl",
                             [{"uid": p.uid, **r} for p, r in zip(batch, records)])
-                _append(out, [{"uid": p.uid, "score": None if math.isnan(v) else v} for p, v in zip(batch, values)])
+                _append(out, [{"uid": p.uid, "score": None if math.isnan(v) else v, "scorer": fingerprint,
+                               "image_sha256": hashes[p.uid]} for p, v in zip(batch, values)])
     return counts

@@ -7,4 +7,5 @@
 - :mod:`.conditioner`  image -> (MLLM guidance, IP tokens) -> aligner x passes -> aligned tokens
 - :mod:`.requirements` every model of the stage checked (and the aligner loaded) before the first image
 - :mod:`.seeds`        per-prompt seeds
+- :mod:`.provenance`   what each image was made from, and the check that a reused run dir still matches
 """

@@ -11,7 +11,8 @@ Arms (folders under ``{run}/images/``), all with ``generation.sampler`` and one 
 Round r computes its features from round r-1's stored image: a PNG, i.e. exactly the generated
 8-bit RGB image the released demos hand to the MLLM and the IP encoder (lossy formats are refused
 for IMG runs). Aligned tokens are saved per image under ``{run}/features/img_r{r}/`` (safetensors), so a resumed
-run does not reload the MLLM for images whose features exist.
+run does not reload the MLLM for images whose features exist; they are reused only when made from
+the same prompt, source image (sha256), aligner checkpoint (sha256) and passes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -28,6 +30,7 @@ from ..atomic import atomic_path
 from ..eval_run import ImageStore, PromptRecord, arm_names, chunk_tag, img_arm, safe_uid
 from .conditioner import IMGConditioner
 from .pipeline import DiffusionBackend
+from .provenance import aligner_sha256, common_meta, img_meta, regen_meta, sha256_of
 from .requirements import check_generation_config
 from .seeds import seed_for
 
@@ -60,6 +63,7 @@ class GenerationRun:
         self._backend: Optional[DiffusionBackend] = None
         self._conditioner: Optional[IMGConditioner] = None
         self.counts = {a: 0 for a in arms}
+        self._aligner_hash: Optional[str] = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -85,19 +89,33 @@ class GenerationRun:
             yield uids[i : i + size]
 
     def _meta(self, uid: str, **extra: Any) -> dict[str, Any]:
-        g = self.cfg.generation
-        s = g.sampler
-        meta = {
-            "prompt": self.by_uid[uid].text, "seed": self.seed(uid), "pipeline": g.pipeline.kind,
-            "model": g.pipeline.model, "unet": g.pipeline.unet, "steps": s.steps,
-            "guidance_scale": s.guidance_scale, "height": s.height, "width": s.width,
-        }
-        if g.pipeline.kind == "flux":
-            meta.update(true_cfg_scale=s.true_cfg_scale, true_cfg_start_step=s.true_cfg_start_step, shift=_name(s.shift))
-        return {**meta, **extra}
+        return {**common_meta(self.cfg, self.by_uid[uid]), **extra}
+
+    @property
+    def aligner_hash(self) -> Optional[str]:
+        if self._aligner_hash is None:
+            self._aligner_hash = aligner_sha256(self.cfg)
+        return self._aligner_hash
 
     def feature_path(self, arm: str, uid: str) -> Path:
         return self.run_dir / "features" / arm / f"{safe_uid(uid)}.safetensors"
+
+    def _feature_meta(self, arm: str, uid: str) -> dict[str, str]:
+        """What a stored feature file must have been made from to be reused (else it is recomputed):
+        the prompt, the source image's content, the aligner checkpoint and its passes."""
+        round_index = int(arm.removeprefix("img_r"))
+        src = "base" if round_index == 1 else img_arm(round_index - 1)
+        return {"prompt": self.by_uid[uid].text, "source_arm": src,
+                "source_sha256": sha256_of(self.stores[src].path_for(uid)),
+                "passes": str(self.cfg.img.aligner.passes), "aligner_sha256": str(self.aligner_hash)}
+
+    def _stored_feature_meta(self, arm: str, uid: str) -> Optional[dict[str, str]]:
+        path = self.feature_path(arm, uid)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return {k: meta.get(k) for k in ("prompt", "source_arm", "source_sha256", "passes", "aligner_sha256")}
 
     def unconditional(self) -> torch.Tensor:
         """The re-generation's negative IP tokens (``img.negative_ip_image``), computed once per run."""
@@ -121,10 +139,7 @@ class GenerationRun:
                                           negative_ip_scale=neg_scale))
 
     def _regen_meta(self, ip_scale: float) -> dict[str, Any]:
-        img = self.cfg.img
-        neg_scale = ip_scale if img.negative_ip_scale is None else img.negative_ip_scale
-        return {"negative_prompt": img.negative_prompt, "ip_scale": ip_scale,
-                "negative_ip_image": _name(img.negative_ip_image), "negative_ip_scale": neg_scale}
+        return regen_meta(self.cfg, ip_scale)
 
     def _ensure_adapter(self) -> None:
         if not self.backend.ip_loaded:
@@ -149,7 +164,7 @@ class GenerationRun:
     def _features(self, round_index: int, uids: list[str]) -> None:
         """Aligned tokens for every uid of this round that has none on disk yet."""
         arm, src = img_arm(round_index), "base" if round_index == 1 else img_arm(round_index - 1)
-        need = [u for u in uids if not self.feature_path(arm, u).is_file()]
+        need = [u for u in uids if self._feature_meta(arm, u) != self._stored_feature_meta(arm, u)]
         if not need:
             return
         self.conditioner.check_dims(self.backend.token_width())
@@ -160,8 +175,8 @@ class GenerationRun:
             tids = [self.conditioner.template_id(f"{self.cfg.prompts.name}/{u}/r{round_index}") for u in batch]
             ip, aligned = self.conditioner.align(images, texts, tids, self.cfg.img.aligner.passes)
             for j, u in enumerate(batch):
-                meta = {"template_id": str(tids[j]), "source_arm": src, "passes": str(self.cfg.img.aligner.passes),
-                        "aligner": str(self.cfg.img.aligner.checkpoint)}
+                meta = {"template_id": str(tids[j]), "aligner": str(self.cfg.img.aligner.checkpoint),
+                        **self._feature_meta(arm, u)}
                 _save_tensors(self.feature_path(arm, u), {"ip": ip[j], "aligned": aligned[j]}, meta)
 
     def run_img_round(self, round_index: int) -> None:
@@ -182,8 +197,7 @@ class GenerationRun:
             tokens = torch.stack([f["aligned"] for f in feats])
             images = self._regenerate(batch, tokens, img.ip_scale)
             for u, im in zip(batch, images):
-                store.save(u, im, self._meta(u, **self._regen_meta(img.ip_scale), round=round_index, source_arm=src,
-                                             passes=img.aligner.passes, aligner=str(img.aligner.checkpoint)))
+                store.save(u, im, self._meta(u, **img_meta(self.cfg, round_index, self.aligner_hash)))
                 self.counts[arm] += 1
 
     def run_control(self) -> None:

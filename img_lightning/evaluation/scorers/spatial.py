@@ -46,8 +46,9 @@ def parse_spatial_prompt(prompt: str) -> Optional[tuple[str, str, str]]:
             lp, rp = rule_noun_phrases(left), rule_noun_phrases(right)
             if not lp or not rp:
                 return None
-            canonical = "on the top of" if rel == "on top of" else rel
-            return lp[-1].split()[-1].lower(), canonical, rp[0].split()[-1].lower()
+            # "on top of" stays itself: T2I-CompBench finds it but its position rule has no branch
+            # for it (position 0), and the reference is followed, not corrected
+            return lp[-1].split()[-1].lower(), rel, rp[0].split()[-1].lower()
     return None
 
 
