@@ -79,6 +79,14 @@ def planned_world_size(trainer_cfg: Any) -> Optional[int]:
     return (len(devices) if isinstance(devices, list) else devices) * int(trainer_cfg.num_nodes)
 
 
+def apply_torch_threads(n: Optional[int]) -> None:
+    """``run.torch_threads``: torch's intra-op threads for this process (None leaves torch's default)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
 def parse_devices(value: Any) -> Any:
     text = str(value).strip()
     if text == "auto":
@@ -178,6 +186,7 @@ def export_aligner(aligner: ImplicitAligner, out_dir: Path, stem: str, info: dic
 
 def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Fit, validate, export. Returns the final validation metrics (rank 0 has them all)."""
+    apply_torch_threads(cfg.run.torch_threads)
     run_dir = run_directory(cfg.run)
     ckpt_path = resolve_resume(run_dir, cfg.run.ckpt_path)
     changes = check_resume_config(run_dir, cfg, TrainConfig, resume_free_keys(cfg)) if ckpt_path else {}

@@ -364,3 +364,17 @@ def test_one_swap_decision_per_optimizer_step_with_gradient_accumulation(caches,
     run_training(tiny_config(train, key, tmp_path, "acc", **{"trainer.max_steps": 4, "trainer.accumulate_grad_batches": 2,
                                                               "trainer.checkpoint_every_n_steps": 2}))
     assert decided == [1, 2, 3, 4]
+
+
+def test_torch_threads_knob(caches, tmp_path):
+    from img_lightning.config.loading import ConfigError
+
+    train, _, key = caches
+    before = torch.get_num_threads()
+    try:
+        run_training(tiny_config(train, key, tmp_path, "threads", **{"trainer.max_steps": 1, "run.torch_threads": 1}))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="run.torch_threads"):
+        tiny_config(train, key, tmp_path, "bad", **{"run.torch_threads": 0})

@@ -137,6 +137,9 @@ class RunConfig:
     # Keys whose value may differ from the run's saved config.yaml when it resumes (see
     # RESUME_FREE_KEYS for the ones that always may); each use is recorded in the run directory.
     allow_config_change: list[str] = field(default_factory=list)
+    # torch intra-op threads per process (None: torch's default, one per core). On a shared or small
+    # CPU box use 1 or 2: OpenMP threads waiting on a descheduled sibling make tiny steps ~10x slower.
+    torch_threads: Optional[int] = None
 
 
 @dataclass
@@ -154,7 +157,7 @@ class TrainConfig:
 # reports, never which samples it sees or how its weights are updated. Every other key must equal
 # the run's saved config.yaml unless listed in run.allow_config_change.
 RESUME_FREE_KEYS = frozenset({
-    "run.ckpt_path", "run.allow_config_change", "run.export",
+    "run.ckpt_path", "run.allow_config_change", "run.export", "run.torch_threads",
     "data.num_workers", "data.prefetch_factor", "data.pin_memory", "data.max_open_shards",
     "data.verify_checksums", "optim.skip_nonfinite",
     "trainer.accelerator", "trainer.strategy", "trainer.enable_progress_bar",
@@ -194,4 +197,5 @@ TrainConfig.CHECKS = {  # type: ignore[attr-defined]  # value ranges, checked at
     "trainer.val_check_interval": at_least(1),
     "trainer.limit_val_batches": between(0.0, float("inf")),
     "trainer.checkpoint_every_n_steps": at_least(1),
+    "run.torch_threads": optional(at_least(1)),
 }

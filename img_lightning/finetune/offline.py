@@ -30,7 +30,8 @@ def export_checkpoint(cfg: Any, checkpoint: Optional[str] = None, out: Optional[
     from .export import export_model, load_sharded_checkpoint
     from .merge import is_lora
     from .module import MLLMFinetuneModule
-    from .training import apply_torch_threads, export_manifest
+    from ..training import apply_torch_threads
+    from .training import export_manifest
 
     apply_torch_threads(cfg.run.torch_threads)
     run_dir = run_directory(cfg.run)

@@ -29,6 +29,7 @@ from ..config.changes import describe_changes
 from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, to_container
 from ..run_dir import check_resume_config, git_revision, resolve_resume, run_directory, write_run_info
+from ..training import apply_torch_threads, parse_devices
 from .datamodule import EditTripletDataModule, skip_summary
 from .module import MLLMFinetuneModule
 from .strategy import build_strategy
@@ -57,13 +58,6 @@ def _value(x: Any) -> str:
     return str(getattr(x, "value", x))
 
 
-def apply_torch_threads(n: Optional[int]) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(int(n))
-
-
 def accumulation(cfg: Any, world_size: int) -> int:
     """Gradient accumulation: from ``data.global_batch_size`` when set (must divide exactly)."""
     global_batch = cfg.data.global_batch_size
@@ -80,8 +74,6 @@ def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), l
     """The Trainer; under SLURM (``srun``) Lightning's SLURM environment without its auto-requeue,
     which saves mid-step (with gradient accumulation: accumulated gradients lost, their batches
     counted as done): :class:`RequeueOnSignal` saves at an optimizer-step boundary instead."""
-    from ..training import parse_devices
-
     t = cfg.trainer
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
     trainer = L.Trainer(
