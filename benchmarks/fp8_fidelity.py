@@ -45,7 +45,6 @@ them is why the cache keeps those channels.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

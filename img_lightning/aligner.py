@@ -240,14 +240,9 @@ def checkpoint_dims(path: str | Path) -> dict[str, int]:
 
         with safe_open(str(path), "pt") as f:
             sources.append((path.name, f.metadata() or {}))
-    sidecar = path.with_suffix(".json")
-    if sidecar.is_file():
-        import json
-
-        try:
-            sources.append((sidecar.name, json.loads(sidecar.read_text(encoding="utf-8"))))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{sidecar}: not valid JSON ({err}); delete or fix it") from None
+    sidecar = read_sidecar(path)
+    if sidecar is not None:
+        sources.append((path.with_suffix(".json").name, sidecar))
     for name, meta in sources:
         for key in DIM_KEYS:
             if key not in meta:
@@ -261,16 +256,29 @@ def checkpoint_dims(path: str | Path) -> dict[str, int]:
     return found
 
 
-def recorded_passes(path: str | Path) -> Optional[int]:
-    """The inference passes an export was trained for (``model.passes`` in its ``.json`` sidecar);
-    None for a bare released ``.pth`` or an unreadable sidecar."""
+def read_sidecar(path: str | Path) -> Optional[dict]:
+    """The ``.json`` written beside an export (``aligner.pth`` -> ``aligner.json``); None if absent."""
     import json
 
     sidecar = Path(path).with_suffix(".json")
+    if not sidecar.is_file():
+        return None
     try:
-        value = json.loads(sidecar.read_text(encoding="utf-8")).get("passes") if sidecar.is_file() else None
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{sidecar}: not valid JSON ({err}); delete or fix it") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{sidecar}: not a JSON object; delete or fix it")
+    return meta
+
+
+def recorded_passes(path: str | Path) -> Optional[int]:
+    """The inference passes an export was trained for (``model.passes`` in its ``.json`` sidecar);
+    None for a bare released ``.pth`` or a sidecar that does not record an integer."""
+    value = (read_sidecar(path) or {}).get("passes")
+    try:
         return int(value) if value is not None else None
-    except (ValueError, TypeError, UnicodeDecodeError, AttributeError):
+    except (TypeError, ValueError):
         return None
 
 

@@ -6,7 +6,6 @@ a SLURM requeue (same job id, passed as the name by ``slurm/train.sbatch``) land
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess

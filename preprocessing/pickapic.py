@@ -17,7 +17,6 @@ image bytes are found when a shard decodes them and are counted there (:func:`de
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import logging

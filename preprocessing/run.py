@@ -71,12 +71,12 @@ def _check_or_write_plan(out: Path, doc: dict) -> None:
     path = out / PLAN_NAME
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        for field in ("cache_key", "fingerprint"):
-            if old.get(field) != doc[field]:
-                what = "encoder/recipe settings" if field == "cache_key" else "input pairs or shard layout"
+        for key in ("cache_key", "fingerprint"):
+            if old.get(key) != doc[key]:
+                what = "encoder/recipe settings" if key == "cache_key" else "input pairs or shard layout"
                 raise PlanMismatchError(
-                    f"{out} already holds a cache planned with different {what} ({field} {old.get(field)} != "
-                    f"{doc[field]}); use a fresh data.output or restore the original config/input"
+                    f"{out} already holds a cache planned with different {what} ({key} {old.get(key)} != "
+                    f"{doc[key]}); use a fresh data.output or restore the original config/input"
                 )
         return
     out.mkdir(parents=True, exist_ok=True)

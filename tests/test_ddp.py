@@ -13,11 +13,11 @@ import torch
 from img_lightning.cache.synthetic import write_synthetic_cache
 from img_lightning.callbacks import weights_fingerprint
 from img_lightning.aligner import ImplicitAligner
-from train_utils import tiny_overrides
+from train_utils import TINY_CACHE_DIMS, tiny_overrides
 
 
 def test_two_process_ddp_reference_swaps_agree(tmp_path):
-    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    dims = TINY_CACHE_DIMS
     key = write_synthetic_cache(tmp_path / "cache", 40, **dims).cache_key
     args = tiny_overrides(
         tmp_path / "cache", key, tmp_path / "runs", "ddp",

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune_utils import tiny_finetune_config, tiny_finetune_overrides
+from train_utils import CrashAt, srun_environment
 from img_lightning.config.loading import ConfigError
 from img_lightning.finetune.manifest import MANIFEST_NAME, read_manifest
 from img_lightning.finetune.training import run_finetune
@@ -32,17 +33,6 @@ class RecordBatches(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.seen.append((int(batch["epoch"]), int(batch["position"]), list(batch["keys"])))
-
-
-class CrashAt(Callback):
-    """A kill after step `step`'s optimizer update, before its checkpoint."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 def _state(run_dir):
@@ -241,21 +231,13 @@ def test_time_limit_signal_inside_accumulation_saves_at_the_step_and_resumes_exa
     straight = RecordBatches()
     run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "straight", **extra), [straight])
 
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path / "scontrol.log"}"\n')
-    (fake_bin / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
-    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "img-finetune-mllm",
-                        "SLURM_JOB_ID": "77", "SLURM_NODELIST": "n1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-                        "SLURM_NODEID": "0"}.items():
-        monkeypatch.setenv(name, value)
+    scontrol_log = srun_environment(monkeypatch, tmp_path, "img-finetune-mllm", "77")
     first = RecordBatches()
     cut = run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "requeued", **extra),
                        [first, SignalAfterMicroBatch(4)])
     # micro-batch 4 opened step 3's window: the save waits for that step (batches 4 and 5)
     assert cut.requeued_at == 3 and len(first.seen) == 6
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+    assert scontrol_log.read_text().split() == ["requeue", "77"]
     resumed = RecordBatches()
     run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "requeued",
                                       **{**extra, "run.ckpt_path": "last"}), [resumed])

@@ -22,10 +22,10 @@ PACKAGES = ("img_lightning", "preprocessing")
 
 # Lowest first. Entries are modules or packages (a package covers everything below it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # errors, atomic writes, typed config schemas and loading, model lookup, run directories
+    # errors, atomic writes, file hashes, typed config schemas and loading, model lookup, run directories
     ("foundation", ("img_lightning", "img_lightning.errors", "img_lightning.atomic", "img_lightning.config",
                     "img_lightning.models", "img_lightning.hf_quiet", "img_lightning.log_steps",
-                    "img_lightning.run_dir", "img_lightning.parquet_files")),
+                    "img_lightning.run_dir", "img_lightning.parquet_files", "img_lightning.hashing")),
     ("cache", ("img_lightning.cache",)),  # the feature-cache format, writer, manifest, reader
     ("data", ("img_lightning.data",)),  # the DataModule over a cache
     # MLLM and IP encoders, the cache recipe (its key needs the question file's hash), checkpoint conversion;

@@ -45,13 +45,13 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from img_lightning.cache.synthetic import write_synthetic_cache  # noqa: E402
 from img_lightning.training import run_training  # noqa: E402
-from train_utils import tiny_config  # noqa: E402
+from train_utils import TINY_CACHE_DIMS, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
-    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    dims = TINY_CACHE_DIMS
     manifest = write_synthetic_cache(root / "train", 26, seed=0, **dims)
     write_synthetic_cache(root / "val", 8, seed=1, **dims)
     return root / "train", root / "val", manifest.cache_key

@@ -7,34 +7,22 @@ import json
 
 import pytest
 import yaml
-from lightning.pytorch.callbacks import Callback
 
 from img_lightning.cache.synthetic import write_synthetic_cache
 from img_lightning.cli.train import main as train_main
 from img_lightning.config.changes import config_changes, flatten
 from img_lightning.config.loading import ConfigError
 from img_lightning.training import run_training
-from train_utils import tiny_config, tiny_overrides
+from train_utils import TINY_CACHE_DIMS, CrashAt, tiny_config, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
-    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    dims = TINY_CACHE_DIMS
     a = write_synthetic_cache(root / "a", 26, seed=0, **dims)
     write_synthetic_cache(root / "b", 26, seed=5, **dims)
     return root / "a", root / "b", a.cache_key
-
-
-class CrashAt(Callback):
-    """A kill right after optimizer step `step` (before any checkpoint of that step)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 def _interrupted_run(tmp_path, cache, key, name="run", **extra):

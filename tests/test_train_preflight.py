@@ -6,7 +6,7 @@ import pytest
 
 from img_lightning.cache.synthetic import write_synthetic_cache
 from img_lightning.cli.train import main as train_main
-from train_utils import tiny_overrides
+from train_utils import TINY_CACHE_DIMS, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_a_shard_of_another_width_or_dtype_is_one_clear_error(tmp_path, capsys, 
     samples dropped (same size, other dtype), then the run stops naming the cache."""
     import shutil
 
-    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    dims = TINY_CACHE_DIMS
     a = write_synthetic_cache(tmp_path / "a", 24, **dims)
     write_synthetic_cache(tmp_path / "b", 24, **{**dims, **other})
     for name in ("shard-000001.tar", "shard-000001.index.json"):

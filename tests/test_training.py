@@ -16,13 +16,13 @@ from img_lightning.aligner import ImplicitAligner
 from img_lightning.cache.synthetic import write_synthetic_cache
 from img_lightning.cli.train import main as train_main
 from img_lightning.training import build_trainer, run_training
-from train_utils import tiny_config, tiny_overrides
+from train_utils import TINY_CACHE_DIMS, CrashAt, srun_environment, tiny_config, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
-    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    dims = TINY_CACHE_DIMS
     train = write_synthetic_cache(root / "train", 26, seed=0, **dims)  # 6 steps/epoch at batch 4
     write_synthetic_cache(root / "val", 12, seed=1, **dims)
     return root / "train", root / "val", train.cache_key
@@ -34,17 +34,6 @@ class RecordBatches(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.seen.append((int(batch["epoch"]), int(batch["position"]), batch["index"].tolist()))
-
-
-class CrashAt(Callback):
-    """Simulates a kill: raises after step `step`'s optimizer update, before its checkpoint."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 def _final_state(run_dir):
@@ -147,16 +136,9 @@ def test_cli_trains_and_reports(caches, tmp_path, capsys):
     assert (tmp_path / "cli" / "export" / "aligner.pth").is_file()
 
 
-SRUN_ENV = {
-    "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "img-train", "SLURM_JOB_ID": "4242",
-    "SLURM_NODELIST": "node001", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-}
-
-
 def test_slurm_environment_is_picked_under_srun(monkeypatch, tmp_path, caches):
     train, _, key = caches
-    for name, value in SRUN_ENV.items():
-        monkeypatch.setenv(name, value)
+    srun_environment(monkeypatch, tmp_path, "img-train", "4242")
     cfg = tiny_config(train, key, tmp_path, "slurm")
     trainer = build_trainer(cfg, tmp_path / "slurm")
     env = trainer._accelerator_connector.cluster_environment
@@ -183,14 +165,7 @@ def test_time_limit_signal_saves_at_a_step_boundary_requeues_and_resumes_exactly
     straight = RecordBatches()
     run_training(tiny_config(train, key, tmp_path, "straight", **extra), [straight])
 
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    scontrol_log = tmp_path / "scontrol.log"
-    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{scontrol_log}"\n')
-    (fake_bin / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
-    for name, value in SRUN_ENV.items():
-        monkeypatch.setenv(name, value)
+    scontrol_log = srun_environment(monkeypatch, tmp_path, "img-train", "4242")
     before = signal.getsignal(signal.SIGUSR1)
 
     first = RecordBatches()
@@ -276,7 +251,7 @@ class RecordGuidance(Callback):
 @pytest.fixture(scope="module")
 def fp8_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
-    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    dims = TINY_CACHE_DIMS
     manifest = write_synthetic_cache(root / "train", 26, seed=0, guidance_dtype="float8_e4m3fn", **dims)
     return root / "train", manifest.cache_key
 
@@ -304,7 +279,7 @@ def test_non_finite_samples_are_dropped_counted_and_stop_the_run_above_the_limit
     from img_lightning.cache.manifest import finalize_manifest
     from img_lightning.cache.writer import ShardWriter
 
-    dims = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
+    dims = TINY_CACHE_DIMS
     root = tmp_path / "nan"
     manifest = write_synthetic_cache(root, 26, seed=0, **dims)
     last = manifest.shards[-1].name  # 2 samples

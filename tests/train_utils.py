@@ -1,12 +1,19 @@
-"""Shared helpers for training tests: tiny configs over synthetic caches."""
+"""Shared helpers for training tests: tiny configs over synthetic caches, a simulated kill, a
+single-task ``srun`` environment with a stand-in ``scontrol``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
+
 from img_lightning.config.loading import load_config
 from img_lightning.config.train import TrainConfig
+
+# synthetic caches that fit TINY_MODEL: write_synthetic_cache(dir, n, seed=..., **TINY_CACHE_DIMS)
+TINY_CACHE_DIMS = dict(guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9, shard_size=8)
 
 TINY_MODEL = {
     "model.guidance_dim": 16,
@@ -44,3 +51,30 @@ def tiny_overrides(cache: Path, key: str, run_root: Path, name: str, **extra: An
 
 def tiny_config(cache: Path, key: str, run_root: Path, name: str, **extra: Any):
     return load_config(TrainConfig, [], tiny_overrides(cache, key, run_root, name, **extra))
+
+
+class CrashAt(Callback):
+    """A kill right after optimizer step ``step`` (before any checkpoint of that step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def srun_environment(monkeypatch, tmp_path: Path, job_name: str, job_id: str) -> Path:
+    """This process as the only task of a SLURM job step; ``scontrol`` is a stand-in that appends its
+    arguments to the returned log file."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    log = tmp_path / "scontrol.log"
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": job_name,
+                        "SLURM_JOB_ID": job_id, "SLURM_NODELIST": "node001", "SLURM_PROCID": "0",
+                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    return log

@@ -7,15 +7,14 @@ file. ``manifest.json`` is assembled from those entries by :func:`finalize_manif
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 from ..atomic import atomic_write_json
+from ..hashing import file_sha256
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -64,12 +63,7 @@ def index_path(shard_path: Path) -> Path:
     return shard_path.with_name(shard_path.name[: -len(".tar")] + INDEX_SUFFIX)
 
 
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = file_sha256  # the cache's name for it (reader, verify)
 
 
 def scan_shard(path: Path) -> list[SampleRecord]:

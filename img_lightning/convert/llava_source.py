@@ -11,7 +11,6 @@ state dict, a duplicated key, a non-finite weight - is one :class:`ConversionErr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config.loading import ConfigError
+from ..hashing import file_sha256
 
 
 class ConversionError(ConfigError):
@@ -118,12 +118,7 @@ def sha256_files(files: list[Path], desc: str = "sha256") -> dict[str, str]:
     out = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
         for f in files:
-            digest = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    digest.update(block)
-                    bar.update(len(block))
-            out[f.name] = digest.hexdigest()
+            out[f.name] = file_sha256(f, progress=bar.update)
     return out
 
 

@@ -35,14 +35,6 @@ class QuestionFileError(ConfigError):
     """A question file that cannot be used; the message names the file and the bad entry."""
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class QuestionSet:
     name: str  # built-in set name, or the question file's name

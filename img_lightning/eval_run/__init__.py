@@ -10,8 +10,8 @@ import them downwards and neither imports the other's internals:
 - :mod:`.arms`    the arm names (``base``, ``control``, ``img_r{r}``) and a task's chunk tag
 """
 
-from .arms import arm_names, chunk_tag, img_arm
+from .arms import arm_names, chunk_tag, img_arm, source_arm
 from .prompts import PromptRecord, chunk
 from .store import ImageStore, safe_uid
 
-__all__ = ["ImageStore", "PromptRecord", "arm_names", "chunk", "chunk_tag", "img_arm", "safe_uid"]
+__all__ = ["ImageStore", "PromptRecord", "arm_names", "chunk", "chunk_tag", "img_arm", "safe_uid", "source_arm"]

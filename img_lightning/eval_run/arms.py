@@ -15,6 +15,11 @@ def img_arm(round_index: int) -> str:
     return f"img_r{round_index}"
 
 
+def source_arm(round_index: int) -> str:
+    """The arm whose images IMG round ``round_index`` re-generates: base, then the previous round."""
+    return "base" if round_index == 1 else img_arm(round_index - 1)
+
+
 def arm_names(rounds: int, control: bool) -> list[str]:
     """Every arm of a run, in report order: base, control (when enabled), then the IMG rounds."""
     return ["base", *(["control"] if control else []), *[img_arm(r) for r in range(1, rounds + 1)]]

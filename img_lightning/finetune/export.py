@@ -14,7 +14,6 @@ refused, never written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,17 +23,10 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..errors import NonFiniteError
+from ..hashing import file_sha256
 from ..models import resolve_dtype
 from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from .merge import is_lora, merge_for_export
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_model(model: torch.nn.Module, processor: Any, out_dir: str | Path, manifest: Mapping[str, Any],

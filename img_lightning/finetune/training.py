@@ -37,9 +37,7 @@ from .throughput import TokenThroughput
 
 log = logging.getLogger(__name__)
 
-warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+# Lightning's resume and pytree warnings are silenced by ..training (imported above), as for img-train.
 # The frozen vision tower is deliberately kept in eval mode (see model.py).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 

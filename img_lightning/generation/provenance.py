@@ -10,13 +10,13 @@ and refuses, naming the run directory, the uid and the differing fields.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config.loading import ConfigError
-from ..eval_run import ImageStore, PromptRecord, arm_names, img_arm
+from ..hashing import file_sha256
+from ..eval_run import ImageStore, PromptRecord, arm_names, source_arm
 from .seeds import seed_for
 
 _ABSENT = "<not recorded>"
@@ -37,11 +37,7 @@ def sha256_of(path: str | Path) -> str:
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with p.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = file_sha256(p)
     return _HASHES[key]
 
 
@@ -77,7 +73,7 @@ def regen_meta(cfg: Any, ip_scale: float) -> dict[str, Any]:
 def img_meta(cfg: Any, round_index: int, aligner_hash: Optional[str]) -> dict[str, Any]:
     """The settings of IMG round ``round_index`` (on top of :func:`regen_meta`)."""
     return {**regen_meta(cfg, cfg.img.ip_scale), "round": round_index,
-            "source_arm": "base" if round_index == 1 else img_arm(round_index - 1),
+            "source_arm": source_arm(round_index),
             "passes": cfg.img.aligner.passes, "aligner": str(cfg.img.aligner.checkpoint),
             "aligner_sha256": aligner_hash}
 

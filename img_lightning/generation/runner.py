@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..aligner import ImplicitAligner
 from ..atomic import atomic_path
-from ..eval_run import ImageStore, PromptRecord, arm_names, chunk_tag, img_arm, safe_uid
+from ..eval_run import ImageStore, PromptRecord, arm_names, chunk_tag, img_arm, safe_uid, source_arm
 from .conditioner import IMGConditioner
 from .pipeline import DiffusionBackend
 from .provenance import aligner_sha256, common_meta, img_meta, regen_meta, sha256_of
@@ -104,7 +104,7 @@ class GenerationRun:
         """What a stored feature file must have been made from to be reused (else it is recomputed):
         the prompt, the source image's content, the aligner checkpoint and its passes."""
         round_index = int(arm.removeprefix("img_r"))
-        src = "base" if round_index == 1 else img_arm(round_index - 1)
+        src = source_arm(round_index)
         return {"prompt": self.by_uid[uid].text, "source_arm": src,
                 "source_sha256": sha256_of(self.stores[src].path_for(uid)),
                 "passes": str(self.cfg.img.aligner.passes), "aligner_sha256": str(self.aligner_hash)}
@@ -163,7 +163,7 @@ class GenerationRun:
 
     def _features(self, round_index: int, uids: list[str]) -> None:
         """Aligned tokens for every uid of this round that has none on disk yet."""
-        arm, src = img_arm(round_index), "base" if round_index == 1 else img_arm(round_index - 1)
+        arm, src = img_arm(round_index), source_arm(round_index)
         need = [u for u in uids if self._feature_meta(arm, u) != self._stored_feature_meta(arm, u)]
         if not need:
             return
@@ -191,7 +191,6 @@ class GenerationRun:
         if self.cfg.img.free_encoders and self._conditioner is not None:
             self._conditioner.release_encoders()
         g, img = self.cfg.generation, self.cfg.img
-        src = "base" if round_index == 1 else img_arm(round_index - 1)
         for batch in self._batches(pending, g.pipeline.batch_size, arm):
             feats = [load_file(str(self.feature_path(arm, u))) for u in batch]
             tokens = torch.stack([f["aligned"] for f in feats])

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ...config.loading import ConfigError
+from ...hashing import file_sha256 as sha256_of_file
 from ...models import ModelNotFoundError
 
 
@@ -31,11 +32,7 @@ def file_sha256(path: str | Path) -> str:
     p = Path(path)
     if p.is_symlink() and _BLOB.fullmatch(p.resolve().name):
         return p.resolve().name  # HF cache blob: its name is the file's sha256
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_of_file(p)
 
 
 def folder_sha256(folder: str | Path) -> Optional[str]:
