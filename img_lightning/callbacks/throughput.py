@@ -26,22 +26,41 @@ class Throughput(Callback):
     The wait is measured inside our loader (time blocked on reader threads), so validation and
     checkpointing in the window count as wall time but not as data wait. On CUDA the device is
     synchronised at logging steps only, so the window's wall time includes its queued kernels.
+    A job that counts other things (the MLLM finetune's tokens) overrides :meth:`_reset`,
+    :meth:`_count` and :meth:`_log`; the window, the wait and the synchronisation stay here.
     """
 
     def __init__(self) -> None:
         self._window_start: Optional[float] = None
         self._wait_start = 0.0
-        self._samples = 0
+        self._reset()
 
     @staticmethod
     def _loader_wait(trainer: L.Trainer) -> float:
         loader = getattr(getattr(trainer, "datamodule", None), "train_loader", None)
         return float(getattr(loader, "wait_seconds", 0.0))
 
+    def _reset(self) -> None:
+        """Zero the window's counters."""
+        self._samples = 0
+
+    def _count(self, trainer: L.Trainer, batch: Any) -> None:
+        """Add one batch to the window's counters (no device synchronisation)."""
+        self._samples += int(batch["ip_lose"].shape[0]) * trainer.world_size
+
+    def _log(self, trainer: L.Trainer, pl_module: Any, wall: float, wait: float) -> None:
+        """Log the window that took ``wall`` seconds, ``wait`` of them blocked on the loader."""
+        if wall > 0:
+            pl_module.log("perf/samples_per_s", self._samples / wall, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log("perf/data_wait_share", min(1.0, wait / wall), on_step=True, on_epoch=False, batch_size=1)
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "bad_samples"):
+            pl_module.log("data/bad_samples", float(datamodule.bad_samples), on_step=True, on_epoch=False, batch_size=1)
+
     def _open_window(self, trainer: L.Trainer) -> None:
         self._window_start = time.perf_counter()
         self._wait_start = self._loader_wait(trainer)
-        self._samples = 0
+        self._reset()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self._window_start is None:
@@ -50,17 +69,11 @@ class Throughput(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._window_start is None:
             self._open_window(trainer)
-        self._samples += int(batch["ip_lose"].shape[0]) * trainer.world_size
+        self._count(trainer, batch)
         if not is_logging_step(trainer, after_optimizer_step=True):
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         wall = time.perf_counter() - self._window_start
-        wait = self._loader_wait(trainer) - self._wait_start
-        if wall > 0:
-            pl_module.log("perf/samples_per_s", self._samples / wall, on_step=True, on_epoch=False, batch_size=1)
-            pl_module.log("perf/data_wait_share", min(1.0, wait / wall), on_step=True, on_epoch=False, batch_size=1)
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "bad_samples"):
-            pl_module.log("data/bad_samples", float(datamodule.bad_samples), on_step=True, on_epoch=False, batch_size=1)
+        self._log(trainer, pl_module, wall, self._loader_wait(trainer) - self._wait_start)
         self._open_window(trainer)
