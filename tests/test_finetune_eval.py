@@ -222,7 +222,7 @@ def test_eval_writes_metrics_page_and_answers_batched_like_single(tmp_path, tiny
 
 def _export_stub(folder, data, fraction=0.15, salt="img-finetune-heldout-v1", fingerprint=None, **blocks):
     """An export folder's manifest (and, unless the folder exists, a stand-in config.json)."""
-    from img_lightning.finetune.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+    from img_lightning.encoders.export_manifest import MANIFEST_FORMAT, MANIFEST_NAME
     from img_lightning.finetune.triplets import scan_triplets
 
     folder.mkdir(parents=True, exist_ok=True)

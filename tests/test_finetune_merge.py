@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from finetune_utils import tiny_finetune_config
 from img_lightning.errors import NonFiniteError
-from img_lightning.finetune.manifest import MANIFEST_NAME
+from img_lightning.encoders.export_manifest import MANIFEST_NAME
 from img_lightning.finetune.samples import SampleEncoder
 
 

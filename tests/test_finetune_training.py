@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from finetune_utils import tiny_finetune_config, tiny_finetune_overrides
 from train_utils import CrashAt, srun_environment
 from img_lightning.config.loading import ConfigError
-from img_lightning.finetune.manifest import MANIFEST_NAME, read_manifest
+from img_lightning.encoders.export_manifest import MANIFEST_NAME, read_manifest
 from img_lightning.finetune.training import run_finetune
 from preprocessing.demo_data import write_edit_triplets_parquet
 

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..config.encoders import MLLMConfig
 from ..config.loading import ConfigError
-from ..finetune.manifest import warn_if_trained_otherwise
+from .export_manifest import warn_if_trained_otherwise
 from ..models import ModelNotFoundError, model_dir, resolve_device, resolve_dtype, resolve_model_root
 from .conversation import (
     LLAVA_CONVERSATIONS,

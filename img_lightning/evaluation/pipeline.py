@@ -30,6 +30,7 @@ from ..atomic import atomic_write
 from ..config.eval import EvalConfig
 from ..config.loading import ConfigError, load_config, missing_keys, split_cli_args, to_container, to_yaml
 from ..generation.provenance import check_stored_images
+from .prompts import load_prompt_set
 
 STAGES = ("generate", "score", "report", "all")
 
@@ -73,18 +74,6 @@ def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_ta
     if cfg.img.rounds < 0 or cfg.img.aligner.passes < 1:
         raise ConfigError("img.rounds must be >= 0 and img.aligner.passes >= 1")
     return cfg
-
-
-def load_prompt_set(cfg: Any) -> list:
-    """The configured prompt set (``prompts.*``); an empty selection is an error."""
-    from .prompts import load_prompts
-
-    p = cfg.prompts
-    options = {"subset_dir": p.subset_dir} if p.format == "t2i_compbench" and p.subset_dir else {}
-    prompts = load_prompts(p.format, p.path, categories=list(p.categories), limit=p.limit, **options)
-    if not prompts:
-        raise ConfigError(f"no prompts left in {p.path} after prompts.categories/prompts.limit")
-    return prompts
 
 
 def stage_generate(cfg: Any, prompts: list, run_dir: Path, progress: bool, aligner: Any = None) -> dict[str, int]:

@@ -46,7 +46,7 @@ def _set(cfg: Any, key: str) -> bool:
 
 def preflight(cfg: Any, stage: str) -> Ready:
     """Check everything ``stage`` needs; raise one :class:`PreflightError` listing every problem."""
-    from .pipeline import load_prompt_set
+    from .prompts import load_prompt_set
     from .scorers import check_scorers
 
     problems = Problems()

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ..config.loading import ConfigError
 from ..errors import UserError
 from ..eval_run.prompts import PromptRecord
 
@@ -276,3 +277,12 @@ def load_prompts(
         records = records[:limit]
     return records
 
+
+def load_prompt_set(cfg: Any) -> list:
+    """The configured prompt set (``prompts.*``); an empty selection is an error."""
+    p = cfg.prompts
+    options = {"subset_dir": p.subset_dir} if p.format == "t2i_compbench" and p.subset_dir else {}
+    prompts = load_prompts(p.format, p.path, categories=list(p.categories), limit=p.limit, **options)
+    if not prompts:
+        raise ConfigError(f"no prompts left in {p.path} after prompts.categories/prompts.limit")
+    return prompts

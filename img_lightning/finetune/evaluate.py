@@ -30,7 +30,7 @@ from ..atomic import atomic_write, atomic_write_json
 from ..config.loading import ConfigError, to_container
 from ..errors import UserError
 from ..run_dir import run_directory
-from .manifest import MANIFEST_NAME, read_manifest, warn_if_trained_otherwise
+from ..encoders.export_manifest import MANIFEST_NAME, read_manifest, warn_if_trained_otherwise
 from .metrics import aggregate, score
 from .samples import SampleEncoder
 from .seed_edit import EvalCase, read_seed_edit_sample

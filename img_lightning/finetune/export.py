@@ -25,7 +25,7 @@ import torch
 from ..errors import NonFiniteError
 from ..hashing import file_sha256
 from ..models import resolve_dtype
-from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
+from ..encoders.export_manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from .merge import is_lora, merge_for_export
 
 
