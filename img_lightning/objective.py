@@ -1,4 +1,4 @@
-"""Iteratively Updated Preference Objective (paper eq. 4-7, 18; README "The method as implemented").
+"""Iteratively Updated Preference Objective (paper eq. 4-7, 18; docs/method.md).
 
 With Gaussian likelihoods of constant variance, ``log p(x | c) = -beta * ||x - f(c)||^2 + const``
 (``beta = 1/(2 sigma^2)``), and the paper's DPO + SPIN margin becomes

@@ -2,7 +2,7 @@
 
 :meth:`FeatureExtractor.prepare` does all CPU work (processors, tokenisation) and
 :meth:`FeatureExtractor.forward` all model work, so the writer can prepare batch ``i+1`` in a
-thread while batch ``i`` runs on the accelerator. Per pair (README "Feature cache format"):
+thread while batch ``i`` runs on the accelerator. Per pair (docs/cache-format.md):
 
 * ``guidance`` - MLLM hidden states for the LOSING image and the pair's question (its exact text,
   ``mllm_prompt``, goes into the sample's metadata);

@@ -1,4 +1,4 @@
-"""Feature cache: format, writer, manifest, reader, 8-bit guidance (see README "Feature cache format")."""
+"""Feature cache: format, writer, manifest, reader, 8-bit guidance (see docs/cache-format.md)."""
 
 from .format import CacheFormatError, decode_meta, decode_tensors, encode_sample
 from .key import cache_key

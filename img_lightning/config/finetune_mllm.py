@@ -184,7 +184,7 @@ class JudgeConfig:
 class FinetuneEvalConfig:
     source: EvalSource = EvalSource.heldout
     # SEED-Data-Edit sample (source seed_data_edit): a .jsonl / .json file, one object per case with
-    # the source image, the target prompt and the reference instruction (see README for the columns).
+    # the source image, the target prompt and the reference instruction (see docs/finetune-mllm.md for the columns).
     input: Optional[str] = None
     image_root: Optional[str] = None  # relative image paths are resolved against it (default: the file's folder)
     limit: Optional[int] = 300  # cases (the paper: 300); held-out cases are a fixed hash-ordered subset

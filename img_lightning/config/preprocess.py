@@ -33,7 +33,7 @@ class Overlap(Choice):
 
 
 class GuidanceDtype(Choice):
-    """Storage of the MLLM guidance, ~98 % of a cache's bytes (see README "Feature cache format")."""
+    """Storage of the MLLM guidance, ~98 % of a cache's bytes (see docs/cache-format.md)."""
 
     float16 = "float16"
     bfloat16 = "bfloat16"
@@ -59,7 +59,7 @@ class CacheLayoutConfig:
     dtype: StoreDtype = StoreDtype.float16  # stored tensor dtype (cache key)
     # Guidance storage (cache key); null: the same as `dtype`. float8_e4m3fn halves the bytes per
     # pair (disk, loader and host-to-device traffic) for a rounding error of up to 6 % per stored
-    # value; what that does to the aligner: README "8-bit guidance", benchmarks/fp8_fidelity.py.
+    # value; what that does to the aligner: docs/cache-format.md "8-bit guidance", benchmarks/fp8_fidelity.py.
     guidance_dtype: Optional[GuidanceDtype] = None
     # With float8 guidance: the channels of each sample kept at `dtype` (the largest ones, where
     # LLM "massive activations" live; 8 cost ~0.3 % of the bytes). Cache key when float8.

@@ -15,7 +15,7 @@ from .choices import Choice
 
 
 class Reduction(Choice):
-    mean = "mean"  # ||.||^2 averaged over each sample's elements (see README "Objective")
+    mean = "mean"  # ||.||^2 averaged over each sample's elements (see docs/method.md)
     sum = "sum"  # summed: eq. 5 literally with unit-variance Gaussians
 
 
@@ -47,7 +47,7 @@ class AlignerConfig:
 @dataclass
 class ObjectiveConfig:
     lambda_pref: float = 1.0
-    # beta = 1 / (2 sigma^2) of the Gaussian likelihood; see README "Objective" for how it
+    # beta = 1 / (2 sigma^2) of the Gaussian likelihood; see docs/method.md for how it
     # interacts with `reduction` (mean over the 16x2048 elements vs their sum).
     beta: float = 1.0
     reduction: Reduction = Reduction.mean
@@ -101,7 +101,7 @@ class DataConfig:
     # the run stops.
     max_bad_fraction: float = 0.01
     # sha256 every shard at start-up, on every rank: a full extra read of the cache at one core's
-    # hashing speed (README "Performance"). Off: the loader's per-sample checks catch what would
+    # hashing speed (docs/performance.md). Off: the loader's per-sample checks catch what would
     # train silently wrong; run `img-preprocess verify --workers N` once after copying a cache.
     verify_checksums: bool = False
     max_open_shards: int = 64  # per loader worker

@@ -87,7 +87,7 @@ def read_seed_edit_sample(path: str | Path, image_root: Optional[str | Path] = N
     path = Path(path).expanduser()
     if not path.is_file():
         raise SeedEditFormatError(f"eval.input={path}: no such file (a .jsonl or .json SEED-Data-Edit sample; see "
-                                  f"README 'Evaluation')")
+                                  f"docs/finetune-mllm.md, 'Evaluation')")
     root = Path(image_root).expanduser() if image_root else path.parent
     cases: list[EvalCase] = []
     skipped = {"missing_image": 0, "corrupt_image": 0}
