@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -58,3 +60,27 @@ def test_installed_wheel_resolves_the_demo_configs(wheel, tmp_path):
         assert Path(path).is_relative_to(site), path  # the installed copy, not the checkout
         assert Path(path).exists()
     assert len(key) == 16
+
+
+def _project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def _dist_name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_dependency_is_listed_once():
+    project = _project()
+    for group, reqs in {"dependencies": project["dependencies"], **project["optional-dependencies"]}.items():
+        names = [_dist_name(r) for r in reqs]
+        assert len(names) == len(set(names)), f"{group}: listed twice: {sorted({n for n in names if names.count(n) > 1})}"
+
+
+def test_python_claim_matches_the_classifiers():
+    """requires-python claims no version below the lowest one with a classifier (the ones CI tests)."""
+    project = _project()
+    tested = sorted(tuple(map(int, c.rsplit(" :: ", 1)[1].split("."))) for c in project["classifiers"]
+                    if c.startswith("Programming Language :: Python :: 3."))
+    assert tested, "no Programming Language :: Python :: 3.X classifier"
+    assert project["requires-python"] == ">=" + ".".join(map(str, tested[0]))
