@@ -3,6 +3,9 @@
     img-preprocess CONFIG.yaml [key=value ...]        extract (this task's shards; all if no array)
     img-preprocess verify DIR                          check every shard; exit 1 with a report on problems
     img-preprocess manifest DIR                        write manifest.json + summary.json after an array job
+
+(``COMMAND [STAGE] ARGS...``, options anywhere after ``img-preprocess``: the shape of every CLI, see
+:mod:`img_lightning.cli.common`; ``run`` is the default stage.)
 """
 
 from __future__ import annotations
@@ -14,13 +17,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from img_lightning.cli.common import (add_common_arguments, add_config_arguments, print_config, resolve_config,
-                                     run_cli, setup_from_args)
+from img_lightning.cli.common import (add_common_arguments, add_config_arguments, parse_staged_command, print_config,
+                                     resolve_config, run_cli, setup_from_args, show_progress)
 from img_lightning.config.preprocess import PreprocessConfig
 
 log = logging.getLogger("img-preprocess")
-COMMANDS = ("run", "verify", "manifest")
-TOP_LEVEL_FLAGS = ("-h", "--help", "--version")
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -43,7 +44,6 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     add_config_arguments(run)
     run.add_argument("--task-index", type=int, default=None, help="this task's index (default: SLURM or 0)")
     run.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: SLURM or 1)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_arguments(run)
     ver = sub.add_parser("verify", help="check every shard (sha256, counts, keys, shapes, dtypes, finite values, "
                                         "cache key); exit status 1 and a report on any problem")
@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     from .run import run_preprocess
 
     result = run_preprocess(cfg, task_index=args.task_index, num_tasks=args.num_tasks,
-                            progress=not (args.no_progress or args.quiet))
+                            progress=show_progress(args))
     log.info("task %d/%d: %d shards written (%d were already complete), %d pairs written, %d skipped, %.1f pairs/s",
              result.task_index, result.num_tasks, result.shards_written, result.shards_already_done,
              result.pairs_written, result.pairs_skipped, result.pairs_per_s)
@@ -107,23 +107,15 @@ def _manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser, stages = _parser()
+    return parse_staged_command(parser, stages, argv, default="run")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and argv[0] not in TOP_LEVEL_FLAGS:
-        argv = ["run", *argv]
-    parser, subs = _parser()
-    if not argv:
-        parser.print_help()
-        return 2
-    if argv[0] in TOP_LEVEL_FLAGS:
-        parser.parse_args(argv)  # prints the overview or the version and exits
-    # Each command parses on its own so options and key=value overrides may be interleaved.
-    command, rest = argv[0], argv[1:]
-    sub = subs[command]
-    args = sub.parse_intermixed_args(rest) if command == "run" else sub.parse_args(rest)
-    args.command = command
+    args = parse_args(argv)
     setup_from_args(args)
-    body = {"run": _run, "verify": _verify, "manifest": _manifest}[command]
+    body = {"run": _run, "verify": _verify, "manifest": _manifest}[args.command]
     return run_cli(lambda: body(args), "img-preprocess", debug=args.debug)
 
 

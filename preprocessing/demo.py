@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from img_lightning.cli.common import add_common_arguments, run_cli, setup_from_args
+from img_lightning.cli.common import add_common_arguments, parse_command, run_cli, setup_from_args, show_progress
 from img_lightning.config.loading import load_config, resolve_config_path
 from img_lightning.config.train import TrainConfig
 
@@ -60,7 +60,7 @@ def _done(start: float) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_command(_parser(), argv)
     setup_from_args(args)
     return run_cli(lambda: _demo(args), "img-demo", debug=args.debug)
 
@@ -103,7 +103,7 @@ def _demo(args: argparse.Namespace) -> int:
     for split, parquet in (("train", train_pq), ("val", val_pq)):
         argv_pre = ["run", str(PREPROCESS_CONFIG), f"data.input={parquet}", f"data.output={caches[split]}",
                     *preprocess_overrides(models)]
-        if args.quiet:
+        if not show_progress(args):
             argv_pre.append("--no-progress")
         code = preprocess_main(argv_pre)
         if code != 0:
@@ -118,7 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
     # The finetuned export is part of the cache key (its manifest's sha256): the recipe names it.
     overrides = [f"data.cache={caches['train']}", f"data.val_cache={caches['val']}", f"run.root={out / 'runs'}",
                  f"data.recipe_overrides=[encoders.mllm.path={models['llava']}]",
-                 f"trainer.enable_progress_bar={not args.quiet}"]
+                 f"trainer.enable_progress_bar={show_progress(args)}"]
     if args.steps is not None:
         overrides.append(f"trainer.max_steps={args.steps}")
     result = run_training(load_config(TrainConfig, [TRAIN_CONFIG], overrides))
@@ -141,7 +141,7 @@ def _demo(args: argparse.Namespace) -> int:
         html = run_demo_eval(
             out, models["sdxl"], models["ip_adapter"], models["llava"], result.run_dir / "export" / "aligner.pth",
             prompts, limit=args.eval_prompts, extra=["prompts.format=text", "prompts.name=demo-heldout"],
-            progress=not args.quiet, grader_dir=models["llava_base"],
+            progress=show_progress(args), grader_dir=models["llava_base"],
         )
         _done(t)
 
@@ -174,13 +174,13 @@ def _finetune_mllm(args: argparse.Namespace, out: Path, llava: Path, triplets: P
     from img_lightning.finetune.training import run_finetune
 
     overrides = [f"data.input={triplets}", f"mllm.path={llava}", f"run.root={out / 'runs'}",
-                 f"trainer.enable_progress_bar={not args.quiet}"]
+                 f"trainer.enable_progress_bar={show_progress(args)}"]
     if args.mllm_steps is not None:
         overrides.append(f"trainer.max_steps={args.mllm_steps}")
     cfg = load_config(FinetuneMLLMConfig, [FINETUNE_CONFIG], overrides)
     result = run_finetune(cfg)
     report_training(result)
-    evaluated = run_eval(cfg, progress=not args.quiet)
+    evaluated = run_eval(cfg, progress=show_progress(args))
     report_eval(evaluated)
     return {"export": result.export_dir, "before": evaluated.metrics["base"]["rouge_l"],
             "after": evaluated.metrics["finetuned"]["rouge_l"], "eval": evaluated.out_dir}

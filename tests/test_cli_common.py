@@ -31,7 +31,7 @@ def test_version_and_common_flags(prog, capsys):
     with pytest.raises(SystemExit):
         CLIS[prog](["--help"])
     help_text = capsys.readouterr().out
-    for flag in ("--version", "--verbose", "--quiet", "--debug"):
+    for flag in ("--version", "--verbose", "--quiet", "--no-progress", "--debug"):
         assert flag in help_text, (prog, flag)
 
 

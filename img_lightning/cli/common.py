@@ -1,5 +1,11 @@
-"""What every CLI shares: config arguments, the same flags (``--version -v -q --debug``), logging,
-and one error policy.
+"""What every CLI shares: one command-line shape, the same flags (``--version -v -q --no-progress
+--debug``), config arguments, logging, and one error policy.
+
+Shape (docs/configuration.md): ``COMMAND [STAGE] ARGS...``. ``STAGE`` is the sub-command of a
+multi-stage CLI (``img-eval all``, ``img-preprocess verify``, ``img-finetune-mllm train``); ``ARGS``
+are the config files then ``key=value`` overrides (or a stage's own positionals, e.g. a cache
+directory), and options may stand anywhere after ``COMMAND``: before the stage, between configs
+and overrides, at the end (:func:`parse_command`, :func:`parse_staged_command`).
 
 Error policy (:func:`run_cli`): a :class:`~img_lightning.errors.UserError` (bad config, missing
 file or model, mismatched cache or checkpoint, ...) prints one ``prog: error: ...`` line and exits
@@ -17,7 +23,7 @@ import errno
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..config.loading import load_config, split_cli_args, to_yaml
 from ..errors import UserError
@@ -42,13 +48,57 @@ def version() -> str:
         return __version__
 
 
+# The common options that take no value: they may also stand before a multi-stage CLI's STAGE.
+COMMON_SWITCHES = ("-v", "--verbose", "-q", "--quiet", "--no-progress", "--debug")
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--version``, ``-v/--verbose``, ``-q/--quiet``, ``--debug``: the same on every CLI."""
+    """``--version``, ``-v/--verbose``, ``-q/--quiet``, ``--no-progress``, ``--debug``: the same on every CLI."""
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="store_true", help="debug logging and library progress bars")
     noise.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars, logging unchanged (batch jobs' log files)")
     parser.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars unless ``-q`` or ``--no-progress``."""
+    return not (getattr(args, "quiet", False) or getattr(args, "no_progress", False))
+
+
+def parse_command(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """``COMMAND ARGS...`` with options anywhere, also between config files and overrides
+    (plain ``parse_args`` stops the ``nargs="*"`` list at the first option)."""
+    return parser.parse_intermixed_args(None if argv is None else list(argv))
+
+
+def parse_staged_command(parser: argparse.ArgumentParser, stages: Mapping[str, argparse.ArgumentParser],
+                         argv: Optional[Sequence[str]], default: Optional[str] = None) -> argparse.Namespace:
+    """``COMMAND [STAGE] ARGS...``: ``parser`` answers ``--help``/``--version`` and lists the stages;
+    each stage's own parser reads the rest with options anywhere. Common switches written before
+    the stage are kept (argparse's sub-parsers would reset them to their defaults). Without a
+    stage name, ``default`` is assumed (``img-preprocess CONFIG`` = ``img-preprocess run CONFIG``).
+    The result carries the stage as ``command``."""
+    rest = list(sys.argv[1:] if argv is None else argv)
+    lead = []
+    while rest and rest[0] in COMMON_SWITCHES:
+        lead.append(rest.pop(0))
+    if not rest:
+        parser.print_help()
+        raise SystemExit(EXIT_USER_ERROR)
+    if rest[0] in ("-h", "--help", "--version"):
+        parser.parse_args(rest)  # prints the overview or the version and exits
+    if rest[0] in stages:
+        stage = rest.pop(0)
+    elif default is not None:
+        stage = default
+    else:
+        parser.error(f"unknown stage {rest[0]!r}: choose one of {', '.join(stages)}")
+    args = stages[stage].parse_intermixed_args(lead + rest)
+    args.command = stage
+    return args
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from .common import add_common_arguments, run_cli, setup_from_args
+from .common import add_common_arguments, parse_command, run_cli, setup_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parse_command(build_parser(), argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_from_args(args)
 
     def body() -> int:

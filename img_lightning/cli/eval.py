@@ -5,6 +5,9 @@
     img-eval report   CONFIG.yaml [key=value ...]
     img-eval all      CONFIG.yaml [key=value ...]
 
+(``COMMAND STAGE ARGS...``, options anywhere after ``img-eval``: the shape of every CLI, see
+:mod:`img_lightning.cli.common`.)
+
 Every stage is resumable: finished images and scores are skipped. Under a SLURM array each task
 takes every N-th prompt (``--task-index $SLURM_ARRAY_TASK_ID --num-tasks $SLURM_ARRAY_TASK_COUNT``);
 ``report`` then merges all tasks' outputs (see slurm/eval.sbatch). The pipeline itself is
@@ -18,7 +21,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..evaluation.pipeline import STAGES  # light: the pipeline imports its heavy stages lazily
-from .common import add_common_arguments, run_cli, setup_from_args
+from .common import add_common_arguments, add_config_arguments, parse_command, run_cli, setup_from_args, show_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,17 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
         "run_dir=runs/eval/parti img.aligner.checkpoint=aligner_sdxl.pth scorers.0.checkpoint=HPS_v2.1_compressed.pt",
     )
     p.add_argument("stage", choices=STAGES, help="generate | score | report | all (= the three in order)")
-    p.add_argument("args", nargs="*", help="YAML config files and key=value overrides (applied in order)")
+    add_config_arguments(p)
     p.add_argument("--task-index", type=int, default=None, help="this task's chunk (SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num-tasks", type=int, default=None, help="number of chunks (SLURM_ARRAY_TASK_COUNT)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs of batch jobs)")
     add_common_arguments(p)
     return p
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parse_command(build_parser(), argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ns = build_parser().parse_intermixed_args(argv)
+    ns = parse_args(argv)
     setup_from_args(ns)
 
     def body() -> int:
@@ -50,9 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ..evaluation.pipeline import resolve_config, run
 
         if ns.print_config:
-            print(to_yaml(resolve_config(ns.args, ns.task_index, ns.num_tasks)))
+            print(to_yaml(resolve_config(ns.config, ns.task_index, ns.num_tasks)))
             return 0
-        run(ns.stage, ns.args, ns.task_index, ns.num_tasks, progress=not (ns.no_progress or ns.quiet))
+        run(ns.stage, ns.config, ns.task_index, ns.num_tasks, progress=show_progress(ns))
         return 0
 
     return run_cli(body, "img-eval", debug=ns.debug)

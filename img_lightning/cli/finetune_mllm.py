@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config.finetune_mllm import FinetuneMLLMConfig
-from .common import CONFIG_EPILOG, add_common_arguments, add_config_arguments, print_config, resolve_config, run_cli, \
-    setup_from_args
+from .common import (CONFIG_EPILOG, add_common_arguments, add_config_arguments, parse_staged_command, print_config,
+                     resolve_config, run_cli, setup_from_args, show_progress)
 
 log = logging.getLogger("img_lightning.finetune")
 PROG = "img-finetune-mllm"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The overview parser (``--help``, ``--version``) and one parser per stage."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Finetune an MLLM (LLaVA-1.5, Qwen2.5-VL) to say how an image must change to match a prompt "
@@ -35,33 +36,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,export,eval}")
-    p = sub.add_parser("train", help="finetune on edit triplets, then export", epilog=CONFIG_EPILOG,
-                       description="Finetune on InstructPix2Pix-layout triplets (resume with run.ckpt_path=last).")
-    add_config_arguments(p)
-    add_common_arguments(p)
-    p = sub.add_parser("export", help="export a run's checkpoint as an llava-hf / Qwen folder + manifest",
-                       epilog=CONFIG_EPILOG, description="Write the export of a checkpoint of the run the config names.")
-    add_config_arguments(p)
-    p.add_argument("--checkpoint", default=None, help="checkpoint file or sharded directory (default: the run's last)")
-    p.add_argument("--out", default=None, help="export folder (default: RUN/export)")
-    add_common_arguments(p)
-    p = sub.add_parser("eval", help="base vs finetuned answers: exact match, ROUGE-L, token F1, HTML",
-                       epilog=CONFIG_EPILOG, description="Evaluate on held-out triplets (eval.source=heldout) or a "
-                       "SEED-Data-Edit sample (eval.source=seed_data_edit eval.input=FILE).")
-    add_config_arguments(p)
-    add_common_arguments(p)
-    return parser
+    train = sub.add_parser("train", help="finetune on edit triplets, then export", epilog=CONFIG_EPILOG,
+                           description="Finetune on InstructPix2Pix-layout triplets (resume with run.ckpt_path=last).")
+    add_config_arguments(train)
+    add_common_arguments(train)
+    export = sub.add_parser("export", help="export a run's checkpoint as an llava-hf / Qwen folder + manifest",
+                            epilog=CONFIG_EPILOG, description="Write the export of a checkpoint of the run the config "
+                            "names.")
+    add_config_arguments(export)
+    export.add_argument("--checkpoint", default=None,
+                        help="checkpoint file or sharded directory (default: the run's last)")
+    export.add_argument("--out", default=None, help="export folder (default: RUN/export)")
+    add_common_arguments(export)
+    evaluate = sub.add_parser("eval", help="base vs finetuned answers: exact match, ROUGE-L, token F1, HTML",
+                              epilog=CONFIG_EPILOG, description="Evaluate on held-out triplets (eval.source=heldout) "
+                              "or a SEED-Data-Edit sample (eval.source=seed_data_edit eval.input=FILE).")
+    add_config_arguments(evaluate)
+    add_common_arguments(evaluate)
+    return parser, {"train": train, "export": export, "eval": evaluate}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser, stages = build_parser()
+    return parse_staged_command(parser, stages, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_from_args(args)
 
     def body() -> int:
         cfg = resolve_config(FinetuneMLLMConfig, args)
         if args.print_config:
             return print_config(cfg)
-        if args.quiet:
+        if not show_progress(args):
             cfg.trainer.enable_progress_bar = False
         if args.command == "train":
             from ..finetune.training import run_finetune
@@ -78,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         from ..finetune.evaluate import run_eval
 
-        report_eval(run_eval(cfg, progress=not args.quiet))
+        report_eval(run_eval(cfg, progress=show_progress(args)))
         return 0
 
     return run_cli(body, PROG, debug=args.debug)

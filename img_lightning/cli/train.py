@@ -7,8 +7,8 @@ import logging
 from typing import Optional, Sequence
 
 from ..config.train import TrainConfig
-from .common import (CONFIG_EPILOG, add_common_arguments, add_config_arguments, print_config, resolve_config,
-                     run_cli, setup_from_args)
+from .common import (CONFIG_EPILOG, add_common_arguments, add_config_arguments, parse_command, print_config,
+                     resolve_config, run_cli, setup_from_args, show_progress)
 
 log = logging.getLogger("img_lightning.train")
 
@@ -29,15 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parse_command(build_parser(), argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_from_args(args)
 
     def body() -> int:
         cfg = resolve_config(TrainConfig, args)
         if args.print_config:
             return print_config(cfg)
-        if args.quiet:
+        if not show_progress(args):
             cfg.trainer.enable_progress_bar = False
         from ..training import run_training
 

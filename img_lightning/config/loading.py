@@ -1,13 +1,17 @@
 """Typed OmegaConf loading shared by every CLI: ``schema defaults <- YAML files <- CLI dotlist``.
 
 The schema is a dataclass, so a misspelled key fails at load time with its dotted name instead of
-being silently ignored (the failure mode of plain dict configs).
+being silently ignored (the failure mode of plain dict configs), and the error suggests the nearest
+valid key (:func:`suggest_key`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -44,9 +48,7 @@ def resolve_config_path(path: str | Path) -> Path:
 def _written_missing(cfg: DictConfig, key: str) -> bool:
     """Whether ``key`` (as :func:`OmegaConf.missing_keys` names it) is ``???`` itself, rather than an
     interpolation (``${prompts.path}``) of a key that is."""
-    import re
-
-    parent, _, leaf = re.sub(r"\[(\d+)\]", r".\1", key).rpartition(".")
+    parent, _, leaf = _dotted(key).rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
     return OmegaConf.is_missing(node, int(leaf) if leaf.isdigit() else leaf)
 
@@ -64,8 +66,10 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         return merged  # type: ignore[return-value]
     except ConfigKeyError as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None) or str(err)
+        near = suggest_key(base, _dotted(str(key)), getattr(err, "object_type", None))
+        hint = f"did you mean '{near}'?" if near else "check its spelling;"
         raise ConfigError(
-            f"{source}: unknown config key '{key}'. Check its spelling; "
+            f"{source}: unknown config key '{key}': {hint} "
             f"`--print-config` shows every valid key with its default."
         ) from None
     except ValidationError as err:
@@ -73,6 +77,44 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: bad value for '{key}': {err.msg}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {err}") from None
+
+
+def _dotted(key: str) -> str:
+    return re.sub(r"\[(\d+)\]", r".\1", key)
+
+
+def dotted_keys(cfg: Any) -> list[str]:
+    """Every key of ``cfg`` as it is written on the command line, sections included
+    (``data``, ``data.batch_size``, ``scorers.0.checkpoint``)."""
+    def walk(node: Any, prefix: str) -> Iterator[str]:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for name, value in items:
+            key = f"{prefix}{name}"
+            yield key
+            yield from walk(value, key + ".")
+
+    return list(walk(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False), ""))
+
+
+def suggest_key(cfg: Any, key: str, section: Optional[type] = None) -> Optional[str]:
+    """The valid key nearest to a misspelled one: a close name in the same section (``data.batchsize``
+    -> ``data.batch_size``; ``section``, the schema dataclass the key was refused by, gives the names
+    where ``cfg`` has no instance of it yet, e.g. a list entry), else the one key of that exact name
+    in another section (``optim.batch_size`` -> ``data.batch_size``), else the closest dotted key
+    overall; None when nothing is close."""
+    keys = dotted_keys(cfg)
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    if isinstance(section, type) and dataclasses.is_dataclass(section):
+        siblings.update({f.name: f"{parent}.{f.name}" if parent else f.name for f in dataclasses.fields(section)})
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if close:
+        return siblings[close[0]]
+    same_name = [k for k in keys if k.rpartition(".")[2] == leaf]
+    if len(same_name) == 1:
+        return same_name[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def load_config(
@@ -127,9 +169,7 @@ def validate(cfg: Any, schema: Any) -> None:
 
 def missing_keys(cfg: Any) -> list[str]:
     """Keys still ``???``, sorted, written as they are set on the command line (``scorers.0.checkpoint``)."""
-    import re
-
-    return sorted(re.sub(r"\[(\d+)\]", r".\1", k) for k in OmegaConf.missing_keys(cfg))
+    return sorted(_dotted(k) for k in OmegaConf.missing_keys(cfg))
 
 
 def to_yaml(cfg: Any) -> str:
