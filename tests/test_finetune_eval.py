@@ -14,7 +14,7 @@ from PIL import Image
 from finetune_utils import tiny_finetune_config, tiny_finetune_overrides
 from img_lightning.config.finetune_mllm import JudgeConfig
 from img_lightning.finetune.judge import Judge, JudgeError, parse_verdict
-from img_lightning.finetune.metrics import aggregate, exact_match, lcs_length, rouge_l, token_f1
+from img_lightning.finetune.metrics import aggregate, exact_match, normalize, rouge_l, token_f1
 from img_lightning.finetune.seed_edit import SeedEditFormatError, read_seed_edit_sample
 
 
@@ -24,12 +24,12 @@ def test_metrics_by_hand():
     assert exact_match("make it blue", "make the square red") == 0.0
     # token F1: pred {make, it, red} vs ref {make, square, red} (articles dropped): 2 common
     assert token_f1("make it red", "make the square red") == pytest.approx(2 / 3)
-    assert lcs_length("a b c d".split(), "a c x d".split()) == 3
+    assert rouge_l("a b c d", "a c x d") == pytest.approx(3 / 4)  # LCS 3 of 4 and 4
     # ROUGE-L keeps articles: pred [make the circle red] vs ref [make the square red]: LCS 3, P = R = 3/4
     assert rouge_l("make the circle red", "make the square red") == pytest.approx(0.75)
     # P = 2/2, R = 2/4 -> F = 2/3
     assert rouge_l("make red", "make the square red") == pytest.approx(2 / 3)
-    assert rouge_l("", "") == token_f1("", "") == 1.0 and rouge_l("", "x") == token_f1("x", "") == 0.0
+    assert token_f1("", "") == 1.0 and rouge_l("", "x") == token_f1("x", "") == 0.0
     agg = aggregate([{"rouge_l": 1.0, "token_f1": 0.5, "exact_match": 0.0},
                      {"rouge_l": 0.0, "token_f1": 0.5, "exact_match": 1.0}])
     assert agg == {"rouge_l": 0.5, "token_f1": 0.5, "exact_match": 0.5, "n": 2}
@@ -74,6 +74,53 @@ def test_exact_match_and_token_f1_are_squads():
     for pred, ref in cases:
         em, f1 = _squad_v2(pred, ref)
         assert exact_match(pred, ref) == em and token_f1(pred, ref) == pytest.approx(f1), (pred, ref)
+
+
+# Tricky cases for tokenisation and empties: case, punctuation inside and between words, digits,
+# non-ASCII letters (not tokens for rouge-score), tabs and newlines, underscores, repeats.
+TRICKY = [("", ""), ("", "x"), ("x", ""), ("...", "!!"), ("Make the square RED.", "make the square red"),
+          ("café au lait", "cafe au lait"), ("don't add a hat", "dont add a hat"),
+          ("black-and-white", "black and white"), ("a a a b", "a b a b a"), ("Ünïcödé ñ 東京 tokyo", "tokyo"),
+          ("3D model v2.0", "3d model v2 0"), ("make it red red red", "red make it"), ("x_y z", "x y z"),
+          ("a\tb\nc", "a b c"), ("The the THE", "the"), ("add 2.5 cm", "add 25 cm")]
+
+
+def test_rouge_l_is_rouge_scores_including_empty_texts():
+    """rouge-score gives 0 when either text has no token, also when neither has: the hand-written
+    version this replaced gave 1 there."""
+    assert rouge_l("", "") == rouge_l("...", "!!") == rouge_l("東京", "") == 0.0
+    assert rouge_l("Make the square RED.", "make the square red") == 1.0
+    assert rouge_l("café au lait", "cafe au lait") == pytest.approx(2 / 3)  # 'caf' 'au' 'lait' vs 'cafe' 'au' 'lait'
+    assert rouge_l("don't add a hat", "dont add a hat") == pytest.approx(2 / 3)  # 'don' 't' ... vs 'dont' ...
+
+
+def test_rouge_l_agrees_with_torchmetrics_on_tricky_and_random_texts():
+    """torchmetrics' independent ROUGE-L (documented to reproduce rouge-score) as a second opinion."""
+    import random
+
+    from torchmetrics.functional.text.rouge import rouge_score
+
+    rng = random.Random(0)
+    pieces = list("abcAB12 .,-'é\t\nxyz_") + ["the ", "red ", "東", "ß"]
+    texts = [("".join(rng.choice(pieces) for _ in range(rng.randint(0, 20))),
+              "".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))) for _ in range(300)]
+    for pred, ref in TRICKY + texts:
+        expected = float(rouge_score(pred, ref, rouge_keys="rougeL")["rougeL_fmeasure"])  # float32
+        assert rouge_l(pred, ref) == pytest.approx(expected, abs=1e-7), (pred, ref)
+
+
+def test_exact_match_and_token_f1_agree_with_torchmetrics_squad_where_the_scripts_agree():
+    """torchmetrics' SQuAD is the v1.1 script: the same normalisation, EM and F1 as v2.0 except that
+    v2.0 scores two texts empty after normalisation F1 1 (no-answer questions), v1.1 0."""
+    from torchmetrics.functional.text.squad import squad
+
+    for pred, ref in TRICKY:
+        got = squad({"prediction_text": pred, "id": "0"},
+                    {"answers": {"answer_start": [0], "text": [ref]}, "id": "0"})
+        assert exact_match(pred, ref) == pytest.approx(float(got["exact_match"]) / 100), (pred, ref)
+        both_empty = not normalize(pred) and not normalize(ref)
+        assert token_f1(pred, ref) == (1.0 if both_empty else pytest.approx(float(got["f1"]) / 100, abs=1e-6)), \
+            (pred, ref)
 
 
 def _judge_cfg(**kw):

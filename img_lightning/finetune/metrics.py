@@ -1,15 +1,18 @@
 """Text metrics of a generated edit instruction against the reference one.
 
-* **exact match** and **token F1** follow SQuAD's official evaluation script: lower case, every
-  ASCII punctuation character deleted (``don't`` -> ``dont``, ``black-and-white`` ->
-  ``blackandwhite``), the whole words a/an/the removed, whitespace collapsed; token F1 is the F1 of
-  the two bags of whitespace tokens.
-* **ROUGE-L** is the F-measure (beta = 1) of the longest common subsequence of the two token
-  sequences, with the tokenisation of the reference ``rouge-score`` package without stemming:
-  lower case, runs of ``[a-z0-9]``.
+* **ROUGE-L** is computed by the reference package, ``rouge-score`` (Google Research's
+  ``rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)``): the F-measure of the longest common
+  subsequence of the two token sequences, tokens being runs of ``[a-z0-9]`` after lower-casing;
+  a text without any token scores 0, also against another such text.
+* **exact match** and **token F1** are those of SQuAD 2.0's official evaluation script
+  (``evaluate-v2.0.py``: ``normalize_answer``, ``compute_exact``, ``compute_f1``), written out
+  here because no maintained package exposes them per pair: lower case, every ASCII punctuation
+  character deleted (``don't`` -> ``dont``, ``black-and-white`` -> ``blackandwhite``), the whole
+  words a/an/the removed, whitespace collapsed; token F1 is the F1 of the two bags of tokens, and
+  when either text is empty after normalisation it is 1 if both are, else 0 (the SQuAD 1.1 script
+  scores two empty texts 0; otherwise the two agree).
 
-Every metric is in [0, 1]; as in SQuAD 2.0's script, two texts that are empty after
-normalisation score 1, one empty text scores 0.
+Every metric is in [0, 1].
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Iterable, Sequence
+from functools import lru_cache
+from typing import Any, Iterable
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)  # deleted, not replaced by a space (SQuAD)
-_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
 
 
 def normalize(text: str) -> str:
@@ -45,32 +48,16 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Longest common subsequence, O(len(a) * len(b)) time, O(len(b)) memory."""
-    if not a or not b:
-        return 0
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, 1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
+@lru_cache(maxsize=1)
+def _rouge_l_scorer() -> Any:
+    from rouge_score import rouge_scorer  # imported on first use: it brings nltk's stemmer module
 
-
-def rouge_tokens(text: str) -> list[str]:
-    return _ROUGE_TOKEN.findall(text.lower())
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    lcs = lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F-measure of ``prediction`` against ``reference`` (rouge-score, no stemming)."""
+    return _rouge_l_scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 def score(prediction: str, reference: str) -> dict[str, float]:
