@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from .aligner import ImplicitAligner
 from .callbacks import ReferenceSwap, Throughput
 from .callbacks.requeue import slurm_requeue_callback
+from .checkpoint_io import AtomicCheckpointIO
 from .config.changes import describe_changes
 from .config.loading import ConfigError, load_config, to_container
 from .config.train import RESUME_FREE_KEYS, TrainConfig
@@ -103,7 +104,7 @@ def build_trainer(
     auto-requeue, which saves inside the signal handler, mid-step: :class:`RequeueOnSignal` (added by
     :func:`run_training`) saves at a step boundary and requeues instead."""
     t = cfg.trainer
-    plugins = []
+    plugins: list[Any] = [AtomicCheckpointIO()]  # same-directory atomic checkpoints, plain errors
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
@@ -125,7 +126,7 @@ def build_trainer(
         default_root_dir=str(run_dir),
         logger=logger,
         callbacks=list(callbacks),
-        plugins=plugins or None,
+        plugins=plugins,
         # The DataModule shards data over ranks itself; Lightning must not wrap a DistributedSampler.
         use_distributed_sampler=False,
         num_sanity_val_steps=0,

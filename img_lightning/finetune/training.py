@@ -25,13 +25,17 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from ..atomic import atomic_write_json
 from ..callbacks.requeue import slurm_requeue_callback
+from ..checkpoint_io import AtomicCheckpointIO
 from ..config.changes import describe_changes
 from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, to_container
 from ..run_dir import check_resume_config, git_revision, resolve_resume, run_directory, write_run_info
 from ..training import apply_torch_threads, parse_devices
+from ..run_lock import releases_run_locks, take_run_lock
+from .accounting import StepAccounting, trained_summary
 from .datamodule import EditTripletDataModule, skip_summary
 from .module import MLLMFinetuneModule
+from .provenance import RunRecord
 from .strategy import build_strategy
 from .throughput import TokenThroughput
 
@@ -74,13 +78,14 @@ def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), l
     counted as done): :class:`RequeueOnSignal` saves at an optimizer-step boundary instead."""
     t = cfg.trainer
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    plugins.append(AtomicCheckpointIO())  # same-directory atomic checkpoints, plain errors
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes,
         strategy=build_strategy(cfg), precision=t.precision, max_steps=t.max_steps, max_epochs=t.max_epochs,
         gradient_clip_val=cfg.optim.grad_clip, log_every_n_steps=t.log_every_n_steps,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar, default_root_dir=str(run_dir),
-        logger=logger, callbacks=list(callbacks), plugins=plugins or None,
+        logger=logger, callbacks=list(callbacks), plugins=plugins,
         use_distributed_sampler=False,  # the DataModule shards the data itself
         num_sanity_val_steps=0,
     )
@@ -90,6 +95,8 @@ def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), l
 
 def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
     return [
+        StepAccounting(),  # global read/skipped/trained counts, the bad-fraction rule, empty steps
+        RunRecord(cfg),  # the config and base-model identity in every checkpoint
         TokenThroughput(),
         LearningRateMonitor(logging_interval="step"),
         # `last.ckpt` every N optimizer steps: what exact resume restarts from.
@@ -140,8 +147,9 @@ def export_manifest(cfg: Any, datamodule: EditTripletDataModule, global_step: in
                    "precision": str(cfg.trainer.precision), "strategy": _value(cfg.trainer.strategy),
                    "global_batch_size": global_batch, "max_epochs": cfg.trainer.max_epochs,
                    "max_steps": cfg.trainer.max_steps, "seed": int(cfg.run.seed), "data_seed": int(cfg.data.seed)},
-        "training": {"global_step": int(global_step), "samples_seen": int(global_step) * global_batch,
-                     "val_loss": metrics.get("val/loss")},
+        # samples_seen: samples of steps that trained (a batch whose every sample was unusable is none)
+        "training": {"global_step": int(global_step), "samples_seen": datamodule.counts.trained,
+                     **trained_summary(datamodule.counts), "val_loss": metrics.get("val/loss")},
         "provenance": {"git": git_revision(), **versions},
     }
 
@@ -170,6 +178,7 @@ def export_trained(cfg: Any, module: MLLMFinetuneModule, datamodule: EditTriplet
     return path
 
 
+@releases_run_locks
 def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> FinetuneResult:
     """Fit, measure the held-out loss, export. Returns the final metrics (rank 0 has them all)."""
     apply_torch_threads(cfg.run.torch_threads)
@@ -185,6 +194,7 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
     requeue = slurm_requeue_callback(run_dir)
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks) + ([requeue] if requeue else [])
     trainer = build_trainer(cfg, run_dir, callbacks, logger)
+    take_run_lock(run_dir, "img-finetune-mllm train", trainer.global_rank)  # held until this returns
     if trainer.is_global_zero:
         write_run_info(run_dir, cfg, {"resumed_from": ckpt_path, "world_size": trainer.world_size,
                                       "accumulate_grad_batches": trainer.accumulate_grad_batches},
@@ -198,6 +208,7 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
     if requeue is not None and requeue.requeued_at is not None:
         result.requeued_at = requeue.requeued_at  # the requeued job continues; nothing final yet
         return result
+    datamodule.check_trained()  # no trained sample: an error, never an export of the base model
     if datamodule.val_ids is not None and len(datamodule.val_ids) and cfg.trainer.limit_val_batches > 0:
         validated = trainer.validate(module, datamodule=datamodule, verbose=False)
         result.metrics = {k: float(v) for k, v in (validated[0] if validated else {}).items()}
@@ -218,6 +229,7 @@ def write_summary(run_dir: Path, datamodule: EditTripletDataModule, trainer: L.T
         "data": {**index.stats.to_json(), "fingerprint": index.fingerprint,
                  "train_used": int(len(datamodule.train_ids)), "heldout_used_for_val": int(len(datamodule.val_ids))},
         "skipped": skip_summary(run_dir / "skipped"),
+        "trained": trained_summary(datamodule.counts),
         "global_step": int(trainer.global_step),
         "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
         "world_size": int(trainer.world_size),
