@@ -8,17 +8,19 @@ reason (kill -9 included), so a crash never leaves the directory locked. The hol
 is into the lock file (host, pid, SLURM job id, since when, command) so a refused run can name it.
 
 *Which process holds it.* Global rank 0 only (it writes ``config.yaml``, the export and the
-summary). Under SLURM the other ranks of a job look at the lock too and refuse with rank 0 when it
-belongs to another job, so a refused job stops on every node instead of leaving ranks waiting for
-a rank 0 that has gone; without SLURM the other ranks are rank 0's own children.
+summary). Every rank looks at the lock when the job starts, and again once it knows its rank, and
+refuses when it belongs to another run (another SLURM job, or a process that is neither this one
+nor its launcher), so a refused multi-node job stops on every node instead of leaving ranks
+waiting for a rank 0 that has gone.
 
 *A requeued job takes it over.* On SLURM the lock belongs to the job: a requeued job has the same
 job id, and when the lock still looks held by that id (a network file system can keep a dead
 node's lock for a while) the new instance takes it over instead of refusing itself.
 
-*Scope.* :func:`releases_run_locks` marks the function a lock lives for; :func:`take_run_lock`,
-called inside it once the rank is known and the pre-run checks have passed, takes the lock and
-has it released when that function returns or raises.
+*Scope.* :func:`run_locked` marks the job function a lock lives for (and refuses at its entry,
+before any work, a directory another run holds); :func:`take_run_lock`, called inside it once the
+rank is known and the pre-run checks have passed, takes the lock, released when the job returns
+or raises.
 
 ``flock`` on network file systems: see :mod:`img_lightning.cache.lock` (Lustre needs the ``flock``
 mount option; NFSv4 maps it to POSIX locks).
@@ -26,6 +28,7 @@ mount option; NFSv4 maps it to POSIX locks).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import fcntl
 import functools
@@ -36,7 +39,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from .errors import UserError
 
@@ -139,35 +142,46 @@ def acquire_run_lock(run_dir: Path, command: str) -> RunLock:
     return RunLock(path, fd)
 
 
-def check_not_foreign(run_dir: Path) -> None:
-    """For a rank other than 0 under SLURM: refuse when another job holds the run directory."""
-    path = run_dir / LOCK_NAME
+def _ours(holder: dict[str, Any]) -> bool:
+    """The holder is this run: the same SLURM job, this process, or the process that started it (a
+    DDP launcher's rank 0)."""
     job = _job_id()
-    if job is None or not path.is_file():
+    if job is not None and holder.get("slurm_job_id") == job:
+        return True
+    return holder.get("host") == platform.node() and holder.get("pid") in (os.getpid(), os.getppid())
+
+
+def refuse_if_held(run_dir: Path) -> None:
+    """Refuse, without creating anything, when another run holds ``run_dir``."""
+    path = run_dir / LOCK_NAME
+    if not path.is_file():
         return
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)  # free: nobody else runs here now
+        fcntl.flock(fd, fcntl.LOCK_UN)  # free: nobody runs here now
         return
     except BlockingIOError:
         holder = read_holder(path)
     finally:
         os.close(fd)
-    if holder and holder.get("slurm_job_id") != job:
+    if holder and not _ours(holder):
         raise _refusal(run_dir, path, holder)
 
 
-def releases_run_locks(fn: F) -> F:
-    """Decorator: the run locks taken with :func:`take_run_lock` while ``fn`` runs are released when
-    it returns or raises."""
+def run_locked(fn: F) -> F:
+    """Decorator of a job whose first argument is a config with a ``run`` block: its run directory
+    is checked at entry (refused when another run holds it, before any work), and the lock
+    :func:`take_run_lock` takes inside is released when ``fn`` returns or raises."""
+    from .run_dir import run_directory
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        refuse_if_held(run_directory(cfg.run))
         held: list[RunLock] = []
         token = _HELD.set(held)
         try:
-            return fn(*args, **kwargs)
+            return fn(cfg, *args, **kwargs)
         finally:
             _HELD.reset(token)
             for lock in reversed(held):
@@ -177,12 +191,22 @@ def releases_run_locks(fn: F) -> F:
 
 
 def take_run_lock(run_dir: Path, command: str, rank: int = 0) -> None:
-    """Hold ``run_dir`` for the rest of the enclosing :func:`releases_run_locks` function: rank 0
-    takes the lock, other ranks check that no other job holds it."""
+    """Hold ``run_dir`` for the rest of the enclosing :func:`run_locked` function: rank 0 takes the
+    lock, the other ranks check that no other run holds it."""
     held = _HELD.get()
     if held is None:
-        raise RuntimeError("take_run_lock() must be called inside a @releases_run_locks function")
+        raise RuntimeError("take_run_lock() must be called inside a @run_locked function")
     if rank != 0:
-        check_not_foreign(run_dir)
+        refuse_if_held(run_dir)
         return
     held.append(acquire_run_lock(run_dir, command))
+
+
+@contextlib.contextmanager
+def holding_run_directory(run_dir: Path, command: str) -> Iterator[None]:
+    """The lock of ``run_dir`` for a one-process command (``img-finetune-mllm export``)."""
+    lock = acquire_run_lock(run_dir, command)
+    try:
+        yield
+    finally:
+        lock.release()

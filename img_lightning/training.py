@@ -24,6 +24,7 @@ from .config.train import RESUME_FREE_KEYS, TrainConfig
 from .data import ExpectedFeatures, FeatureCacheDataModule
 from .module import AlignerModule, aligner_weights_from_checkpoint
 from .run_dir import check_resume_config, resolve_resume, run_directory, write_run_info
+from .run_lock import run_locked, take_run_lock
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def export_aligner(aligner: ImplicitAligner, out_dir: Path, stem: str, info: dic
     return {f"{stem}.pth": str(pth), f"{stem}.safetensors": str(st)}
 
 
+@run_locked
 def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Fit, validate, export. Returns the final validation metrics (rank 0 has them all)."""
     apply_torch_threads(cfg.run.torch_threads)
@@ -202,6 +204,7 @@ def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainRes
     # last, after the callbacks whose state it saves (Lightning moves ModelCheckpoint after it)
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks) + ([requeue] if requeue else [])
     trainer = build_trainer(cfg, run_dir, callbacks, logger)
+    take_run_lock(run_dir, "img-train", trainer.global_rank)  # held until this returns
     if trainer.is_global_zero:
         write_run_info(run_dir, cfg, {"resumed_from": ckpt_path, "world_size": trainer.world_size},
                        resumed=ckpt_path is not None, changes=changes)

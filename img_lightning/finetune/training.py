@@ -31,7 +31,7 @@ from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, to_container
 from ..run_dir import check_resume_config, git_revision, resolve_resume, run_directory, write_run_info
 from ..training import apply_torch_threads, parse_devices
-from ..run_lock import releases_run_locks, take_run_lock
+from ..run_lock import run_locked, take_run_lock
 from .accounting import StepAccounting, trained_summary
 from .datamodule import EditTripletDataModule, skip_summary
 from .module import MLLMFinetuneModule
@@ -172,13 +172,16 @@ def export_trained(cfg: Any, module: MLLMFinetuneModule, datamodule: EditTriplet
     processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm, key="mllm"))
     manifest = export_manifest(cfg, datamodule, trainer.global_step, trainer.world_size,
                                trainer.accumulate_grad_batches, metrics)
+    record = next((c for c in trainer.callbacks if isinstance(c, RunRecord) and c.base), None)
+    if record is not None:
+        manifest["base"]["weights_sha256"] = record.base["sha256"]
     path = export_model(model, processor, out_dir, manifest, dtype=str(cfg.run.export_dtype),
                         check_batch=datamodule.check_batch())
     log.info("exported the finetuned MLLM to %s", path)
     return path
 
 
-@releases_run_locks
+@run_locked
 def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> FinetuneResult:
     """Fit, measure the held-out loss, export. Returns the final metrics (rank 0 has them all)."""
     apply_torch_threads(cfg.run.torch_threads)
