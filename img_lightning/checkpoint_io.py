@@ -61,6 +61,23 @@ def disk_full_error(target: Path, err: OSError) -> CheckpointDiskFull:
         f"any, is intact. Free space there (or move run.root), then resume with run.ckpt_path=last")
 
 
+def full_disk_cause(err: BaseException) -> Optional[OSError]:
+    """The full-disk ``OSError`` behind ``err``: itself, what it was raised from or during (torch's
+    zip writer turns the file object's ``OSError`` into a ``RuntimeError``), or one of a distributed
+    checkpoint's per-rank failures."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in FULL_DISK:
+            return e
+        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+    return None
+
+
 @contextlib.contextmanager
 def reporting_full_disk(target: Path) -> Iterator[None]:
     """Turn a full disk while writing ``target`` into :class:`CheckpointDiskFull`."""
@@ -68,10 +85,11 @@ def reporting_full_disk(target: Path) -> Iterator[None]:
         yield
     except CheckpointDiskFull:
         raise
-    except OSError as err:
-        if err.errno in FULL_DISK:
-            raise disk_full_error(target, err) from None
-        raise
+    except Exception as err:  # noqa: BLE001 - re-raised unless a full disk is behind it
+        cause = full_disk_cause(err)
+        if cause is None:
+            raise
+        raise disk_full_error(target, cause) from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -81,8 +99,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         target = Path(path)
-        with reporting_full_disk(target), atomic_path(target) as tmp:
-            torch.save(checkpoint, tmp)
+        # through a Python file object: a failed write keeps its OSError (errno) as the context
+        with reporting_full_disk(target), atomic_path(target) as tmp, open(tmp, "wb") as fh:
+            torch.save(checkpoint, fh)
 
     def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
