@@ -263,3 +263,46 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_which_d
     assert not [p.name for p in last.parent.iterdir() if p.name != "last.ckpt"]  # no temporary left behind
     run_finetune(tiny_finetune_config(good, tiny_llava_dir, tmp_path, "full", **{**extra, "run.ckpt_path": "last"}))
     assert _last(run_dir)["global_step"] == 4
+
+
+def test_an_export_whose_weights_changed_behind_its_manifest_is_refused(tiny_llava_dir, tiny_ip_adapter_dir,
+                                                                        tmp_path, capsys):
+    """Issue 19.3: the cache key hashes the manifest only, so replaced weights kept the old export's key."""
+    from safetensors.torch import load_file, save_file
+
+    from img_lightning.encoders.checks import check_mllm
+    from img_lightning.config.encoders import MLLMConfig
+    from img_lightning.errors import Problems
+    from omegaconf import OmegaConf
+    from preprocessing.cli import main as preprocess_main
+    from preprocessing.demo_data import write_demo_parquet
+
+    data = tmp_path / "t.parquet"
+    write_edit_triplets_parquet(data, 24, seed=5, bad_rows=False)
+    export = run_finetune(tiny_finetune_config(data, tiny_llava_dir, tmp_path, "exp",
+                                               **{"trainer.max_steps": 2})).export_dir
+    weights = export / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3  # same shapes, same size: other weights
+    save_file(tensors, weights, metadata={"format": "pt"})
+    pairs = tmp_path / "pairs.parquet"
+    write_demo_parquet(pairs, 6, seed=0)
+    argv = ["run", "configs/preprocess/demo.yaml", f"data.output={tmp_path / 'cache'}", f"data.input={pairs}",
+            f"encoders.mllm.path={export}", f"encoders.ip.image_encoder_path={tiny_ip_adapter_dir}",
+            f"encoders.ip.adapter_path={tiny_ip_adapter_dir}", "--no-progress"]
+    assert preprocess_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{export}: the weights are not the ones its manifest img_finetune.json lists (model.safetensors has " \
+           f"sha256" in err and "internal error" not in err
+    assert not list((tmp_path / "cache").glob("shard-*.tar"))
+    # img-eval's pre-run check (check_mllm) reports it with the key to fix, before any image
+    problems = Problems()
+    mllm = OmegaConf.structured(MLLMConfig(model="img-lightning/tiny-llava", path=str(export)))
+    check_mllm(mllm, problems)
+    assert any(p.startswith("encoders.mllm.path: ") and "model.safetensors has sha256" in p for p in problems.items)
+    # an unlisted weight file is refused too
+    save_file(tensors, export / "model-extra.safetensors")
+    problems = Problems()
+    check_mllm(mllm, problems)
+    assert any("model-extra.safetensors is not listed" in p for p in problems.items)
