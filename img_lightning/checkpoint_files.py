@@ -128,7 +128,12 @@ def finish_interrupted_swap(path: Path) -> None:
     if path.exists() or not old.exists():
         return
     chosen = staged if staged.exists() and checkpoint_problem(staged) is None else old
-    os.replace(chosen, path)
+    try:
+        os.replace(chosen, path)
+    except OSError:
+        if path.exists():
+            return  # another rank of the same job completed it
+        raise
     log.warning("completed an interrupted checkpoint save: %s is now %s", path, chosen.name)
     for leftover in (old, staged):
         if leftover.exists():

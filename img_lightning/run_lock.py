@@ -8,10 +8,11 @@ reason (kill -9 included), so a crash never leaves the directory locked. The hol
 is into the lock file (host, pid, SLURM job id, since when, command) so a refused run can name it.
 
 *Which process holds it.* Global rank 0 only (it writes ``config.yaml``, the export and the
-summary). Every rank looks at the lock when the job starts, and again once it knows its rank, and
-refuses when it belongs to another run (another SLURM job, or a process that is neither this one
-nor its launcher), so a refused multi-node job stops on every node instead of leaving ranks
-waiting for a rank 0 that has gone.
+summary). Rank 0 looks at the lock when the job starts, before any work, and takes it once the
+pre-run checks have passed. Under SLURM every other rank looks too (the job id says whose lock it
+is) and refuses with rank 0 when another job holds it, so a refused multi-node job stops on every
+node instead of leaving ranks waiting for a rank 0 that has gone; the other ranks of a launch
+without SLURM leave the decision to their rank 0.
 
 *A requeued job takes it over.* On SLURM the lock belongs to the job: a requeued job has the same
 job id, and when the lock still looks held by that id (a network file system can keep a dead
@@ -143,12 +144,27 @@ def acquire_run_lock(run_dir: Path, command: str) -> RunLock:
 
 
 def _ours(holder: dict[str, Any]) -> bool:
-    """The holder is this run: the same SLURM job, this process, or the process that started it (a
-    DDP launcher's rank 0)."""
+    """The holder is this run: the same SLURM job, or this very process."""
     job = _job_id()
     if job is not None and holder.get("slurm_job_id") == job:
         return True
-    return holder.get("host") == platform.node() and holder.get("pid") in (os.getpid(), os.getppid())
+    return holder.get("host") == platform.node() and holder.get("pid") == os.getpid()
+
+
+def _env_rank() -> Optional[int]:
+    """This process's global rank as the launcher's environment says (Lightning's order), None when
+    no launcher set one (a single process)."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return None
+
+
+def _can_judge(rank: Optional[int]) -> bool:
+    """Whether this process can tell another run's lock from its own run's: rank 0 (the holder), or
+    any rank of a SLURM job (the job id says whose it is). Other ranks of a non-SLURM launch cannot
+    (their rank 0 is another process, maybe on another host) and leave it to their rank 0."""
+    return _job_id() is not None or not rank
 
 
 def refuse_if_held(run_dir: Path) -> None:
@@ -177,7 +193,8 @@ def run_locked(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-        refuse_if_held(run_directory(cfg.run))
+        if _can_judge(_env_rank()):
+            refuse_if_held(run_directory(cfg.run))
         held: list[RunLock] = []
         token = _HELD.set(held)
         try:
@@ -197,7 +214,8 @@ def take_run_lock(run_dir: Path, command: str, rank: int = 0) -> None:
     if held is None:
         raise RuntimeError("take_run_lock() must be called inside a @run_locked function")
     if rank != 0:
-        refuse_if_held(run_dir)
+        if _can_judge(rank):
+            refuse_if_held(run_dir)
         return
     held.append(acquire_run_lock(run_dir, command))
 

@@ -236,3 +236,32 @@ def test_replace_directory_puts_the_new_one_in_place(tmp_path):
         (path / "f").write_text(text)
     replace_directory(staged, target)
     assert (target / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_which_ranks_look_at_the_lock(tmp_path, holder, monkeypatch):
+    """Rank 0 judges (and holds); under SLURM every rank judges by the job id; the other ranks of a launch
+    without SLURM (Lightning's DDP children, torchrun) leave it to their rank 0, which is another process."""
+    from types import SimpleNamespace
+
+    from img_lightning.run_lock import run_locked, take_run_lock
+
+    cfg = SimpleNamespace(run=SimpleNamespace(root=str(tmp_path), name="run"))
+
+    @run_locked
+    def job(cfg, rank):
+        take_run_lock(tmp_path / "run", "test", rank)
+        return "ran"
+
+    holder(tmp_path / "run", env={"SLURM_JOB_ID": "9"})
+    for key in ("SLURM_JOB_ID", "SLURM_PROCID", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RunDirectoryInUse):
+        job(cfg, 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP child: its rank 0 decides
+    assert job(cfg, 1) == "ran"
+    monkeypatch.setenv("SLURM_JOB_ID", "10")
+    monkeypatch.setenv("SLURM_PROCID", "1")  # a rank of another SLURM job: refused at entry
+    with pytest.raises(RunDirectoryInUse, match="SLURM job 9"):
+        job(cfg, 1)
+    monkeypatch.setenv("SLURM_JOB_ID", "9")  # a rank of the holder's own job
+    assert job(cfg, 1) == "ran"
