@@ -221,7 +221,8 @@ def test_wrong_column_types_and_empty_sets_name_what_is_wrong(good, tiny_llava_d
     pq.write_table(empty, tmp_path / "empty.parquet")
     assert main(["train", *tiny_finetune_overrides(tmp_path / "empty.parquet", tiny_llava_dir, tmp_path, "e")]) == 2
     err = capsys.readouterr().err
-    assert "0 training samples cannot fill one batch" in err and "40 rows read in 1 files: 40 with an empty edit_prompt" in err
+    assert "0 training samples cannot fill one batch" in err
+    assert "40 rows read in 1 files: 40 with an empty edit_prompt" in err
 
 
 class FillDisk(Callback):

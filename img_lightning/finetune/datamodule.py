@@ -103,11 +103,11 @@ class EditTripletDataModule(L.LightningDataModule):
         """What the scan kept and why it dropped the rest (the reason a set can be empty)."""
         assert self.index is not None
         s = self.index.stats
+        limit = f" and {len(self.train_ids)} used (data.limit={self.cfg.limit})" if self.cfg.limit is not None else ""
         return (f"{s.rows_read} rows read in {s.files} files: {s.empty_instructions} with an empty edit_prompt, "
                 f"{s.empty_prompts} with an empty edited_prompt and {s.placeholder_in_text} with an image placeholder "
                 f"in their text were dropped; {s.kept} kept, of which {s.heldout} held out "
-                f"(data.heldout_fraction={self.cfg.heldout_fraction})"
-                + (f" and {len(self.train_ids)} used (data.limit={self.cfg.limit})" if self.cfg.limit is not None else ""))
+                f"(data.heldout_fraction={self.cfg.heldout_fraction}){limit}")
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -217,8 +217,8 @@ class EditTripletDataModule(L.LightningDataModule):
             return
         raise NothingTrained(
             f"{self.cfg.input}: no sample was trained on in {c.steps} optimizer steps: {c.skipped} of the {c.read} "
-            f"training samples read were unusable ({c.reasons_text()}; listed in {self.skip_dir or 'the log'}). Nothing was "
-            f"exported: the weights are the base model's. Repair the data and start a new run")
+            f"training samples read were unusable ({c.reasons_text()}; listed in {self.skip_dir or 'the log'}). "
+            f"Nothing was exported: the weights are the base model's. Repair the data and start a new run")
 
     def _list_skipped(self, skipped: list[dict], split: str, epoch: int) -> None:
         if not skipped:
