@@ -138,3 +138,16 @@ def finish_interrupted_swap(path: Path) -> None:
     for leftover in (old, staged):
         if leftover.exists():
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def resume_candidate(run_dir: Path, existing: Sequence[Path]) -> Optional[str]:
+    """What ``run.ckpt_path=last`` resumes from among the checkpoints ``existing`` in ``run_dir``:
+    the newest intact one (a damaged one is skipped, named, for the previous good one), after
+    completing a sharded ``last.ckpt`` swap a kill cut short."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not last.exists() and replaced_name(last).exists():
+        finish_interrupted_swap(last)
+        existing = [last, *existing]
+    newest_first = sorted(set(existing), key=lambda p: p.stat().st_mtime, reverse=True)
+    chosen = pick_intact(newest_first)
+    return str(chosen) if chosen else None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .atomic import atomic_write, atomic_write_json
-from .checkpoint_files import check_intact, finish_interrupted_swap, pick_intact
+from .checkpoint_files import check_intact, resume_candidate
 from .config.changes import config_changes, describe_changes
 from .config.loading import ConfigError, load_config, to_container, to_yaml
 
@@ -139,12 +139,10 @@ def resolve_resume(run_dir: Path, ckpt_path: Optional[str]) -> Optional[str]:
     ``"last"``: the newest of ``checkpoints/last.ckpt`` and Lightning's SLURM pre-emption checkpoints
     (``hpc_ckpt_*.ckpt``); a fresh start when there is none, so requeue scripts can always pass it.
     ``None`` in a directory that already has checkpoints is refused instead of silently mixing runs.
-    A checkpoint may be a file or a directory (FSDP's sharded checkpoints). A damaged one
-    (:mod:`.checkpoint_files`) is skipped for the next newest, or named when none is intact.
+    A checkpoint may be a file or a directory (FSDP's sharded checkpoints).
     """
-    finish_interrupted_swap(run_dir / "checkpoints" / "last.ckpt")
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = [p for p in candidates if p.is_file() or p.is_dir()]
+    existing = [p for p in candidates if p.is_file() or (p.is_dir() and (p / ".metadata").is_file())]
     if ckpt_path is None:
         if existing:
             raise FileExistsError(
@@ -153,9 +151,7 @@ def resolve_resume(run_dir: Path, ckpt_path: Optional[str]) -> Optional[str]:
             )
         return None
     if ckpt_path == "last":
-        newest_first = sorted(existing, key=lambda p: p.stat().st_mtime, reverse=True)
-        chosen = pick_intact(newest_first)  # a damaged one is skipped for the previous good one
-        return str(chosen) if chosen else None
+        return resume_candidate(run_dir, existing)
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"run.ckpt_path={ckpt_path}: no such checkpoint")
     check_intact(ckpt_path)

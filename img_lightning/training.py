@@ -18,13 +18,13 @@ from .aligner import ImplicitAligner
 from .callbacks import ReferenceSwap, Throughput
 from .callbacks.requeue import slurm_requeue_callback
 from .checkpoint_io import AtomicCheckpointIO
+from .run_lock import run_locked, take_run_lock  # (grouped with the run-directory safety above)
 from .config.changes import describe_changes
 from .config.loading import ConfigError, load_config, to_container
 from .config.train import RESUME_FREE_KEYS, TrainConfig
 from .data import ExpectedFeatures, FeatureCacheDataModule
 from .module import AlignerModule, aligner_weights_from_checkpoint
 from .run_dir import check_resume_config, resolve_resume, run_directory, write_run_info
-from .run_lock import run_locked, take_run_lock
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def build_trainer(
         default_root_dir=str(run_dir),
         logger=logger,
         callbacks=list(callbacks),
-        plugins=plugins,
+        plugins=plugins or None,
         # The DataModule shards data over ranks itself; Lightning must not wrap a DistributedSampler.
         use_distributed_sampler=False,
         num_sanity_val_steps=0,

@@ -26,11 +26,11 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from ..atomic import atomic_write_json
 from ..callbacks.requeue import slurm_requeue_callback
 from ..checkpoint_io import AtomicCheckpointIO
+from ..run_lock import run_locked, take_run_lock  # (grouped with the run-directory safety above)
 from ..config.changes import describe_changes
 from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, to_container
 from ..run_dir import check_resume_config, git_revision, resolve_resume, run_directory, write_run_info
-from ..run_lock import run_locked, take_run_lock
 from ..training import apply_torch_threads, parse_devices
 from .accounting import StepAccounting, trained_summary
 from .datamodule import EditTripletDataModule, skip_summary
@@ -85,7 +85,7 @@ def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), l
         gradient_clip_val=cfg.optim.grad_clip, log_every_n_steps=t.log_every_n_steps,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar, default_root_dir=str(run_dir),
-        logger=logger, callbacks=list(callbacks), plugins=plugins,
+        logger=logger, callbacks=list(callbacks), plugins=plugins or None,
         use_distributed_sampler=False,  # the DataModule shards the data itself
         num_sanity_val_steps=0,
     )
@@ -206,12 +206,13 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
             log.info("resuming with config changes (recorded under %s/resumes):\n%s", run_dir, describe_changes(changes))
         log.info("run directory: %s", run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if requeue is None or requeue.requeued_at is None:
+        datamodule.check_trained()  # no trained sample: an error, never an export of the base model
 
     result = FinetuneResult(run_dir=run_dir, is_global_zero=trainer.is_global_zero)
     if requeue is not None and requeue.requeued_at is not None:
         result.requeued_at = requeue.requeued_at  # the requeued job continues; nothing final yet
         return result
-    datamodule.check_trained()  # no trained sample: an error, never an export of the base model
     if datamodule.val_ids is not None and len(datamodule.val_ids) and cfg.trainer.limit_val_batches > 0:
         validated = trainer.validate(module, datamodule=datamodule, verbose=False)
         result.metrics = {k: float(v) for k, v in (validated[0] if validated else {}).items()}
