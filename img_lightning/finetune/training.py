@@ -32,9 +32,9 @@ from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, to_container
 from ..run_dir import check_resume_config, git_revision, resolve_resume, run_directory, write_run_info
 from ..training import apply_torch_threads, parse_devices
-from .accounting import StepAccounting, trained_summary
 from .datamodule import EditTripletDataModule, skip_summary
 from .module import MLLMFinetuneModule
+from .accounting import StepAccounting, trained_summary  # (with .provenance: what a checkpoint records)
 from .provenance import RunRecord
 from .strategy import build_strategy
 from .throughput import TokenThroughput
