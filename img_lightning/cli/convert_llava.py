@@ -6,7 +6,6 @@ import argparse
 import errno
 from typing import Optional, Sequence
 
-from ..errors import UserError
 from .common import add_common_arguments, run_cli, setup_from_args
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
@@ -46,6 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         from ..convert.llava import convert_llava
+        from ..errors import UserError
 
         try:
             result = convert_llava(args.src, args.dst, vision_tower=args.vision_tower, dtype=args.dtype,
