@@ -17,9 +17,10 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from .aligner import ImplicitAligner
 from .callbacks import ReferenceSwap, Throughput
 from .callbacks.requeue import slurm_requeue_callback
-from .checkpoint_io import AtomicCheckpointIO
-from .run_lock import run_locked, take_run_lock  # (grouped with the run-directory safety above)
 from .config.changes import describe_changes
+# run-directory safety: atomic checkpoints, one run per directory
+from .checkpoint_io import AtomicCheckpointIO
+from .run_lock import run_locked, take_run_lock
 from .config.loading import ConfigError, load_config, to_container
 from .config.train import RESUME_FREE_KEYS, TrainConfig
 from .data import ExpectedFeatures, FeatureCacheDataModule

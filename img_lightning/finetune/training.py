@@ -25,9 +25,10 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from ..atomic import atomic_write_json
 from ..callbacks.requeue import slurm_requeue_callback
-from ..checkpoint_io import AtomicCheckpointIO
-from ..run_lock import run_locked, take_run_lock  # (grouped with the run-directory safety above)
 from ..config.changes import describe_changes
+# run-directory safety: atomic checkpoints, one run per directory
+from ..checkpoint_io import AtomicCheckpointIO
+from ..run_lock import run_locked, take_run_lock
 from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, to_container
 from ..run_dir import check_resume_config, git_revision, resolve_resume, run_directory, write_run_info
