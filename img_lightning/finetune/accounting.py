@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -125,7 +125,7 @@ class StepAccounting(Callback):
                     "skipped): not trained, counted as an empty step", trainer.global_step)
 
 
-def trained_summary(counts: SampleCounts) -> dict[str, Optional[int]]:
+def trained_summary(counts: SampleCounts) -> dict[str, int]:
     """The counts an export manifest and ``summary.json`` record."""
     return {"samples_trained": counts.trained, "answer_tokens": counts.answer_tokens,
             "trained_steps": counts.steps - counts.empty_steps, "empty_steps": counts.empty_steps,
