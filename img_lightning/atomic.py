@@ -74,3 +74,16 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it (a probe, removed at once):
+    what a long job checks before hours of work that end in writing there. Raises the ``OSError``
+    (read-only file system, permissions, a file in the way) for the caller to name."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = temporary_name(folder / ".write-probe")
+    with open(probe, "wb"):
+        pass
+    probe.unlink()
+    return folder

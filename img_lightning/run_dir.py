@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .atomic import atomic_write, atomic_write_json
+from .checkpoint_files import check_intact, resume_candidate
 from .config.changes import config_changes, describe_changes
 from .config.loading import ConfigError, load_config, to_container, to_yaml
 
@@ -150,7 +151,8 @@ def resolve_resume(run_dir: Path, ckpt_path: Optional[str]) -> Optional[str]:
             )
         return None
     if ckpt_path == "last":
-        return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+        return resume_candidate(run_dir, existing)
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"run.ckpt_path={ckpt_path}: no such checkpoint")
+    check_intact(ckpt_path)
     return ckpt_path

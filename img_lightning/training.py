@@ -18,6 +18,9 @@ from .aligner import ImplicitAligner
 from .callbacks import ReferenceSwap, Throughput
 from .callbacks.requeue import slurm_requeue_callback
 from .config.changes import describe_changes
+# run-directory safety: atomic checkpoints, one run per directory
+from .checkpoint_io import AtomicCheckpointIO
+from .run_lock import run_locked, take_run_lock
 from .config.loading import ConfigError, load_config, to_container
 from .config.train import RESUME_FREE_KEYS, TrainConfig
 from .data import ExpectedFeatures, FeatureCacheDataModule
@@ -103,7 +106,7 @@ def build_trainer(
     auto-requeue, which saves inside the signal handler, mid-step: :class:`RequeueOnSignal` (added by
     :func:`run_training`) saves at a step boundary and requeues instead."""
     t = cfg.trainer
-    plugins = []
+    plugins: list[Any] = [AtomicCheckpointIO()]  # same-directory atomic checkpoints, plain errors
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
@@ -184,6 +187,7 @@ def export_aligner(aligner: ImplicitAligner, out_dir: Path, stem: str, info: dic
     return {f"{stem}.pth": str(pth), f"{stem}.safetensors": str(st)}
 
 
+@run_locked
 def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Fit, validate, export. Returns the final validation metrics (rank 0 has them all)."""
     apply_torch_threads(cfg.run.torch_threads)
@@ -201,6 +205,7 @@ def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainRes
     # last, after the callbacks whose state it saves (Lightning moves ModelCheckpoint after it)
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks) + ([requeue] if requeue else [])
     trainer = build_trainer(cfg, run_dir, callbacks, logger)
+    take_run_lock(run_dir, "img-train", trainer.global_rank)  # held until this returns
     if trainer.is_global_zero:
         write_run_info(run_dir, cfg, {"resumed_from": ckpt_path, "world_size": trainer.world_size},
                        resumed=ckpt_path is not None, changes=changes)

@@ -41,6 +41,7 @@ from img_lightning.cache.format import (
     decode_meta,
     decode_tensors,
     format_version,
+    split_member_name,
 )
 from img_lightning.cache.manifest import Manifest, ShardEntry, read_shard_index
 
@@ -216,9 +217,14 @@ def check_shard(root: str, entry: dict, cache_key: str, spec: dict) -> ShardChec
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for info in tar:
-                    if not info.isfile():
+                    try:  # the writer's member-name rule: a shard written elsewhere is refused
+                        key, ext = split_member_name(info.name)
+                    except ValueError as err:
+                        out.problems.append(f"{name}: {err}")
                         continue
-                    key, _, ext = info.name.partition(".")
+                    if not info.isfile():
+                        out.problems.append(f"{name}: member {info.name!r} is not a regular file")
+                        continue
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:
                         raise tarfile.ReadError(f"member {info.name} truncated")

@@ -213,3 +213,22 @@ def test_the_writer_uses_only_the_standard_tar_format(tmp_path):
     assert [m.name for m in members[:2]] == ["k00000.json", "k00000.safetensors"]
     assert all(m.pax_headers == {} and m.mtime == 0 and m.uname == "img" and m.mode == 0o444 for m in members)
     assert shard.stat().st_size % 10240 == 0  # padded to whole tar records
+
+
+@pytest.mark.parametrize("rename", ["/tmp/elsewhere/{}", "../{}", "sub/{}"], ids=["absolute", "parent", "folder"])
+def test_verify_refuses_member_names_the_writer_never_writes(tmp_path, monkeypatch, rename):
+    """Issue 19.10: a shard whose members were named with absolute or ../ paths passed verify (the
+    manifest and index agreed with it: only the names were foreign)."""
+    import img_lightning.cache.writer as writer
+    from img_lightning.cache.synthetic import write_synthetic_cache
+    from preprocessing.verify import verify_cache
+
+    real = writer.member_name
+    monkeypatch.setattr(writer, "member_name", lambda key, ext: rename.format(real(key, ext)))
+    write_synthetic_cache(tmp_path / "c", 4, guidance_dim=16, ip_tokens=4, ip_dim=8, min_tokens=3, max_tokens=9)
+    monkeypatch.undo()
+    report = verify_cache(tmp_path / "c")
+    foreign = rename.format("")
+    assert not report.ok
+    assert any(f"member name '{foreign}" in p and "breaks the writer's rule" in p for p in report.problems), \
+        report.problems

@@ -159,3 +159,22 @@ def test_mllm_checks(tiny_llava_dir, tmp_path):
     cfg.backend, cfg.path = "llava", str(original)
     problems = Problems()
     assert check_mllm(cfg, problems) is None and "img-convert-llava" in problems.items[0]
+
+
+def test_scorer_options_are_range_checked_when_the_config_loads(world, prompts, tmp_path, capsys):
+    """Issue 19.11: scorers.N.max_new_tokens=0 passed the pre-run checks, generated every image, then
+    failed with an internal error."""
+    run_dir = tmp_path / "run"
+    rc = main(["all", *_args(world, prompts, run_dir, "scorers.5.max_new_tokens=0", "scorers.1.batch_size=0"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "scorers.5.max_new_tokens=0: must be >= 1" in err
+    assert "scorers.1.batch_size=0: must be >= 1" in err
+    assert "Traceback" not in err and not run_dir.exists()
+    # the same from a YAML file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scorers:\n  - kind: clip\n    threshold: 1.5\n  - kind: mllm_grader\n    max_new_tokens: -1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(EvalConfig, [bad], require_complete=False)
+    assert "scorers.0.threshold=1.5: must be in [0.0, 1.0]" in str(caught.value)
+    assert "scorers.1.max_new_tokens=-1: must be >= 1" in str(caught.value)

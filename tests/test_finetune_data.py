@@ -143,7 +143,7 @@ def test_loader_drops_bad_samples_and_the_run_lists_them(tmp_path, tiny_llava_di
     assert [s["reason"] for s in first["skipped"]] == ["corrupt_image", "over_long"]
     assert int(second["num_real"]) == 0 and second["labels"].eq(-100).all()  # placeholder only: no loss
     for batch in (first, second):
-        dm._account(batch["skipped"], int(batch["num_requested"]), "train", 0)
+        dm._list_skipped(batch["skipped"], "train", 0)
     assert skip_summary(tmp_path / "skipped") == {"train": {"corrupt_image": 1, "over_long": 1}, "heldout": {}}
     lines = (tmp_path / "skipped" / "rank0.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[0])["key"] == dm.index.keys[1]

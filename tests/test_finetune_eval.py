@@ -275,8 +275,11 @@ def _export_stub(folder, data, fraction=0.15, salt="img-finetune-heldout-v1", fi
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "config.json").exists():
         (folder / "config.json").write_text("{}")
+    from img_lightning.hashing import file_sha256
+
     fingerprint = fingerprint or scan_triplets(str(data), fraction, salt).fingerprint
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, **blocks,
+    weights = {p.name: file_sha256(p) for p in folder.glob("*.safetensors")}  # what a real export lists
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "weights": weights, **blocks,
                 "data": {"heldout_fraction": fraction, "heldout_salt": salt, "fingerprint": fingerprint}}
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     return folder

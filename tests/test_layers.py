@@ -23,9 +23,11 @@ PACKAGES = ("img_lightning", "preprocessing")
 # Lowest first. Entries are modules or packages (a package covers everything below it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # errors, atomic writes, file hashes, typed config schemas and loading, model lookup, run directories
+    # (and their lock), checkpoint integrity
     ("foundation", ("img_lightning", "img_lightning.errors", "img_lightning.atomic", "img_lightning.config",
                     "img_lightning.models", "img_lightning.hf_quiet", "img_lightning.log_steps",
-                    "img_lightning.run_dir", "img_lightning.parquet_files", "img_lightning.hashing")),
+                    "img_lightning.run_dir", "img_lightning.parquet_files", "img_lightning.hashing",
+                    "img_lightning.run_lock", "img_lightning.checkpoint_files")),
     ("cache", ("img_lightning.cache",)),  # the feature-cache format, writer, manifest, reader
     ("data", ("img_lightning.data",)),  # the DataModule over a cache
     # MLLM and IP encoders (with what they read of a finetuned-MLLM export), the cache recipe (its key
@@ -33,7 +35,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("features", ("img_lightning.encoders", "img_lightning.recipe", "img_lightning.convert")),
     # the aligner, its objective and LightningModule, the training job; the MLLM finetuning stage
     ("training", ("img_lightning.aligner", "img_lightning.objective", "img_lightning.module",
-                  "img_lightning.callbacks", "img_lightning.training", "img_lightning.finetune")),
+                  "img_lightning.callbacks", "img_lightning.checkpoint_io", "img_lightning.training",
+                  "img_lightning.finetune")),
     ("eval_run", ("img_lightning.eval_run",)),  # prompt records, image store, arms: what generation and evaluation share
     ("generation", ("img_lightning.generation",)),
     ("evaluation", ("img_lightning.evaluation",)),

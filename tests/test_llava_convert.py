@@ -363,3 +363,65 @@ def test_cli_converts_with_vision_tower_argument(tmp_path, tower_dir, capsys):
     assert "llava_v0" in out and str(tmp_path / "b") in out
     record = json.loads((tmp_path / "b" / "conversion.json").read_text())
     assert record["vision_tower"]["id"] == str(tower_dir)
+
+
+def _read_only_folder(tmp_path):
+    """A folder this process cannot write: a read-only tmpfs mount for root (permission bits do not stop
+    root), the permission bits otherwise; None when neither is possible here."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return folder
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    return folder if done.returncode == 0 else None
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "read_only"])
+def test_an_unwritable_destination_is_refused_before_the_source_is_read(where, tmp_path, original_dir, capsys,
+                                                                        monkeypatch):
+    """Issue 19.9: a read-only DST was found only after every weight was hashed, as an internal error."""
+    import subprocess
+
+    import img_lightning.convert.llava as convert_module
+
+    if where == "under_a_file":
+        (tmp_path / "afile").write_text("x")
+        dst = tmp_path / "afile" / "out"
+    else:
+        folder = _read_only_folder(tmp_path)
+        if folder is None:
+            pytest.skip("no read-only folder can be made here (root without mount permission)")
+        dst = folder / "out"
+
+    def read_source(*args, **kwargs):
+        raise AssertionError("the source was read before the destination was checked")
+
+    monkeypatch.setattr(convert_module, "sha256_files", read_source)
+    try:
+        assert main([str(original_dir), str(dst)]) == 2
+    finally:
+        if where == "read_only":
+            subprocess.run(["umount", str(dst.parent)], capture_output=True)
+    err = [line for line in capsys.readouterr().err.splitlines() if "img-convert-llava:" in line]
+    assert len(err) == 1 and err[0].startswith(f"img-convert-llava: error: cannot write the output {dst}"), err
+    assert "choose another DST" in err[0] and "internal error" not in err[0]
+
+
+def test_an_os_error_on_a_user_path_is_a_user_error_naming_it(tmp_path, original_dir, capsys, monkeypatch):
+    """Issue 19.9: an OSError reading SRC (an unreadable shard: permissions, a stale network mount) was an
+    "internal error"; every path the converter touches is the user's."""
+    import img_lightning.convert.llava as convert_module
+
+    shard = original_dir / "model-00001-of-00002.safetensors"
+
+    def unreadable(root):
+        raise PermissionError(13, "Permission denied", str(shard))  # what open() raises for a non-root user
+
+    monkeypatch.setattr(convert_module, "find_weight_files", unreadable)
+    assert main([str(original_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"img-convert-llava: error: {shard}: Permission denied; check that SRC" in err and "internal" not in err

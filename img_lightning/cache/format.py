@@ -89,6 +89,21 @@ def check_key(key: str) -> str:
     return key
 
 
+def member_name(key: str, ext: str) -> str:
+    """The tar member name of a sample's ``ext`` part: the writer's rule, which verify enforces."""
+    return f"{check_key(key)}.{ext}"
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``(key, ext)`` of a member named by :func:`member_name`; ValueError for any other name (an
+    absolute or ``../`` path, a folder part, another extension): such a shard was not written here."""
+    key, dot, ext = name.partition(".")
+    if not dot or ext not in (META_EXT, TENSOR_EXT) or not _KEY_RE.match(key):
+        raise ValueError(f"member name {name!r} breaks the writer's rule {{key}}.{META_EXT} / {{key}}.{TENSOR_EXT} "
+                         f"with a key of {_KEY_RE.pattern} (no folders, no dots)")
+    return key, ext
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Where one tensor sits inside a safetensors payload."""

@@ -32,6 +32,7 @@ from .format import (
     TENSOR_KEYS,
     check_key,
     encode_sample,
+    member_name,
 )
 from .manifest import (
     Manifest,
@@ -127,8 +128,8 @@ class ShardWriter:
             raise ValueError(f"{self.path}: sample {key!r} has tensors {spec}, shard started with {self.tensors}")
         members = encode_sample({k: tensors[k] for k in (*TENSOR_KEYS, *QUANT_KEYS) if k in tensors}, meta)
         meta_bytes, payload = members[META_EXT], members[TENSOR_EXT]
-        meta_offset = self._add(f"{key}.{META_EXT}", meta_bytes)
-        offset = self._add(f"{key}.{TENSOR_EXT}", payload)
+        meta_offset = self._add(member_name(key, META_EXT), meta_bytes)
+        offset = self._add(member_name(key, TENSOR_EXT), payload)
         (header_len,) = struct.unpack_from("<Q", payload, 0)
         self._records.append(
             SampleRecord(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 from typing import Optional, Sequence
 
 from .common import add_common_arguments, parse_command, run_cli, setup_from_args
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +49,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         from ..convert.llava import convert_llava
+        from ..errors import UserError
 
-        result = convert_llava(args.src, args.dst, vision_tower=args.vision_tower, dtype=args.dtype,
-                               pad_vocab_multiple=args.pad_vocab_multiple)
+        try:
+            result = convert_llava(args.src, args.dst, vision_tower=args.vision_tower, dtype=args.dtype,
+                                   pad_vocab_multiple=args.pad_vocab_multiple)
+        except OSError as err:
+            if err.errno in FULL_DISK:
+                raise  # run_cli's full-disk message
+            # every path here is the user's (SRC, DST, the tower): a user error naming it, not a bug
+            raise UserError(f"{err.filename or args.dst}: {err.strerror or err}; check that SRC and the tower are "
+                            f"readable and DST's folder writable") from None
         rec = result.record
         by_name = rec["conversation_by_folder_name"]
         print(f"converted {args.src} -> {result.dst} ({rec['dtype']}, vision tower {rec['vision_tower']['path']})")

@@ -2,7 +2,8 @@
 the key named, instead of failing deep inside training (``ZeroDivisionError``) or training wrong.
 
 A schema declares ``CHECKS``: ``{dotted key: check}``; :func:`validate` runs them once the config
-is merged (``load_config`` does it). A check returns ``None`` when the value is fine, else what is
+is merged (``load_config`` does it). A ``*`` in a key stands for every entry of a list
+(``scorers.*.max_new_tokens``), so options of list entries get the same checks as every other key. A check returns ``None`` when the value is fine, else what is
 wrong with it ("must be > 0").
 """
 
@@ -55,16 +56,37 @@ def steps_limit(value: Any) -> Optional[str]:
     return None if value == -1 or value >= 1 else "must be -1 (no limit) or >= 1"
 
 
-def problems(cfg: Any, checks: Mapping[str, Check]) -> list[str]:
-    """``key=value: what is wrong`` for every failing check (unset ``???`` keys are skipped)."""
-    found = []
-    for key, check in checks.items():
-        if _missing(cfg, key):
+def expand(cfg: Any, pattern: str) -> list[str]:
+    """The dotted keys ``pattern`` names: a ``*`` part stands for every entry of a list (its index)
+    or mapping at that place (``scorers.*.batch_size`` -> ``scorers.0.batch_size``, ...)."""
+    keys = [""]
+    for part in pattern.split("."):
+        if part != "*":
+            keys = [f"{k}.{part}" if k else part for k in keys]
             continue
-        value = OmegaConf.select(cfg, key)
-        message = check(value)
-        if message:
-            found.append(f"{key}={value!r}: {message}")
+        expanded = []
+        for k in keys:
+            node = OmegaConf.select(cfg, k) if k else cfg
+            if OmegaConf.is_list(node):
+                expanded += [f"{k}.{i}" for i in range(len(node))]
+            elif OmegaConf.is_dict(node):
+                expanded += [f"{k}.{name}" for name in node]
+        keys = expanded
+    return keys
+
+
+def problems(cfg: Any, checks: Mapping[str, Check]) -> list[str]:
+    """``key=value: what is wrong`` for every failing check (unset ``???`` and ``None`` entries of
+    lists are skipped)."""
+    found = []
+    for pattern, check in checks.items():
+        for key in expand(cfg, pattern):
+            if _missing(cfg, key):
+                continue
+            value = OmegaConf.select(cfg, key)
+            message = check(value)
+            if message:
+                found.append(f"{key}={value!r}: {message}")
     return found
 
 

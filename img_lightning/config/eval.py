@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .checks import at_least, between, non_negative, optional, positive
 from .choices import Choice, Dtype
 from .encoders import EncodersConfig, MLLMConfig
 
@@ -231,3 +232,26 @@ class EvalConfig:
     scorers: list[ScorerConfig] = field(default_factory=list)
     report: ReportConfig = field(default_factory=ReportConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
+
+
+EvalConfig.CHECKS = {  # type: ignore[attr-defined]  # value ranges, checked at load (config/checks.py)
+    "prompts.limit": optional(at_least(1)),
+    "generation.sampler.steps": at_least(1),
+    "generation.pipeline.batch_size": at_least(1),
+    "img.aligner.passes": at_least(1),
+    "img.rounds": non_negative,
+    "img.ip_scale": non_negative,
+    "img.negative_ip_scale": optional(non_negative),
+    # every scorer's options (a * is every entry of the list)
+    "scorers.*.max_new_tokens": at_least(1),
+    "scorers.*.batch_size": at_least(1),
+    "scorers.*.threshold": between(0.0, 1.0),
+    "scorers.*.reference_size": at_least(1),
+    "scorers.*.scale": optional(positive),
+    "report.bootstrap": non_negative,
+    "report.tie_tolerance": non_negative,
+    "report.gallery_limit": non_negative,
+    "report.thumb_size": at_least(1),
+    "chunk.count": at_least(1),
+    "chunk.index": non_negative,
+}

@@ -49,6 +49,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..atomic import check_writable
 from ..models import ModelNotFoundError, model_dir, resolve_model_root
 from .llava_source import ConversionError, find_weight_files, iter_state, read_json, sha256_files
 
@@ -260,6 +261,11 @@ def convert_llava(src: str | Path, dst: str | Path, vision_tower: Optional[str] 
         raise ConversionError(f"{dst} already exists; remove it or choose another output folder")
     if pad_vocab_multiple < 1:
         raise ConversionError(f"pad_vocab_multiple must be >= 1, got {pad_vocab_multiple}")
+    try:  # before hours of reading and hashing the source
+        check_writable(dst.parent)
+    except OSError as err:
+        raise ConversionError(f"cannot write the output {dst}: {err.filename or dst.parent} is not writable "
+                              f"({err.strerror or err}); choose another DST") from None
     raw_config = read_json(src / "config.json", "an original LLaVA folder holds config.json")
     llama_kwargs = check_config(raw_config, src / "config.json")
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from ..errors import Problems
 from ..models import ModelNotFoundError, check_model, find_in
+from .export_manifest import verify_export_weights
 
 # The image projection's last LayerNorm: its width is the IP tokens' width (h94 "plus" resampler,
 # h94's plain ImageProjModel, XLabs' FLUX ImageProjModel).
@@ -88,6 +89,7 @@ def check_mllm(cfg: Any, problems: Problems, key: str = "encoders.mllm") -> Opti
     folder = problems.check(check_model, "MLLM", cfg.model, cfg.path, f"{key}.path", revision=cfg.revision)
     if folder is None:
         return None
+    problems.check(verify_export_weights, folder, where=f"{key}.path")  # a finetuned export: weights = manifest
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if "mm_vision_tower" in raw or "LlavaLlamaForCausalLM" in (raw.get("architectures") or []):
         problems.add(f"{key}.path: {folder} is a checkpoint in the original LLaVA repository format; convert it "

@@ -7,6 +7,12 @@ of that manifest is the export's identity: the preprocessing cache key includes 
 ``encoders.mllm.path`` points at an export, so two exports made from the same config (another
 seed, more steps) never share a cache.
 
+The cache key trusts the manifest; :func:`verify_export_weights` makes that trust earned: before
+an export's features are computed (``img-preprocess``, ``img-eval``, ``img-finetune-mllm eval``)
+every weight file is compared with the manifest's list (present, nothing unlisted, size, sha256:
+once per process and file version), so weights replaced behind an unchanged manifest are refused
+instead of being cached under the old export's key.
+
 Kept free of heavy imports: config loading (cache keys) uses it.
 """
 
@@ -57,6 +63,37 @@ def export_identity(folder: str | Path) -> Optional[str]:
         return None
     read_manifest(folder)  # refuse a damaged manifest rather than hash it
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class ExportWeightsChanged(ExportManifestError):
+    """An export's weight files are not the ones its manifest lists."""
+
+
+def verify_export_weights(folder: str | Path) -> None:
+    """Refuse an export folder whose weight files differ from its manifest (nothing to check in a
+    folder without one)."""
+    from ..hashing import files_sha256
+
+    folder = Path(folder).expanduser()
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    listed: dict = manifest.get("weights") or {}
+    sizes: dict = manifest.get("weight_sizes") or {}
+    problems = [f"{n} is not listed" for n in sorted(p.name for p in folder.glob("*.safetensors")) if n not in listed]
+    present = [folder / n for n in sorted(listed) if (folder / n).is_file()]
+    problems += [f"{n} is missing" for n in sorted(listed) if not (folder / n).is_file()]
+    problems += [f"{p.name} has {p.stat().st_size} bytes, the manifest says {sizes[p.name]}" for p in present
+                 if p.name in sizes and p.stat().st_size != sizes[p.name]]
+    if not problems:
+        hashes = files_sha256(present)
+        problems += [f"{p.name} has sha256 {hashes[p][:16]}..., the manifest says {str(listed[p.name])[:16]}..."
+                     for p in present if hashes[p] != listed[p.name]]
+    if problems:
+        raise ExportWeightsChanged(
+            f"{folder}: the weights are not the ones its manifest {MANIFEST_NAME} lists ({'; '.join(problems)}). Its "
+            f"cache key and provenance would describe other weights: re-export the checkpoint (img-finetune-mllm "
+            f"export) rather than replacing files in an export")
 
 
 def export_folder_of(mllm_cfg: Any) -> Optional[Path]:

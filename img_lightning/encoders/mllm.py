@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..config.encoders import MLLMConfig
 from ..config.loading import ConfigError
-from .export_manifest import warn_if_trained_otherwise
+from .export_manifest import verify_export_weights, warn_if_trained_otherwise
 from ..models import ModelNotFoundError, model_dir, resolve_device, resolve_dtype, resolve_model_root
 from .conversation import (
     LLAVA_CONVERSATIONS,
@@ -208,6 +208,7 @@ class GuidanceEncoder:
     def from_config(cls, cfg: MLLMConfig) -> "GuidanceEncoder":
         questions = question_set_from_config(cfg)  # a bad question file fails before the model loads
         folder = mllm_folder(cfg)
+        verify_export_weights(folder)  # an export's weights must be the ones its manifest (cache key) lists
         warn_if_trained_otherwise(cfg, folder)
         dtype = resolve_dtype(cfg.dtype)
         device = resolve_device(cfg.device)

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from ..atomic import atomic_write
 from ..config.eval import EvalConfig
-from ..config.loading import ConfigError, load_config, missing_keys, split_cli_args, to_container, to_yaml
+from ..config.loading import ConfigError, load_config, missing_keys, split_cli_args, to_container, to_yaml, validate
 from ..generation.provenance import check_stored_images
 from .prompts import load_prompt_set
 
@@ -65,6 +65,7 @@ def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_ta
     if missing and not allow_missing:
         raise ConfigError("these config keys have no value (set them in a YAML file or as key=value): "
                           + ", ".join(missing))
+    validate(cfg, EvalConfig)  # again: the indexed overrides (scorers.N.key=...) came after load_config's
     if task_index is not None:
         cfg.chunk.index = task_index
     if num_tasks is not None:

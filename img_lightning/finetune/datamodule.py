@@ -7,6 +7,10 @@ in that epoch. The data epoch is derived from that position, never from ``traine
 The checkpoint also holds the index fingerprint, world size and batch size: a resume on other data
 or another rank layout (which would change which samples the remaining steps see) is refused.
 
+What the run read, skipped and trained on is counted over all ranks at every optimizer step
+(:mod:`.accounting`) and checkpointed here, so a resumed run continues the counts and the
+``data.max_bad_fraction`` rule (which applies from the first step) sees the whole run.
+
 Skipped samples (corrupt image, over-long, image placeholder in the text) are appended by each
 rank to ``RUN/skipped/rank{r}.jsonl`` (split, epoch, key, reason) when the batch is trained on or
 evaluated; :func:`skip_summary` merges the ranks' files (a resumed run re-reads some batches, so
@@ -27,9 +31,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.position import DataPosition
 from ..errors import UserError
+from .accounting import SampleCounts
 from .loader import TripletBatchLoader
 from .plan import EvalPlan, TrainPlan
-from .samples import SampleEncoder
+from .samples import IGNORE, SampleEncoder
 from .triplets import RowGroupImages, TripletIndex, scan_triplets
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,10 @@ class ResumeMismatchError(UserError, ValueError):
 
 class TooManyBadSamples(UserError, RuntimeError):
     """More unusable samples than ``data.max_bad_fraction`` allows."""
+
+
+class NothingTrained(UserError, RuntimeError):
+    """The run ended without one trained sample: its weights are the base model's."""
 
 
 class EditTripletDataModule(L.LightningDataModule):
@@ -63,9 +72,7 @@ class EditTripletDataModule(L.LightningDataModule):
         self.train_ids: Optional[np.ndarray] = None
         self.val_ids: Optional[np.ndarray] = None
         self.position = DataPosition()  # checkpointed: what exact resume restarts from
-        self.samples_read = 0
-        self.samples_skipped = 0
-        self.skip_counts: Counter = Counter()
+        self.counts = SampleCounts()  # checkpointed: read / skipped / trained over all ranks
         self._warned: set[str] = set()  # sample keys already logged (a bad sample recurs every epoch)
         self.train_loader: Optional[TripletBatchLoader] = None
 
@@ -87,10 +94,20 @@ class EditTripletDataModule(L.LightningDataModule):
         world = self._world_size()
         if len(self.train_ids) < cfg.batch_size * world:
             raise UserError(f"data.input={cfg.input}: {len(self.train_ids)} training samples cannot fill one batch of "
-                            f"{cfg.batch_size} on each of {world} ranks")
+                            f"{cfg.batch_size} on each of {world} ranks ({self._scan_counts()})")
         if self.record_path is not None and self._rank() == 0:
             write_sample_record(self.record_path, self.index, self.encoder)
         rank_zero_info(self.describe())
+
+    def _scan_counts(self) -> str:
+        """What the scan kept and why it dropped the rest (the reason a set can be empty)."""
+        assert self.index is not None
+        s = self.index.stats
+        limit = f" and {len(self.train_ids)} used (data.limit={self.cfg.limit})" if self.cfg.limit is not None else ""
+        return (f"{s.rows_read} rows read in {s.files} files: {s.empty_instructions} with an empty edit_prompt, "
+                f"{s.empty_prompts} with an empty edited_prompt and {s.placeholder_in_text} with an image placeholder "
+                f"in their text were dropped; {s.kept} kept, of which {s.heldout} held out "
+                f"(data.heldout_fraction={self.cfg.heldout_fraction}){limit}")
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -145,20 +162,67 @@ class EditTripletDataModule(L.LightningDataModule):
         if trainer is None or "position" not in batch:
             return batch
         training = bool(trainer.training)
+        skipped = batch.pop("skipped", [])
         if training:
             self.position.trained(batch)
-        skipped = batch.pop("skipped", [])
-        self._account(skipped, int(batch["num_requested"]), "train" if training else "heldout", int(batch["epoch"]))
+            tokens = int((batch["labels"][:, 1:] != IGNORE).sum())  # what the loss is taken over
+            self.counts.note(int(batch["num_requested"]), [item["reason"] for item in skipped],
+                             int(batch["num_real"]), tokens)
+        self._list_skipped(skipped, "train" if training else "heldout", int(batch["epoch"]))
         return batch
 
-    def _account(self, skipped: list[dict], requested: int, split: str, epoch: int) -> None:
-        if split == "train":
-            self.samples_read += requested
-            self.samples_skipped += len(skipped)
+    @property
+    def samples_read(self) -> int:
+        return self.counts.read
+
+    @property
+    def samples_skipped(self) -> int:
+        return self.counts.skipped
+
+    @property
+    def skip_counts(self) -> Counter:
+        return self.counts.reasons
+
+    def settle_step(self, all_sum) -> int:
+        """At an optimizer step: add every rank's counts since the last step (``all_sum``: element-wise
+        sum over ranks), stop when the bad share passes ``data.max_bad_fraction``; returns the step's
+        answer tokens over all ranks."""
+        tokens = self.counts.settle(all_sum)
+        planned = self.planned_reads()
+        bound = self.counts.bad_share_bound(planned)
+        if bound > self.cfg.max_bad_fraction:
+            c = self.counts
+            raise TooManyBadSamples(
+                f"{self.cfg.input}: {c.skipped} of the {c.read} training samples read so far were unusable "
+                f"({c.reasons_text()}); "
+                f"that is already {bound:.2%} of the {max(c.read, planned)} this run reads by the end of its epoch, "
+                f"above data.max_bad_fraction={self.cfg.max_bad_fraction}. See {self.skip_dir or 'the log'} for which "
+                f"and why; repair the data, or raise data.max_bad_fraction to train on the rest")
+        return tokens
+
+    def planned_reads(self) -> int:
+        """Training samples the run will have read, over all ranks, by the end of the current data
+        epoch, or of the run when ``max_steps`` ends it first."""
+        per_step = int(self.cfg.batch_size) * self._world_size()
+        planned = self.steps_per_epoch * per_step * (self.position.epoch + 1)
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps > 0:
+            planned = min(planned, int(trainer.max_steps) * int(trainer.accumulate_grad_batches) * per_step)
+        return planned
+
+    def check_trained(self) -> None:
+        """Refuse a run that ended without one trained sample (its weights are the base model's)."""
+        c = self.counts
+        if c.trained > 0:
+            return
+        raise NothingTrained(
+            f"{self.cfg.input}: no sample was trained on in {c.steps} optimizer steps: {c.skipped} of the {c.read} "
+            f"training samples read were unusable ({c.reasons_text()}; listed in {self.skip_dir or 'the log'}). "
+            f"Nothing was exported: the weights are the base model's. Repair the data and start a new run")
+
+    def _list_skipped(self, skipped: list[dict], split: str, epoch: int) -> None:
         if not skipped:
             return
-        for item in skipped:
-            self.skip_counts[(split, item["reason"])] += 1
         if self.skip_dir is not None:
             self.skip_dir.mkdir(parents=True, exist_ok=True)
             with open(self.skip_dir / f"rank{self._rank()}.jsonl", "a", encoding="utf-8") as fh:
@@ -173,18 +237,13 @@ class EditTripletDataModule(L.LightningDataModule):
             level = logging.WARNING if len(self._warned) <= WARN_FIRST else logging.DEBUG
             log.log(level, "skipped %s sample %s: %s (%s)%s", split, item["key"], item["reason"], item["detail"],
                     f"; further skips are listed in {self.skip_dir} only" if len(self._warned) == WARN_FIRST else "")
-        fraction = self.samples_skipped / max(1, self.samples_read)
-        if split == "train" and self.samples_read >= 100 and fraction > self.cfg.max_bad_fraction:
-            raise TooManyBadSamples(
-                f"{self.cfg.input}: {self.samples_skipped} of the {self.samples_read} training samples read on rank "
-                f"{self._rank()} were unusable ({fraction:.2%} > data.max_bad_fraction={self.cfg.max_bad_fraction}); "
-                f"see {self.skip_dir or 'the log'} for which and why")
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         return {**self.position.state(self._world_size(), self.cfg.batch_size),
                 "fingerprint": self.index.fingerprint if self.index is not None else None,
-                "train_samples": int(len(self.train_ids)) if self.train_ids is not None else None}
+                "train_samples": int(len(self.train_ids)) if self.train_ids is not None else None,
+                **self.counts.state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         problems = []
@@ -199,6 +258,7 @@ class EditTripletDataModule(L.LightningDataModule):
             raise ResumeMismatchError("cannot resume exactly: " + "; ".join(problems) +
                                       ". Resume with the same data and ranks, or start a new run (another run.name).")
         self.position.restore(state)
+        self.counts.restore(state)
 
     # ------------------------------------------------------------------ info
     def describe(self) -> str:

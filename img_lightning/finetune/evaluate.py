@@ -30,7 +30,7 @@ from ..atomic import atomic_write, atomic_write_json
 from ..config.loading import ConfigError, to_container
 from ..errors import UserError
 from ..run_dir import run_directory
-from ..encoders.export_manifest import MANIFEST_NAME, read_manifest, warn_if_trained_otherwise
+from ..encoders.export_manifest import MANIFEST_NAME, read_manifest, verify_export_weights, warn_if_trained_otherwise
 from .metrics import aggregate, score
 from .samples import SampleEncoder
 from .seed_edit import EvalCase, read_seed_edit_sample
@@ -207,6 +207,7 @@ def run_eval(cfg: Any, judge_transport: Any = None, progress: bool = False) -> E
     out_dir = Path(cfg.eval.output) if cfg.eval.output else run_directory(cfg.run) / "eval" / source
     models = {"finetuned": finetuned_config(cfg)}
     finetuned = Path(str(models["finetuned"].path))
+    verify_export_weights(finetuned)  # the weights scored are the ones the manifest lists
     warn_if_trained_otherwise(models["finetuned"], finetuned)  # prompt format, image mode, question file
     if cfg.eval.base:
         models = {"base": OmegaConf.create(to_container(cfg.mllm)), **models}

@@ -59,7 +59,8 @@ def export_model(model: torch.nn.Module, processor: Any, out_dir: str | Path, ma
         processor.save_pretrained(tmp)
         files = sorted(p.name for p in tmp.glob("*.safetensors"))
         full = {**manifest, **extra, "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dtype": dtype,
-                "weights": {name: file_sha256(tmp / name) for name in files}}
+                "weights": {name: file_sha256(tmp / name) for name in files},
+                "weight_sizes": {name: (tmp / name).stat().st_size for name in files}}
         (tmp / MANIFEST_NAME).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)

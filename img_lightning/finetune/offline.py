@@ -5,62 +5,127 @@ For a run trained with ``run.export=false``, or to export an earlier checkpoint.
 ``weights_only=True``; an FSDP sharded checkpoint directory is read with
 ``torch.distributed.checkpoint`` into the full model in this process (host memory: the model in
 float32, ~53 GB for 13B).
+
+The manifest describes the run as it was trained, not the config given now: it is built from the
+config saved in the checkpoint (:class:`~.provenance.RunRecord`; the run's ``config.yaml`` for
+checkpoints made before it), with only the locations (``mllm.path``, ``data.input``) taken from
+the command. An override that would change what the manifest records (``data.heldout_fraction``:
+``eval`` would then score training samples as held out) is refused, as are data with another
+fingerprint and a base model with other weights than the checkpoint's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from omegaconf import OmegaConf
 
+from ..config.changes import config_changes, describe_changes
+from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
+from ..config.loading import ConfigError, load_config, to_container
 from ..errors import UserError
-from ..run_dir import resolve_resume, run_directory
+from ..run_dir import CONFIG_NAME, resolve_resume, run_directory
+from ..run_lock import holding_run_directory
 
 log = logging.getLogger(__name__)
+# where the run and the base live, and how this export is written: free to differ from the training config
+EXPORT_FREE_KEYS = frozenset({"run.root", "run.name", "mllm.device", "mllm.batch_size"})
+
+
+def trained_config(cfg: Any, checkpoint: dict[str, Any], run_dir: Path, what: str) -> Any:
+    """The config ``checkpoint`` was trained with, with this command's locations; refuses a ``cfg``
+    that differs from it in a key the export records."""
+    from .provenance import saved_record
+
+    saved = saved_record(checkpoint).get("config")
+    source = "the config saved in the checkpoint"
+    if saved is None:
+        if not (run_dir / CONFIG_NAME).is_file():
+            raise UserError(f"{what} does not say what it was trained with (made before checkpoints recorded their "
+                            f"config) and {run_dir / CONFIG_NAME} is missing: export it with its run's config")
+        saved = to_container(load_config(FinetuneMLLMConfig, [run_dir / CONFIG_NAME], require_complete=False))
+        source = f"the run's {CONFIG_NAME}"
+    trained = OmegaConf.merge(OmegaConf.structured(FinetuneMLLMConfig), saved)
+    changes = config_changes(to_container(trained), to_container(cfg))
+    free = resume_free_keys(trained) | EXPORT_FREE_KEYS
+    refused = [k for k in changes if k not in free]
+    if refused:
+        raise ConfigError(f"cannot export {what}: the config differs from {source} in keys the export records, so "
+                          f"its manifest would describe another run:\n{describe_changes(changes, refused)}\n"
+                          f"Drop these overrides: the export describes the run as it was trained.")
+    for key in ("mllm.path", "data.input"):  # locations: where the base and the data are now
+        OmegaConf.update(trained, key, OmegaConf.select(cfg, key), merge=False)
+    return trained
+
+
+def _load(module: Any, path: Path) -> dict[str, Any]:
+    from .export import load_sharded_checkpoint
+
+    if path.is_dir():
+        return load_sharded_checkpoint(module, path)
+    meta = torch.load(path, map_location="cpu", weights_only=True)
+    module.on_load_checkpoint(meta)  # every trainable weight must be there
+    missing, unexpected = module.load_state_dict(meta["state_dict"], strict=False)
+    if unexpected:
+        raise UserError(f"{path} holds weights this model does not have (e.g. {unexpected[0]}); it was made "
+                        f"with another mllm/finetune config")
+    return meta
 
 
 def export_checkpoint(cfg: Any, checkpoint: Optional[str] = None, out: Optional[str] = None) -> Path:
-    from transformers import AutoProcessor
-
-    from ..encoders.mllm import mllm_folder
-    from ..models import resolve_device
-    from .datamodule import EditTripletDataModule
-    from .export import export_model, load_sharded_checkpoint
-    from .merge import is_lora
-    from .module import MLLMFinetuneModule
     from ..training import apply_torch_threads
-    from .training import export_manifest
 
     apply_torch_threads(cfg.run.torch_threads)
     run_dir = run_directory(cfg.run)
     path = checkpoint or resolve_resume(run_dir, "last")
     if not path or not Path(path).exists():
         raise UserError(f"no checkpoint to export: {run_dir}/checkpoints holds none (give --checkpoint PATH)")
-    path = Path(path)
+    target = Path(out) if out else run_dir / "export"
+    in_run = target.resolve().is_relative_to(run_dir.resolve())
+    with holding_run_directory(run_dir, "img-finetune-mllm export") if in_run else contextlib.nullcontext():
+        return _export(cfg, Path(path), run_dir, target)
+
+
+def _export(cfg: Any, path: Path, run_dir: Path, target: Path) -> Path:
+    from transformers import AutoProcessor
+
+    from ..encoders.mllm import mllm_folder
+    from ..models import resolve_device
+    from .datamodule import EditTripletDataModule
+    from .export import export_model
+    from .merge import is_lora
+    from .module import MLLMFinetuneModule
+    from .provenance import OtherBaseModel, base_identity, base_mismatch, saved_record
+    from .training import export_manifest
+
     sharded = path.is_dir()
     module = MLLMFinetuneModule(cfg.mllm, cfg.finetune, cfg.optim, strategy="fsdp" if sharded else "ddp",
                                 seed=cfg.run.seed)
     module.configure_model()
-    if sharded:
-        meta = load_sharded_checkpoint(module, path)
-    else:
-        meta = torch.load(path, map_location="cpu", weights_only=True)
-        module.on_load_checkpoint(meta)  # every trainable weight must be there
-        missing, unexpected = module.load_state_dict(meta["state_dict"], strict=False)
-        if unexpected:
-            raise UserError(f"{path} holds weights this model does not have (e.g. {unexpected[0]}); it was made "
-                            f"with another mllm/finetune config")
-    datamodule = EditTripletDataModule(cfg.data, cfg.mllm)
+    meta = _load(module, path)
+    trained = trained_config(cfg, meta, run_dir, str(path))
+    base = base_identity(cfg.mllm)
+    problem = base_mismatch(saved_record(meta).get("base"), base, str(path))
+    if problem:
+        raise OtherBaseModel(problem)
+    datamodule = EditTripletDataModule(trained.data, trained.mllm)
     datamodule.setup()
     state = meta.get("EditTripletDataModule", {})
+    if state.get("fingerprint") not in (None, datamodule.index.fingerprint):
+        raise UserError(f"data.input={cfg.data.input} is not the data {path} was trained on (index fingerprint "
+                        f"{datamodule.index.fingerprint[:12]}..., the checkpoint's {state['fingerprint'][:12]}...): "
+                        f"the manifest's split would not be the training split. Point data.input at that data")
+    datamodule.counts.restore(state)
     world = int(state.get("world_size") or 1)
     info = meta.get("img_finetune", {})
-    manifest = export_manifest(cfg, datamodule, int(meta.get("global_step", 0)), world,
+    manifest = export_manifest(trained, datamodule, int(meta.get("global_step", 0)), world,
                                int(info.get("accumulate_grad_batches", 1)), {})
+    manifest["base"]["weights_sha256"] = base["sha256"]
     manifest["training"]["checkpoint"] = str(path)
-    target = Path(out) if out else run_dir / "export"
     processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm, key="mllm"))
     if is_lora(module.model):  # the merge check runs two forwards: on mllm.device (a GPU when there is one)
         module.model.to(resolve_device(str(cfg.mllm.device)))

@@ -14,6 +14,8 @@ weights), so a llava-hf folder around another language model gets that model's l
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,14 +51,12 @@ def build_strategy(cfg: Any) -> Any:
 
 
 def fsdp_strategy(cfg: Any) -> Any:
-    from lightning.pytorch.strategies import FSDPStrategy
-
     method = str(getattr(cfg.finetune.method, "value", cfg.finetune.method))
     if method != "full":
         raise ValueError(f"trainer.strategy=fsdp is for finetune.method=full (got {method}); LoRA runs under ddp")
     decoder, vision = layer_classes(cfg.mllm)
     f = cfg.fsdp
-    return FSDPStrategy(
+    return atomic_fsdp_class()(
         auto_wrap_policy=decoder | vision,
         activation_checkpointing_policy=decoder if cfg.finetune.gradient_checkpointing else None,
         sharding_strategy=str(getattr(f.sharding_strategy, "value", f.sharding_strategy)),
@@ -65,3 +65,34 @@ def fsdp_strategy(cfg: Any) -> Any:
         limit_all_gathers=bool(f.limit_all_gathers),
         use_orig_params=True,  # frozen tower + trainable parts, named param groups
     )
+
+
+def atomic_fsdp_class() -> type:
+    """Lightning's ``FSDPStrategy`` whose sharded checkpoints replace the previous one only when
+    complete: every rank writes its shard into a hidden staging directory beside the target, then
+    rank 0 swaps it in (:func:`~img_lightning.checkpoint_io.replace_directory`). Lightning writes
+    into the existing ``last.ckpt`` directory in place, so a full disk or a kill mid-save left a
+    mix of two steps. A full disk names the run directory's file system. (A ``full`` state dict
+    goes through the trainer's :class:`~img_lightning.checkpoint_io.AtomicCheckpointIO`.)"""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from ..checkpoint_files import staging_name
+    from ..checkpoint_io import replace_directory, reporting_full_disk
+
+    class AtomicFSDPStrategy(FSDPStrategy):
+        def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+            if self._state_dict_type != "sharded":
+                return super().save_checkpoint(checkpoint, filepath, storage_options)
+            target = Path(self.broadcast(str(filepath)))
+            staged = staging_name(target)
+            if self.global_rank == 0 and staged.exists():
+                shutil.rmtree(staged)
+            self.barrier("img_checkpoint_staging")
+            with reporting_full_disk(target):
+                super().save_checkpoint(checkpoint, staged, storage_options)
+            self.barrier("img_checkpoint_written")
+            if self.global_rank == 0:
+                replace_directory(staged, target)
+            self.barrier("img_checkpoint_replaced")
+
+    return AtomicFSDPStrategy

@@ -26,12 +26,17 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from ..atomic import atomic_write_json
 from ..callbacks.requeue import slurm_requeue_callback
 from ..config.changes import describe_changes
+# run-directory safety: atomic checkpoints, one run per directory
+from ..checkpoint_io import AtomicCheckpointIO
+from ..run_lock import run_locked, take_run_lock
 from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, to_container
 from ..run_dir import check_resume_config, git_revision, resolve_resume, run_directory, write_run_info
 from ..training import apply_torch_threads, parse_devices
 from .datamodule import EditTripletDataModule, skip_summary
 from .module import MLLMFinetuneModule
+from .accounting import StepAccounting, trained_summary  # (with .provenance: what a checkpoint records)
+from .provenance import RunRecord
 from .strategy import build_strategy
 from .throughput import TokenThroughput
 
@@ -74,6 +79,7 @@ def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), l
     counted as done): :class:`RequeueOnSignal` saves at an optimizer-step boundary instead."""
     t = cfg.trainer
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    plugins.append(AtomicCheckpointIO())  # same-directory atomic checkpoints, plain errors
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes,
         strategy=build_strategy(cfg), precision=t.precision, max_steps=t.max_steps, max_epochs=t.max_epochs,
@@ -90,6 +96,8 @@ def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), l
 
 def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
     return [
+        StepAccounting(),  # global read/skipped/trained counts, the bad-fraction rule, empty steps
+        RunRecord(cfg),  # the config and base-model identity in every checkpoint
         TokenThroughput(),
         LearningRateMonitor(logging_interval="step"),
         # `last.ckpt` every N optimizer steps: what exact resume restarts from.
@@ -140,8 +148,9 @@ def export_manifest(cfg: Any, datamodule: EditTripletDataModule, global_step: in
                    "precision": str(cfg.trainer.precision), "strategy": _value(cfg.trainer.strategy),
                    "global_batch_size": global_batch, "max_epochs": cfg.trainer.max_epochs,
                    "max_steps": cfg.trainer.max_steps, "seed": int(cfg.run.seed), "data_seed": int(cfg.data.seed)},
-        "training": {"global_step": int(global_step), "samples_seen": int(global_step) * global_batch,
-                     "val_loss": metrics.get("val/loss")},
+        # samples_seen: samples of steps that trained (a batch whose every sample was unusable is none)
+        "training": {"global_step": int(global_step), "samples_seen": datamodule.counts.trained,
+                     **trained_summary(datamodule.counts), "val_loss": metrics.get("val/loss")},
         "provenance": {"git": git_revision(), **versions},
     }
 
@@ -164,12 +173,16 @@ def export_trained(cfg: Any, module: MLLMFinetuneModule, datamodule: EditTriplet
     processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm, key="mllm"))
     manifest = export_manifest(cfg, datamodule, trainer.global_step, trainer.world_size,
                                trainer.accumulate_grad_batches, metrics)
+    record = next((c for c in trainer.callbacks if isinstance(c, RunRecord) and c.base), None)
+    if record is not None:
+        manifest["base"]["weights_sha256"] = record.base["sha256"]
     path = export_model(model, processor, out_dir, manifest, dtype=str(cfg.run.export_dtype),
                         check_batch=datamodule.check_batch())
     log.info("exported the finetuned MLLM to %s", path)
     return path
 
 
+@run_locked
 def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> FinetuneResult:
     """Fit, measure the held-out loss, export. Returns the final metrics (rank 0 has them all)."""
     apply_torch_threads(cfg.run.torch_threads)
@@ -185,6 +198,7 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
     requeue = slurm_requeue_callback(run_dir)
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks) + ([requeue] if requeue else [])
     trainer = build_trainer(cfg, run_dir, callbacks, logger)
+    take_run_lock(run_dir, "img-finetune-mllm train", trainer.global_rank)  # held until this returns
     if trainer.is_global_zero:
         write_run_info(run_dir, cfg, {"resumed_from": ckpt_path, "world_size": trainer.world_size,
                                       "accumulate_grad_batches": trainer.accumulate_grad_batches},
@@ -193,6 +207,8 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
             log.info("resuming with config changes (recorded under %s/resumes):\n%s", run_dir, describe_changes(changes))
         log.info("run directory: %s", run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if requeue is None or requeue.requeued_at is None:
+        datamodule.check_trained()  # no trained sample: an error, never an export of the base model
 
     result = FinetuneResult(run_dir=run_dir, is_global_zero=trainer.is_global_zero)
     if requeue is not None and requeue.requeued_at is not None:
@@ -218,6 +234,7 @@ def write_summary(run_dir: Path, datamodule: EditTripletDataModule, trainer: L.T
         "data": {**index.stats.to_json(), "fingerprint": index.fingerprint,
                  "train_used": int(len(datamodule.train_ids)), "heldout_used_for_val": int(len(datamodule.val_ids))},
         "skipped": skip_summary(run_dir / "skipped"),
+        "trained": trained_summary(datamodule.counts),
         "global_step": int(trainer.global_step),
         "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
         "world_size": int(trainer.world_size),

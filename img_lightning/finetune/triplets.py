@@ -119,12 +119,45 @@ def is_heldout(group: str, fraction: float, salt: str) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
-def _check_schema(path: Path, names: Sequence[str]) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+def _is_text(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _is_bytes(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t)
+
+
+def _is_image(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        fields = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
+        return "bytes" in fields and _is_bytes(fields["bytes"])
+    return _is_bytes(t)
+
+
+def _check_schema(path: Path, schema) -> None:
+    """The columns are there and of the types the reader handles (checked when the file is opened,
+    not when a row of the wrong type is reached deep inside training)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise TripletDataError(
             f"{path}: missing column(s) {missing}; an InstructPix2Pix-layout parquet has {list(REQUIRED_COLUMNS)} "
             f"(+ edited_image), with original_image a struct {{bytes, path}} or raw image bytes")
+    wrong = [f"{c} is {schema.field(c).type} (expected a string column)" for c in TEXT_COLUMNS
+             if not _is_text(schema.field(c).type)]
+    if not _is_image(schema.field(IMAGE_COLUMN).type):
+        wrong.append(f"{IMAGE_COLUMN} is {schema.field(IMAGE_COLUMN).type} (expected a struct {{bytes: binary, "
+                     f"path: string}} or a binary column of encoded images)")
+    if wrong:
+        raise TripletDataError(f"{path}: column(s) of the wrong type: {'; '.join(wrong)}. Convert the file to the "
+                               f"InstructPix2Pix layout (timbrooks/instructpix2pix-clip-filtered)")
 
 
 def scan_triplets(spec: str | Path, heldout_fraction: float = 0.0, salt: str = "img-finetune-heldout-v1",
@@ -145,7 +178,7 @@ def scan_triplets(spec: str | Path, heldout_fraction: float = 0.0, salt: str = "
             pf = pq.ParquetFile(path)
         except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a broken file
             raise TripletDataError(f"{path}: not a readable parquet file ({err})") from None
-        _check_schema(path, pf.schema_arrow.names)
+        _check_schema(path, pf.schema_arrow)
         fp.update(f"{path.name}:{path.stat().st_size}:{pf.metadata.num_rows}\n".encode())
         for rg in range(pf.num_row_groups):
             table = pf.read_row_group(rg, columns=list(TEXT_COLUMNS))
