@@ -51,6 +51,9 @@ class ReportInputs:
     # metric -> the uids it is meant to score (a scorer limited to some categories); default: every prompt
     scopes: dict[str, set[str]] = field(default_factory=dict)
     img_settings: dict[str, Any] = field(default_factory=dict)  # the IMG arm's settings (aligner sha256, ...)
+    # arm -> the arm whose images it has, byte for byte, for every prompt (control = base with the
+    # released SDXL settings): reported as one row, "base = control", and compared once
+    same_images: dict[str, str] = field(default_factory=dict)
 
 
 class ReportError(UserError):
@@ -66,6 +69,19 @@ def arms_in_order(inp: ReportInputs) -> list[str]:
     return [a for a in order if a in inp.scores or a in inp.images] + sorted(
         a for a in set(inp.scores) | set(inp.images) if a not in order
     )
+
+
+def shown_arms(inp: ReportInputs) -> list[str]:
+    """The arms with a row of their own: an arm with another's very images is that arm's row."""
+    return [a for a in arms_in_order(inp) if a not in inp.same_images]
+
+
+def arm_labels(inp: ReportInputs) -> dict[str, str]:
+    """Row label per shown arm: ``base = control`` for an arm whose images another arm has too."""
+    labels = {a: a for a in shown_arms(inp)}
+    for arm, source in inp.same_images.items():
+        labels[source] = f"{labels.get(source, source)} = {arm}"
+    return labels
 
 
 def metric_names(inp: ReportInputs) -> list[str]:
@@ -121,7 +137,7 @@ def _unparsed_examples(inp: ReportInputs, metric: str, arm: str) -> list[dict[st
 
 def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_tolerance: float = 0.0) -> dict:
     """Means per arm and metric, and paired comparisons of each IMG round with base and control."""
-    arms = arms_in_order(inp)
+    arms = shown_arms(inp)
     metrics = metric_names(inp)
     labels, footnotes = column_labels(inp, metrics)
     means: dict[str, dict[str, Any]] = {}
@@ -177,6 +193,10 @@ def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_t
                 categories.setdefault(cat, {})[metric] = {
                     "n": len(uids), **{arm: sum(inp.scores[arm][metric][u] for u in uids) / len(uids) for arm in arms}}
     notes = [f"Warning: {w}" for w in warnings] + [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
+    for arm, source in inp.same_images.items():
+        notes.append(f"{arm} = {source}: every {arm} image is the {source} image, byte for byte ({arm}'s settings "
+                     f"equal {source}'s, so its images were reused, not generated again; metadata: reused_from). It "
+                     f"is one row, '{source} = {arm}', and IMG's comparisons with {source} are its comparisons with {arm}.")
     if any(d.get("kind") == "hps" for d in inp.metrics.values()):
         notes.append("HPS: 100 x cosine (hpsv2.score() returns the raw cosine: divide by 100 to compare); v2.0 and "
                      "v2.1 scores are not comparable with each other, the version used is listed under metrics.")
@@ -187,6 +207,8 @@ def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_t
         "title": inp.title,
         "num_prompts": len(inp.prompts),
         "arms": arms,
+        "arm_labels": arm_labels(inp),
+        "same_images": dict(inp.same_images),
         "img_arm": inp.img_arms[-1] if inp.img_arms else None,
         "metrics": {m: inp.metrics.get(m, {"name": m}) for m in metrics},
         "labels": labels,
@@ -272,7 +294,7 @@ def paste_table(summary: dict, decimals: int = 4) -> list[list[str]]:
     rows = [["arm", *(summary["labels"][m] for m in metrics)]]
     for arm in summary["arms"]:
         cells = [summary["means"][m].get(arm) for m in metrics]
-        rows.append([arm, *("" if c is None else f"{c['value']:.{decimals}f}" for c in cells)])
+        rows.append([summary["arm_labels"].get(arm, arm), *("" if c is None else f"{c['value']:.{decimals}f}" for c in cells)])
     rows.append(["n", *(str(summary["n"][m]) for m in metrics)])  # prompts behind every mean of the column
     return rows
 
@@ -306,7 +328,7 @@ METRIC_FIELDS = ("kind", "model", "version", "sha256", "reference", "scale")  # 
 def write_html(inp: ReportInputs, summary: dict, path: Path, limit: int = 200, thumb: int = 256) -> Path:
     """The report page. Image links are relative to the report folder, so the run directory can be
     copied as a whole."""
-    arms, metrics = arms_in_order(inp), metric_names(inp)
+    arms, metrics = shown_arms(inp), metric_names(inp)
     metric_rows = []
     for m in metrics:
         d = summary["metrics"][m]

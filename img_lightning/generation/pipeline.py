@@ -121,7 +121,8 @@ class DiffusionBackend:
         negative_ip_scale: Optional[float] = None,
         output_type: str = "pil",
     ) -> Any:
-        """One batch. ``ip_tokens`` ``[B, N, D]`` (already projected) need :meth:`load_ip_adapter`.
+        """One batch. ``ip_tokens`` ``[B, N, D]`` (already projected) need :meth:`load_ip_adapter`;
+        without them the image is the pipeline's own, whether the adapter is loaded or not.
 
         ``negative_prompt``: None = the pipeline's default (SDXL: zero embeddings, as the demos' calls
         without one; FLUX true CFG: the encoded empty prompt, XLabs' default); a string is encoded.
@@ -131,7 +132,7 @@ class DiffusionBackend:
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         if self.ip_loaded and ip_tokens is None:
-            raise ValueError("the IP-Adapter is loaded: pass ip_tokens (any tokens with IP scale 0 for the control)")
+            return self._without_adapter(prompts, seeds, sampler, negative_prompt, output_type)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         height, width = self._size(sampler)
         b = len(prompts)
@@ -164,6 +165,22 @@ class DiffusionBackend:
             negative_prompt="" if negative_prompt is None else negative_prompt, shift=shift, ip=ip,
             output_type=output_type,
         )
+
+    def _without_adapter(self, prompts: Sequence[str], seeds: Sequence[int], sampler: Any,
+                         negative_prompt: Optional[str], output_type: str) -> Any:
+        """The pipeline's own image with the IP-Adapter loaded: IP scale 0 in every pass. Its layers
+        then add exactly nothing (diffusers skips an SDXL IP layer at scale 0; FLUX adds 0 x its
+        output), so this is bit for bit the image of the pipeline without the adapter (tested); the
+        tokens are placeholders."""
+        scale = self.ip_scale
+        tokens = torch.zeros(len(prompts), 1, self.token_width())
+        self.set_ip_scale(0.0)
+        try:
+            return self.generate(prompts, seeds, sampler, negative_prompt=negative_prompt, ip_tokens=tokens,
+                                 negative_ip_tokens=tokens, negative_ip_scale=None if self.kind == "sdxl" else 0.0,
+                                 output_type=output_type)
+        finally:
+            self.set_ip_scale(scale)
 
     def close(self) -> None:
         self.pipe = None
