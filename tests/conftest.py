@@ -79,3 +79,28 @@ def tiny_eval_world(tiny_sdxl_dir, tiny_ip_adapter_dir, tiny_llava_dir, tiny_sco
     """The keyword arguments of ``img_lightning.tiny.demo_eval.tiny_eval_overrides`` for the tiny models."""
     return dict(sdxl_dir=tiny_sdxl_dir, ip_adapter_dir=tiny_ip_adapter_dir, llava_dir=tiny_llava_dir,
                 aligner_path=tiny_aligner, scorer_dirs=tiny_scorer_dirs)
+
+
+# -- files a test leaves for a person to look at (browser screenshots), listed at the end of the log --
+_ARTIFACTS: list[str] = []
+
+
+@pytest.fixture
+def artifacts(tmp_path_factory, request):
+    """The folder for this test's artifacts (``IMG_TEST_ARTIFACTS`` or pytest's temporary folder);
+    every file left in it is listed in the log's summary."""
+    from pathlib import Path
+
+    root = Path(os.environ["IMG_TEST_ARTIFACTS"]) if os.environ.get("IMG_TEST_ARTIFACTS") else \
+        tmp_path_factory.getbasetemp() / "artifacts"
+    folder = root / request.node.name
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+    _ARTIFACTS.extend(str(p) for p in sorted(folder.iterdir()))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _ARTIFACTS:
+        terminalreporter.section("artifacts")
+        for path in _ARTIFACTS:
+            terminalreporter.write_line(path)

@@ -61,6 +61,7 @@ def test_report_table_layout_proxies_hashes_and_unscored(tmp_path):
     assert table[3][0] == "img_r1" and table[3][4] == "0.6500"
 
     paths = write_report(inp, tmp_path / "report", num_resamples=50)
+    assert len(s["comparisons"]) == 8 and Image.open(paths["chart"]).width == 880  # taller with more bars, never wider
     html = paths["html"].read_text()
     for h in ("a" * 64, "b" * 64, "c" * 64, "d" * 64):  # every checkpoint / rubric fingerprint is shown
         assert h in html

@@ -244,37 +244,42 @@ def write_csv(inp: ReportInputs, path: Path) -> Path:
     return path
 
 
+CHART_WIDTH_IN, CHART_DPI = 8.0, 110  # 880 px wide whatever the number of comparisons: fits a report page
+
+
 def write_chart(summary: dict, path: Path) -> Path:
-    """Stacked win / tie / loss bars with the win rate's 95% interval, one bar per comparison."""
+    """Stacked win / tie / loss bars with the win rate's 95% interval, one horizontal bar per
+    comparison (more comparisons make the chart taller, never wider)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [c for c in summary["comparisons"] if c["arm"] == summary["img_arm"]] or summary["comparisons"]
-    labels = [f"{c['metric']}\nvs {c['versus']}" for c in rows]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 1.5), 4.0), dpi=120)
+    labels = [f"{summary['labels'].get(c['metric'], c['metric'])} vs {summary['arm_labels'].get(c['versus'], c['versus'])}"
+              for c in rows]
+    fig, ax = plt.subplots(figsize=(CHART_WIDTH_IN, 1.6 + 0.38 * max(1, len(rows))), dpi=CHART_DPI)
     if rows:
-        x = range(len(rows))
+        y = list(range(len(rows)))[::-1]  # the first comparison on top
         win = [c["win"]["value"] for c in rows]
         tie = [c["tie"]["value"] for c in rows]
         loss = [c["loss"]["value"] for c in rows]
         err_lo = [c["win"]["value"] - c["win"]["low"] for c in rows]
         err_hi = [c["win"]["high"] - c["win"]["value"] for c in rows]
-        ax.bar(x, win, color="#2a9d8f", label="IMG wins", yerr=[err_lo, err_hi], capsize=3)
-        ax.bar(x, tie, bottom=win, color="#bbbbbb", label="tie")
-        ax.bar(x, loss, bottom=[w + t for w, t in zip(win, tie)], color="#e76f51", label="IMG loses")
-        ax.axhline(0.5, color="black", lw=0.8, ls="--")
-        ax.set_xticks(list(x))
-        ax.set_xticklabels(labels, fontsize=8)
+        ax.barh(y, win, color="#2a9d8f", label="IMG wins", xerr=[err_lo, err_hi], capsize=3)
+        ax.barh(y, tie, left=win, color="#bbbbbb", label="tie")
+        ax.barh(y, loss, left=[w + t for w, t in zip(win, tie)], color="#e76f51", label="IMG loses")
+        ax.axvline(0.5, color="black", lw=0.8, ls="--")
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels, fontsize=8)
     else:
         ax.text(0.5, 0.5, "no paired scores", ha="center", va="center")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share of prompts")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of prompts")
     ax.set_title(f"{summary['title']}: {summary['img_arm'] or 'IMG'} win rate (95% CI)", fontsize=9)
-    if rows:
-        ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    if rows:  # under the axes: the bars fill their whole width
+        fig.legend(fontsize=7, loc="lower center", ncols=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 if rows else 0, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
