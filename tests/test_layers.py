@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("img_lightning.errors", "img_lightning.atomic", "img_lightning.config",
                     "img_lightning.models", "img_lightning.hf_quiet", "img_lightning.log_steps",
                     "img_lightning.run_dir", "img_lightning.parquet_files", "img_lightning.hashing",
-                    "img_lightning.version")),
+                    "img_lightning.version", "img_lightning.model_sources")),
     ("cache", ("img_lightning.cache",)),  # the feature-cache format, writer, manifest, reader
     ("data", ("img_lightning.data",)),  # the DataModule over a cache
     # MLLM and IP encoders (with what they read of a finetuned-MLLM export), the cache recipe (its key

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from .eval import EvalConfig
-from .loading import ConfigError, load_config, missing_keys, split_cli_args
+from .loading import ConfigError, load_config, missing_keys, missing_message, split_cli_args
 
 
 def _is_indexed(override: str) -> bool:
@@ -57,8 +57,7 @@ def load_eval_config(args: Sequence[str], allow_missing: bool = False) -> Any:
     cfg = apply_recipe(cfg, overrides)
     missing = missing_keys(cfg)
     if missing and not allow_missing:
-        raise ConfigError("these config keys have no value (set them in a YAML file or as key=value): "
-                          + ", ".join(missing))
+        raise ConfigError(missing_message(cfg, missing))
     if cfg.img.rounds < 0 or cfg.img.aligner.passes < 1:
         raise ConfigError("img.rounds must be >= 0 and img.aligner.passes >= 1")
     return cfg

@@ -91,7 +91,9 @@ class DiffusionBackend:
         except (OSError, EnvironmentError) as err:
             if cfg.path:
                 raise ModelNotFoundError(f"IP-Adapter: cannot load {cfg.path} ({cfg.subfolder}/{cfg.weight_name}): {err}") from None
-            raise ModelNotFoundError(missing_model_message("IP-Adapter", cfg.model, "img.ip_adapter.path")) from None
+            wanted = f"{cfg.subfolder}/{cfg.weight_name}" if cfg.subfolder else cfg.weight_name
+            raise ModelNotFoundError(missing_model_message("IP-Adapter", cfg.model, "img.ip_adapter.path",
+                                                           files=[wanted])) from None
         install_passthrough(self.pipe)
         self.ip_loaded = True
 

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from ..config.loading import ConfigError, missing_keys
+from ..config.loading import ConfigError, missing_keys, missing_message
 from ..errors import Problems, UserError
 from ..eval_run import img_arm
 from .generator import IMGGenerator
@@ -121,8 +121,7 @@ class IMGRefiner:
 
         missing = [k for k in missing_keys(cfg) if not k.startswith(_NOT_NEEDED)]
         if missing:
-            raise ConfigError("these config keys have no value (set them in a YAML file or as key=value): "
-                              + ", ".join(missing))
+            raise ConfigError(missing_message(cfg, missing))
         problems = Problems()
         aligner = check_generation(cfg, problems)
         if problems:
