@@ -195,8 +195,9 @@ def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_t
     notes = [f"Warning: {w}" for w in warnings] + [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
     for arm, source in inp.same_images.items():
         notes.append(f"{arm} = {source}: every {arm} image is the {source} image, byte for byte ({arm}'s settings "
-                     f"equal {source}'s, so its images were reused, not generated again; metadata: reused_from). It "
-                     f"is one row, '{source} = {arm}', and IMG's comparisons with {source} are its comparisons with {arm}.")
+                     f"equal {source}'s: img-eval copies such images instead of generating them again, see reused_from "
+                     f"in the metadata). It is one row, '{source} = {arm}', and IMG's comparisons with {source} are its "
+                     f"comparisons with {arm}.")
     if any(d.get("kind") == "hps" for d in inp.metrics.values()):
         notes.append("HPS: 100 x cosine (hpsv2.score() returns the raw cosine: divide by 100 to compare); v2.0 and "
                      "v2.1 scores are not comparable with each other, the version used is listed under metrics.")
