@@ -23,7 +23,8 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 NO_BROWSER = ("no Chromium/Chrome found (looked for " + ", ".join(BROWSERS) + "); install the distribution's "
               "package, e.g. `apt-get install -y chromium` on Debian, as .ci/run does")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars")
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+         "--disable-dev-shm-usage")
 # What a template bug prints instead of a value.
 BAD_TEXT = re.compile(r"\b(?:nan|NaN|None|undefined|null)\b|<[\w.]+ object at 0x[0-9a-fA-F]+>|\bDictConfig\(|\bTensor\(")
 

@@ -33,6 +33,9 @@ class DiffusionBackend:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "DiffusionBackend":
+        import diffusers  # noqa: F401 - imported before loading, so its loading bars can be hidden
+
+        quiet_hf_progress()
         device = resolve_device(cfg.device)
         dtype = compute_dtype(cfg.dtype, device)
         common = dict(dtype=dtype, revision=cfg.revision)
