@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 TMP_SUFFIX = ".tmp"
 
@@ -65,6 +65,19 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1, sort_k
     """``json.dumps(obj)`` + a trailing newline, written atomically. Keys are sorted by default, so
     the same content always gives the same bytes (caches are compared byte for byte)."""
     return atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def append_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
+    """Append one JSON line per record and fsync: a line on disk is complete and durable before
+    the caller goes on (a kill can cut only the line being written, which readers skip)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
 
 
 def _fsync_file(path: Path) -> None:

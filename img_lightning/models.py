@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -30,13 +30,14 @@ def hf_home() -> str:
     return os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
 
 
-def missing_model_message(what: str, model_id: str, key: str, revision: Optional[str] = None) -> str:
+def missing_model_message(what: str, model_id: str, key: str, revision: Optional[str] = None, subfolder: str = "",
+                          files: Sequence[str] = ()) -> str:
+    """The error for a model that is not here, with a command that fetches it (:mod:`.model_sources`)."""
+    from .model_sources import fetch_advice
+
     rev = f" (revision {revision})" if revision else ""
-    return (
-        f"{what} {model_id!r}{rev} is neither a local directory nor in the local Hugging Face cache "
-        f"(HF_HOME={hf_home()}). Download it once where there is internet (`hf download {model_id}`) "
-        f"into that cache, or set {key}=/path/to/local/copy."
-    )
+    return (f"{what} {model_id!r}{rev} is neither a local directory nor in the local Hugging Face cache "
+            f"(HF_HOME={hf_home()}): {fetch_advice(model_id, key, revision, subfolder, files)}.")
 
 
 def resolve_model_root(model_id: str, path: Optional[str], revision: Optional[str], config_key: str) -> Path:
@@ -76,14 +77,16 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def check_model(what: str, model_id: Optional[str], path: Optional[str], key: str, *, revision: Optional[str] = None,
-                subfolder: str = "", marker: Optional[str] = "config.json", weights: bool = True) -> Path:
+                subfolder: str = "", marker: Optional[str] = "config.json", weights: bool = True,
+                files: Sequence[str] = ()) -> Path:
     """Is ``what`` there? The cheap check before a long run: nothing is loaded.
 
     The local ``path`` must exist, else ``model_id`` must be a local directory or be in the local
     Hugging Face cache (never the network), as for :func:`from_pretrained`. With ``marker``, the
     folder (``subfolder`` of it, or itself) must hold that file, and with ``weights`` a weights file
     beside it (a download of the configs alone is not a model). Returns that folder, or the root
-    when there is no marker; raises :class:`ModelNotFoundError` naming ``key``.
+    when there is no marker; raises :class:`ModelNotFoundError` naming ``key`` and the command that
+    fetches the model (``files`` of it when it is not needed whole).
     """
     if path:
         root = Path(path).expanduser()
@@ -97,7 +100,8 @@ def check_model(what: str, model_id: Optional[str], path: Optional[str], key: st
 
             root = Path(snapshot_download(model_id or "", revision=revision, local_files_only=True))
         except Exception:  # noqa: BLE001 - every failure here means "not available locally"
-            raise ModelNotFoundError(missing_model_message(what, model_id or "", key, revision)) from None
+            raise ModelNotFoundError(missing_model_message(what, model_id or "", key, revision, subfolder,
+                                                           files)) from None
     if marker is None:
         return root
     folder = find_in(root, subfolder, marker, model_id or str(root), key).parent

@@ -11,12 +11,13 @@ from typing import Any, Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from .aligner import ImplicitAligner
 from .callbacks import ReferenceSwap, Throughput
+from .callbacks.progress import progress_bar
 from .callbacks.requeue import slurm_requeue_callback
+from .callbacks.tensorboard import GradNorm, RunTensorBoardLogger, log_run_hparams
 from .config.changes import describe_changes
 # run-directory safety: atomic checkpoints, one run per directory
 from .checkpoint_io import AtomicCheckpointIO
@@ -154,6 +155,8 @@ def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
     return [
         ReferenceSwap(patience=cfg.reference.patience, log_dir=run_dir / "reference_swaps"),
         Throughput(),
+        GradNorm(),
+        *progress_bar(t),
         LearningRateMonitor(logging_interval="step"),
         # `last.ckpt` every N optimizer steps: what exact resume restarts from.
         ModelCheckpoint(
@@ -200,7 +203,7 @@ def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainRes
     if world is not None:
         datamodule.check_fits(world)
     module = build_module(cfg)
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    logger = RunTensorBoardLogger(run_dir)
     requeue = slurm_requeue_callback(run_dir)
     # last, after the callbacks whose state it saves (Lightning moves ModelCheckpoint after it)
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks) + ([requeue] if requeue else [])
@@ -222,6 +225,8 @@ def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainRes
     if datamodule.val_ids is not None:
         validated = trainer.validate(module, datamodule=datamodule, verbose=False)
         result.metrics = {k: float(v) for k, v in (validated[0] if validated else {}).items()}
+    if trainer.is_global_zero:
+        log_run_hparams(logger, cfg, result.metrics, trainer.global_step)
     best = next(
         (c.best_model_path for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor and c.best_model_path),
         None,

@@ -58,3 +58,49 @@ def tiny_scorer_dirs(tmp_path_factory):
     from img_lightning.tiny.scorers import build_tiny_scorers
 
     return build_tiny_scorers(tmp_path_factory.mktemp("tiny") / "scorers")
+
+
+@pytest.fixture(scope="session")
+def tiny_aligner(tmp_path_factory):
+    """A tiny aligner for the tiny LLaVA (64-wide guidance) and IP tokens [16, 64], not the identity."""
+    import torch
+
+    from img_lightning.aligner import ImplicitAligner
+
+    torch.manual_seed(0)
+    aligner = ImplicitAligner(64, 64, 2, 4, 16)
+    torch.nn.init.normal_(aligner.zero_linear.weight, std=0.05)  # not the identity: IMG must change the tokens
+    # Our export format: the head split (4 x 16) is in its metadata, never guessed.
+    return aligner.save_safetensors(tmp_path_factory.mktemp("aligner") / "aligner_tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_world(tiny_sdxl_dir, tiny_ip_adapter_dir, tiny_llava_dir, tiny_scorer_dirs, tiny_aligner):
+    """The keyword arguments of ``img_lightning.tiny.demo_eval.tiny_eval_overrides`` for the tiny models."""
+    return dict(sdxl_dir=tiny_sdxl_dir, ip_adapter_dir=tiny_ip_adapter_dir, llava_dir=tiny_llava_dir,
+                aligner_path=tiny_aligner, scorer_dirs=tiny_scorer_dirs)
+
+
+# -- files a test leaves for a person to look at (browser screenshots), listed at the end of the log --
+_ARTIFACTS: list[str] = []
+
+
+@pytest.fixture
+def artifacts(tmp_path_factory, request):
+    """The folder for this test's artifacts (``IMG_TEST_ARTIFACTS`` or pytest's temporary folder);
+    every file left in it is listed in the log's summary."""
+    from pathlib import Path
+
+    root = Path(os.environ["IMG_TEST_ARTIFACTS"]) if os.environ.get("IMG_TEST_ARTIFACTS") else \
+        tmp_path_factory.getbasetemp() / "artifacts"
+    folder = root / request.node.name
+    folder.mkdir(parents=True, exist_ok=True)
+    yield folder
+    _ARTIFACTS.extend(str(p) for p in sorted(folder.iterdir()))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _ARTIFACTS:
+        terminalreporter.section("artifacts")
+        for path in _ARTIFACTS:
+            terminalreporter.write_line(path)

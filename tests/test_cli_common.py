@@ -12,15 +12,16 @@ from img_lightning.cli.common import run_cli, version
 from img_lightning.cli.convert_llava import main as convert_llava_main
 from img_lightning.cli.eval import main as eval_main
 from img_lightning.cli.finetune_mllm import main as finetune_mllm_main
+from img_lightning.cli.generate import main as generate_main
 from img_lightning.cli.train import main as train_main
 from img_lightning.config.loading import ConfigError
 from preprocessing.cli import main as preprocess_main
 from preprocessing.demo import main as demo_main
 
 CLIS = {"img-train": train_main, "img-eval": eval_main, "img-preprocess": preprocess_main, "img-demo": demo_main,
-        "img-convert-llava": convert_llava_main, "img-finetune-mllm": finetune_mllm_main}
+        "img-convert-llava": convert_llava_main, "img-finetune-mllm": finetune_mllm_main, "img-generate": generate_main}
 CLI_MODULES = ("img_lightning.cli.train", "img_lightning.cli.eval", "preprocessing.cli", "preprocessing.demo",
-               "img_lightning.cli.convert_llava", "img_lightning.cli.finetune_mllm")
+               "img_lightning.cli.convert_llava", "img_lightning.cli.finetune_mllm", "img_lightning.cli.generate")
 
 
 @pytest.mark.parametrize("prog", sorted(CLIS))

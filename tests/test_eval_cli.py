@@ -1,13 +1,12 @@
 """`img-eval all` end to end on tiny SDXL + tiny IP-Adapter + tiny LLaVA + tiny aligner, resumed."""
 
 import json
+import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from img_lightning.aligner import ImplicitAligner
 from img_lightning.cli.eval import main
 from img_lightning.evaluation.pipeline import resolve_config
 from img_lightning.tiny.demo_eval import DEMO_CONFIG, DEMO_RECIPE, run_demo_eval, tiny_eval_overrides
@@ -22,18 +21,8 @@ def _first_prompt() -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_aligner(tmp_path_factory):
-    torch.manual_seed(0)
-    aligner = ImplicitAligner(64, 64, 2, 4, 16)
-    torch.nn.init.normal_(aligner.zero_linear.weight, std=0.05)  # not the identity: IMG must change the tokens
-    # Our export format: the head split (4 x 16) is in its metadata, never guessed.
-    return aligner.save_safetensors(tmp_path_factory.mktemp("aligner") / "aligner_tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
-def world(tiny_sdxl_dir, tiny_ip_adapter_dir, tiny_llava_dir, tiny_scorer_dirs, tiny_aligner):
-    return dict(sdxl_dir=tiny_sdxl_dir, ip_adapter_dir=tiny_ip_adapter_dir, llava_dir=tiny_llava_dir,
-                aligner_path=tiny_aligner, scorer_dirs=tiny_scorer_dirs)
+def world(tiny_eval_world):
+    return tiny_eval_world
 
 
 def _args(world, run_dir, limit=3):
@@ -52,6 +41,8 @@ def test_img_eval_all_end_to_end_and_resume(world, tmp_path, capsys):
     assert html == run_dir / "report" / "index.html" and _first_prompt() in html.read_text()
     out = capsys.readouterr().out
     assert "new images: {'base': 3, 'control': 3, 'img_r1': 3}" in out
+    # the released SDXL settings make control the base image: copied and said so, its scores taken over
+    assert "control = base: its settings equal base's" in out and "'control': {'hps': 0," in out
     for arm in ("base", "control", "img_r1"):
         assert sorted(p.name for p in (run_dir / "images" / arm).iterdir()) == ["00000.png", "00001.png", "00002.png"]
         meta = [json.loads(l) for l in (run_dir / "metadata" / f"{arm}.0of1.jsonl").read_text().splitlines()]
@@ -67,8 +58,10 @@ def test_img_eval_all_end_to_end_and_resume(world, tmp_path, capsys):
     report = json.loads((run_dir / "report" / "report.json").read_text())
     scored = ("hps", "pickscore", "blip_vqa", "aesthetic", "image_reward")
     assert list(report["means"]) == [*scored, "mllm"]  # config order = table column order
-    assert {(c["versus"], c["metric"]) for c in report["comparisons"]} >= {
-        (v, m) for v in ("base", "control") for m in scored}
+    assert {(c["versus"], c["metric"]) for c in report["comparisons"]} >= {("base", m) for m in scored}
+    assert report["arms"] == ["base", "img_r1"] and report["same_images"] == {"control": "base"}
+    assert all(c["versus"] == "base" for c in report["comparisons"])  # vs control = vs base: not repeated
+    assert report["arm_labels"]["base"] == "base = control"
     assert report["metrics"]["hps"]["version"] == "tiny"
     assert all(c["n"] == 3 for c in report["comparisons"] if c["metric"] in scored)
     # the tiny LLaVA grader answers gibberish: no score, counted and shown, never a default
@@ -96,6 +89,17 @@ def test_img_eval_all_end_to_end_and_resume(world, tmp_path, capsys):
     assert "new images: {'base': 0, 'control': 0, 'img_r1': 0}" in out
     assert "'hps': 0" in out and "'pickscore': 3" not in out and "'mllm': 0" in out
     assert _mtimes(run_dir) == before
+
+    # the run's own config.yaml is complete (the recipe's encoders with their local paths, the scorers'
+    # files): re-running it is a no-op that reuses every image and score, and records no other config
+    saved = (run_dir / "config.yaml").read_text()
+    assert "recipe: null" in saved and f"recipe_applied: {DEMO_RECIPE}" in saved
+    assert main(["all", str(run_dir / "config.yaml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "new images: {'base': 0, 'control': 0, 'img_r1': 0}" in out
+    counts = re.findall(r"'\w+': (\d+)", next(line for line in out.splitlines() if "new scores" in line))
+    assert len(counts) == 3 * 6 and set(counts) == {"0"}  # 3 arms x 6 metrics, nothing scored again
+    assert not (run_dir / "reruns").exists() and _mtimes(run_dir) == before
 
     # a deleted IMG image (a kill) is redone from its saved features, the rest is kept
     (run_dir / "images" / "img_r1" / "00001.png").unlink()

@@ -61,6 +61,7 @@ def test_report_table_layout_proxies_hashes_and_unscored(tmp_path):
     assert table[3][0] == "img_r1" and table[3][4] == "0.6500"
 
     paths = write_report(inp, tmp_path / "report", num_resamples=50)
+    assert len(s["comparisons"]) == 8 and Image.open(paths["chart"]).width == 880  # taller with more bars, never wider
     html = paths["html"].read_text()
     for h in ("a" * 64, "b" * 64, "c" * 64, "d" * 64):  # every checkpoint / rubric fingerprint is shown
         assert h in html
@@ -73,3 +74,18 @@ def test_report_table_layout_proxies_hashes_and_unscored(tmp_path):
     assert md[0] == "| arm | CLIP Score | Spatial (proxy) [1] | HPS | MLLM <grader> (proxy) [2] |"
     assert md[2].startswith("| base | 0.1500") and any(l.startswith("[1] Spatial") for l in md)
     assert paths["table_tsv"].read_text().splitlines()[0].split("\t")[1] == "CLIP Score"
+
+
+def test_an_arm_with_another_arms_images_is_one_row_and_compared_once(tmp_path):
+    inp = _inputs(tmp_path)
+    inp.same_images = {"control": "base"}
+    s = summarize(inp, num_resamples=20)
+    assert s["arms"] == ["base", "img_r1"] and s["arm_labels"]["base"] == "base = control"
+    assert {c["versus"] for c in s["comparisons"]} == {"base"}
+    assert any(n.startswith("control = base: every control image is the base image") for n in s["notes"])
+    assert [row[0] for row in paste_table(s)] == ["arm", "base = control", "img_r1", "n"]
+    paths = write_report(inp, tmp_path / "report", num_resamples=20)
+    html = paths["html"].read_text()
+    assert "<td>base = control</td>" in html and "<td>control</td>" not in html
+    header = paths["csv"].read_text().splitlines()[0]
+    assert "control/clip" in header and "control/image" in header  # the per-prompt file keeps every arm

@@ -72,6 +72,25 @@ def test_a_changed_scorer_or_a_regenerated_image_is_scored_again(tmp_path):
     assert fresh == {"00000": 10.0, "00001": 99.0}
 
 
+def test_an_image_another_arm_scored_byte_for_byte_takes_its_score(tmp_path):
+    """control = base (released SDXL settings): its copies are not scored again, the records say so;
+    an image that differs in one pixel is scored."""
+    cfg, prompts = _cfg(tmp_path), _prompts(["a red cube", "a blue ball"])
+    base = _generate(cfg, prompts, tmp_path)
+    control = ImageStore(tmp_path, "control")
+    control.save_copy("00000", base.path_for("00000"), {"reused_from": "base"})
+    control.save("00001", Image.new("RGB", (8, 8), (77, 0, 0)), {})
+    a = Counting("A")
+    counts = score_run(cfg, prompts, tmp_path, ["base", "control"], "0of1", {"m": a}, progress=False)
+    assert counts == {"base": {"m": 2}, "control": {"m": 1}} and a.calls == 3
+    assert read_scores(tmp_path, "control", "m") == {"00000": 10.0, "00001": 77.0}
+    lines = [json.loads(l) for l in (tmp_path / "scores" / "control" / "m.0of1.jsonl").read_text().splitlines()]
+    assert [(r["uid"], r.get("reused_from")) for r in lines] == [("00000", "base"), ("00001", None)]
+    # another scorer version takes nothing from the first's records
+    b = Counting("B")
+    assert score_run(cfg, prompts, tmp_path, ["control"], "0of1", {"m": b}, progress=False) == {"control": {"m": 2}}
+
+
 def test_stored_images_of_another_prompt_file_or_seed_are_refused(tmp_path):
     cfg = _cfg(tmp_path)
     _generate(cfg, _prompts(["a red cube", "a blue ball"]), tmp_path)

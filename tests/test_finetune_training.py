@@ -103,8 +103,12 @@ def test_run_directory_tensorboard_summary_and_export(triplets, tiny_llava_dir, 
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "val/loss", "lr-AdamW/lm", "lr-AdamW/projector", "perf/tokens_per_s_per_device", "perf/padding_share",
-                "perf/samples_per_s", "perf/data_wait_share"):
+                "perf/samples_per_s", "perf/data_wait_share", "train/grad_norm", "final/val/loss"):
         assert tag in tags, tag
+    # one event file, with the run's hyper-parameters and its final validation loss (HParams dashboard)
+    assert len(list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))) == 1
+    assert events.Scalars("final/val/loss")[-1].value == pytest.approx(result.metrics["val/loss"])
+    assert any(k.endswith("session_start_info") for k in events.PluginTagToContent("hparams"))
     lrs = [e.value for e in events.Scalars("lr-AdamW/lm")]
     assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < max(lrs) / 10  # warm-up then cosine decay
     manifest = read_manifest(run_dir / "export")

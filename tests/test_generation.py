@@ -92,8 +92,22 @@ def test_seed_per_prompt_is_independent_of_the_batch(backend):
     assert diff.mean() < 2.0 and diff.max() <= 16
     assert np.abs(np.asarray(other[0], dtype=int) - np.asarray(alone[0], dtype=int)).mean() > 5 * max(diff.mean(), 0.1)
     assert seed_for("a", 0) == seed_for("a", 0) != seed_for("a", 1)
-    with pytest.raises(ValueError, match="pass ip_tokens"):
-        backend.generate(["x"], [1], _sampler())
+
+
+def test_with_the_adapter_loaded_an_image_without_tokens_is_the_pipelines_own(backend, tiny_sdxl_dir):
+    """A base image can be made after the IP-Adapter is loaded (img-generate alternates base images
+    and re-generations): IP scale 0 in both CFG halves is bit for bit the pipeline without it."""
+    cfg = OmegaConf.merge(OmegaConf.structured(PipelineConfig), dict(path=str(tiny_sdxl_dir), device="cpu", dtype="float32"))
+    plain = DiffusionBackend.from_config(cfg)
+    assert backend.ip_loaded and not plain.ip_loaded
+    backend.set_ip_scale(0.2)
+    for negative in (None, "blurry"):
+        got = backend.generate(["a cat", "a dog"], [3, 4], _sampler(), negative_prompt=negative, output_type="np")
+        want = plain.generate(["a cat", "a dog"], [3, 4], _sampler(), negative_prompt=negative, output_type="np")
+        assert np.array_equal(got, want)
+    assert backend.ip_scale == 0.2  # the IMG arm's scale is back
+    with_tokens = backend.generate(["a cat"], [3], _sampler(), ip_tokens=torch.randn(1, 16, 64), output_type="np")
+    assert np.abs(with_tokens - want[:1]).max() > 1e-3  # the adapter is really there
 
 
 def test_store_resume_semantics(tmp_path):
@@ -339,9 +353,10 @@ def test_each_arm_gets_its_released_settings(tmp_path):
     cfg.generation.base.negative_prompt = "base-neg"
     cfg.img.negative_prompt = "regen-neg"
     run = GenerationRun(cfg, [PromptRecord("00000", "a cat")], tmp_path, progress=False)
-    run._backend, run._conditioner = _RecordingBackend(), _FakeConditioner()
+    recorder = run._backend = _RecordingBackend()
+    run._conditioner = _FakeConditioner()
     run.run()
-    base, img, control = run._backend.calls
+    base, img, control = recorder.calls
     assert base == dict(negative_prompt="base-neg", ip_scale=None, negative_ip_scale=None, negative_ip=None,
                         true_cfg=(3.5, 1))
     black = torch.full((4, 8), float(len("black")))
@@ -356,6 +371,36 @@ def test_each_arm_gets_its_released_settings(tmp_path):
                        require_complete=False)
     with pytest.raises(ConfigError, match="negative_ip_scale is FLUX-only"):
         GenerationRun(sdxl, [], tmp_path / "x")
+
+
+def test_with_the_released_sdxl_settings_control_reuses_the_base_images(tmp_path):
+    """SDXL's control (IP scale 0, the same negative prompt) is the base image: copied, not generated,
+    and recorded as such; another negative prompt for the re-generation makes it an arm of its own."""
+    from img_lightning.eval_run import PromptRecord
+    from img_lightning.generation.provenance import same_images_as
+    from img_lightning.generation.runner import GenerationRun
+
+    over = ["img.aligner.checkpoint=x.pth", "prompts.name=p", "prompts.format=text", "prompts.path=x"]
+    cfg = load_config(EvalConfig, [REPO / "configs/eval/backbones/sdxl.yaml"], over, require_complete=False)
+    flux = load_config(EvalConfig, [REPO / "configs/eval/backbones/flux.yaml"], over, require_complete=False)
+    assert same_images_as(cfg, "control") == "base" and same_images_as(flux, "control") is None
+    prompts = [PromptRecord("00000", "a cat"), PromptRecord("00001", "a dog")]
+    recorder = _NoisyBackend()
+    run = GenerationRun(cfg, prompts, tmp_path, progress=False)
+    run._backend, run._conditioner = recorder, _FakeConditioner()
+    assert run.run() == {"base": 2, "control": 2, "img_r1": 2} and run.reused == {"control": "base"}
+    assert len(recorder.calls) == 2  # base and the IMG round: no control generation
+    for uid in ("00000", "00001"):
+        assert (tmp_path / "images/control" / f"{uid}.png").read_bytes() == (tmp_path / "images/base" / f"{uid}.png").read_bytes()
+    meta = [json.loads(l) for l in (tmp_path / "metadata" / "control.0of1.jsonl").read_text().splitlines()]
+    assert all(m["reused_from"] == "base" and m["ip_scale"] == 0.0 for m in meta)
+    cfg.img.negative_prompt = "blurry"
+    assert same_images_as(cfg, "control") is None
+    other = GenerationRun(cfg, prompts, tmp_path / "neg", progress=False)
+    recorder = other._backend = _NoisyBackend()
+    other._conditioner = _FakeConditioner()
+    other.run()
+    assert len(recorder.calls) == 3 and other.reused == {}
 
 
 class _NoisyBackend(_RecordingBackend):
@@ -395,9 +440,10 @@ def test_img_features_come_from_the_generated_image_itself(tmp_path):
                       require_complete=False)
     prompts = [PromptRecord("00000", "a cat"), PromptRecord("00001", "a dog")]
     run = GenerationRun(cfg, prompts, tmp_path, progress=False)
-    run._backend, run._conditioner = _NoisyBackend(), _KeepingConditioner()
+    noisy = run._backend = _NoisyBackend()
+    run._conditioner = _KeepingConditioner()
     run.run()
-    base, round1 = run._backend.images[0], run._backend.images[1]
+    base, round1 = noisy.images[0], noisy.images[1]
     assert len(run._conditioner.seen) == 2  # round 1 from the base images, round 2 from round 1's
     for generated, seen in zip((base, round1), run._conditioner.seen):
         for want, got in zip(generated, seen):

@@ -271,6 +271,22 @@ def test_flux_pipeline_is_the_special_case_start_0_equal_scales_diffusers_shift(
     assert np.abs(released_semantics - want).max() > 1e-2
 
 
+def test_flux_with_the_adapter_loaded_an_image_without_tokens_is_the_pipelines_own(released, sampler):
+    """The base image after the IP-Adapter is loaded (img-generate): both passes at IP scale 0 are
+    bit for bit the pipeline without it, true CFG included."""
+    fresh = DiffusionBackend.from_config(released.generation.pipeline)
+    negative = released.generation.base.negative_prompt
+    want = fresh.generate(PROMPTS, SEEDS, sampler, negative_prompt=negative, output_type="np")
+    fresh.load_ip_adapter(released.img.ip_adapter)
+    fresh.set_ip_scale(0.2)
+    got = fresh.generate(PROMPTS, SEEDS, sampler, negative_prompt=negative, output_type="np")
+    assert np.array_equal(got, want) and fresh.ip_scale == 0.2
+    tokens = torch.randn(len(PROMPTS), 4, 4096)
+    with_tokens = fresh.generate(PROMPTS, SEEDS, sampler, negative_prompt=negative, ip_tokens=tokens,
+                                 negative_ip_tokens=torch.zeros(4, 4096), output_type="np")
+    assert np.abs(with_tokens - want).max() > 1e-3
+
+
 def test_flux_sampler_plain_settings(flux_world):
     """No true CFG: IP scale 0 reproduces the adapter-free image; the tokens reach the IP attention."""
     flux_dir, ipa_dir = flux_world

@@ -1,6 +1,9 @@
 """The layout follows the data flow: every module imports only from its own layer or the ones below.
 
-    foundation -> cache -> data -> features -> training -> eval_run -> generation -> evaluation -> cli -> apps
+    foundation -> cache -> data -> features -> training -> eval_run -> generation -> evaluation -> cli -> api -> apps
+
+The root package's ``__init__`` (``api``) is the public Python API: it re-exports, on first use,
+classes of the layers below (``IMGRefiner``); nothing inside the library imports it.
 
 ``LAYERS`` places every module of ``img_lightning`` and ``preprocessing`` (a package entry covers its
 sub-modules; a longer entry overrides it for one module). The test parses every file's imports,
@@ -23,11 +26,12 @@ PACKAGES = ("img_lightning", "preprocessing")
 # Lowest first. Entries are modules or packages (a package covers everything below it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # errors, atomic writes, file hashes, typed config schemas and loading, model lookup, run directories
-    # (and their lock), checkpoint integrity
-    ("foundation", ("img_lightning", "img_lightning.errors", "img_lightning.atomic", "img_lightning.config",
+    # (and their lock), checkpoint integrity, the version, where models come from
+    ("foundation", ("img_lightning.errors", "img_lightning.atomic", "img_lightning.config",
                     "img_lightning.models", "img_lightning.hf_quiet", "img_lightning.log_steps",
                     "img_lightning.run_dir", "img_lightning.parquet_files", "img_lightning.hashing",
-                    "img_lightning.run_lock", "img_lightning.checkpoint_files")),
+                    "img_lightning.run_lock", "img_lightning.checkpoint_files",
+                    "img_lightning.version", "img_lightning.model_sources")),
     ("cache", ("img_lightning.cache",)),  # the feature-cache format, writer, manifest, reader
     ("data", ("img_lightning.data",)),  # the DataModule over a cache
     # MLLM and IP encoders (with what they read of a finetuned-MLLM export), the cache recipe (its key
@@ -41,6 +45,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("generation", ("img_lightning.generation",)),
     ("evaluation", ("img_lightning.evaluation",)),
     ("cli", ("img_lightning.cli",)),
+    ("api", ("img_lightning",)),  # the root package's __init__: the public API (lazy re-exports)
     # applications on top of the library: tiny demo/test models and the demo, preprocessing (img-preprocess, img-demo)
     ("apps", ("img_lightning.tiny", "preprocessing")),
 )
@@ -134,7 +139,8 @@ def test_the_scan_resolves_every_import_form(source, expected):
 
 
 def test_layer_placement():
-    assert layer_of("img_lightning") == layer_of("img_lightning.errors") == 0
+    assert layer_of("img_lightning.errors") == layer_of("img_lightning.version") == 0
+    assert layer_of("img_lightning") == LAYER_NAMES.index("api") > layer_of("img_lightning.cli.eval")
     assert layer_of("img_lightning.encoders.export_manifest") < layer_of("img_lightning.finetune.export")
     assert layer_of("img_lightning.evaluation.scorers.clip") == LAYER_NAMES.index("evaluation")
     assert layer_of("img_lightning.cli.eval") > layer_of("img_lightning.evaluation.pipeline")

@@ -165,7 +165,7 @@ def test_every_backbone_with_every_benchmark(bench, models_are_there, tmp_path):
 
     for backbone in yamls("eval/backbones"):
         cfg = resolve_config([str(backbone), str(bench), f"run_dir={tmp_path / 'run'}"], allow_missing=True)
-        assert cfg.recipe and cfg.scorers, (backbone.name, bench.name)
+        assert cfg.recipe_applied and cfg.scorers, (backbone.name, bench.name)  # the recipe's encoders
         _fill_missing(cfg, tmp_path)
         _check_config(cfg)
 

@@ -43,7 +43,7 @@ def version() -> str:
     try:
         return dist_version("img-lightning")
     except PackageNotFoundError:  # running from a source tree that is not installed
-        from .. import __version__
+        from ..version import __version__
 
         return __version__
 

@@ -5,7 +5,8 @@ Defaults follow the paper and the authors' released demos: 3 aligner passes, IP 
 XLabs' true CFG). The base image and the re-generation have separate negative-prompt settings
 (``generation.base`` and ``img``), as in the demos. ``encoders`` is the very block of the
 preprocessing recipe the aligner was trained on; ``recipe: PATH`` copies it from that YAML so
-inference features come from exactly the training-time settings.
+inference features come from exactly the training-time settings (loaded by
+:mod:`.eval_loading`).
 """
 
 from __future__ import annotations
@@ -224,8 +225,10 @@ class EvalConfig:
     run_dir: str = "???"
     prompts: PromptSetConfig = field(default_factory=PromptSetConfig)
     # The preprocessing recipe YAML the aligner's cache came from; its `encoders` block replaces
-    # the one below (CLI overrides of encoders.* still apply on top).
+    # the one below (CLI overrides of encoders.* still apply on top). Loading moves the path to
+    # `recipe_applied` (config/eval_loading.py), so a run's saved config.yaml re-runs as it is.
     recipe: Optional[str] = None
+    recipe_applied: Optional[str] = None  # a record: the recipe whose encoders block `encoders` holds
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     img: IMGConfig = field(default_factory=IMGConfig)

@@ -150,12 +150,28 @@ def load_config(
     if require_complete:
         missing = missing_keys(cfg)
         if missing:
-            raise ConfigError(
-                "these config keys have no value (set them in a YAML file or as key=value): "
-                + ", ".join(missing)
-            )
+            raise ConfigError(missing_message(cfg, missing))
     validate(cfg, schema)
     return cfg
+
+
+def where_to_get(cfg: Any, key: str) -> str:
+    """For a ``*.path`` key left ``???`` beside a ``model`` id: how to fetch the model ("" otherwise)."""
+    if not key.endswith(".path"):
+        return ""
+    model = OmegaConf.select(cfg, key[: -len("path")] + "model", default=None)
+    if not isinstance(model, str) or not model:
+        return ""
+    from ..model_sources import fetch_advice
+
+    return fetch_advice(model, key)
+
+
+def missing_message(cfg: Any, missing: Sequence[str]) -> str:
+    """The error for keys still ``???``: their names, and for a model's path where to get the model."""
+    hints = [f"\n  {key}: {hint}" for key in missing if (hint := where_to_get(cfg, key))]
+    return ("these config keys have no value (set them in a YAML file or as key=value): " + ", ".join(missing)
+            + "".join(hints))
 
 
 def validate(cfg: Any, schema: Any) -> None:

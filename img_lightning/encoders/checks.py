@@ -54,7 +54,8 @@ def adapter_widths(path: str | Path) -> dict[str, Optional[int]]:
 def adapter_file(what: str, model_id: str, path: Optional[str], subfolder: str, weight_name: str, key: str,
                  revision: Optional[str] = None) -> Path:
     """The adapter file ``model_id``/``path`` + ``subfolder/weight_name`` (``path`` may be the file)."""
-    root = check_model(what, model_id, path, key, revision=revision, marker=None, weights=False)
+    wanted = f"{subfolder.strip('/')}/{weight_name}" if subfolder else weight_name
+    root = check_model(what, model_id, path, key, revision=revision, marker=None, weights=False, files=[wanted])
     return root if root.is_file() else find_in(root, subfolder or "", weight_name, model_id, key)
 
 

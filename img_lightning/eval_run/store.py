@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 from PIL import Image
 
-from ..atomic import atomic_path
+from ..atomic import append_jsonl, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,27 @@ class ImageStore:
 
     def save(self, uid: str, image: Image.Image, meta: dict[str, Any]) -> Path:
         path = self.path_for(uid)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG" if self.ext == "png" else self.ext.upper())
+        return self._record(uid, image, meta)
+
+    def save_copy(self, uid: str, source: Path, meta: dict[str, Any]) -> Path:
+        """``source``'s bytes as this arm's image of ``uid`` (an arm whose settings equal another's
+        reuses its images instead of generating copies of them)."""
+        with atomic_path(self.path_for(uid)) as tmp:
+            shutil.copyfile(source, tmp)
+        with Image.open(source) as image:
+            return self._record(uid, image, meta)
+
+    def _record(self, uid: str, image: Image.Image, meta: dict[str, Any]) -> Path:
+        """The metadata line that makes the image written to :meth:`path_for` count as done."""
+        path = self.path_for(uid)
         rec = {"uid": uid, "arm": self.arm, "file": str(path.relative_to(self.run_dir)), **meta}
         if is_constant(image):  # all black (a NaN latent decodes to that) or any single colour
             rec["constant_image"] = True
             log.warning("%s/%s: every pixel has the same value; it is kept, flagged in its metadata and the report",
                         self.arm, uid)
-        self.meta_dir.mkdir(parents=True, exist_ok=True)
-        with self.meta_file.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.meta_file, [rec])
         self.done()[uid] = rec
         return path
 

@@ -3,14 +3,17 @@
 :func:`run` is what the CLI calls (and what the demo and tests call):
 
 1. :func:`resolve_config`: schema <- YAML files <- overrides (``scorers.0.path=...`` included), then
-   the ``recipe``'s encoders block, so inference features come from the training cache's settings;
+   the ``recipe``'s encoders block, so inference features come from the training cache's settings
+   (:mod:`img_lightning.config.eval_loading`, shared with ``img-generate``);
 2. :func:`~.preflight.preflight`: every key left ``???``, the prompt files, and every model,
    checkpoint and question file the requested stages load, in one error, before anything is
    written to the run directory or any image is generated;
 3. the stored images of the prompt set checked against the config
    (:func:`~img_lightning.generation.provenance.check_stored_images`);
 4. ``config.yaml`` and ``prompts.jsonl`` into the run directory (a later call with another config
-   records its own under ``reruns/NNN/``), then the stages.
+   records its own under ``reruns/NNN/``), then the stages. ``config.yaml`` is complete: the
+   recipe's encoders are in it (``recipe_applied`` names the recipe) and the chunk is the whole
+   run's, so ``img-eval all RUN/config.yaml`` re-runs the run as it is (finished work is reused).
 
 Every stage is resumable: finished images and scores are skipped while they still match the
 config and the scorers (see :mod:`.scoring`). Under a SLURM array each task
@@ -23,12 +26,12 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
 from omegaconf import OmegaConf
 
 from ..atomic import atomic_write
-from ..config.eval import EvalConfig
-from ..config.loading import ConfigError, load_config, missing_keys, split_cli_args, to_container, to_yaml, validate
+from ..config.eval import ChunkConfig, EvalConfig
+from ..config.eval_loading import load_eval_config
+from ..config.loading import ConfigError, load_config, to_container, to_yaml
 from ..generation.provenance import check_stored_images
 from .prompts import load_prompt_set
 
@@ -37,43 +40,19 @@ STAGES = ("generate", "score", "report", "all")
 
 def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_tasks: Optional[int] = None,
                    allow_missing: bool = False) -> Any:
-    """Schema <- YAML files <- overrides; then the recipe's encoders block (+ encoders.* overrides).
+    """Schema <- YAML files <- overrides, then the recipe's encoders block
+    (:func:`~img_lightning.config.eval_loading.load_eval_config`), then this task's chunk.
 
     A key left ``???`` (anywhere, lists included) is an error unless ``allow_missing`` (then
     :func:`~.preflight.preflight` reports it together with every other problem).
     """
-    files, overrides = split_cli_args(args)
-    # OmegaConf's dotlist merge cannot index into lists (scorers.0.path=...): apply those afterwards.
-    indexed = [o for o in overrides if any(part.isdigit() for part in o.split("=", 1)[0].split("."))]
-    plain = [o for o in overrides if o not in indexed]
-    cfg = load_config(EvalConfig, files, plain, require_complete=False)
-    for o in indexed:
-        key, value = o.split("=", 1)
-        try:
-            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)
-        except Exception as err:
-            raise ConfigError(f"command-line override '{o}': {err}") from None
-    if cfg.recipe:
-        from ..config.preprocess import PreprocessConfig
-
-        recipe = load_config(PreprocessConfig, [cfg.recipe], require_complete=False)
-        cfg.encoders = recipe.encoders
-        enc_overrides = [o for o in overrides if o.startswith("encoders.")]
-        if enc_overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(enc_overrides))
-    missing = missing_keys(cfg)
-    if missing and not allow_missing:
-        raise ConfigError("these config keys have no value (set them in a YAML file or as key=value): "
-                          + ", ".join(missing))
-    validate(cfg, EvalConfig)  # again: the indexed overrides (scorers.N.key=...) came after load_config's
+    cfg = load_eval_config(args, allow_missing=allow_missing)
     if task_index is not None:
         cfg.chunk.index = task_index
     if num_tasks is not None:
         cfg.chunk.count = num_tasks
     if not 0 <= cfg.chunk.index < cfg.chunk.count:
         raise ConfigError(f"chunk.index={cfg.chunk.index} must be in [0, chunk.count={cfg.chunk.count})")
-    if cfg.img.rounds < 0 or cfg.img.aligner.passes < 1:
-        raise ConfigError("img.rounds must be >= 0 and img.aligner.passes >= 1")
     return cfg
 
 
@@ -82,8 +61,13 @@ def stage_generate(cfg: Any, prompts: list, run_dir: Path, progress: bool, align
     from ..generation.runner import GenerationRun
 
     mine = chunk(prompts, cfg.chunk.index, cfg.chunk.count)
-    counts = GenerationRun(cfg, mine, run_dir, progress=progress, aligner=aligner).run()
+    run = GenerationRun(cfg, mine, run_dir, progress=progress, aligner=aligner)
+    counts = run.run()
     print(f"img-eval generate: {len(mine)} prompts in this task; new images: {counts}")
+    for arm, source in run.reused.items():
+        print(f"img-eval generate: {arm} = {source}: its settings equal {source}'s (same prompt, seed and sampler, "
+              f"negative prompt {cfg.img.negative_prompt!r}, IP scale 0 in every pass), so its {counts[arm]} new "
+              f"image(s) are copies of {source}'s, not generated again (metadata: reused_from)")
     return counts
 
 
@@ -155,8 +139,10 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
         made = sorted({str(r.get("aligner_sha256")) for a in arms if a.startswith("img_r")
                        for r in ImageStore(run_dir, a, chunk_tag(cfg), cfg.generation.image_format).done().values() if r.get("aligner_sha256")})
         img_settings["aligner_sha256"] = ", ".join(made) if made else aligner_sha256(cfg)
+    # the control arm with the base images, byte for byte, for every prompt (its settings equal base's)
+    same_images = {"control": "base"} if "control" in arms and hashes["control"] and hashes["control"] == hashes["base"] else {}
     inputs = ReportInputs(
-        prompts=prompts, scores=scores, images=images,
+        prompts=prompts, scores=scores, images=images, same_images=same_images,
         metrics={m: described[m] for m in names},
         img_arms=[img_arm(r) for r in range(1, cfg.img.rounds + 1)],
         title=f"IMG evaluation: {cfg.prompts.name} ({cfg.generation.pipeline.kind})",
@@ -179,6 +165,13 @@ def _config_tree(cfg: Any) -> dict:
     return tree
 
 
+def run_record(cfg: Any) -> str:
+    """The config as the run's ``config.yaml``: complete and re-runnable as it is, for the whole run
+    (an array task's ``chunk`` is its own, not the run's)."""
+    whole = OmegaConf.merge(cfg, {"chunk": OmegaConf.structured(ChunkConfig)})
+    return to_yaml(whole)
+
+
 def record_config(run_dir: Path, cfg: Any, prompts: list, stage: str) -> Path:
     """The first call's ``config.yaml`` and ``prompts.jsonl`` stay the run's record; a later call
     with another config (or prompt set) writes its own pair under ``reruns/NNN/`` with the changed
@@ -188,7 +181,7 @@ def record_config(run_dir: Path, cfg: Any, prompts: list, stage: str) -> Path:
     text = "".join(json.dumps(p.to_dict()) + "\n" for p in prompts)
     first = run_dir / "config.yaml"
     if not first.is_file():
-        atomic_write(first, to_yaml(cfg))
+        atomic_write(first, run_record(cfg))
         atomic_write(run_dir / "prompts.jsonl", text)
         return run_dir
     saved = load_config(EvalConfig, [first], require_complete=False)
@@ -200,7 +193,7 @@ def record_config(run_dir: Path, cfg: Any, prompts: list, stage: str) -> Path:
     done = sorted(p for p in (run_dir / "reruns").glob("[0-9][0-9][0-9]") if p.is_dir())
     target = run_dir / "reruns" / f"{len(done) + 1:03d}"
     target.mkdir(parents=True, exist_ok=True)
-    atomic_write(target / "config.yaml", to_yaml(cfg))
+    atomic_write(target / "config.yaml", run_record(cfg))
     atomic_write(target / "prompts.jsonl", text)
     atomic_write(target / "changes.json", json.dumps(
         {"stage": stage, "prompts_changed": not same_prompts,

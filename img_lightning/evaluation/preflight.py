@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from ..config.loading import ConfigError, missing_keys
+from ..config.loading import ConfigError, missing_keys, where_to_get
 from ..errors import Problems
 
 
@@ -47,11 +47,12 @@ def _set(cfg: Any, key: str) -> bool:
 def preflight(cfg: Any, stage: str) -> Ready:
     """Check everything ``stage`` needs; raise one :class:`PreflightError` listing every problem."""
     from .prompts import load_prompt_set
-    from .scorers import check_scorers
+    from .scorers import check_scorers, missing_value_hint
 
     problems = Problems()
     for key in missing_keys(cfg):
-        problems.add(f"{key}: has no value (???); set it in a YAML file or as {key}=...")
+        hint = where_to_get(cfg, key) or missing_value_hint(cfg.scorers, key)
+        problems.add(f"{key}: has no value (???); set it in a YAML file or as {key}=..." + (f"; {hint}" if hint else ""))
     prompts: Optional[list] = None
     if all(_set(cfg, k) for k in ("prompts.format", "prompts.path")):
         prompts = problems.check(load_prompt_set, cfg, where="prompts.path")

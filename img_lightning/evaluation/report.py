@@ -51,6 +51,9 @@ class ReportInputs:
     # metric -> the uids it is meant to score (a scorer limited to some categories); default: every prompt
     scopes: dict[str, set[str]] = field(default_factory=dict)
     img_settings: dict[str, Any] = field(default_factory=dict)  # the IMG arm's settings (aligner sha256, ...)
+    # arm -> the arm whose images it has, byte for byte, for every prompt (control = base with the
+    # released SDXL settings): reported as one row, "base = control", and compared once
+    same_images: dict[str, str] = field(default_factory=dict)
 
 
 class ReportError(UserError):
@@ -66,6 +69,19 @@ def arms_in_order(inp: ReportInputs) -> list[str]:
     return [a for a in order if a in inp.scores or a in inp.images] + sorted(
         a for a in set(inp.scores) | set(inp.images) if a not in order
     )
+
+
+def shown_arms(inp: ReportInputs) -> list[str]:
+    """The arms with a row of their own: an arm with another's very images is that arm's row."""
+    return [a for a in arms_in_order(inp) if a not in inp.same_images]
+
+
+def arm_labels(inp: ReportInputs) -> dict[str, str]:
+    """Row label per shown arm: ``base = control`` for an arm whose images another arm has too."""
+    labels = {a: a for a in shown_arms(inp)}
+    for arm, source in inp.same_images.items():
+        labels[source] = f"{labels.get(source, source)} = {arm}"
+    return labels
 
 
 def metric_names(inp: ReportInputs) -> list[str]:
@@ -121,7 +137,7 @@ def _unparsed_examples(inp: ReportInputs, metric: str, arm: str) -> list[dict[st
 
 def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_tolerance: float = 0.0) -> dict:
     """Means per arm and metric, and paired comparisons of each IMG round with base and control."""
-    arms = arms_in_order(inp)
+    arms = shown_arms(inp)
     metrics = metric_names(inp)
     labels, footnotes = column_labels(inp, metrics)
     means: dict[str, dict[str, Any]] = {}
@@ -177,6 +193,11 @@ def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_t
                 categories.setdefault(cat, {})[metric] = {
                     "n": len(uids), **{arm: sum(inp.scores[arm][metric][u] for u in uids) / len(uids) for arm in arms}}
     notes = [f"Warning: {w}" for w in warnings] + [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
+    for arm, source in inp.same_images.items():
+        notes.append(f"{arm} = {source}: every {arm} image is the {source} image, byte for byte ({arm}'s settings "
+                     f"equal {source}'s: img-eval copies such images instead of generating them again, see reused_from "
+                     f"in the metadata). It is one row, '{source} = {arm}', and IMG's comparisons with {source} are its "
+                     f"comparisons with {arm}.")
     if any(d.get("kind") == "hps" for d in inp.metrics.values()):
         notes.append("HPS: 100 x cosine (hpsv2.score() returns the raw cosine: divide by 100 to compare); v2.0 and "
                      "v2.1 scores are not comparable with each other, the version used is listed under metrics.")
@@ -187,6 +208,8 @@ def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_t
         "title": inp.title,
         "num_prompts": len(inp.prompts),
         "arms": arms,
+        "arm_labels": arm_labels(inp),
+        "same_images": dict(inp.same_images),
         "img_arm": inp.img_arms[-1] if inp.img_arms else None,
         "metrics": {m: inp.metrics.get(m, {"name": m}) for m in metrics},
         "labels": labels,
@@ -222,37 +245,42 @@ def write_csv(inp: ReportInputs, path: Path) -> Path:
     return path
 
 
+CHART_WIDTH_IN, CHART_DPI = 8.0, 110  # 880 px wide whatever the number of comparisons: fits a report page
+
+
 def write_chart(summary: dict, path: Path) -> Path:
-    """Stacked win / tie / loss bars with the win rate's 95% interval, one bar per comparison."""
+    """Stacked win / tie / loss bars with the win rate's 95% interval, one horizontal bar per
+    comparison (more comparisons make the chart taller, never wider)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [c for c in summary["comparisons"] if c["arm"] == summary["img_arm"]] or summary["comparisons"]
-    labels = [f"{c['metric']}\nvs {c['versus']}" for c in rows]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 1.5), 4.0), dpi=120)
+    labels = [f"{summary['labels'].get(c['metric'], c['metric'])} vs {summary['arm_labels'].get(c['versus'], c['versus'])}"
+              for c in rows]
+    fig, ax = plt.subplots(figsize=(CHART_WIDTH_IN, 1.6 + 0.38 * max(1, len(rows))), dpi=CHART_DPI)
     if rows:
-        x = range(len(rows))
+        y = list(range(len(rows)))[::-1]  # the first comparison on top
         win = [c["win"]["value"] for c in rows]
         tie = [c["tie"]["value"] for c in rows]
         loss = [c["loss"]["value"] for c in rows]
         err_lo = [c["win"]["value"] - c["win"]["low"] for c in rows]
         err_hi = [c["win"]["high"] - c["win"]["value"] for c in rows]
-        ax.bar(x, win, color="#2a9d8f", label="IMG wins", yerr=[err_lo, err_hi], capsize=3)
-        ax.bar(x, tie, bottom=win, color="#bbbbbb", label="tie")
-        ax.bar(x, loss, bottom=[w + t for w, t in zip(win, tie)], color="#e76f51", label="IMG loses")
-        ax.axhline(0.5, color="black", lw=0.8, ls="--")
-        ax.set_xticks(list(x))
-        ax.set_xticklabels(labels, fontsize=8)
+        ax.barh(y, win, color="#2a9d8f", label="IMG wins", xerr=[err_lo, err_hi], capsize=3)
+        ax.barh(y, tie, left=win, color="#bbbbbb", label="tie")
+        ax.barh(y, loss, left=[w + t for w, t in zip(win, tie)], color="#e76f51", label="IMG loses")
+        ax.axvline(0.5, color="black", lw=0.8, ls="--")
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels, fontsize=8)
     else:
         ax.text(0.5, 0.5, "no paired scores", ha="center", va="center")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share of prompts")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of prompts")
     ax.set_title(f"{summary['title']}: {summary['img_arm'] or 'IMG'} win rate (95% CI)", fontsize=9)
-    if rows:
-        ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    if rows:  # under the axes: the bars fill their whole width
+        fig.legend(fontsize=7, loc="lower center", ncols=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 if rows else 0, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -272,7 +300,7 @@ def paste_table(summary: dict, decimals: int = 4) -> list[list[str]]:
     rows = [["arm", *(summary["labels"][m] for m in metrics)]]
     for arm in summary["arms"]:
         cells = [summary["means"][m].get(arm) for m in metrics]
-        rows.append([arm, *("" if c is None else f"{c['value']:.{decimals}f}" for c in cells)])
+        rows.append([summary["arm_labels"].get(arm, arm), *("" if c is None else f"{c['value']:.{decimals}f}" for c in cells)])
     rows.append(["n", *(str(summary["n"][m]) for m in metrics)])  # prompts behind every mean of the column
     return rows
 
@@ -306,7 +334,7 @@ METRIC_FIELDS = ("kind", "model", "version", "sha256", "reference", "scale")  # 
 def write_html(inp: ReportInputs, summary: dict, path: Path, limit: int = 200, thumb: int = 256) -> Path:
     """The report page. Image links are relative to the report folder, so the run directory can be
     copied as a whole."""
-    arms, metrics = arms_in_order(inp), metric_names(inp)
+    arms, metrics = shown_arms(inp), metric_names(inp)
     metric_rows = []
     for m in metrics:
         d = summary["metrics"][m]

@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write
+from ..atomic import append_jsonl, atomic_write
 from ..errors import NonFiniteError
 from ..eval_run import ImageStore, PromptRecord
 from .scorers import Scorer, build_scorers, scorer_name
@@ -44,25 +43,35 @@ def image_hashes(store: ImageStore, uids: Sequence[str]) -> dict[str, str]:
     return {u: sha256_of(store.path_for(u)) for u in uids if store.path_for(u).is_file()}
 
 
-def read_scores(run_dir: str | Path, arm: str, metric: str, fingerprint: Optional[str] = None,
-                images: Optional[Mapping[str, str]] = None) -> dict[str, float]:
-    """uid -> score (NaN: the scorer abstained). With ``fingerprint`` / ``images`` (uid -> image
-    sha256) only the records made by that scorer on those very images count; the last one per uid."""
-    out: dict[str, float] = {}
-    folder = Path(run_dir) / "scores" / arm
-    for f in sorted(folder.glob(f"{metric}.*.jsonl")):
+def _records(folder: Path, pattern: str) -> Iterator[dict[str, Any]]:
+    """The JSON lines of ``folder/pattern`` files in order (a line cut by a kill is skipped)."""
+    for f in sorted(folder.glob(pattern)):
         for line in f.read_text(encoding="utf-8").splitlines():
             try:
-                rec = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if fingerprint is not None and rec.get("scorer") != fingerprint:
-                continue
-            if images is not None and rec.get("image_sha256") != images.get(rec["uid"]):
-                continue
-            v = rec.get("score")
-            out[rec["uid"]] = float("nan") if v is None else float(v)
+
+
+def score_records(run_dir: str | Path, arm: str, metric: str, fingerprint: Optional[str] = None,
+                  images: Optional[Mapping[str, str]] = None) -> dict[str, dict[str, Any]]:
+    """uid -> the last score record. With ``fingerprint`` / ``images`` (uid -> image sha256) only
+    the records made by that scorer on those very images count."""
+    out: dict[str, dict[str, Any]] = {}
+    for rec in _records(Path(run_dir) / "scores" / arm, f"{metric}.*.jsonl"):
+        if fingerprint is not None and rec.get("scorer") != fingerprint:
+            continue
+        if images is not None and rec.get("image_sha256") != images.get(rec["uid"]):
+            continue
+        out[rec["uid"]] = rec
     return out
+
+
+def read_scores(run_dir: str | Path, arm: str, metric: str, fingerprint: Optional[str] = None,
+                images: Optional[Mapping[str, str]] = None) -> dict[str, float]:
+    """uid -> score (NaN: the scorer abstained), from :func:`score_records`."""
+    return {u: float("nan") if r.get("score") is None else float(r["score"])
+            for u, r in score_records(run_dir, arm, metric, fingerprint, images).items()}
 
 
 def merge_descriptions(run_dir: str | Path, scorers: Mapping[str, Scorer]) -> dict[str, Any]:
@@ -76,14 +85,7 @@ def merge_descriptions(run_dir: str | Path, scorers: Mapping[str, Scorer]) -> di
 
 def read_answers(run_dir: str | Path, arm: str, metric: str) -> list[dict[str, Any]]:
     """The per-image records a scorer kept (``[]`` for metrics that keep none); the last per uid."""
-    out: dict[str, dict[str, Any]] = {}
-    for f in sorted((Path(run_dir) / "scores" / arm / "answers").glob(f"{metric}.*.jsonl")):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[rec["uid"]] = rec
+    out = {rec["uid"]: rec for rec in _records(Path(run_dir) / "scores" / arm / "answers", f"{metric}.*.jsonl")}
     return list(out.values())
 
 
@@ -98,15 +100,6 @@ def _check_finite(scorer: Scorer, arm: str, uids: Sequence[str], values: Sequenc
             )
 
 
-def _append(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def score_run(
     cfg: Any,
     prompts: Sequence[PromptRecord],
@@ -116,22 +109,26 @@ def score_run(
     scorers: dict[str, Scorer] | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, int]]:
-    """Score the finished images of ``prompts`` in every arm; returns counts of new scores."""
+    """Score the finished images of ``prompts`` in every arm; returns counts of new scores. An image
+    that is byte for byte one another arm has scored (an arm reusing another's images) takes that
+    score (the record says ``reused_from``) instead of being scored again."""
     run_dir = Path(run_dir)
     scorers = scorers if scorers is not None else build_scorers(cfg.scorers)
     cats = {scorer_name(c): set(c.categories) for c in cfg.scorers}
     counts: dict[str, dict[str, int]] = {}
+    hashes: dict[str, dict[str, str]] = {}
     for arm in arms:
         store = ImageStore(run_dir, arm, tag, cfg.generation.image_format)
         done = store.done()
-        hashes = image_hashes(store, [p.uid for p in prompts if p.uid in done])
+        hashes[arm] = image_hashes(store, [p.uid for p in prompts if p.uid in done])
         for name, scorer in scorers.items():
             fingerprint = scorer_fingerprint(scorer.describe())
-            have = read_scores(run_dir, arm, name, fingerprint, hashes)
+            have = read_scores(run_dir, arm, name, fingerprint, hashes[arm])
             todo = [
                 p for p in prompts
-                if p.uid in hashes and p.uid not in have and (not cats.get(name) or p.category in cats[name])
+                if p.uid in hashes[arm] and p.uid not in have and (not cats.get(name) or p.category in cats[name])
             ]
+            todo = _reuse_scores(run_dir, arm, name, tag, fingerprint, todo, hashes)
             counts.setdefault(arm, {})[name] = len(todo)
             if not todo:
                 continue
@@ -145,8 +142,30 @@ def score_run(
                 _check_finite(scorer, arm, [p.uid for p in batch], values)
                 records = scorer.pop_records() if hasattr(scorer, "pop_records") else []
                 if records:  # before the scores: a score line always has its answer on disk
-                    _append(run_dir / "scores" / arm / "answers" / f"{name}.{tag}.jsonl",
+                    append_jsonl(run_dir / "scores" / arm / "answers" / f"{name}.{tag}.jsonl",
                             [{"uid": p.uid, **r} for p, r in zip(batch, records)])
-                _append(out, [{"uid": p.uid, "score": None if math.isnan(v) else v, "scorer": fingerprint,
-                               "image_sha256": hashes[p.uid]} for p, v in zip(batch, values)])
+                append_jsonl(out, [{"uid": p.uid, "score": None if math.isnan(v) else v, "scorer": fingerprint,
+                                    "image_sha256": hashes[arm][p.uid]} for p, v in zip(batch, values)])
     return counts
+
+
+def _reuse_scores(run_dir: Path, arm: str, name: str, tag: str, fingerprint: str, todo: list[PromptRecord],
+                  hashes: Mapping[str, Mapping[str, str]]) -> list[PromptRecord]:
+    """Copy, from the arms scored before ``arm``, the scores of images identical to ``arm``'s (same
+    prompt, same bytes, same scorer), with the scorer's per-image records; returns what is left to score."""
+    left = list(todo)
+    for other, other_hashes in hashes.items():
+        if other == arm or not left:
+            continue
+        same = {p.uid: other_hashes[p.uid] for p in left if other_hashes.get(p.uid) == hashes[arm][p.uid]}
+        found = score_records(run_dir, other, name, fingerprint, same) if same else {}
+        if not found:
+            continue
+        answers = {r["uid"]: r for r in read_answers(run_dir, other, name) if r["uid"] in found}
+        if answers:  # before the scores, as when scoring: a score line always has its answer on disk
+            append_jsonl(run_dir / "scores" / arm / "answers" / f"{name}.{tag}.jsonl",
+                         [{**answers[u], "reused_from": other} for u in found if u in answers])
+        append_jsonl(run_dir / "scores" / arm / f"{name}.{tag}.jsonl",
+                     [{**found[u], "reused_from": other} for u in found])
+        left = [p for p in left if p.uid not in found]
+    return left

@@ -20,11 +20,12 @@ from typing import Any, Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from ..atomic import atomic_write_json
+from ..callbacks.progress import progress_bar
 from ..callbacks.requeue import slurm_requeue_callback
+from ..callbacks.tensorboard import GradNorm, RunTensorBoardLogger, log_run_hparams
 from ..config.changes import describe_changes
 # run-directory safety: atomic checkpoints, one run per directory
 from ..checkpoint_io import AtomicCheckpointIO
@@ -99,6 +100,8 @@ def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
         StepAccounting(),  # global read/skipped/trained counts, the bad-fraction rule, empty steps
         RunRecord(cfg),  # the config and base-model identity in every checkpoint
         TokenThroughput(),
+        GradNorm(),
+        *progress_bar(cfg.trainer),
         LearningRateMonitor(logging_interval="step"),
         # `last.ckpt` every N optimizer steps: what exact resume restarts from.
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
@@ -194,7 +197,7 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
                                        record_path=run_dir / "samples.parquet")
     module = MLLMFinetuneModule(cfg.mllm, cfg.finetune, cfg.optim, strategy=_value(cfg.trainer.strategy),
                                 seed=cfg.run.seed)
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    logger = RunTensorBoardLogger(run_dir)
     requeue = slurm_requeue_callback(run_dir)
     callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks) + ([requeue] if requeue else [])
     trainer = build_trainer(cfg, run_dir, callbacks, logger)
@@ -217,6 +220,8 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
     if datamodule.val_ids is not None and len(datamodule.val_ids) and cfg.trainer.limit_val_batches > 0:
         validated = trainer.validate(module, datamodule=datamodule, verbose=False)
         result.metrics = {k: float(v) for k, v in (validated[0] if validated else {}).items()}
+    if trainer.is_global_zero:
+        log_run_hparams(logger, cfg, result.metrics, trainer.global_step)
     if cfg.run.export:
         result.export_dir = export_trained(cfg, module, datamodule, trainer, result.metrics, run_dir / "export")
     trainer.strategy.barrier("export")

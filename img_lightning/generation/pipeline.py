@@ -33,6 +33,9 @@ class DiffusionBackend:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "DiffusionBackend":
+        import diffusers  # noqa: F401 - imported before loading, so its loading bars can be hidden
+
+        quiet_hf_progress()
         device = resolve_device(cfg.device)
         dtype = compute_dtype(cfg.dtype, device)
         common = dict(dtype=dtype, revision=cfg.revision)
@@ -91,7 +94,9 @@ class DiffusionBackend:
         except (OSError, EnvironmentError) as err:
             if cfg.path:
                 raise ModelNotFoundError(f"IP-Adapter: cannot load {cfg.path} ({cfg.subfolder}/{cfg.weight_name}): {err}") from None
-            raise ModelNotFoundError(missing_model_message("IP-Adapter", cfg.model, "img.ip_adapter.path")) from None
+            wanted = f"{cfg.subfolder}/{cfg.weight_name}" if cfg.subfolder else cfg.weight_name
+            raise ModelNotFoundError(missing_model_message("IP-Adapter", cfg.model, "img.ip_adapter.path",
+                                                           files=[wanted])) from None
         install_passthrough(self.pipe)
         self.ip_loaded = True
 
@@ -121,7 +126,8 @@ class DiffusionBackend:
         negative_ip_scale: Optional[float] = None,
         output_type: str = "pil",
     ) -> Any:
-        """One batch. ``ip_tokens`` ``[B, N, D]`` (already projected) need :meth:`load_ip_adapter`.
+        """One batch. ``ip_tokens`` ``[B, N, D]`` (already projected) need :meth:`load_ip_adapter`;
+        without them the image is the pipeline's own, whether the adapter is loaded or not.
 
         ``negative_prompt``: None = the pipeline's default (SDXL: zero embeddings, as the demos' calls
         without one; FLUX true CFG: the encoded empty prompt, XLabs' default); a string is encoded.
@@ -131,7 +137,7 @@ class DiffusionBackend:
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         if self.ip_loaded and ip_tokens is None:
-            raise ValueError("the IP-Adapter is loaded: pass ip_tokens (any tokens with IP scale 0 for the control)")
+            return self._without_adapter(prompts, seeds, sampler, negative_prompt, output_type)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         height, width = self._size(sampler)
         b = len(prompts)
@@ -164,6 +170,22 @@ class DiffusionBackend:
             negative_prompt="" if negative_prompt is None else negative_prompt, shift=shift, ip=ip,
             output_type=output_type,
         )
+
+    def _without_adapter(self, prompts: Sequence[str], seeds: Sequence[int], sampler: Any,
+                         negative_prompt: Optional[str], output_type: str) -> Any:
+        """The pipeline's own image with the IP-Adapter loaded: IP scale 0 in every pass. Its layers
+        then add exactly nothing (diffusers skips an SDXL IP layer at scale 0; FLUX adds 0 x its
+        output), so this is bit for bit the image of the pipeline without the adapter (tested); the
+        tokens are placeholders."""
+        scale = self.ip_scale
+        tokens = torch.zeros(len(prompts), 1, self.token_width())
+        self.set_ip_scale(0.0)
+        try:
+            return self.generate(prompts, seeds, sampler, negative_prompt=negative_prompt, ip_tokens=tokens,
+                                 negative_ip_tokens=tokens, negative_ip_scale=None if self.kind == "sdxl" else 0.0,
+                                 output_type=output_type)
+        finally:
+            self.set_ip_scale(scale)
 
     def close(self) -> None:
         self.pipe = None

@@ -46,12 +46,12 @@ def aligner_sha256(cfg: Any) -> Optional[str]:
     return sha256_of(path) if path.is_file() else None
 
 
-def common_meta(cfg: Any, prompt: PromptRecord) -> dict[str, Any]:
+def common_meta(cfg: Any, text: str, seed: int) -> dict[str, Any]:
     """The fields every arm's image records: prompt, seed, backbone and sampler."""
     g = cfg.generation
     s = g.sampler
     meta = {
-        "prompt": prompt.text, "seed": seed_for(prompt.uid, g.seed), "pipeline": _name(g.pipeline.kind),
+        "prompt": text, "seed": int(seed), "pipeline": _name(g.pipeline.kind),
         "model": g.pipeline.model, "unet": g.pipeline.unet, "dtype": _name(g.pipeline.dtype), "steps": s.steps,
         "guidance_scale": s.guidance_scale, "height": s.height, "width": s.width,
     }
@@ -70,6 +70,22 @@ def regen_meta(cfg: Any, ip_scale: float) -> dict[str, Any]:
             "ip_adapter": f"{ip.model}/{ip.subfolder}/{ip.weight_name}"}
 
 
+def same_images_as(cfg: Any, arm: str) -> Optional[str]:
+    """The arm whose images ``arm``'s are by construction, or None. The control arm is the base
+    image again when the re-generation's negative prompt is the base image's and its negative pass
+    has IP scale 0 too (SDXL: always, one scale for both CFG halves; FLUX: ``negative_ip_scale``
+    null or 0): at IP scale 0 in every pass the adapter adds exactly nothing (tested bit for bit),
+    and prompt, seed, pipeline and sampler are shared by every arm. With the released SDXL settings
+    it is; FLUX's control keeps the black negative IP image at 0.2 and differs."""
+    if arm != "control":
+        return None
+    img = cfg.img
+    negative_scale = 0.0 if img.negative_ip_scale is None else float(img.negative_ip_scale)
+    if img.negative_prompt == cfg.generation.base.negative_prompt and negative_scale == 0.0:
+        return "base"
+    return None
+
+
 def img_meta(cfg: Any, round_index: int, aligner_hash: Optional[str]) -> dict[str, Any]:
     """The settings of IMG round ``round_index`` (on top of :func:`regen_meta`)."""
     return {**regen_meta(cfg, cfg.img.ip_scale), "round": round_index,
@@ -80,7 +96,7 @@ def img_meta(cfg: Any, round_index: int, aligner_hash: Optional[str]) -> dict[st
 
 def expected_meta(cfg: Any, arm: str, prompt: PromptRecord, aligner_hash: Optional[str]) -> dict[str, Any]:
     """The metadata the current config gives ``prompt``'s image in ``arm``."""
-    meta = common_meta(cfg, prompt)
+    meta = common_meta(cfg, prompt.text, seed_for(prompt.uid, cfg.generation.seed))
     if arm == "base":
         meta.update(negative_prompt=cfg.generation.base.negative_prompt, ip_scale=None)
     elif arm == "control":

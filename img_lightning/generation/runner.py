@@ -7,12 +7,15 @@ Arms (folders under ``{run}/images/``), all with ``generation.sampler`` and one 
   re-generation settings of ``img`` (negative prompt, negative IP image and scale);
 - ``control``: exactly the re-generation settings at IP scale 0, so base -> control isolates any
   effect of those settings (negative prompt, FLUX's negative IP pass, adapter layers) from IMG's.
-  With the released SDXL settings nothing else differs, so control reproduces base.
-Round r computes its features from round r-1's stored image: a PNG, i.e. exactly the generated
+  With the released SDXL settings nothing else differs, so control is base: its images are then
+  copies of base's (``reused_from: base`` in their metadata; :func:`.provenance.same_images_as`),
+  not generated again.
+Each image is made by :class:`~.generator.IMGGenerator` (the steps ``img-generate`` runs too); this
+module stores them and skips what is done. Round r computes its features from round r-1's stored image: a PNG, i.e. exactly the generated
 8-bit RGB image the released demos hand to the MLLM and the IP encoder (lossy formats are refused
 for IMG runs). Aligned tokens are saved per image under ``{run}/features/img_r{r}/`` (safetensors), so a resumed
 run does not reload the MLLM for images whose features exist; they are reused only when made from
-the same prompt, source image (sha256), aligner checkpoint (sha256) and passes.
+the same prompt, question, source image (sha256), aligner checkpoint (sha256) and passes.
 """
 
 from __future__ import annotations
@@ -28,15 +31,12 @@ from tqdm.auto import tqdm
 from ..aligner import ImplicitAligner
 from ..atomic import atomic_path
 from ..eval_run import ImageStore, PromptRecord, arm_names, chunk_tag, img_arm, safe_uid, source_arm
-from .conditioner import IMGConditioner
-from .pipeline import DiffusionBackend
-from .provenance import aligner_sha256, common_meta, img_meta, regen_meta, sha256_of
+from .generator import IMGGenerator, enum_value
+from .provenance import aligner_sha256, common_meta, img_meta, regen_meta, same_images_as, sha256_of
 from .requirements import check_generation_config
 from .seeds import seed_for
 
-
-def _name(value: Any) -> str:
-    return value.value if hasattr(value, "value") else str(value)
+_FEATURE_FIELDS = ("prompt", "template_id", "source_arm", "source_sha256", "passes", "aligner_sha256")
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -45,13 +45,14 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
-class GenerationRun:
+class GenerationRun(IMGGenerator):
+    """:class:`IMGGenerator` over a prompt set, storing every arm's images in a run directory."""
+
     def __init__(self, cfg: Any, prompts: Sequence[PromptRecord], run_dir: str | Path, progress: bool = True,
                  aligner: Optional[ImplicitAligner] = None) -> None:
         """``aligner``: the configured one, already loaded (by the checks before the run); else it is
         loaded when the first IMG round needs it."""
-        self.cfg = cfg
-        self._aligner = aligner
+        super().__init__(cfg, aligner)
         self.prompts = list(prompts)
         self.by_uid = {p.uid: p for p in self.prompts}
         self.run_dir = Path(run_dir)
@@ -60,27 +61,16 @@ class GenerationRun:
         tag = chunk_tag(cfg)
         arms = arm_names(cfg.img.rounds, cfg.img.control)
         self.stores = {a: ImageStore(self.run_dir, a, tag, cfg.generation.image_format) for a in arms}
-        self._backend: Optional[DiffusionBackend] = None
-        self._conditioner: Optional[IMGConditioner] = None
         self.counts = {a: 0 for a in arms}
+        self.reused: dict[str, str] = {}  # arm -> the arm whose images it took (this call)
         self._aligner_hash: Optional[str] = None
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def backend(self) -> DiffusionBackend:
-        if self._backend is None:
-            self._backend = DiffusionBackend.from_config(self.cfg.generation.pipeline)
-        return self._backend
-
-    @property
-    def conditioner(self) -> IMGConditioner:
-        if self._conditioner is None:
-            self._conditioner = IMGConditioner(self.cfg.encoders, self.cfg.img.aligner, self.cfg.generation.pipeline.device,
-                                               aligner=self._aligner)
-        return self._conditioner
-
     def seed(self, uid: str) -> int:
         return seed_for(uid, self.cfg.generation.seed)
+
+    def _texts_seeds(self, uids: Sequence[str]) -> tuple[list[str], list[int]]:
+        return [self.by_uid[u].text for u in uids], [self.seed(u) for u in uids]
 
     def _batches(self, uids: list[str], size: int, desc: str):
         steps = range(0, len(uids), size)
@@ -89,7 +79,7 @@ class GenerationRun:
             yield uids[i : i + size]
 
     def _meta(self, uid: str, **extra: Any) -> dict[str, Any]:
-        return {**common_meta(self.cfg, self.by_uid[uid]), **extra}
+        return {**common_meta(self.cfg, self.by_uid[uid].text, self.seed(uid)), **extra}
 
     @property
     def aligner_hash(self) -> Optional[str]:
@@ -102,11 +92,12 @@ class GenerationRun:
 
     def _feature_meta(self, arm: str, uid: str) -> dict[str, str]:
         """What a stored feature file must have been made from to be reused (else it is recomputed):
-        the prompt, the source image's content, the aligner checkpoint and its passes."""
+        the prompt, the question, the source image's content, the aligner checkpoint and its passes."""
         round_index = int(arm.removeprefix("img_r"))
         src = source_arm(round_index)
-        return {"prompt": self.by_uid[uid].text, "source_arm": src,
-                "source_sha256": sha256_of(self.stores[src].path_for(uid)),
+        prompt = self.by_uid[uid].text
+        return {"prompt": prompt, "template_id": str(self.question(prompt, self.seed(uid), round_index)),
+                "source_arm": src, "source_sha256": sha256_of(self.stores[src].path_for(uid)),
                 "passes": str(self.cfg.img.aligner.passes), "aligner_sha256": str(self.aligner_hash)}
 
     def _stored_feature_meta(self, arm: str, uid: str) -> Optional[dict[str, str]]:
@@ -115,49 +106,30 @@ class GenerationRun:
             return None
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return {k: meta.get(k) for k in ("prompt", "source_arm", "source_sha256", "passes", "aligner_sha256")}
+        return {k: meta.get(k) for k in _FEATURE_FIELDS}
 
     def unconditional(self) -> torch.Tensor:
-        """The re-generation's negative IP tokens (``img.negative_ip_image``), computed once per run."""
-        mode = _name(self.cfg.img.negative_ip_image)
+        """The re-generation's negative IP tokens, computed once per run (kept in the run folder)."""
+        mode = enum_value(self.cfg.img.negative_ip_image)
         path = self.run_dir / "features" / f"unconditional_{mode}.safetensors"
-        if path.is_file():
-            return load_file(str(path))["tokens"]
-        # conditioner.ip is the very IP encoder of the features (the recipe's encoders block)
-        tokens = self.conditioner.ip.unconditional(mode).float().cpu()
-        _save_tensors(path, {"tokens": tokens}, {"source": f"IPEncoder.unconditional({mode!r})"})
-        return tokens
+        if self._uncond is None and path.is_file():
+            self._uncond = load_file(str(path))["tokens"]
+        if self._uncond is None:
+            tokens = super().unconditional()
+            _save_tensors(path, {"tokens": tokens}, {"source": f"IPEncoder.unconditional({mode!r})"})
+        return self._uncond
 
-    def _regenerate(self, uids: list[str], tokens: torch.Tensor, ip_scale: float) -> list:
-        """The re-generation call shared by the IMG rounds and the control arm."""
-        img = self.cfg.img
-        self.backend.set_ip_scale(ip_scale)
-        neg_scale = img.negative_ip_scale  # None: follows ip_scale (SDXL always)
-        return list(self.backend.generate([self.by_uid[u].text for u in uids], [self.seed(u) for u in uids],
-                                          self.cfg.generation.sampler, negative_prompt=img.negative_prompt,
-                                          ip_tokens=tokens, negative_ip_tokens=self.unconditional(),
-                                          negative_ip_scale=neg_scale))
-
-    def _regen_meta(self, ip_scale: float) -> dict[str, Any]:
-        return regen_meta(self.cfg, ip_scale)
-
-    def _ensure_adapter(self) -> None:
-        if not self.backend.ip_loaded:
-            self.backend.load_ip_adapter(self.cfg.img.ip_adapter)
+    def _release_encoders(self) -> None:
+        if self.cfg.img.free_encoders:
+            self.release_encoders()
 
     # ------------------------------------------------------------------ stages
     def run_base(self) -> None:
         store = self.stores["base"]
         pending = store.pending([p.uid for p in self.prompts])
-        if not pending:
-            return
-        if self.backend.ip_loaded:
-            raise RuntimeError("base images must be generated before the IP-Adapter is loaded")
         g = self.cfg.generation
         for batch in self._batches(pending, g.pipeline.batch_size, "base"):
-            images = self.backend.generate([self.by_uid[u].text for u in batch], [self.seed(u) for u in batch], g.sampler,
-                                           negative_prompt=g.base.negative_prompt)
-            for u, im in zip(batch, images):
+            for u, im in zip(batch, self.base(*self._texts_seeds(batch))):
                 store.save(u, im, self._meta(u, negative_prompt=g.base.negative_prompt, ip_scale=None))
                 self.counts["base"] += 1
 
@@ -165,18 +137,12 @@ class GenerationRun:
         """Aligned tokens for every uid of this round that has none on disk yet."""
         arm, src = img_arm(round_index), source_arm(round_index)
         need = [u for u in uids if self._feature_meta(arm, u) != self._stored_feature_meta(arm, u)]
-        if not need:
-            return
-        self.conditioner.check_dims(self.backend.token_width())
         size = max(1, int(self.cfg.encoders.mllm.batch_size))
         for batch in self._batches(need, size, f"{arm} features"):
             images = [self.stores[src].load(u) for u in batch]
-            texts = [self.by_uid[u].text for u in batch]
-            tids = [self.conditioner.template_id(f"{self.cfg.prompts.name}/{u}/r{round_index}") for u in batch]
-            ip, aligned = self.conditioner.align(images, texts, tids, self.cfg.img.aligner.passes)
+            ip, aligned, _ = self.align(images, *self._texts_seeds(batch), round_index)
             for j, u in enumerate(batch):
-                meta = {"template_id": str(tids[j]), "aligner": str(self.cfg.img.aligner.checkpoint),
-                        **self._feature_meta(arm, u)}
+                meta = {"aligner": str(self.cfg.img.aligner.checkpoint), **self._feature_meta(arm, u)}
                 _save_tensors(self.feature_path(arm, u), {"ip": ip[j], "aligned": aligned[j]}, meta)
 
     def run_img_round(self, round_index: int) -> None:
@@ -185,18 +151,17 @@ class GenerationRun:
         pending = store.pending([p.uid for p in self.prompts])
         if not pending:
             return
-        self._ensure_adapter()
+        self.ensure_adapter()
         self.unconditional()
         self._features(round_index, pending)
-        if self.cfg.img.free_encoders and self._conditioner is not None:
-            self._conditioner.release_encoders()
-        g, img = self.cfg.generation, self.cfg.img
-        for batch in self._batches(pending, g.pipeline.batch_size, arm):
+        self._release_encoders()
+        for batch in self._batches(pending, self.cfg.generation.pipeline.batch_size, arm):
             feats = [load_file(str(self.feature_path(arm, u))) for u in batch]
             tokens = torch.stack([f["aligned"] for f in feats])
-            images = self._regenerate(batch, tokens, img.ip_scale)
+            images = self.regenerate(*self._texts_seeds(batch), tokens, self.cfg.img.ip_scale)
             for u, im in zip(batch, images):
-                store.save(u, im, self._meta(u, **img_meta(self.cfg, round_index, self.aligner_hash)))
+                extra = {"template_id": int(self._stored_feature_meta(arm, u)["template_id"])}
+                store.save(u, im, {**self._meta(u, **img_meta(self.cfg, round_index, self.aligner_hash)), **extra})
                 self.counts[arm] += 1
 
     def run_control(self) -> None:
@@ -204,16 +169,20 @@ class GenerationRun:
         pending = store.pending([p.uid for p in self.prompts])
         if not pending:
             return
-        self._ensure_adapter()
-        uncond = self.unconditional()
-        if self.cfg.img.free_encoders and self._conditioner is not None:
-            self._conditioner.release_encoders()
+        source = same_images_as(self.cfg, "control")
+        if source is not None:  # byte copies of images already made (run_base ran first)
+            for u in pending:
+                store.save_copy(u, self.stores[source].path_for(u),
+                                self._meta(u, **regen_meta(self.cfg, 0.0), reused_from=source))
+                self.counts["control"] += 1
+            self.reused["control"] = source
+            return
+        self.ensure_adapter()
+        self.unconditional()
+        self._release_encoders()
         for batch in self._batches(pending, self.cfg.generation.pipeline.batch_size, "control"):
-            # the positive IP pass is switched off (scale 0), so its tokens do not matter
-            tokens = uncond[None].expand(len(batch), *uncond.shape)
-            images = self._regenerate(batch, tokens, 0.0)
-            for u, im in zip(batch, images):
-                store.save(u, im, self._meta(u, **self._regen_meta(0.0)))
+            for u, im in zip(batch, self.control(*self._texts_seeds(batch))):
+                store.save(u, im, self._meta(u, **regen_meta(self.cfg, 0.0)))
                 self.counts["control"] += 1
 
     def run(self) -> dict[str, int]:
@@ -223,6 +192,5 @@ class GenerationRun:
             self.run_img_round(r)
         if self.cfg.img.control:
             self.run_control()
-        if self._backend is not None:
-            self._backend.close()
+        self.close()
         return self.counts

@@ -71,4 +71,22 @@ def check_scorers(cfgs: Sequence[Any], problems: Problems) -> None:
             earlier.append(scorer_name(cfg))
 
 
-__all__ = ["Scorer", "build_scorers", "check_scorers", "scorer_name", "REGISTRY"]
+_CHECKPOINT_ADVICE = {
+    "hps": hps.hps_advice,
+    "image_reward": image_reward.image_reward_advice,
+    "aesthetic": lambda key: f"it is the predictor's MLP weights: {aesthetic.MLP_SOURCE}",
+}
+
+
+def missing_value_hint(cfgs: Sequence[Any], key: str) -> str:
+    """For ``scorers.N.checkpoint`` left ``???``: where that kind's released checkpoint is ("" otherwise)."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] != "scorers" or not parts[1].isdigit() or parts[2] != "checkpoint":
+        return ""
+    cfg = cfgs[int(parts[1])]
+    if OmegaConf.is_missing(cfg, "kind") or cfg.kind not in _CHECKPOINT_ADVICE:
+        return ""
+    return _CHECKPOINT_ADVICE[cfg.kind](key)
+
+
+__all__ = ["Scorer", "build_scorers", "check_scorers", "missing_value_hint", "scorer_name", "REGISTRY"]

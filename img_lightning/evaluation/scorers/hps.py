@@ -61,6 +61,13 @@ def hps_preprocess(image: Image.Image, size: int = 224, antialias: bool = True) 
     return TF.normalize(x, OPENAI_MEAN, OPENAI_STD)
 
 
+def hps_advice(key: str) -> str:
+    """Where the HPS checkpoints are (v2.1; v2.0 is the other file of the same repository)."""
+    from ...model_sources import checkpoint_advice
+
+    return checkpoint_advice("xswu/HPSv2", "HPS_v2.1_compressed.pt", key) + " (v2.0: HPS_v2_compressed.pt)"
+
+
 def hps_version(checkpoint: str | Path, configured: Optional[str]) -> str:
     """The HPS version of ``checkpoint``: from its released file name; ``configured`` must agree
     with it, and is required for a file under another name."""
@@ -82,10 +89,7 @@ def hps_version(checkpoint: str | Path, configured: Optional[str]) -> str:
 def load_hps_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise ModelNotFoundError(
-            f"HPS checkpoint not found: {path}. Download HPS_v2_compressed.pt (v2.0) or "
-            f"HPS_v2.1_compressed.pt (v2.1) from the HF repo xswu/HPSv2 and set checkpoint=PATH."
-        )
+        raise ModelNotFoundError(f"HPS checkpoint not found: {path}; {hps_advice('checkpoint')}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -136,7 +140,7 @@ class HPSScorer(Scorer):
         if arch not in open_clip.list_models():
             raise CheckpointError(f"hps: unknown open_clip architecture '{arch}' (register it with model_config=FILE.json)")
         if not cfg.checkpoint:
-            raise ModelNotFoundError("hps: set checkpoint=PATH to HPS_v2_compressed.pt or HPS_v2.1_compressed.pt")
+            raise ModelNotFoundError(f"hps: no checkpoint set; {hps_advice('checkpoint')}")
         version = hps_version(cfg.checkpoint, cfg.version)
         state = load_hps_state_dict(cfg.checkpoint)
         with _quiet_root_warnings():  # open_clip warns "initialized randomly": the HPS weights come next
@@ -188,6 +192,6 @@ def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
         problems.add(f"{key}.model: unknown open_clip architecture '{arch}' (register it with "
                      f"{key}.model_config=FILE.json)")
     path = problems.check(need_file, cfg.checkpoint, "HPS checkpoint", f"{key}.checkpoint",
-                          "HPS_v2_compressed.pt or HPS_v2.1_compressed.pt, HF repo xswu/HPSv2")
+                          hps_advice(f"{key}.checkpoint"))
     if path is not None:
         problems.check(hps_version, path, cfg.version, where=f"{key}.version")

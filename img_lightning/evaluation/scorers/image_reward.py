@@ -137,7 +137,7 @@ class ImageRewardScorer(Scorer):
 
         key = f"scorers[{cfg.name or 'image_reward'}]"
         if not cfg.checkpoint:
-            raise ModelNotFoundError(f"image_reward: set {key}.checkpoint to ImageReward.pt (HF repo THUDM/ImageReward)")
+            raise ModelNotFoundError(f"image_reward: no checkpoint set; {image_reward_advice(f'{key}.checkpoint')}")
         raw = load_state_dict_file(cfg.checkpoint, "ImageReward checkpoint", f"{key}.checkpoint")
         vision, text, head = build_image_reward_modules(split_image_reward_state(raw, cfg.checkpoint), _med_config(cfg))
         tok_id = cfg.processor or TOKENIZER
@@ -178,10 +178,16 @@ def _build(cfg: Any, **_: Any) -> Scorer:
     return ImageRewardScorer.from_config(cfg)
 
 
+def image_reward_advice(key: str) -> str:
+    from ...model_sources import checkpoint_advice
+
+    return checkpoint_advice("THUDM/ImageReward", "ImageReward.pt", key, also=["med_config.json"])
+
+
 @register_check("image_reward")
 def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
     problems.check(need_file, cfg.checkpoint, "ImageReward checkpoint", f"{key}.checkpoint",
-                   "ImageReward.pt, HF repo THUDM/ImageReward")
+                   image_reward_advice(f"{key}.checkpoint"))
     if cfg.model_config:
         problems.check(need_file, cfg.model_config, "ImageReward med_config.json", f"{key}.model_config")
     problems.check(check_model, "BERT tokenizer", cfg.processor or TOKENIZER, cfg.processor_path,
