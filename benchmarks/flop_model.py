@@ -4,10 +4,11 @@ What is counted: every matrix product - linear layers (``2 * tokens * d_in * d_o
 scores and their weighted sum (``2 * 2 * queries * keys * width``), convolutions (``2 * positions *
 k * k * c_in * c_out``); one multiply-add = 2 FLOPs, the convention of MFU figures. Not counted:
 norms, activations, softmax, residual adds, embeddings lookups, the scheduler (elementwise work, < 1 %
-of these models' FLOPs), the text encoders and the VAE of the diffusion models (< 1 % of a 50-step
-SDXL image, < 0.2 % of a 30-step FLUX one). Approximations: attention is counted in full, causal
+of these models' FLOPs), and the VAE decoder and text encoders of the diffusion models (the VAE
+decode of a 1024 px image is 10.5 TFLOP by torch's counter: 1.5 % of a 50-step SDXL image with CFG,
+0.2 % of a 30-step FLUX one; the text encoders are less). Approximations: attention is counted in full, causal
 (LLaMA) too - FlashAttention skips about half of a causal product, so LLaMA's attention term is an
-upper bound (it is ~5 % of its FLOPs at 670 tokens); a backward pass is counted as 2 forwards (it
+upper bound (it is ~2 % of its FLOPs at 670 tokens); a backward pass is counted as 2 forwards (it
 is exactly that for every linear layer whose input needs a gradient; the first layer of the aligner,
 whose input is data, needs only the weight gradient).
 

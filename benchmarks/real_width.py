@@ -225,7 +225,7 @@ def print_full_flops(flops: dict[str, float]) -> None:
         print(f"   {name:<34} {value / 1e12:>10.3f} TFLOP")
 
 
-def projection(flops: dict[str, float], mfu: float, cache_bytes_per_pair: float) -> dict[str, dict]:
+def projection(flops: dict[str, float], mfu: float, cache_bytes_per_pair: float, measured: bool) -> dict[str, dict]:
     p = PAPER
     prompts = sum(p["eval_prompts"].values())
     rows = [
@@ -257,7 +257,7 @@ def projection(flops: dict[str, float], mfu: float, cache_bytes_per_pair: float)
     read = p["steps"] * p["global_batch"] * cache_bytes_per_pair
     print(f"   The aligner's FLOPs are not what its time is: at global batch 8 each step is ~{flops['train / pair (fwd, ref fwd, bwd)'] * 8 / 1e12:.1f} "
           f"TFLOP (milliseconds on one GPU), and the run reads {read / 1e12:.1f} TB of cache ({_bytes(cache_bytes_per_pair)} "
-          f"per pair, measured above at the real widths). The paper reports 10-15 h on 8 A100 (80-120 A100-h, "
+          f"per pair at {GUIDANCE_TOKENS} tokens, {'with the format overhead measured above' if measured else 'tensor bytes only'}). The paper reports 10-15 h on 8 A100 (80-120 A100-h, "
           f"0.36-0.54 s per step): step latency and cache reads, which benchmarks/gpu_suite.py measures on a GPU.")
     out["total"] = {f"{gpu}_hours": h for gpu, h in total.items()}
     return out
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     flops = full_flops()
     print_full_flops(flops)
     report["full_flops"] = flops
-    report["projection"] = projection(flops, args.mfu, cache_bytes)
+    report["projection"] = projection(flops, args.mfu, cache_bytes, measured="measured" in report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))
     return 0

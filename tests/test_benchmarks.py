@@ -64,3 +64,26 @@ def test_gpu_suite_time_box_keeps_what_a_part_measured(tmp_path, monkeypatch):
     assert got["first"] == 1.5 and got["status"].startswith("timed out after 3 s") and got["seconds"] < 30
     failed = gpu_suite.run_boxed([sys.executable, "-c", "raise SystemExit('no GPU here')"], 30, tmp_path / "none.json")
     assert failed["status"].startswith("failed (exit 1)") and "no GPU here" in failed["status"]
+
+
+def test_real_width_projection_prints_its_arithmetic(tmp_path, capsys, monkeypatch):
+    """benchmarks/real_width.py --projection-only: GPU-hours = FLOP / (peak x MFU) / 3600, line by line."""
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for name in ("real_width", "flop_model"):
+        sys.modules.pop(name, None)
+    import real_width
+
+    out = tmp_path / "rw.json"
+    assert real_width.main(["--projection-only", "--mfu", "0.5", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {k: v for k, v in report["projection"].items() if k != "total"}
+    for name, row in rows.items():
+        assert row["H100_hours"] == row["flop"] / (989e12 * 0.5) / 3600, name
+    assert report["projection"]["total"]["A100_hours"] == sum(r["A100_hours"] for r in rows.values())
+    p = real_width.PAPER
+    assert rows["preprocess"]["flop"] == p["pairs"] * report["full_flops"]["preprocess / pair"]
+    assert rows["train aligner"]["flop"] == p["steps"] * p["global_batch"] * report["full_flops"]["train / pair (fwd, ref fwd, bwd)"]
+    text = capsys.readouterr().out
+    assert "851,000 pairs x" in text and "MFU 50%" in text

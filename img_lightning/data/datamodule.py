@@ -292,4 +292,3 @@ class FeatureCacheDataModule(L.LightningDataModule):
             f"val {0 if self.val_ids is None else len(self.val_ids)}; {steps} steps/epoch at "
             f"{self.cfg.batch_size} x {world} ranks; {math.ceil(v.manifest.num_bytes / 2**20)} MiB"
         )
-
