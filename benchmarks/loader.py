@@ -15,7 +15,11 @@
     (the real, unpadded tensor bytes) and pairs/s.
 Prints (b)/(a) and (b)/(a') per worker count, for a float16 cache and for the same pairs with
 float8_e4m3fn guidance (+ per-token scales; batches stay 8-bit, so pairs/s is the figure to compare).
-(d) the same loader with the per-sample NaN/Inf check switched off, to show what the check costs.
+(d) where the per-sample NaN/Inf check runs: 1 reader thread with ``data.finite_check=reader`` (the
+    check on the reader thread) and with ``data.finite_check=device`` (what a GPU run does: the reader
+    skips it, :func:`img_lightning.data.device_check.check_batch` runs on the batch after the copy),
+    each as a ratio of (a'), the raw read into a batch-sized buffer; plus what ``check_batch`` costs
+    per batch on this machine's device (CPU here: on a GPU it is one reduction, see gpu_suite.py).
 (e) ``data.verify_checksums``: the sha256 pass over every shard at start-up, in GB/s and in loader
 epochs (how many full reads of the cache the loader does in the time the checksum pass takes).
 For contrast, (c): the textbook pipeline over the same shards, ``webdataset.WebDataset`` ->
@@ -38,8 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import img_lightning.cache.reader as reader_module  # noqa: E402
-from img_lightning.cache import CacheView, CacheWriter, Manifest, cache_key  # noqa: E402
+from img_lightning.cache import BatchReader, CacheView, CacheWriter, Manifest, cache_key  # noqa: E402
 from img_lightning.cache.format import OUTLIER_INDEX_KEY, OUTLIER_KEY, SCALE_KEY  # noqa: E402
 from img_lightning.cache.quant import quantize_guidance  # noqa: E402
 from img_lightning.config.loading import load_config  # noqa: E402
@@ -67,61 +70,108 @@ def build_cache(root: Path, pairs: int, guidance_dim: int, ip_tokens: int, ip_di
             writer.write(f"b{i:07d}", tensors, meta)
 
 
+def _raw_pass(paths: list[Path], view: memoryview) -> float:
+    """GB/s of one sequential pass over ``paths`` into the reusable buffer ``view``."""
+    total = sum(p.stat().st_size for p in paths)
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    return total / (time.perf_counter() - start) / 1e9
+
+
 def raw_read_gbps(paths: list[Path], repeats: int, buffer_mib: tuple[int, ...] = (1, 4, 16, 64)) -> tuple[float, int]:
     """Best GB/s over buffer sizes and repeats, and the buffer size (MiB) that gave it."""
-    total, best, best_mib = sum(p.stat().st_size for p in paths), 0.0, 0
+    best, best_mib = 0.0, 0
     for mib in buffer_mib:
         view = memoryview(bytearray(mib << 20))
         for _ in range(repeats + 1):  # the first pass only warms the page cache
-            start = time.perf_counter()
-            for path in paths:
-                with open(path, "rb", buffering=0) as f:
-                    while f.readinto(view):
-                        pass
-            gbps = total / (time.perf_counter() - start) / 1e9
+            gbps = _raw_pass(paths, view)
             if gbps > best:
                 best, best_mib = gbps, mib
     return best, best_mib
 
 
-def loader_throughput(root: Path, key: str, dims: tuple[int, int, int], workers: int, batch: int, epochs: int):
-    """Best (GB/s of stored tensor bytes, pairs/s) over ``epochs`` passes of the training loader."""
+def training_loader(root: Path, key: str, dims: tuple[int, int, int], workers: int, batch: int,
+                    finite_check: str = "reader"):
+    """The training loader of ``FeatureCacheDataModule`` over ``root`` (CPU batches, not pinned)."""
     overrides = [f"data.cache={root}", f"data.cache_key={key}", f"data.batch_size={batch}",
-                 f"data.num_workers={workers}", "data.pin_memory=false"]
+                 f"data.num_workers={workers}", "data.pin_memory=false", f"data.finite_check={finite_check}"]
     cfg = load_config(TrainConfig, [], overrides)
     dm = FeatureCacheDataModule(cfg.data, ExpectedFeatures(key, *dims))
     dm.setup("fit")
-    loader = dm.train_dataloader()
+    return dm.train_dataloader()
+
+
+def loader_pass(loader, dims: tuple[int, int, int]) -> tuple[float, float]:
+    """(GB/s of stored tensor bytes, pairs/s) of one pass of ``loader``."""
+    payload = pairs = 0
+    start = time.perf_counter()
+    for b in loader:
+        n = b["index"].numel()
+        real_tokens = int(b["guidance_mask"].sum())
+        payload += real_tokens * dims[0] * b["guidance"].element_size() + 2 * n * dims[1] * dims[2] * b["ip_lose"].element_size()
+        if SCALE_KEY in b:
+            payload += real_tokens * b[SCALE_KEY].element_size()
+        if OUTLIER_KEY in b:
+            k = b[OUTLIER_KEY].shape[-1]
+            payload += real_tokens * k * b[OUTLIER_KEY].element_size() + n * k * b[OUTLIER_INDEX_KEY].element_size()
+        pairs += n
+    elapsed = time.perf_counter() - start
+    return payload / elapsed / 1e9, pairs / elapsed
+
+
+def loader_throughput(root: Path, key: str, dims: tuple[int, int, int], workers: int, batch: int, epochs: int,
+                      finite_check: str = "reader"):
+    """Best (GB/s of stored tensor bytes, pairs/s) over ``epochs`` passes of the training loader."""
+    loader = training_loader(root, key, dims, workers, batch, finite_check)
     best_gbps, best_pairs = 0.0, 0.0
     for epoch in range(epochs + 1):  # epoch 0 starts the workers and is not counted
-        dm._trained_any, dm.epoch = epoch > 0, epoch - 1
-        payload = pairs = 0
-        start = time.perf_counter()
-        for b in loader:
-            n = b["index"].numel()
-            real_tokens = int(b["guidance_mask"].sum())
-            payload += real_tokens * dims[0] * b["guidance"].element_size() + 2 * n * dims[1] * dims[2] * b["ip_lose"].element_size()
-            if SCALE_KEY in b:
-                payload += real_tokens * b[SCALE_KEY].element_size()
-            if OUTLIER_KEY in b:
-                k = b[OUTLIER_KEY].shape[-1]
-                payload += real_tokens * k * b[OUTLIER_KEY].element_size() + n * k * b[OUTLIER_INDEX_KEY].element_size()
-            pairs += n
-        elapsed = time.perf_counter() - start
+        gbps, pairs = loader_pass(loader, dims)
         if epoch > 0:
-            best_gbps, best_pairs = max(best_gbps, payload / elapsed / 1e9), max(best_pairs, pairs / elapsed)
+            best_gbps, best_pairs = max(best_gbps, gbps), max(best_pairs, pairs)
     loader.close()
     return best_gbps, best_pairs
 
 
-def without_finite_check(fn, *args):
-    """Run ``fn`` with the reader's per-sample NaN/Inf check replaced by a no-op."""
-    saved = reader_module.has_nonfinite, reader_module.scales_ok
-    reader_module.has_nonfinite, reader_module.scales_ok = (lambda t: False), (lambda s: True)
-    try:
-        return fn(*args)
-    finally:
-        reader_module.has_nonfinite, reader_module.scales_ok = saved
+def finite_check_placement(root: Path, key: str, dims: tuple[int, int, int], batch: int, batch_mib: int,
+                           repeats: int) -> dict[str, float]:
+    """(d): best GB/s of the raw read into a batch-sized buffer (a') and of one reader thread with
+    the NaN/Inf check on the reader and on the device, measured in turns (raw, reader, device, raw,
+    ...), so a machine whose load changes during the run shifts all three alike."""
+    paths = CacheView.open(root).shard_paths
+    loaders = {mode: training_loader(root, key, dims, 1, batch, mode) for mode in ("reader", "device")}
+    view = memoryview(bytearray(batch_mib << 20))
+    best = {"raw_batch": 0.0, "reader": 0.0, "device": 0.0}
+    for turn in range(repeats + 1):  # turn 0 warms the page cache and starts the threads
+        results = {"raw_batch": _raw_pass(paths, view)}
+        results.update({mode: loader_pass(loader, dims)[0] for mode, loader in loaders.items()})
+        if turn > 0:
+            best = {k: max(v, results[k]) for k, v in best.items()}
+    for loader in loaders.values():
+        loader.close()
+    return best
+
+
+def device_check_ms(root: Path, batch: int, repeats: int) -> tuple[float, str]:
+    """Milliseconds of ``check_batch`` (dequantize + per-sample isfinite + masking) per batch, best of
+    ``repeats``, on the GPU when there is one (after the copy, as in training), else on the CPU."""
+    from img_lightning.data.device_check import check_batch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cpu_batch = BatchReader(CacheView.open(root)).read(range(batch), check_finite=False)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        on_device = {k: v.to(device) for k, v in cpu_batch.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        check_batch(on_device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3, device.type
 
 
 def checksum_gbps(root: Path, repeats: int) -> float:
@@ -185,11 +235,14 @@ def measure_cache(root: Path, args, label: str) -> dict:
         gbps, pairs = loader_throughput(root, manifest.cache_key, dims, workers, args.batch_size, args.repeats)
         result["pairs_per_s"][workers], result["gbps"][workers] = pairs, gbps
         print(f"{workers:>8} {gbps:>8.2f} {pairs:>9.1f} {gbps / raw:>6.2f} {gbps / raw_batch:>6.2f}")
-    unchecked_gbps, unchecked = without_finite_check(loader_throughput, root, manifest.cache_key, dims, 1,
-                                                     args.batch_size, args.repeats)
-    checked = result["pairs_per_s"].get(1)
-    print(f"(d) 1 worker without the NaN/Inf check: {unchecked_gbps:.2f} GB/s, {unchecked:.1f} pairs/s"
-          + (f"; with the check: {checked / unchecked:.2f} of that" if checked else ""))
+    turns = finite_check_placement(root, manifest.cache_key, dims, args.batch_size, batch_mib, args.check_repeats)
+    raw_b, on_reader, on_device = turns["raw_batch"], turns["reader"], turns["device"]
+    check_ms, device = device_check_ms(root, args.batch_size, args.repeats)
+    print(f"(d) NaN/Inf check with 1 reader thread, in turns with (a') ({raw_b:.2f} GB/s this time, best of "
+          f"{args.check_repeats}): on the reader {on_reader:.2f} GB/s = {on_reader / raw_b:.2f} of (a'); "
+          f"on the device (data.finite_check=device) {on_device:.2f} GB/s = **{on_device / raw_b:.2f} of (a')**; "
+          f"check_batch on the {device}: {check_ms:.1f} ms per batch of {args.batch_size}")
+    result.update(check_on_reader=on_reader, check_on_device=on_device, check_raw_batch=raw_b, check_ms=check_ms)
     sha = checksum_gbps(root, args.repeats)
     epoch_s = size / (max(result["gbps"].values()) * 1e9)
     print(f"(e) verify_checksums (sha256 of every shard at start-up): {sha:.2f} GB/s, "
@@ -210,6 +263,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--check-repeats", type=int, default=5, help="turns of (d) (raw, reader check, device check)")
     parser.add_argument("--no-naive", action="store_true", help="skip (c), the textbook WebDataset pipeline")
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # keep the table readable

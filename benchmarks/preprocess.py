@@ -45,7 +45,7 @@ def _cfg(args, workdir: Path, out: Path):
     return load_config(PreprocessConfig, [args.config], overrides)
 
 
-def _encoder_only(extractor, table, indices, batch_size: int):
+def encoder_only(extractor, table, indices, batch_size: int):
     """(seconds for prepare+forward, seconds for forward only) over ``indices`` in batches."""
     from preprocessing.extract import PairItem
     from preprocessing.pickapic import ImageFetcher, decode_image
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(cfg.run.torch_threads))
     e2e, enc, fwd = [], [], []
     for r in range(args.repeats):
-        encode_s, forward_s, n_ok = _encoder_only(extractor, table, indices, extractor.batch_size)
+        encode_s, forward_s, n_ok = encoder_only(extractor, table, indices, extractor.batch_size)
         enc.append(n_ok / encode_s)
         fwd.append(n_ok / forward_s)
         out = workdir / f"cache-{r}"

@@ -19,7 +19,7 @@ from .config.loading import to_container
 from .cache.quant import dequantize_batch
 from .errors import NonFiniteError
 from .log_steps import is_logging_step
-from .objective import preference_objective, squared_distance
+from .objective import batch_mean, preference_objective, squared_distance
 
 _TRAIN_LOGS = ("loss", "base", "pref", "dpo_margin", "spin_margin", "implicit_acc", "closer_to_winner", "ref_acc")
 
@@ -106,6 +106,8 @@ class AlignerModule(L.LightningModule):
             lambda_pref=self.objective_cfg.lambda_pref,
             beta=self.objective_cfg.beta,
             reduction=self.objective_cfg.reduction,
+            # The device-side NaN/Inf check's verdict (data/device_check.py); absent when the reader checked.
+            keep=batch.get("sample_ok"),
         )
         return out, lose, win
 
@@ -113,7 +115,11 @@ class AlignerModule(L.LightningModule):
         self._batch_index = batch.get("index")
         out, _, _ = self._forward_pair(batch)
         with torch.no_grad():
-            self.swap_distances += torch.stack((out["dist_win"].sum(), out["dist_win_ref"].sum())).double()
+            d_win, d_ref = out["dist_win"], out["dist_win_ref"]
+            keep = batch.get("sample_ok")
+            if keep is not None:  # masked samples take no part in the reference-swap comparison
+                d_win, d_ref = torch.where(keep, d_win, 0.0), torch.where(keep, d_ref, 0.0)
+            self.swap_distances += torch.stack((d_win.sum(), d_ref.sum())).double()
         if is_logging_step(self._trainer):
             bs = batch["ip_lose"].shape[0]
             for key in _TRAIN_LOGS:
@@ -122,15 +128,16 @@ class AlignerModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out, lose, win = self._forward_pair(batch)
-        bs = lose.shape[0]
-        identity = squared_distance(win, lose, self.objective_cfg.reduction).mean()
+        keep = batch.get("sample_ok")
+        bs = lose.shape[0] if keep is None else keep.sum()
+        identity = batch_mean(squared_distance(win, lose, self.objective_cfg.reduction), keep)
         values = {
             "base": out["base"],
             "pref": out["pref"],
             "implicit_acc": out["implicit_acc"],
             "closer_to_winner": out["closer_to_winner"],
             "identity": identity,
-            "ref_base": out["dist_win_ref"].mean(),
+            "ref_base": batch_mean(out["dist_win_ref"], keep),
         }
         for key, value in values.items():
             self.val_metrics[key].update(value, weight=bs)

@@ -14,10 +14,28 @@ with ``beta / (N x D)`` and keeps ``beta ~ 1`` meaningful regardless of the toke
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 REDUCTIONS = ("mean", "sum")
+
+
+def batch_mean(x: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    """Mean of the per-sample values ``x`` [B] over the rows where ``keep`` [B] is True (all rows
+    when None; 0 when none is kept).
+
+    Accumulated in float64, where the sum of a batch of float32 values is exact, so the result does
+    not depend on how the sum is grouped: a batch whose bad samples are masked out (the device-side
+    NaN/Inf check, ``data/device_check.py``) gives bit for bit the mean of the batch without them.
+    """
+    x64 = x.double()
+    if keep is None:
+        return (x64.sum() / x.shape[0]).to(x.dtype)
+    kept = torch.where(keep, x64, torch.zeros((), dtype=torch.float64, device=x.device))
+    return (kept.sum() / keep.sum().clamp_min(1)).to(x.dtype)
 
 
 def squared_distance(a: Tensor, b: Tensor, reduction: str = "mean") -> Tensor:
@@ -38,8 +56,10 @@ def preference_objective(
     lambda_pref: float = 1.0,
     beta: float = 1.0,
     reduction: str = "mean",
+    keep: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
-    """``L = L_base + lambda * L_pref`` for a batch.
+    """``L = L_base + lambda * L_pref`` for a batch (averaged over the samples where ``keep`` [B]
+    is True, when given: the others contribute nothing, not even a gradient).
 
     Args:
         pred: ``f_theta(c)``, requires grad.
@@ -66,18 +86,18 @@ def preference_objective(
     dpo = beta * ((d_w - d_w_ref) - (d_l - d_l_ref))
     spin = beta * ((d_w - d_w_ref) - d_ref)
     a = dpo + spin  # = beta * [2(d_w - d_w_ref) - (d_l - d_l_ref) - d_ref]
-    base = d_w.mean()
-    pref = F.softplus(a).mean()
+    base = batch_mean(d_w, keep)
+    pref = batch_mean(F.softplus(a), keep)
     return {
         "loss": base + lambda_pref * pref,
         "base": base,
         "pref": pref,
         # Margins are reported as log-likelihood ratios (positive = f_theta prefers the winner).
-        "dpo_margin": (-dpo).detach().mean(),
-        "spin_margin": (-spin).detach().mean(),
-        "implicit_acc": (dpo < 0).float().mean().detach(),
-        "closer_to_winner": (d_w < d_l).float().mean().detach(),
-        "ref_acc": (d_w < d_w_ref).float().mean().detach(),
+        "dpo_margin": batch_mean((-dpo).detach(), keep),
+        "spin_margin": batch_mean((-spin).detach(), keep),
+        "implicit_acc": batch_mean((dpo < 0).float(), keep).detach(),
+        "closer_to_winner": batch_mean((d_w < d_l).float(), keep).detach(),
+        "ref_acc": batch_mean((d_w < d_w_ref).float(), keep).detach(),
         "dist_win": d_w.detach(),
         "dist_win_ref": d_w_ref.detach(),
     }

@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="MLLM finetuning steps (default: configs/finetune_mllm/demo.yaml)")
     p.add_argument("--eval-prompts", type=int, default=4, help="held-out captions to evaluate (0: skip evaluation)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real-width", action="store_true",
+                   help="run every stage on models at the released models' widths with 1-2 layers (LLaVA-13B, "
+                        "SDXL, IP-Adapter-Plus, the paper-size aligner) at minimal size, under OUT/real_width "
+                        "(~5 GB of models built once; see preprocessing/demo_real_width.py)")
     add_common_arguments(p)
     return p
 
@@ -73,7 +77,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli(lambda: _demo(args), "img-demo", debug=args.debug)
 
 
+def _real_width(args: argparse.Namespace) -> int:
+    from preprocessing.demo_real_width import RealWidthRun, run_all
+
+    sizes = {k: v for k, v in (("steps", args.steps), ("mllm_steps", args.mllm_steps)) if v is not None}
+    run_all(RealWidthRun(args.out.resolve() / "real_width", seed=args.seed, progress=not args.quiet, **sizes))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
+    if args.real_width:
+        return _real_width(args)
     from img_lightning.tiny.world import build_tiny_world, preprocess_overrides
     from preprocessing.cli import main as preprocess_main
     from preprocessing.demo_data import write_demo_parquet, write_edit_triplets_parquet

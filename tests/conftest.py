@@ -11,6 +11,23 @@ import logging  # noqa: E402
 import pytest  # noqa: E402
 
 
+# -- opt-in tests --------------------------------------------------------------------------------
+# `real_width` tests build ~5 GB of real-width models and run every stage on them (minutes, ~8 GiB):
+# not part of the README's `python -m pytest -q`; run them with `--real-width` (or IMG_REAL_WIDTH=1).
+def pytest_addoption(parser):
+    parser.addoption("--real-width", action="store_true", default=False,
+                     help="also run the tests marked real_width (the real-width world, minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--real-width") or os.environ.get("IMG_REAL_WIDTH") == "1":
+        return
+    skip = pytest.mark.skip(reason="real-width run: opt in with `pytest --real-width` (or IMG_REAL_WIDTH=1)")
+    for item in items:
+        if "real_width" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _our_logs_reach_caplog():
     """A CLI run inside a test detaches our loggers from the root (they print through their own

@@ -176,7 +176,8 @@ def test_demo_eval_config(models_are_there, tmp_path):
     it for real on the tiny models)."""
     from img_lightning.evaluation.pipeline import resolve_config
 
-    assert [p.name for p in yamls("eval")] == ["demo.yaml"], "a new top-level eval config needs a test here"
+    assert [p.name for p in yamls("eval")] == ["demo.yaml", "real_width.yaml"], \
+        "a new top-level eval config needs a test here"
     cfg = resolve_config([str(CONFIGS / "eval" / "demo.yaml"), "recipe=configs/preprocess/demo.yaml"],
                          allow_missing=True)
     _fill_missing(cfg, tmp_path)
@@ -184,6 +185,22 @@ def test_demo_eval_config(models_are_there, tmp_path):
     # the demo gives the tiny HPS architecture's JSON and checkpoint on its command line
     cfg.scorers[0].model, cfg.scorers[0].checkpoint = "ViT-H-14", str(tmp_path / "hps_tiny.pt")
     _check_config(cfg)
+
+
+def test_real_width_eval_config(models_are_there, tmp_path):
+    """configs/eval/real_width.yaml (img-demo --real-width fills its paths; the slow test runs it):
+    its encoders come from the real-width recipe, and it reads the aligner the real-width train config makes."""
+    from img_lightning.evaluation.pipeline import resolve_config
+
+    cfg = resolve_config([str(CONFIGS / "eval" / "real_width.yaml"), "recipe=configs/preprocess/real_width.yaml"],
+                         allow_missing=True)
+    _fill_missing(cfg, tmp_path)
+    assert cfg.encoders.mllm.model == "img-lightning/real-width-llava"
+    _check_config(cfg)
+    train = load_config(TrainConfig, [CONFIGS / "train" / "real_width.yaml"], require_complete=False)
+    assert Path(train.data.recipe) == Path("configs/preprocess/real_width.yaml")
+    assert (train.model.guidance_dim, train.model.dim, train.model.depth, train.model.heads, train.model.dim_head) == \
+        (5120, 2048, 4, 20, 64)  # the paper's SDXL aligner
 
 
 @pytest.mark.parametrize("backbone", yamls("eval/backbones"), ids=_ids(yamls("eval/backbones")))

@@ -272,9 +272,22 @@ def test_fp8_cache_killed_and_resumed_run_is_bitwise_identical(fp8_cache, tmp_pa
     assert a["FeatureCacheDataModule"] == b["FeatureCacheDataModule"]
 
 
-def test_non_finite_samples_are_dropped_counted_and_stop_the_run_above_the_limit(tmp_path, caplog):
-    """A shard rewritten with NaN features (same size, checksums off): the reader drops the sample,
-    names it in the log, and the run stops once the bad fraction passes data.max_bad_fraction."""
+class RecordKept(Callback):
+    """The rows each training step keeps: the device-side check masks bad ones (``sample_ok``)."""
+
+    def __init__(self) -> None:
+        self.masked = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if "sample_ok" in batch:
+            self.masked += int((~batch["sample_ok"]).sum())
+
+
+@pytest.mark.parametrize("finite_check", ["reader", "device"])
+def test_non_finite_samples_are_dropped_counted_and_stop_the_run_above_the_limit(tmp_path, caplog, finite_check):
+    """A shard rewritten with NaN features (same size, checksums off): the sample is dropped by the
+    reader (or masked out of the loss on the device), named in the log, counted in the checkpoint, and
+    the run stops once the bad fraction passes data.max_bad_fraction."""
     from img_lightning.cache import Manifest
     from img_lightning.cache.manifest import finalize_manifest
     from img_lightning.cache.writer import ShardWriter
@@ -292,14 +305,18 @@ def test_non_finite_samples_are_dropped_counted_and_stop_the_run_above_the_limit
                      "template_id": 0, "num_tokens": 4})
     finalize_manifest(root, manifest.cache_key, Manifest.load(root).recipe)
     ok = tiny_config(root, manifest.cache_key, tmp_path, "tolerant", **{"trainer.max_steps": 6,
-                                                                      "data.max_bad_fraction": 0.2})
+                                                                      "data.max_bad_fraction": 0.2,
+                                                                      "data.finite_check": finite_check})
+    kept = RecordKept()
     with caplog.at_level("WARNING"):
-        run_training(ok)
+        run_training(ok, [kept])
     assert "poisoned" in caplog.text and "non-finite values in guidance" in caplog.text
+    assert kept.masked == (2 if finite_check == "device" else 0)
     state = _final_state(tmp_path / "tolerant")
     assert state["FeatureCacheDataModule"]["bad_samples"] == 2  # one epoch of 6 batches read both
     assert all(bool(torch.isfinite(v).all()) for v in state["state_dict"].values() if v.is_floating_point())
-    strict = tiny_config(root, manifest.cache_key, tmp_path, "strict", **{"trainer.max_steps": 6})
+    strict = tiny_config(root, manifest.cache_key, tmp_path, "strict", **{"trainer.max_steps": 6,
+                                                                        "data.finite_check": finite_check})
     with pytest.raises(RuntimeError, match=r"NaN/Inf.*max_bad_fraction=0.01"):
         run_training(strict)
 

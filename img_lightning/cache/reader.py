@@ -11,7 +11,9 @@ after the copy to the device (:func:`img_lightning.cache.quant.dequantize_batch`
 
 Every sample is checked for NaN/Inf right after its read, while its bytes are still in the CPU
 cache (:mod:`img_lightning.cache.finite`); a non-finite sample is dropped from its batch and
-counted like any other corrupt sample.
+counted like any other corrupt sample. ``read(check_finite=False)`` leaves that check to the device
+(:mod:`img_lightning.data.device_check`), where it is almost free; tar/safetensors headers and the
+8-bit outlier channel indices are checked here either way.
 """
 
 from __future__ import annotations
@@ -282,17 +284,45 @@ def _pread_into(fd: int, dests: list[Tensor], offset: int) -> None:
             views[0] = views[0][n:]
 
 
-class BatchReader:
-    """Reads batches of samples by index into padded tensors (one copy per tensor byte)."""
+class BadSampleLog:
+    """Names dropped samples in the log: up to ``MAX_LOGGED_PER_SHARD`` per shard, then one line
+    saying the rest are only counted (a corrupt shard must not flood the log)."""
 
     MAX_LOGGED_PER_SHARD = 10
+
+    def __init__(self, view: CacheView) -> None:
+        self.view = view
+        self._logged: dict[int, int] = {}
+
+    def report(self, i: int, err: Exception) -> None:
+        shard = int(self.view.shard_of[i])
+        logged = self._logged.get(shard, 0)
+        self._logged[shard] = logged + 1
+        if logged > self.MAX_LOGGED_PER_SHARD:
+            return
+        key, path = self.view.keys[i].decode(), self.view.shard_paths[shard]
+        if logged == self.MAX_LOGGED_PER_SHARD:
+            log.warning("more bad samples in %s: counted, no longer logged; run `img-preprocess verify %s`",
+                        path, self.view.root)
+            return
+        log.warning("dropping bad sample %s in %s: %s (run `img-preprocess verify %s`)", key, path, err,
+                    self.view.root)
+
+
+def nonfinite_error(names: Sequence[str]) -> CacheFormatError:
+    """The error a sample with NaN/Inf in the tensors ``names`` is reported with (reader or device)."""
+    return CacheFormatError(f"non-finite values in {', '.join(sorted(names))}")
+
+
+class BatchReader:
+    """Reads batches of samples by index into padded tensors (one copy per tensor byte)."""
 
     def __init__(self, view: CacheView, max_open: int = 64, pool: Optional[BufferPool] = None) -> None:
         self.view = view
         self.pool = pool
         self.max_open = max_open
         self._fds: OrderedDict[int, int] = OrderedDict()
-        self._logged: dict[int, int] = {}
+        self._bad_log = BadSampleLog(view)
         self.guidance_dtype = view.guidance_dtype
         self.ip_dtype = view.ip_dtype
         self.quantized = view.quantized
@@ -358,11 +388,14 @@ class BatchReader:
                 raise CacheFormatError(f"tensor {name!r} runs past its tar member")
         return fd, off, specs
 
-    def read(self, indices: Sequence[int], pin_memory: bool = False) -> dict[str, Tensor]:
+    def read(self, indices: Sequence[int], pin_memory: bool = False, check_finite: bool = True) -> dict[str, Tensor]:
         """Batch dict: ``guidance`` [B, T_max, D], ``guidance_mask`` [B, T_max] (True = real token),
         ``ip_lose``/``ip_win`` [B, N, D], ``index`` [B] and ``num_bad`` (samples dropped as corrupt
         or non-finite); with 8-bit guidance also ``guidance_scale`` [B, T_max] (0 on padding) and,
-        with outlier channels, ``guidance_outlier_index`` [B, K], ``guidance_outlier`` [B, T_max, K]."""
+        with outlier channels, ``guidance_outlier_index`` [B, K], ``guidance_outlier`` [B, T_max, K].
+
+        ``check_finite=False``: values are not checked for NaN/Inf or bad 8-bit scales here; the
+        caller checks them on the device (:func:`img_lightning.data.device_check.check_batch`)."""
         located, good = [], []
         for i in indices:
             try:
@@ -406,11 +439,12 @@ class BatchReader:
                 else:
                     for name, dest in parts:
                         _pread_into(fd, [dest], off + specs[name].begin)
-                bad = [name for name, dest in parts if dest.is_floating_point() and has_nonfinite(dest)]
-                if scale is not None and SCALE_KEY not in bad and not scales_ok(scale[row, :t]):
-                    bad.append(SCALE_KEY)
-                if bad:
-                    raise CacheFormatError(f"non-finite values in {', '.join(sorted(bad))}")
+                if check_finite:
+                    bad = [name for name, dest in parts if dest.is_floating_point() and has_nonfinite(dest)]
+                    if scale is not None and SCALE_KEY not in bad and not scales_ok(scale[row, :t]):
+                        bad.append(SCALE_KEY)
+                    if bad:
+                        raise nonfinite_error(bad)
                 if index is not None and not _valid_index(index[row], self.guidance_dim):
                     raise CacheFormatError(f"{OUTLIER_INDEX_KEY} is not {self.outliers} distinct channels "
                                            f"below {self.guidance_dim}")
@@ -437,15 +471,4 @@ class BatchReader:
         return batch
 
     def _report_bad(self, i: int, err: Exception) -> None:
-        shard = int(self.view.shard_of[i])
-        logged = self._logged.get(shard, 0)
-        self._logged[shard] = logged + 1
-        if logged > self.MAX_LOGGED_PER_SHARD:
-            return
-        key, path = self.view.keys[i].decode(), self.view.shard_paths[shard]
-        if logged == self.MAX_LOGGED_PER_SHARD:
-            log.warning("more bad samples in %s: counted, no longer logged; run `img-preprocess verify %s`",
-                        path, self.view.root)
-            return
-        log.warning("dropping bad sample %s in %s: %s (run `img-preprocess verify %s`)", key, path, err,
-                    self.view.root)
+        self._bad_log.report(i, err)

@@ -12,6 +12,12 @@ checkpoint taken on an epoch's last batch its epoch counter runs one ahead of an
 8-bit guidance travels to the device as stored (float8 + per-token scales) and is widened to float32
 in :meth:`on_after_batch_transfer`, on the device, so the loader and the host-to-device copy move
 half the bytes.
+
+The per-sample NaN/Inf check runs where it is cheap (``data.finite_check``): on the reader thread
+for CPU training (bad samples dropped from their batch), on the device after the copy when training
+on a GPU (:mod:`.device_check`: bad samples masked out of the loss). Either way they are counted in
+``bad_samples`` against ``data.max_bad_fraction`` and named in the log; the device's verdicts are
+read back at the next batch or checkpoint, so that path adds no synchronisation to the step.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..cache.quant import dequantize_batch
-from ..cache.reader import CacheView
+from ..cache.reader import BadSampleLog, CacheView, nonfinite_error
 from ..errors import UserError
+from .device_check import PendingChecks, bad_samples, check_batch
 from .loader import ThreadedBatchLoader
 from .plan import ResumableBatchSampler
 from .position import DataPosition
@@ -98,6 +105,8 @@ class FeatureCacheDataModule(L.LightningDataModule):
         self.position = DataPosition()  # checkpointed: what exact resume restarts from
         self.bad_samples = 0
         self.train_loader: Optional[ThreadedBatchLoader] = None
+        self._pending = PendingChecks()  # device-side NaN/Inf verdicts of training batches not yet counted
+        self._bad_logs: dict[int, BadSampleLog] = {}
 
     # ------------------------------------------------------------------ setup
     def open_caches(self) -> None:
@@ -168,15 +177,23 @@ class FeatureCacheDataModule(L.LightningDataModule):
             shuffle=train,
             start_fn=self._next_pass if train else (lambda: (0, 0)),
         )
-        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return ThreadedBatchLoader(
             view,
             sampler,
             num_workers=cfg.num_workers,
             prefetch=cfg.prefetch_factor,
-            pin_memory=cfg.pin_memory and on_gpu and torch.cuda.is_available(),
+            pin_memory=cfg.pin_memory and self._on_gpu() and torch.cuda.is_available(),
             max_open_shards=cfg.max_open_shards,
+            check_finite=not self.checks_on_device(),
         )
+
+    def _on_gpu(self) -> bool:
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
+    def checks_on_device(self) -> bool:
+        """Whether samples are checked for NaN/Inf on the device (else on the reader thread)."""
+        mode = str(self.cfg.finite_check)
+        return mode == "device" or (mode == "auto" and self._on_gpu())
 
     def train_dataloader(self) -> ThreadedBatchLoader:
         assert self.train_view is not None and self.train_ids is not None, "call setup() first"
@@ -195,6 +212,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and "position" in batch:
+            self.settle_device_checks()  # the previous step has finished: its verdicts cost no wait
             self.position.trained(batch)
             self._account_bad(int(batch["num_bad"]))
         return batch
@@ -202,7 +220,32 @@ class FeatureCacheDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # 8-bit guidance crossed to the device as stored (half the bytes through the pinned buffers
         # and PCIe); widen it here, on the device, after the copy.
-        return dequantize_batch(batch) if isinstance(batch, dict) and "guidance" in batch else batch
+        if not (isinstance(batch, dict) and "guidance" in batch):
+            return batch
+        if not self.checks_on_device():
+            return dequantize_batch(batch)
+        batch, verdicts = check_batch(batch)
+        if self.trainer is not None and self.trainer.training:
+            self._pending.add(verdicts, batch["index"])
+        else:  # validation: name its bad samples now (not counted, as the reader's drops are not)
+            view = self.val_view if self.val_view is not None else self.train_view
+            for i, names in bad_samples(verdicts, batch["index"]):
+                self._bad_log(view).report(i, nonfinite_error(names))
+        return batch
+
+    def settle_device_checks(self) -> None:
+        """Count and name the bad samples the device found in training batches since the last call
+        (reads their verdicts back: the device must be done with those batches, or it waits)."""
+        bad = self._pending.settle()
+        for i, names in bad:
+            self._bad_log(self.train_view).report(i, nonfinite_error(names))
+        self._account_bad(len(bad))
+
+    def _bad_log(self, view: CacheView) -> BadSampleLog:
+        return self._bad_logs.setdefault(id(view), BadSampleLog(view))
+
+    def teardown(self, stage: str) -> None:
+        self.settle_device_checks()
 
     def _account_bad(self, n: int) -> None:
         if n == 0:
@@ -221,6 +264,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
             )
 
     def state_dict(self) -> dict[str, Any]:
+        self.settle_device_checks()  # a checkpoint counts every batch it has trained on
         return {**self.position.state(self._world_size(), self.cfg.batch_size), "bad_samples": self.bad_samples}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -26,7 +26,8 @@ from .plan import BatchRequest, ResumableBatchSampler
 
 class ThreadedBatchLoader:
     """Iterable of batch dicts for one rank. ``num_workers`` reader threads (0 = read inline),
-    ``prefetch`` batches in flight per thread."""
+    ``prefetch`` batches in flight per thread; ``check_finite=False`` leaves the per-sample NaN/Inf
+    check to the consumer's device."""
 
     def __init__(
         self,
@@ -37,12 +38,14 @@ class ThreadedBatchLoader:
         prefetch: int = 2,
         pin_memory: bool = False,
         max_open_shards: int = 64,
+        check_finite: bool = True,
     ) -> None:
         self.view = view
         self.batch_sampler = batch_sampler
         self.num_workers = max(0, num_workers)
         self.prefetch = max(1, prefetch)
         self.pin_memory = pin_memory
+        self.check_finite = check_finite  # False: the NaN/Inf check runs on the device (data/device_check.py)
         self.max_open_shards = max_open_shards
         self._local = threading.local()
         self._executor: Optional[ThreadPoolExecutor] = None
@@ -63,7 +66,7 @@ class ThreadedBatchLoader:
     def _read(self, request: BatchRequest) -> dict[str, Any]:
         import torch
 
-        batch = self._reader().read(request.indices, pin_memory=self.pin_memory)
+        batch = self._reader().read(request.indices, pin_memory=self.pin_memory, check_finite=self.check_finite)
         batch["epoch"] = torch.tensor(request.epoch, dtype=torch.long)
         batch["position"] = torch.tensor(request.position, dtype=torch.long)
         return batch

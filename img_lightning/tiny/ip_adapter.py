@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .vision import HIDDEN as VISION_HIDDEN
+from .sizes import TINY_RESAMPLER, TINY_VISION, ClipVisionSize, ResamplerSize, default_dtype
 from .vision import build_tiny_clip_vision
 
 SDXL_PLUS_SUBFOLDER = "sdxl_models"
@@ -80,45 +80,54 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-def build_tiny_ip_adapter_plus_sdxl(out_dir: str | Path, sdxl_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_ip_adapter_plus_sdxl(out_dir: str | Path, sdxl_dir: str | Path, seed: int = 0,
+                                    vision: ClipVisionSize = TINY_VISION, resampler: ResamplerSize = TINY_RESAMPLER,
+                                    dtype: torch.dtype = torch.float32) -> Path:
     """Write ``{out_dir}/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors`` and the tiny CLIP
     tower under ``{out_dir}/models/image_encoder`` (the ``h94/IP-Adapter`` layout).
 
-    ``sdxl_dir``: the tiny SDXL pipeline whose UNet the adapter must fit (see ``build_tiny_sdxl``).
+    ``sdxl_dir``: the SDXL pipeline whose UNet the adapter must fit (see ``build_tiny_sdxl``).
     Like the original training recipe, each ``to_k_ip``/``to_v_ip`` starts as a copy of the UNet's
     own cross-attention ``to_k``/``to_v``, so IP tokens steer the tiny UNet as text tokens do.
+    ``vision``/``resampler``: the tiny ones, or the real ViT-H/14 width and resampler (:mod:`.sizes`).
     """
     from diffusers import UNet2DConditionModel
 
     out_dir = Path(out_dir)
-    build_tiny_clip_vision(out_dir / SDXL_IMAGE_ENCODER_SUBFOLDER, seed=seed)
+    build_tiny_clip_vision(out_dir / SDXL_IMAGE_ENCODER_SUBFOLDER, seed=seed, size=vision, dtype=dtype)
     unet = UNet2DConditionModel.from_pretrained(Path(sdxl_dir) / "unet")
     cross_dim = int(unet.config.cross_attention_dim)
     torch.manual_seed(seed + 1)
-    resampler = _Resampler(dim=64, depth=4, dim_head=64, heads=1, num_queries=NUM_TOKENS,
-                           embedding_dim=VISION_HIDDEN, output_dim=cross_dim)
-    tensors = {f"image_proj.{k}": v for k, v in resampler.state_dict().items()}
+    r = resampler
+    with default_dtype(dtype):
+        module = _Resampler(dim=r.dim, depth=r.depth, dim_head=r.dim_head, heads=r.heads, num_queries=r.queries,
+                            embedding_dim=vision.hidden, output_dim=cross_dim, ff_mult=r.ff_mult)
+    tensors = {f"image_proj.{k}": v for k, v in module.state_dict().items()}
     modules = dict(unet.named_modules())
     for index, name in enumerate(unet.attn_processors.keys()):
         if not name.endswith("attn2.processor"):
             continue
         attn = modules[name[: -len(".processor")]]
-        tensors[f"ip_adapter.{index}.to_k_ip.weight"] = attn.to_k.weight.detach().clone()
-        tensors[f"ip_adapter.{index}.to_v_ip.weight"] = attn.to_v.weight.detach().clone()
+        tensors[f"ip_adapter.{index}.to_k_ip.weight"] = attn.to_k.weight.detach().to(dtype, copy=True)
+        tensors[f"ip_adapter.{index}.to_v_ip.weight"] = attn.to_v.weight.detach().to(dtype, copy=True)
+    del unet, modules
     _save(tensors, out_dir / SDXL_PLUS_SUBFOLDER / SDXL_PLUS_WEIGHT)
     return out_dir
 
 
 def build_tiny_ip_adapter_flux(out_dir: str | Path, num_double_blocks: int = 1, inner_dim: int = 32,
-                               seed: int = 0) -> Path:
+                               seed: int = 0, vision: ClipVisionSize = TINY_VISION,
+                               vision_dtype: torch.dtype = torch.float32) -> Path:
     """Write ``{out_dir}/ip_adapter.safetensors`` (XLabs v1 layout) and a tiny CLIP tower with a
-    768-wide projection under ``{out_dir}/image_encoder`` (stand-in for ``openai/clip-vit-large-patch14``).
+    768-wide projection under ``{out_dir}/image_encoder`` (stand-in for ``openai/clip-vit-large-patch14``;
+    ``vision``: its width and depth, see :mod:`.sizes`).
 
     ``num_double_blocks``/``inner_dim`` must match the FLUX transformer it will be loaded into
     (19 / 3072 for FLUX.1-dev; see ``tiny/flux.py``). Stored in fp16.
     """
     out_dir = Path(out_dir)
-    build_tiny_clip_vision(out_dir / FLUX_IMAGE_ENCODER_SUBFOLDER, seed=seed, projection_dim=FLUX_CLIP_EMBED_DIM)
+    build_tiny_clip_vision(out_dir / FLUX_IMAGE_ENCODER_SUBFOLDER, seed=seed, projection_dim=FLUX_CLIP_EMBED_DIM,
+                           size=vision, dtype=vision_dtype)
     gen = torch.Generator().manual_seed(seed + 2)
 
     def rand(*shape: int, std: float) -> torch.Tensor:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from .sizes import TINY_LLAVA, LlavaSize, default_dtype
 from .vocab import gpt2_vocab, sentencepiece_bpe_vocab
 
-HIDDEN = 64
+HIDDEN = TINY_LLAVA.text.hidden
 
 # Renders "USER: <image>\n{question} ASSISTANT:" like the llava-hf 1.5 processors.
 LLAVA_CHAT_TEMPLATE = (
@@ -56,17 +57,17 @@ QWEN_SPECIALS = (
 )
 
 
-def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
-    """``LlavaForConditionalGeneration`` + ``LlavaProcessor`` (CLIP image processor, Llama BPE)."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlamaTokenizer,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def build_tiny_llava(out_dir: str | Path, seed: int = 0, size: LlavaSize = TINY_LLAVA,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """``LlavaForConditionalGeneration`` + ``LlavaProcessor`` (CLIP image processor, Llama BPE).
+
+    ``size``: :data:`~.sizes.TINY_LLAVA`, or :data:`~.sizes.REAL_WIDTH_LLAVA` (LLaVA-1.5-13B's widths
+    and vocabulary, 336 px images in 14 px patches: 576 image tokens), stored in ``dtype``.
+    """
+    from transformers import (CLIPImageProcessor, LlamaConfig, LlamaTokenizer, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    from .vision import clip_vision_config
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -74,35 +75,34 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.add_tokens(["<image>"], special_tokens=True)
-    image_size, patch = 32, 8
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size)
+    vision, text = size.vision, size.text
+    image_processor = CLIPImageProcessor(size={"shortest_edge": vision.image_size}, crop_size=vision.image_size)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=patch,
+        patch_size=vision.patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-            image_size=image_size, patch_size=patch, projection_dim=32, hidden_act="quick_gelu",
-        ),
+        vision_config=clip_vision_config(vision),
         text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+            vocab_size=text.vocab or len(tokenizer), hidden_size=text.hidden, intermediate_size=text.intermediate,
+            num_hidden_layers=text.layers, num_attention_heads=text.heads, num_key_value_heads=text.kv_heads,
+            max_position_embeddings=text.max_positions,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(image_size // patch) ** 2,
+        image_seq_length=(vision.image_size // vision.patch) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlavaForConditionalGeneration(config).eval()
+    with default_dtype(dtype):
+        model = LlavaForConditionalGeneration(config).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from .sizes import TINY_SDXL, ClipTextSize, SdxlSize, default_dtype
 from .vocab import clip_vocab
 
-CROSS_ATTENTION_DIM = 64
-TEXT_HIDDEN = 32  # each of the two text encoders
-TEXT_PROJECTION_DIM = 32  # pooled projection of text_encoder_2 (1280 in the real model)
-ADDITION_TIME_EMBED_DIM = 8
+CROSS_ATTENTION_DIM = TINY_SDXL.cross_attention_dim
+TEXT_HIDDEN = TINY_SDXL.text.hidden  # each of the two text encoders
+TEXT_PROJECTION_DIM = TINY_SDXL.text_projection  # pooled projection of text_encoder_2 (1280 in the real model)
+ADDITION_TIME_EMBED_DIM = TINY_SDXL.addition_time_embed_dim
 MAX_TEXT_LENGTH = 77
 
 
@@ -32,26 +33,34 @@ def _tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TEXT_LENGTH)
 
 
-def _text_config(tokenizer, with_projection: bool):
+def _text_config(tokenizer, size: ClipTextSize, projection_dim: int | None):
+    """CLIP-L's text encoder (``projection_dim`` None: no projection, quick_gelu) or OpenCLIP
+    bigG's (with the pooled projection, gelu)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
         max_position_embeddings=MAX_TEXT_LENGTH,
-        projection_dim=TEXT_PROJECTION_DIM if with_projection else 512,
-        hidden_act="gelu" if with_projection else "quick_gelu",
+        projection_dim=projection_dim or 512,
+        hidden_act="gelu" if projection_dim else "quick_gelu",
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
 
 
-def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build and save the tiny pipeline to ``out_dir`` (created); returns ``out_dir``."""
+def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, size: SdxlSize = TINY_SDXL,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """Build and save the pipeline to ``out_dir`` (created); returns ``out_dir``.
+
+    ``size``: :data:`~.sizes.TINY_SDXL`, or :data:`~.sizes.REAL_WIDTH_SDXL` (SDXL's channel widths,
+    cross-attention width 2048 and VAE, one block per level), stored in ``dtype``. Text encoders keep
+    the tiny vocabulary either way (the tokenizers are not the real ones).
+    """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -59,38 +68,40 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
     tokenizer_2 = _tokenizer()
-    text_encoder = CLIPTextModel(_text_config(tokenizer, with_projection=False)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, with_projection=True)).eval()
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1),
-        use_linear_projection=True,
-        cross_attention_dim=CROSS_ATTENTION_DIM,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
-        # 6 micro-conditioning numbers (original size, crop, target size) + pooled text projection
-        projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_DIM,
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,  # SDXL's VAE scaling factor
-    ).eval()
+    with default_dtype(dtype):
+        text_encoder = CLIPTextModel(_text_config(tokenizer, size.text, None)).eval()
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, size.text_2, size.text_projection)).eval()
+        unet = UNet2DConditionModel(
+            sample_size=size.sample_size // size.vae_scale_factor,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=size.block_out_channels,
+            layers_per_block=size.layers_per_block,
+            down_block_types=size.down_block_types,
+            up_block_types=size.up_block_types,
+            norm_num_groups=size.norm_num_groups,
+            attention_head_dim=size.attention_head_dim,
+            transformer_layers_per_block=size.transformer_layers,
+            use_linear_projection=True,
+            cross_attention_dim=size.cross_attention_dim,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=size.addition_time_embed_dim,
+            # 6 micro-conditioning numbers (original size, crop, target size) + pooled text projection
+            projection_class_embeddings_input_dim=6 * size.addition_time_embed_dim + size.text_projection,
+        ).eval()
+        levels = len(size.vae_channels)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=size.vae_channels,
+            layers_per_block=size.vae_layers_per_block,
+            latent_channels=4,
+            norm_num_groups=size.vae_norm_groups,
+            sample_size=size.sample_size,
+            scaling_factor=0.13025,  # SDXL's VAE scaling factor
+        ).eval()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

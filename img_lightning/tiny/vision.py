@@ -9,34 +9,45 @@ inputs in 8x8 patches: 16 patches + CLS = 17 tokens of width 32.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-IMAGE_SIZE = 32
-PATCH_SIZE = 8
-HIDDEN = 32
-PROJECTION_DIM = 32
+from .sizes import TINY_VISION, ClipVisionSize, default_dtype
+
+IMAGE_SIZE = TINY_VISION.image_size
+PATCH_SIZE = TINY_VISION.patch
+HIDDEN = TINY_VISION.hidden
+PROJECTION_DIM = TINY_VISION.projection_dim
 
 
-def build_tiny_clip_vision(out_dir: str | Path, seed: int = 0, projection_dim: int = PROJECTION_DIM) -> Path:
-    """Save a ``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor`` config to ``out_dir``."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+def clip_vision_config(size: ClipVisionSize, projection_dim: Optional[int] = None):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        image_size=size.image_size,
+        patch_size=size.patch,
+        projection_dim=projection_dim or size.projection_dim,
+        hidden_act=size.act,
+    )
+
+
+def build_tiny_clip_vision(out_dir: str | Path, seed: int = 0, projection_dim: Optional[int] = None,
+                           size: ClipVisionSize = TINY_VISION, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a ``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor`` config to ``out_dir``
+    (``size``: :data:`~.sizes.TINY_VISION`, or a real-width tower from :mod:`.sizes`, stored in ``dtype``)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=projection_dim,
-        hidden_act="gelu",
-    )
-    model = CLIPVisionModelWithProjection(config).eval()
+    with default_dtype(dtype):
+        model = CLIPVisionModelWithProjection(clip_vision_config(size, projection_dim)).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     # The processor the official demos use: CLIP defaults at the tower's resolution.
-    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=IMAGE_SIZE).save_pretrained(out_dir)
+    CLIPImageProcessor(size={"shortest_edge": size.image_size}, crop_size=size.image_size).save_pretrained(out_dir)
     return out_dir
