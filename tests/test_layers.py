@@ -22,10 +22,12 @@ PACKAGES = ("img_lightning", "preprocessing")
 
 # Lowest first. Entries are modules or packages (a package covers everything below it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # errors, atomic writes, file hashes, typed config schemas and loading, model lookup, run directories
+    # errors, atomic writes, file hashes, typed config schemas and loading, model lookup, run directories,
+    # the fingerprint that proves an export holds the trained weights
     ("foundation", ("img_lightning", "img_lightning.errors", "img_lightning.atomic", "img_lightning.config",
                     "img_lightning.models", "img_lightning.hf_quiet", "img_lightning.log_steps",
-                    "img_lightning.run_dir", "img_lightning.parquet_files", "img_lightning.hashing")),
+                    "img_lightning.run_dir", "img_lightning.parquet_files", "img_lightning.hashing",
+                    "img_lightning.weights_guard")),
     ("cache", ("img_lightning.cache",)),  # the feature-cache format, writer, manifest, reader
     ("data", ("img_lightning.data",)),  # the DataModule over a cache
     # MLLM and IP encoders (with what they read of a finetuned-MLLM export), the cache recipe (its key
