@@ -448,3 +448,22 @@ def test_torch_threads_knob(caches, tmp_path):
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="run.torch_threads"):
         tiny_config(train, key, tmp_path, "bad", **{"run.torch_threads": 0})
+
+
+def test_a_time_limit_signal_while_the_job_starts_is_kept_for_the_first_step(monkeypatch, tmp_path, caches):
+    """SIGUSR1 ends a process by default; SLURM may send the warning while the step is still importing
+    or opening data. img-train's entry point catches it from the start, and the run saves at its first
+    step boundary and requeues."""
+    from img_lightning.time_limit_signal import catch_time_limit_signal
+
+    train, _, key = caches
+    scontrol_log = srun_environment(monkeypatch, tmp_path, "img-train", "4242")
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        catch_time_limit_signal()
+        os.kill(os.getpid(), signal.SIGUSR1)  # still alive
+        result = run_training(tiny_config(train, key, tmp_path, "early"))
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert result.requeued_at == 1 and (tmp_path / "early" / "requeue" / "requeue-1.ckpt").is_file()
+    assert scontrol_log.read_text().split() == ["requeue", "4242"]

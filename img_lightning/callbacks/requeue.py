@@ -43,6 +43,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
 from ..run_dir import REQUEUE_DIR, REQUEUE_PATTERN
+from ..time_limit_signal import pop_time_limit_signal
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class RequeueOnSignal(Checkpoint):
             return
         self._previous = signal.signal(self.signum, self._on_signal)
         self._installed = True
+        if self.signum == signal.SIGUSR1 and pop_time_limit_signal():
+            self.signalled = True  # warned while the job was starting: save at the first step boundary
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._installed:

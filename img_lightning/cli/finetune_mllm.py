@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config.finetune_mllm import FinetuneMLLMConfig
+from ..time_limit_signal import catch_time_limit_signal
 from .common import CONFIG_EPILOG, add_common_arguments, add_config_arguments, print_config, resolve_config, run_cli, \
     setup_from_args
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    catch_time_limit_signal()  # before anything slow: SLURM's warning may come early
     args = build_parser().parse_args(argv)
     setup_from_args(args)
 
