@@ -44,6 +44,8 @@ class Job:
     restarts: int
     exit_code: str
     reason: str
+    start: str
+    end: str
 
 
 def show_jobs(job_id: str) -> list[Job]:
@@ -52,9 +54,10 @@ def show_jobs(job_id: str) -> list[Job]:
     jobs = []
     for line in out.splitlines():
         fields = dict(re.findall(r"(\w+)=(\S*)", line))
-        task = fields.get("ArrayTaskId")
-        jobs.append(Job(f"{fields['JobId']}" + (f"_{task}" if task and task.isdigit() else ""), fields["JobState"],
-                        int(fields.get("Restarts", 0)), fields.get("ExitCode", ""), fields.get("Reason", "")))
+        task = fields.get("ArrayTaskId", "")
+        name = f"{fields['ArrayJobId']}_{task}" if task.isdigit() else fields["JobId"]
+        jobs.append(Job(name, fields["JobState"], int(fields.get("Restarts", 0)), fields.get("ExitCode", ""),
+                        fields.get("Reason", ""), fields.get("StartTime", ""), fields.get("EndTime", "")))
     return jobs
 
 

@@ -467,3 +467,22 @@ def test_a_time_limit_signal_while_the_job_starts_is_kept_for_the_first_step(mon
         signal.signal(signal.SIGUSR1, before)
     assert result.requeued_at == 1 and (tmp_path / "early" / "requeue" / "requeue-1.ckpt").is_file()
     assert scontrol_log.read_text().split() == ["requeue", "4242"]
+
+
+def test_a_signal_at_a_validation_step_saves_after_that_validation(monkeypatch, tmp_path, caches):
+    """Stopped at step 4, where a validation is due: it runs before the save (a resumed run skips the
+    validation of the step it resumes at), so the requeued run validates at the same steps as an
+    uninterrupted one and picks the same best checkpoint."""
+    train, val, key = caches
+    extra = {"data.val_cache": str(val), "trainer.max_steps": 12, "trainer.val_check_interval": 4,
+             "trainer.checkpoint_every_n_steps": 4}
+    straight = ValidationSteps()
+    run_training(tiny_config(train, key, tmp_path, "straight", **extra), [straight])
+    srun_environment(monkeypatch, tmp_path, "img-train", "4242")
+    first, resumed = ValidationSteps(), ValidationSteps()
+    cut = run_training(tiny_config(train, key, tmp_path, "requeued", **extra), [SignalDuringStep(3), first])
+    assert cut.requeued_at == 4 and first.steps == [("fit", 4)]
+    run_training(tiny_config(train, key, tmp_path, "requeued", **{**extra, "run.ckpt_path": "last"}), [resumed])
+    assert first.steps + resumed.steps == straight.steps
+    for stem in ("aligner", "aligner_best"):
+        _assert_bitwise_equal(_export(tmp_path / "requeued", stem), _export(tmp_path / "straight", stem))

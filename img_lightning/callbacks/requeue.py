@@ -18,7 +18,9 @@ runs after every ``ModelCheckpoint``, so their saves of that step come first and
 the validation Lightning runs when training stops early is skipped (it would let the best-model
 ``ModelCheckpoint`` write a new ``best-*.ckpt`` and delete the one the saved state points to, and
 the resumed job would die on the missing file, or pick its best from a validation the
-uninterrupted run never made); and the job is requeued (:meth:`RequeueOnSignal.requeue_job`) only
+uninterrupted run never made); a validation that is due at that step anyway runs, and the save
+waits for it (the resumed run would skip it: Lightning takes a checkpoint saved before a due
+validation as one saved after it); and the job is requeued (:meth:`RequeueOnSignal.requeue_job`) only
 after ``fit`` has returned, since ``scontrol requeue`` terminates it.
 
 The checkpoints go to ``requeue/requeue-N.ckpt`` in the run directory, not to the
@@ -55,6 +57,17 @@ def next_requeue_checkpoint(folder: Path) -> Path:
     return folder / f"requeue-{max(numbers, default=0) + 1}.ckpt"
 
 
+def validation_due(trainer: Trainer) -> bool:
+    """Whether Lightning validates after the step just taken, stop or no stop (what its epoch loop
+    decides for an int ``val_check_interval``)."""
+    loop = trainer.fit_loop.epoch_loop
+    every = trainer.val_check_batch
+    if not trainer.enable_validation or not every or every == float("inf"):
+        return False
+    index = loop.total_batch_idx if trainer.check_val_every_n_epoch is None else loop.batch_idx
+    return (index + 1) % int(every) == 0
+
+
 class RequeueOnSignal(Checkpoint):
     """On ``signum``: checkpoint at the next optimizer-step boundary and stop; the caller then
     requeues the SLURM job (:meth:`requeue_job`).
@@ -76,6 +89,7 @@ class RequeueOnSignal(Checkpoint):
         self._previous: Any = None
         self._installed = False
         self._last_step: Optional[int] = None
+        self._pending = False  # stopping; the save waits for this step's validation
 
     # -- the handler: a flag only -------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -104,17 +118,36 @@ class RequeueOnSignal(Checkpoint):
         if trainer.global_step == self._last_step:
             return  # inside a gradient-accumulation window: no optimizer step yet
         self._last_step = trainer.global_step
-        if self.requeued_at is not None or not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+        if self.requeued_at is not None or self._pending:
             return
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        trainer.should_stop = True
+        if validation_due(trainer):
+            # This step's validation runs as it would have (a resumed run skips the validation of
+            # the step it resumes at); the save follows it and the ModelCheckpoint saves after it.
+            self._pending = True
+            return
+        self._save(trainer)
+        # No validation on this stop: it would be one the uninterrupted run never makes, and the
+        # best-model ModelCheckpoint would replace the best-*.ckpt the saved state points to.
+        trainer.fit_loop.epoch_loop._skip_next_val = True
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._pending and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._pending:  # the validation did not run after all: a run that stopped must be saved
+            self._save(trainer)
+
+    def _save(self, trainer: Trainer) -> None:
+        self._pending = False
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
         path = Path(trainer.strategy.broadcast(str(next_requeue_checkpoint(self.folder))))  # one name on every rank
         trainer.save_checkpoint(path)
         self.requeued_at, self.checkpoint = trainer.global_step, path
-        trainer.should_stop = True
-        # No validation on this stop: the state just saved is the one the requeued job resumes from
-        # (a validation due at this step runs there, on restart, as it would have here).
-        trainer.fit_loop.epoch_loop._skip_next_val = True
         if trainer.is_global_zero:
             log.info("time-limit signal: saved %s at step %d", path, trainer.global_step)
 
