@@ -47,9 +47,16 @@ install_packages() {
     [[ $EUID -eq 0 ]] || die "SLURM is not installed (${missing[*]}) and only root can install it: sudo apt-get install -y slurm-wlm munge"
     command -v apt-get >/dev/null || die "SLURM is not installed (${missing[*]}) and there is no apt-get: install slurm-wlm and munge with your package manager"
     echo "installing ${missing[*]} (apt-get)"
+    local guard=/usr/sbin/policy-rc.d ours=""
+    if [[ ! -e "$guard" ]]; then  # apt would start the packages' own services (a system munged, ...)
+        printf '#!/bin/sh\nexit 101\n' > "$guard" && chmod 755 "$guard" && ours=1
+    fi
+    local ok=0
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null \
         || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null; } \
-        || die "apt-get install slurm-wlm munge failed"
+        || ok=1
+    if [[ -n "$ours" ]]; then rm -f "$guard"; fi
+    ((ok == 0)) || die "apt-get install slurm-wlm munge failed"
 }
 
 write_config() {
@@ -74,7 +81,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-# a requeued job would wait 120 s (BeginTime) for the next full scheduling pass otherwise
+# a full scheduling pass every 2 s (a requeued job still waits ~2 min, its BeginTime: scontrol update JobId=ID StartTime=now)
 SchedulerParameters=sched_interval=2
 JobRequeue=1
 MinJobAge=3600

@@ -28,6 +28,7 @@ from slurm_utils import (CLUSTER, assert_completed, cluster_running, fresh_check
 
 pytestmark = pytest.mark.slurm
 
+SLURM_CONF = Path("/etc/slurm/slurm.conf")
 CPU_TRAINING = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--mem=4G"]
 
 
@@ -41,14 +42,21 @@ def slurm_cluster(tmp_path_factory):
     if cluster_running():
         yield
         return
+    if SLURM_CONF.exists() and "written by img-lightning slurm/local_cluster.sh" not in SLURM_CONF.read_text():
+        pytest.skip(f"no SLURM cluster: {SLURM_CONF} belongs to this machine's own SLURM, which these tests leave alone")
     state = tmp_path_factory.mktemp("slurm-state")
     started = subprocess.run(["bash", str(CLUSTER), "start"], env={**job_environment(), "IMG_SLURM_DIR": str(state)},
                              capture_output=True, text=True, timeout=600)
     assert started.returncode == 0, f"local cluster did not start:\n{started.stdout}\n{started.stderr}"
+    daemons = {p.stem: p.read_text().strip() for p in (state / "run").glob("*.pid")}
+    assert set(daemons) == {"munged", "slurmctld", "slurmd"}
     try:
         yield
     finally:
         subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, text=True, timeout=300)
+        # the machine as it was: no daemon of ours, no config of ours
+        assert not [name for name, pid in daemons.items() if Path(f"/proc/{pid}").exists()]
+        assert not SLURM_CONF.exists() and not state.exists()
 
 
 @pytest.fixture(scope="session")
@@ -166,6 +174,20 @@ def _started_training(run_dir: Path, segments: int):
     return lambda: len({f.name.split(".")[-2] for f in (run_dir / "tensorboard").glob("events.out.tfevents.*")}) >= segments
 
 
+def _restart_when_requeued(job_id: str, restarts: int, logs: Path, *updates: str) -> None:
+    """Wait for the job's ``restarts``-th requeue, then let it start at once (not in two minutes)."""
+    _wait(lambda: _requeued(job_id, restarts), 120, f"requeue {restarts}", logs)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", *updates, "StartTime=now"], check=True)
+
+
+def _signal_and_restart(job_id: str, restarts: int, run_dir: Path, logs: Path) -> None:
+    """``scancel --signal=USR1`` once the job's ``restarts``-th run trains, then restart it."""
+    _wait(_started_training(run_dir, restarts), 120, f"run {restarts} to train", logs)
+    time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    _restart_when_requeued(job_id, restarts, logs)
+
+
 def _bitwise_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -197,15 +219,9 @@ def test_training_requeued_by_its_time_limit_and_by_a_signal_exports_the_uninter
         subprocess.run(["scancel", "--signal=STOP", job_id], check=True)
         time.sleep(warned_by - time.time())
         subprocess.run(["scancel", "--signal=CONT", job_id], check=True)
-    _wait(lambda: _requeued(job_id, 1), 120, "the time-limit signal's requeue", logs)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10", "StartTime=now"], check=True)
-    _wait(_started_training(run_dir, 2), 120, "the second run to train", logs)
-    time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-    _wait(lambda: _requeued(job_id, 2), 120, "the scancel signal's requeue", logs)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-    jobs = wait_for([job_id], 300, logs)
-    assert_completed(jobs, logs)
+    _restart_when_requeued(job_id, 1, logs, "TimeLimit=10")
+    _signal_and_restart(job_id, 2, run_dir, logs)
+    assert_completed(wait_for([job_id], 300, logs), logs)
 
     text = log.read_text()
     saved = [int(s) for s in re.findall(r"time-limit signal: saved \S+/requeue/requeue-\d\.ckpt at step (\d+)", text)]
@@ -228,13 +244,8 @@ def test_mllm_finetuning_requeued_by_a_signal_exports_the_uninterrupted_weights(
     (job_id,) = submitted_ids(out)
     run_dir, logs = tmp_path / "runs" / f"img-finetune-mllm-{job_id}", p.checkout / "logs"
 
-    _wait(_started_training(run_dir, 1), 120, "the finetuning to train", logs)
-    time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-    _wait(lambda: _requeued(job_id, 1), 120, "the requeue", logs)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-    jobs = wait_for([job_id], 300, logs)
-    assert_completed(jobs, logs)
+    _signal_and_restart(job_id, 1, run_dir, logs)
+    assert_completed(wait_for([job_id], 300, logs), logs)
 
     text = (logs / f"img-finetune-mllm-{job_id}.out").read_text()
     assert re.search(r"time-limit signal: saved \S+/requeue/requeue-1\.ckpt at step \d+", text), text[-3000:]
