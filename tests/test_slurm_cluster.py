@@ -174,6 +174,16 @@ def _started_training(run_dir: Path, segments: int):
     return lambda: len({f.name.split(".")[-2] for f in (run_dir / "tensorboard").glob("events.out.tfevents.*")}) >= segments
 
 
+def _signal_quickly(job_id: str, name: str) -> None:
+    """``scancel --signal=NAME``, given 3 s: SLURM refuses signals while a job is being requeued (the
+    warning came just before) and scancel would retry for a minute and a half; the requeue ends the
+    job's processes anyway (SIGKILL after KillWait, stopped or not)."""
+    try:
+        subprocess.run(["scancel", f"--signal={name}", job_id], capture_output=True, timeout=3)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def _restart_when_requeued(job_id: str, restarts: int, logs: Path, *updates: str) -> None:
     """Wait for the job's ``restarts``-th requeue, then let it start at once (not in two minutes)."""
     _wait(lambda: _requeued(job_id, restarts), 120, f"requeue {restarts}", logs)
@@ -215,10 +225,10 @@ def test_training_requeued_by_its_time_limit_and_by_a_signal_exports_the_uninter
     _wait(lambda: show_jobs(job_id)[0].state == "RUNNING", 120, "the job to start", logs)
     warned_by = datetime.fromisoformat(show_jobs(job_id)[0].start).timestamp() + 37
     _wait(lambda: _started_training(run_dir, 1)() or time.time() > warned_by, 120, "training", logs)
-    if time.time() < warned_by:
-        subprocess.run(["scancel", "--signal=STOP", job_id], check=True)
-        time.sleep(warned_by - time.time())
-        subprocess.run(["scancel", "--signal=CONT", job_id], check=True)
+    if time.time() < warned_by and not (run_dir / "requeue").exists():
+        _signal_quickly(job_id, "STOP")
+        time.sleep(max(0.0, warned_by - time.time()))
+        _signal_quickly(job_id, "CONT")
     _restart_when_requeued(job_id, 1, logs, "TimeLimit=10")
     _signal_and_restart(job_id, 2, run_dir, logs)
     assert_completed(wait_for([job_id], 300, logs), logs)

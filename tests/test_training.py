@@ -486,3 +486,30 @@ def test_a_signal_at_a_validation_step_saves_after_that_validation(monkeypatch, 
     assert first.steps + resumed.steps == straight.steps
     for stem in ("aligner", "aligner_best"):
         _assert_bitwise_equal(_export(tmp_path / "requeued", stem), _export(tmp_path / "straight", stem))
+
+
+def test_a_failed_requeue_fails_the_job_with_the_reason(monkeypatch, tmp_path, caches):
+    """``scontrol requeue`` refused: the job must not end as if training were complete."""
+    from img_lightning.callbacks.requeue import RequeueError
+
+    train, _, key = caches
+    scontrol_log = srun_environment(monkeypatch, tmp_path, "img-train", "4242")
+    (tmp_path / "bin" / "scontrol").write_text('#!/bin/sh\necho "Requeue of job 4242 not allowed" >&2\nexit 1\n')
+    with pytest.raises(RequeueError, match="not allowed.*run.ckpt_path=last"):
+        run_training(tiny_config(train, key, tmp_path, "refused", **{"trainer.max_steps": 6}), [SignalDuringStep(2)])
+    assert (tmp_path / "refused" / "requeue" / "requeue-1.ckpt").is_file() and not scontrol_log.exists()
+
+
+def test_no_checkpoint_is_written_after_the_requeue_checkpoint(monkeypatch, tmp_path, caches):
+    """Stopped at step 2, before this process saved any last.ckpt: Lightning's ModelCheckpoint would
+    write one when training ends, after the requeue checkpoint, and the resume would take it."""
+    from img_lightning.run_dir import resolve_resume
+
+    train, _, key = caches
+    srun_environment(monkeypatch, tmp_path, "img-train", "4242")
+    run_training(tiny_config(train, key, tmp_path, "early", **{"trainer.checkpoint_every_n_steps": 4}),
+                 [SignalDuringStep(1)])
+    run_dir = tmp_path / "early"
+    saved = run_dir / "requeue" / "requeue-1.ckpt"
+    assert [p.name for p in run_dir.rglob("*.ckpt") if p.stat().st_mtime_ns > saved.stat().st_mtime_ns] == []
+    assert resolve_resume(run_dir, "last") == str(saved)

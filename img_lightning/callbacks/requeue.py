@@ -15,6 +15,8 @@ the exact-resume guarantees hold) and training stops.
 
 That save is the last thing the job writes. The callback is a :class:`Checkpoint`, which Lightning
 runs after every ``ModelCheckpoint``, so their saves of that step come first and are in its state;
+their ``last.ckpt`` at the end of training is switched off (Lightning writes one then when none was
+written in the process, and ``run.ckpt_path=last`` would take that newer file);
 the validation Lightning runs when training stops early is skipped (it would let the best-model
 ``ModelCheckpoint`` write a new ``best-*.ckpt`` and delete the one the saved state points to, and
 the resumed job would die on the missing file, or pick its best from a validation the
@@ -42,12 +44,17 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
+from ..errors import UserError
 from ..run_dir import REQUEUE_DIR, REQUEUE_PATTERN
 from ..time_limit_signal import pop_time_limit_signal
 
 log = logging.getLogger(__name__)
+
+
+class RequeueError(UserError):
+    """The run was saved for a requeue, but SLURM did not requeue the job."""
 
 
 def next_requeue_checkpoint(folder: Path) -> Path:
@@ -123,6 +130,11 @@ class RequeueOnSignal(Checkpoint):
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         trainer.should_stop = True
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                # the requeue checkpoint is this job's resume point: no last.ckpt when training ends
+                # (Lightning writes one then if none was written in this process), after it
+                callback.save_last = False
         if validation_due(trainer):
             # This step's validation runs as it would have (a resumed run skips the validation of
             # the step it resumes at); the save follows it and the ModelCheckpoint saves after it.
@@ -153,7 +165,9 @@ class RequeueOnSignal(Checkpoint):
 
     def requeue_job(self, trainer: Trainer) -> bool:
         """Rank 0 asks SLURM to requeue this job (which ends it): call it after ``fit`` returned,
-        so nothing is written after the requeue checkpoint. True when the job was requeued."""
+        so nothing is written after the requeue checkpoint. True when the job was requeued; a
+        failed ``scontrol requeue`` raises :class:`RequeueError`, so the job fails and says why
+        instead of ending as if training were complete."""
         if self.requeued_at is None or not trainer.is_global_zero:
             return False
         if not self.job_id:
@@ -163,15 +177,14 @@ class RequeueOnSignal(Checkpoint):
         cmd = [*self.requeue_command, self.job_id]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            problem = "" if done.returncode == 0 else f"exit {done.returncode}: {(done.stderr or done.stdout).strip()}"
         except OSError as err:
-            log.error("could not run %s (%s): resume with run.ckpt_path=last", " ".join(cmd), err)
-            return False
-        if done.returncode == 0:
-            log.info("requeued SLURM job %s", self.job_id)
-            return True
-        log.error("%s failed (exit %d): %s; resume with run.ckpt_path=last", " ".join(cmd), done.returncode,
-                  (done.stderr or done.stdout).strip())
-        return False
+            problem = str(err)
+        if problem:
+            raise RequeueError(f"saved {self.checkpoint} at step {self.requeued_at}, but `{' '.join(cmd)}` failed "
+                               f"({problem}): submit the job again; run.ckpt_path=last resumes from that checkpoint")
+        log.info("requeued SLURM job %s", self.job_id)
+        return True
 
 
 def slurm_requeue_callback(folder: Path) -> Optional[RequeueOnSignal]:
