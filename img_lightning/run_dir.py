@@ -20,6 +20,9 @@ from .config.loading import ConfigError, load_config, to_container, to_yaml
 
 CONFIG_NAME = "config.yaml"
 RESUMES_DIR = "resumes"
+REQUEUE_DIR = "requeue"  # SLURM requeue checkpoints (callbacks/requeue.py): requeue-N.ckpt
+REQUEUE_PATTERN = "requeue-*.ckpt"
+LEGACY_REQUEUE_PATTERN = "hpc_ckpt_*.ckpt"  # what older versions wrote at the top of the run directory
 
 
 def run_directory(run_cfg: Any) -> Path:
@@ -133,15 +136,30 @@ def _is_key_of(key: str, tree: dict) -> bool:
     return True
 
 
+def lightning_root(run_dir: Path) -> Path:
+    """The Trainer's ``default_root_dir``: a folder in the run directory that nothing writes to.
+
+    Under SLURM, Lightning loads the newest ``hpc_ckpt_*.ckpt`` of its root directory into the
+    module in every ``fit``/``validate``/``test`` call without a ``ckpt_path``. Our requeue
+    checkpoints live elsewhere (``requeue/``), but run directories of older versions hold
+    ``hpc_ckpt_*.ckpt`` at their top: with the run directory as its root, Lightning would put such a
+    file's weights into the module before the final validation and export. Checkpoints and logs
+    are written where the callbacks and the logger say, never here.
+    """
+    return run_dir / ".lightning"
+
+
 def resolve_resume(run_dir: Path, ckpt_path: Optional[str]) -> Optional[str]:
     """Turn ``run.ckpt_path`` into a checkpoint file or None (fresh start).
 
-    ``"last"``: the newest of ``checkpoints/last.ckpt`` and Lightning's SLURM pre-emption checkpoints
-    (``hpc_ckpt_*.ckpt``); a fresh start when there is none, so requeue scripts can always pass it.
-    ``None`` in a directory that already has checkpoints is refused instead of silently mixing runs.
-    A checkpoint may be a file or a directory (FSDP's sharded checkpoints).
+    ``"last"``: the newest of ``checkpoints/last.ckpt``, the SLURM requeue checkpoints
+    (``requeue/requeue-N.ckpt``) and those of older versions (``hpc_ckpt_*.ckpt`` at the top); a
+    fresh start when there is none, so requeue scripts can always pass it. ``None`` in a directory
+    that already has checkpoints is refused instead of silently mixing runs. A checkpoint may be a
+    file or a directory (FSDP's sharded checkpoints).
     """
-    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *(run_dir / REQUEUE_DIR).glob(REQUEUE_PATTERN),
+                  *run_dir.glob(LEGACY_REQUEUE_PATTERN)]
     existing = [p for p in candidates if p.is_file() or (p.is_dir() and (p / ".metadata").is_file())]
     if ckpt_path is None:
         if existing:

@@ -26,7 +26,8 @@ from .config.loading import ConfigError, load_config, to_container
 from .config.train import RESUME_FREE_KEYS, TrainConfig
 from .data import ExpectedFeatures, FeatureCacheDataModule
 from .module import AlignerModule, aligner_weights_from_checkpoint
-from .run_dir import check_resume_config, resolve_resume, run_directory, write_run_info
+from .run_dir import check_resume_config, lightning_root, resolve_resume, run_directory, write_run_info
+from .weights_guard import check_weights_unchanged, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def build_trainer(
         limit_val_batches=t.limit_val_batches,
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
-        default_root_dir=str(run_dir),
+        default_root_dir=str(lightning_root(run_dir)),  # not the run directory: see lightning_root
         logger=logger,
         callbacks=list(callbacks),
         plugins=plugins or None,
@@ -221,10 +222,13 @@ def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainRes
     result = TrainResult(run_dir=run_dir, is_global_zero=trainer.is_global_zero)
     if requeue is not None and requeue.requeued_at is not None:
         result.requeued_at = requeue.requeued_at  # the requeued job continues; nothing final yet
+        requeue.requeue_job(trainer)  # the last thing this job does (SLURM ends it)
         return result
+    trained = weights_fingerprint(module)
     if datamodule.val_ids is not None:
         validated = trainer.validate(module, datamodule=datamodule, verbose=False)
         result.metrics = {k: float(v) for k, v in (validated[0] if validated else {}).items()}
+        check_weights_unchanged(module, trained, "the final validation")
     if trainer.is_global_zero:
         log_run_hparams(logger, cfg, result.metrics, trainer.global_step)
     best = next(

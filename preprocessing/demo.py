@@ -19,6 +19,11 @@ The demo's own check is a tolerance, not a figure: the trained aligner must end 
 ``MIN_IMPROVEMENT`` below the identity baseline on the held-out pairs (the figure itself depends on
 the CPU and the library versions: docs/demo.md).
 
+``img-demo --slurm`` runs the same stages as SLURM jobs instead: it builds the models and the data,
+writes ``configs/pipeline/demo.yaml`` with their paths filled in to ``OUT/pipeline.yaml`` and
+submits it with ``img-submit`` (run it from the repository root, on a cluster or on
+``slurm/local_cluster.sh``).
+
 It lives in ``preprocessing/`` because it drives every stage; the library never imports it.
 """
 
@@ -41,6 +46,7 @@ TRAIN_CONFIG = resolve_config_path("configs/train/demo.yaml")
 FINETUNE_CONFIG = resolve_config_path("configs/finetune_mllm/demo.yaml")
 # The trained aligner's held-out ||c_w - f(c)||^2 must be this much below the identity baseline's.
 MIN_IMPROVEMENT = 0.20
+PIPELINE_CONFIG = resolve_config_path("configs/pipeline/demo.yaml")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run every stage on models at the released models' widths with 1-2 layers (LLaVA-13B, "
                         "SDXL, IP-Adapter-Plus, the paper-size aligner) at minimal size, under OUT/real_width "
                         "(~5 GB of models built once; see preprocessing/demo_real_width.py)")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit the stages as SLURM jobs (img-submit OUT/pipeline.yaml) instead of running them here")
+    p.add_argument("--dry-run", action="store_true", help="with --slurm: write OUT/pipeline.yaml, submit nothing")
     add_common_arguments(p)
     return p
 
@@ -74,6 +83,8 @@ def _done(start: float) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_command(_parser(), argv)
     setup_from_args(args)
+    if args.slurm:
+        return run_cli(lambda: _slurm(args), "img-demo", debug=args.debug)
     return run_cli(lambda: _demo(args), "img-demo", debug=args.debug)
 
 
@@ -213,6 +224,63 @@ def deliberate_bad_share(triplets: int) -> float:
     """Twice the share of an epoch that the demo data's one corrupt image can be: the held-out
     split and the batch remainder leave fewer than ``triplets`` samples in an epoch."""
     return round(2.0 / max(1, triplets), 4)
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    """Models and data (kept when already there, so a resubmission resumes), the demo recipe with
+    their paths, submitted by img-submit."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from img_lightning.cli.submit import main as submit_main
+    from img_lightning.config.loading import to_yaml
+    from img_lightning.config.pipeline import PipelineConfig
+    from img_lightning.tiny.demo_eval import tiny_eval_overrides
+    from img_lightning.tiny.scorers import build_tiny_scorers
+    from img_lightning.tiny.world import build_tiny_world, preprocess_overrides
+    from preprocessing.demo_data import write_demo_parquet, write_edit_triplets_parquet
+
+    out = args.out.resolve()
+    models = build_tiny_world(out / "models", seed=args.seed)
+    listing = out / "tiny_scorers" / "paths.json"
+    if not listing.is_file():
+        scorers = build_tiny_scorers(out / "tiny_scorers")
+        listing.write_text(json.dumps({k: str(v) for k, v in scorers.items()}))
+    scorers = {k: Path(v) for k, v in json.loads(listing.read_text()).items()}
+    data = out / "data"
+    train_pq, val_pq, triplets_pq = data / "train.parquet", data / "val.parquet", data / "edit_triplets.parquet"
+    if not train_pq.is_file():
+        write_demo_parquet(train_pq, args.pairs, seed=args.seed)
+    if not val_pq.is_file():
+        write_demo_parquet(val_pq, args.val_pairs, seed=args.seed + 1)
+    if not triplets_pq.is_file():
+        write_edit_triplets_parquet(triplets_pq, args.triplets, seed=args.seed + 2)
+    prompts = data / "eval_prompts.txt"
+    if not prompts.is_file():
+        captions = sorted({c for c in pq.read_table(val_pq, columns=["caption"]).column("caption").to_pylist() if c})
+        random.Random(args.seed).shuffle(captions)
+        prompts.write_text("\n".join(captions[: max(1, args.eval_prompts)]) + "\n", encoding="utf-8")
+
+    cfg = load_config(PipelineConfig, [PIPELINE_CONFIG], [f"root={out / 'pipeline'}"], require_complete=False)
+    cfg.mllm.data = str(triplets_pq)
+    cfg.mllm.overrides += [f"mllm.path={models['llava']}", "trainer.enable_progress_bar=false"]
+    if args.mllm_steps is not None:
+        cfg.mllm.overrides.append(f"trainer.max_steps={args.mllm_steps}")
+    cfg.preprocess.input = str(train_pq)
+    cfg.preprocess.overrides += [o for o in preprocess_overrides(models) if not o.startswith("encoders.mllm.")]
+    cfg.train.overrides.append("trainer.enable_progress_bar=false")
+    if args.steps is not None:
+        cfg.train.overrides.append(f"trainer.max_steps={args.steps}")
+    # run_dir, the MLLM and the aligner are the pipeline's (img-submit puts its own values last)
+    cfg.eval.enabled = args.eval_prompts > 0
+    cfg.eval.overrides += tiny_eval_overrides(out / "pipeline" / "eval", models["sdxl"], models["ip_adapter"],
+                                              models["llava"], "-", scorers, prompts, limit=args.eval_prompts,
+                                              grader_dir=models["llava"])
+    recipe = out / "pipeline.yaml"
+    recipe.write_text(to_yaml(cfg), encoding="utf-8")
+    print(f"demo recipe: {recipe} (submit it again with: img-submit {recipe})")
+    return submit_main([str(recipe), *(["--dry-run"] if args.dry_run else [])])
 
 
 def _finetune_mllm(args: argparse.Namespace, out: Path, llava: Path, triplets: Path) -> dict:

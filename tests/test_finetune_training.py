@@ -250,3 +250,39 @@ def test_time_limit_signal_inside_accumulation_saves_at_the_step_and_resumes_exa
     assert a["global_step"] == b["global_step"] == 4
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0, msg=k)
+
+
+class FinalModelWeights(Callback):
+    """The MLLM's weights when ``fit`` ends: what the export must hold."""
+
+    def on_fit_end(self, trainer, pl_module):
+        self.state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def _exported_weights(export_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32).state_dict()
+
+
+def test_requeued_finetune_exports_its_final_weights_with_validation_on(triplets, tiny_llava_dir, tmp_path, monkeypatch):
+    """The final validation must not reload the requeue checkpoint (Lightning restores ``hpc_ckpt_*``
+    of its root under SLURM): the export is the module's final weights, bit for bit those of an
+    uninterrupted run."""
+    extra = {"trainer.max_steps": 6, "trainer.val_check_interval": 3, "trainer.checkpoint_every_n_steps": 3}
+    straight = run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "straight", **extra))
+    assert "val/loss" in straight.metrics
+
+    srun_environment(monkeypatch, tmp_path, "img-finetune-mllm", "77")
+    cut = run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "requeued", **extra),
+                       [SignalAfterMicroBatch(3)])
+    assert cut.requeued_at == 4 and cut.export_dir is None
+    final = FinalModelWeights()
+    done = run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "requeued",
+                                             **{**extra, "run.ckpt_path": "last"}), [final])
+    assert done.metrics["val/loss"] == straight.metrics["val/loss"]
+    exported, reference = _exported_weights(done.export_dir), _exported_weights(straight.export_dir)
+    assert set(exported) == set(final.state) == set(reference)
+    for k, v in final.state.items():
+        assert torch.equal(exported[k], v), k  # the module's final weights, not a reload
+        assert torch.equal(reference[k], v), k

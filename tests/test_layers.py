@@ -26,12 +26,14 @@ PACKAGES = ("img_lightning", "preprocessing")
 # Lowest first. Entries are modules or packages (a package covers everything below it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # errors, atomic writes, file hashes, typed config schemas and loading, model lookup, run directories
-    # (and their lock), checkpoint integrity, the version, where models come from
+    # (and their lock), checkpoint integrity, the version, where models come from,
+    # the fingerprint that proves an export holds the trained weights, SLURM's early time-limit warning
     ("foundation", ("img_lightning.errors", "img_lightning.atomic", "img_lightning.config",
                     "img_lightning.models", "img_lightning.hf_quiet", "img_lightning.log_steps",
                     "img_lightning.run_dir", "img_lightning.parquet_files", "img_lightning.hashing",
                     "img_lightning.run_lock", "img_lightning.checkpoint_files",
-                    "img_lightning.version", "img_lightning.model_sources")),
+                    "img_lightning.version", "img_lightning.model_sources",
+                    "img_lightning.weights_guard", "img_lightning.time_limit_signal")),
     ("cache", ("img_lightning.cache",)),  # the feature-cache format, writer, manifest, reader
     ("data", ("img_lightning.data",)),  # the DataModule over a cache
     # MLLM and IP encoders (with what they read of a finetuned-MLLM export), the cache recipe (its key
@@ -44,7 +46,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("eval_run", ("img_lightning.eval_run",)),  # prompt records, image store, arms: what generation and evaluation share
     ("generation", ("img_lightning.generation",)),
     ("evaluation", ("img_lightning.evaluation",)),
-    ("cli", ("img_lightning.cli",)),
+    ("cli", ("img_lightning.cli", "img_lightning.submit")),  # the commands; img-submit drives the sbatch scripts
     ("api", ("img_lightning",)),  # the root package's __init__: the public API (lazy re-exports)
     # applications on top of the library: tiny demo/test models and the demo, preprocessing (img-preprocess, img-demo)
     ("apps", ("img_lightning.tiny", "preprocessing")),

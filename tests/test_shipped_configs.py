@@ -26,7 +26,8 @@ from img_lightning.models import ModelNotFoundError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Folders whose configs another test covers; anything else unknown fails test_every_folder_has_a_loader.
 NOT_COVERED: dict[str, str] = {}
-COVERED = ("preprocess", "train", "eval/backbones", "eval/benchmarks", "eval/rubrics", "eval", "finetune_mllm")
+COVERED = ("preprocess", "train", "eval/backbones", "eval/benchmarks", "eval/rubrics", "eval", "finetune_mllm",
+           "pipeline")
 
 
 def yamls(folder: str) -> list[Path]:
@@ -238,3 +239,24 @@ def test_finetune_configs_load_and_build_their_strategy(path, tiny_llava_dir, ti
     strategy = build_strategy(cfg)
     kind = str(getattr(cfg.trainer.strategy, "value", cfg.trainer.strategy))
     assert (strategy == "auto") == (kind not in ("fsdp", "ddp"))
+
+
+# ---------------------------------------------------------------------------------- pipeline
+@pytest.mark.parametrize("path", yamls("pipeline"), ids=_ids(yamls("pipeline")))
+def test_pipeline_recipes_name_stage_configs_that_belong_together(path, tmp_path):
+    """Every stage config an img-submit recipe names loads with its schema, and training reads the
+    recipe's own preprocessing (no SDXL aligner on a FLUX cache)."""
+    from img_lightning.config.finetune_mllm import FinetuneMLLMConfig
+    from img_lightning.config.pipeline import PipelineConfig
+    from img_lightning.submit.plan import plan_pipeline
+
+    cfg = load_config(PipelineConfig, [path], require_complete=False)
+    load_config(FinetuneMLLMConfig, [cfg.mllm.config], require_complete=False)
+    load_config(PreprocessConfig, [cfg.preprocess.config], require_complete=False)
+    train = load_config(TrainConfig, [cfg.train.config], require_complete=False)
+    assert train.data.recipe == cfg.preprocess.config
+    if cfg.eval.enabled:
+        load_config(EvalConfig, list(cfg.eval.configs), require_complete=False)
+    cfg.root, cfg.mllm.data, cfg.mllm.convert_from, cfg.preprocess.input = str(tmp_path), "/d", "/c", "/i"
+    stages = plan_pipeline(cfg, CONFIGS.parent / "slurm")
+    assert [s.name for s in stages] == ["mllm", "preprocess", "train", "eval"][: len(stages)]

@@ -172,7 +172,7 @@ def test_time_limit_signal_saves_at_a_step_boundary_requeues_and_resumes_exactly
     result = run_training(tiny_config(train, key, tmp_path, "requeued", **extra), [first, SignalDuringStep(6)])
     assert result.requeued_at == 7 and not result.exports  # saved after step 6's update; nothing final
     assert scontrol_log.read_text().split() == ["requeue", "4242"]
-    saved = torch.load(tmp_path / "requeued" / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    saved = torch.load(tmp_path / "requeued" / "requeue" / "requeue-1.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 7 and len(first.seen) == 7
     assert signal.getsignal(signal.SIGUSR1) == before  # handler restored
 
@@ -186,6 +186,101 @@ def test_time_limit_signal_saves_at_a_step_boundary_requeues_and_resumes_exactly
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0, msg=k)
     assert a["callbacks"]["ReferenceSwap"] == b["callbacks"]["ReferenceSwap"]
+
+
+class FinalWeights(Callback):
+    """The aligner's weights when ``fit`` ends: what the export must hold."""
+
+    def on_fit_end(self, trainer, pl_module):
+        self.state = {k: v.detach().clone() for k, v in pl_module.aligner.state_dict().items()}
+
+
+class ValidationSteps(Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_validation_end(self, trainer, pl_module):
+        self.steps.append((trainer.state.fn.value, trainer.global_step))
+
+
+def _export(run_dir, stem="aligner"):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "export" / f"{stem}.safetensors"))
+
+
+def _assert_bitwise_equal(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_requeued_run_exports_its_final_weights_and_its_checkpoint_is_the_last_write(monkeypatch, tmp_path, caches):
+    """With validation on: the final ``validate()`` must not reload the requeue checkpoint into the
+    module (Lightning restores ``hpc_ckpt_*`` of its root under SLURM), and after the signal save
+    nothing else may be written (a validation-on-stop made ModelCheckpoint replace the best-*.ckpt
+    the saved state points to)."""
+    train, val, key = caches
+    extra = {"data.val_cache": str(val), "trainer.max_steps": 12, "trainer.val_check_interval": 4,
+             "trainer.checkpoint_every_n_steps": 4}
+    run_training(tiny_config(train, key, tmp_path, "straight", **extra))
+
+    srun_environment(monkeypatch, tmp_path, "img-train", "4242")
+    validations = ValidationSteps()
+    cut = run_training(tiny_config(train, key, tmp_path, "requeued", **extra), [SignalDuringStep(5), validations])
+    assert cut.requeued_at == 6
+    assert validations.steps == [("fit", 4)]  # none when stopping at step 6
+    run_dir = tmp_path / "requeued"
+    saved_path = run_dir / "requeue" / "requeue-1.ckpt"
+    saved = torch.load(saved_path, map_location="cpu", weights_only=True)
+    best = [v["best_model_path"] for k, v in saved["callbacks"].items() if "val/base" in k]
+    assert len(best) == 1 and best[0].endswith("best-step00000004.ckpt") and os.path.isfile(best[0])
+    written_after = [p for p in run_dir.rglob("*.ckpt") if p.stat().st_mtime_ns > saved_path.stat().st_mtime_ns]
+    assert not written_after
+
+    final = FinalWeights()
+    done = run_training(tiny_config(train, key, tmp_path, "requeued", **{**extra, "run.ckpt_path": "last"}), [final])
+    assert done.requeued_at is None and done.metrics["val/base"] < done.metrics["val/identity"]
+    exported = _export(run_dir)
+    _assert_bitwise_equal(exported, final.state)  # the module's final weights, not a reload
+    _assert_bitwise_equal(exported, _export(tmp_path / "straight"))
+    _assert_bitwise_equal(_export(run_dir, "aligner_best"), _export(tmp_path / "straight", "aligner_best"))
+    assert json.loads((run_dir / "export" / "aligner.json").read_text())["global_step"] == 12
+
+
+def test_a_run_directory_with_old_hpc_checkpoints_resumes_and_exports_its_final_weights(monkeypatch, tmp_path, caches):
+    """Older versions wrote ``hpc_ckpt_N.ckpt`` at the top of the run directory: ``run.ckpt_path=last``
+    still resumes from it, and Lightning's auto-restore never puts it back into the module."""
+    train, val, key = caches
+    extra = {"data.val_cache": str(val), "trainer.max_steps": 8, "trainer.val_check_interval": 4,
+             "trainer.checkpoint_every_n_steps": 4}
+    srun_environment(monkeypatch, tmp_path, "img-train", "4242")
+    run_training(tiny_config(train, key, tmp_path, "old", **extra), [SignalDuringStep(5)])
+    run_dir = tmp_path / "old"
+    (run_dir / "requeue" / "requeue-1.ckpt").rename(run_dir / "hpc_ckpt_1.ckpt")  # the old layout
+    final = FinalWeights()
+    run_training(tiny_config(train, key, tmp_path, "old", **{**extra, "run.ckpt_path": "last"}), [final])
+    assert json.loads((run_dir / "run_info.json").read_text())["resumed_from"] is None
+    resumed = json.loads((run_dir / "resumes" / "001" / "run_info.json").read_text())["resumed_from"]
+    assert resumed.endswith("hpc_ckpt_1.ckpt")
+    _assert_bitwise_equal(_export(run_dir), final.state)
+
+
+class ChangeWeightsInValidation(Callback):
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn.value == "validate":
+            with torch.no_grad():
+                next(pl_module.aligner.parameters()).add_(1.0)
+
+
+def test_weights_that_change_during_the_final_validation_are_not_exported(tmp_path, caches):
+    from img_lightning.weights_guard import WeightsChangedError
+
+    train, val, key = caches
+    cfg = tiny_config(train, key, tmp_path, "changed", **{"data.val_cache": str(val), "trainer.max_steps": 2})
+    with pytest.raises(WeightsChangedError, match="final validation"):
+        run_training(cfg, [ChangeWeightsInValidation()])
+    assert not (tmp_path / "changed" / "export").exists()
 
 
 def test_slurm_sbatch_script_passes_the_job_to_img_train(tmp_path):
@@ -370,3 +465,68 @@ def test_torch_threads_knob(caches, tmp_path):
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="run.torch_threads"):
         tiny_config(train, key, tmp_path, "bad", **{"run.torch_threads": 0})
+
+
+def test_a_time_limit_signal_while_the_job_starts_is_kept_for_the_first_step(monkeypatch, tmp_path, caches):
+    """SIGUSR1 ends a process by default; SLURM may send the warning while the step is still importing
+    or opening data. img-train's entry point catches it from the start, and the run saves at its first
+    step boundary and requeues."""
+    from img_lightning.time_limit_signal import catch_time_limit_signal
+
+    train, _, key = caches
+    scontrol_log = srun_environment(monkeypatch, tmp_path, "img-train", "4242")
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        catch_time_limit_signal()
+        os.kill(os.getpid(), signal.SIGUSR1)  # still alive
+        result = run_training(tiny_config(train, key, tmp_path, "early"))
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert result.requeued_at == 1 and (tmp_path / "early" / "requeue" / "requeue-1.ckpt").is_file()
+    assert scontrol_log.read_text().split() == ["requeue", "4242"]
+
+
+def test_a_signal_at_a_validation_step_saves_after_that_validation(monkeypatch, tmp_path, caches):
+    """Stopped at step 4, where a validation is due: it runs before the save (a resumed run skips the
+    validation of the step it resumes at), so the requeued run validates at the same steps as an
+    uninterrupted one and picks the same best checkpoint."""
+    train, val, key = caches
+    extra = {"data.val_cache": str(val), "trainer.max_steps": 12, "trainer.val_check_interval": 4,
+             "trainer.checkpoint_every_n_steps": 4}
+    straight = ValidationSteps()
+    run_training(tiny_config(train, key, tmp_path, "straight", **extra), [straight])
+    srun_environment(monkeypatch, tmp_path, "img-train", "4242")
+    first, resumed = ValidationSteps(), ValidationSteps()
+    cut = run_training(tiny_config(train, key, tmp_path, "requeued", **extra), [SignalDuringStep(3), first])
+    assert cut.requeued_at == 4 and first.steps == [("fit", 4)]
+    run_training(tiny_config(train, key, tmp_path, "requeued", **{**extra, "run.ckpt_path": "last"}), [resumed])
+    assert first.steps + resumed.steps == straight.steps
+    for stem in ("aligner", "aligner_best"):
+        _assert_bitwise_equal(_export(tmp_path / "requeued", stem), _export(tmp_path / "straight", stem))
+
+
+def test_a_failed_requeue_fails_the_job_with_the_reason(monkeypatch, tmp_path, caches):
+    """``scontrol requeue`` refused: the job must not end as if training were complete."""
+    from img_lightning.callbacks.requeue import RequeueError
+
+    train, _, key = caches
+    scontrol_log = srun_environment(monkeypatch, tmp_path, "img-train", "4242")
+    (tmp_path / "bin" / "scontrol").write_text('#!/bin/sh\necho "Requeue of job 4242 not allowed" >&2\nexit 1\n')
+    with pytest.raises(RequeueError, match="not allowed.*run.ckpt_path=last"):
+        run_training(tiny_config(train, key, tmp_path, "refused", **{"trainer.max_steps": 6}), [SignalDuringStep(2)])
+    assert (tmp_path / "refused" / "requeue" / "requeue-1.ckpt").is_file() and not scontrol_log.exists()
+
+
+def test_no_checkpoint_is_written_after_the_requeue_checkpoint(monkeypatch, tmp_path, caches):
+    """Stopped at step 2, before this process saved any last.ckpt: Lightning's ModelCheckpoint would
+    write one when training ends, after the requeue checkpoint, and the resume would take it."""
+    from img_lightning.run_dir import resolve_resume
+
+    train, _, key = caches
+    srun_environment(monkeypatch, tmp_path, "img-train", "4242")
+    run_training(tiny_config(train, key, tmp_path, "early", **{"trainer.checkpoint_every_n_steps": 4}),
+                 [SignalDuringStep(1)])
+    run_dir = tmp_path / "early"
+    saved = run_dir / "requeue" / "requeue-1.ckpt"
+    assert [p.name for p in run_dir.rglob("*.ckpt") if p.stat().st_mtime_ns > saved.stat().st_mtime_ns] == []
+    assert resolve_resume(run_dir, "last") == str(saved)

@@ -7,6 +7,7 @@ import logging
 from typing import Optional, Sequence
 
 from ..config.train import TrainConfig
+from ..time_limit_signal import catch_time_limit_signal
 from .common import (CONFIG_EPILOG, add_common_arguments, add_config_arguments, parse_command, print_config,
                      resolve_config, run_cli, setup_from_args, show_progress)
 
@@ -34,6 +35,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    catch_time_limit_signal()  # before anything slow: SLURM's warning may come early
     args = parse_args(argv)
     setup_from_args(args)
 

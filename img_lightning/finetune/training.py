@@ -32,8 +32,10 @@ from ..checkpoint_io import AtomicCheckpointIO
 from ..run_lock import run_locked, take_run_lock
 from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, to_container
-from ..run_dir import check_resume_config, git_revision, resolve_resume, run_directory, write_run_info
+from ..run_dir import (check_resume_config, git_revision, lightning_root, resolve_resume, run_directory,
+                       write_run_info)
 from ..training import apply_torch_threads, parse_devices
+from ..weights_guard import check_weights_unchanged, weights_fingerprint
 from .datamodule import EditTripletDataModule, skip_summary
 from .module import MLLMFinetuneModule
 from .accounting import StepAccounting, trained_summary  # (with .provenance: what a checkpoint records)
@@ -86,7 +88,8 @@ def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), l
         strategy=build_strategy(cfg), precision=t.precision, max_steps=t.max_steps, max_epochs=t.max_epochs,
         gradient_clip_val=cfg.optim.grad_clip, log_every_n_steps=t.log_every_n_steps,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
-        deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar, default_root_dir=str(run_dir),
+        deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
+        default_root_dir=str(lightning_root(run_dir)),  # not the run directory: see lightning_root
         logger=logger, callbacks=list(callbacks), plugins=plugins or None,
         use_distributed_sampler=False,  # the DataModule shards the data itself
         num_sanity_val_steps=0,
@@ -216,10 +219,13 @@ def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> Finetune
     result = FinetuneResult(run_dir=run_dir, is_global_zero=trainer.is_global_zero)
     if requeue is not None and requeue.requeued_at is not None:
         result.requeued_at = requeue.requeued_at  # the requeued job continues; nothing final yet
+        requeue.requeue_job(trainer)  # the last thing this job does (SLURM ends it)
         return result
+    trained = weights_fingerprint(module)
     if datamodule.val_ids is not None and len(datamodule.val_ids) and cfg.trainer.limit_val_batches > 0:
         validated = trainer.validate(module, datamodule=datamodule, verbose=False)
         result.metrics = {k: float(v) for k, v in (validated[0] if validated else {}).items()}
+        check_weights_unchanged(module, trained, "the final validation")
     if trainer.is_global_zero:
         log_run_hparams(logger, cfg, result.metrics, trainer.global_step)
     if cfg.run.export:
