@@ -9,6 +9,7 @@ import json
 import os
 import resource
 import signal
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -229,12 +230,13 @@ class FillDisk(Callback):
     """From optimizer step ``step`` on, files cannot grow past half of the last checkpoint's size (the
     kernel's file-size limit: writes fail with EFBIG, as they fail with ENOSPC on a full disk)."""
 
-    def __init__(self, step):
+    def __init__(self, step, run_dir):
         self.step = step
+        self.last = Path(run_dir) / "checkpoints" / "last.ckpt"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            limit = max(1, os.path.getsize(os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")) // 2)
+            limit = max(1, os.path.getsize(self.last) // 2)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
@@ -254,7 +256,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_which_d
     extra = {"trainer.max_steps": 4, "trainer.checkpoint_every_n_steps": 2, "run.export": False}
     run_dir = tmp_path / "full"
     with pytest.raises(CheckpointDiskFull) as caught:
-        run_finetune(tiny_finetune_config(good, tiny_llava_dir, tmp_path, "full", **extra), [FillDisk(3)])
+        run_finetune(tiny_finetune_config(good, tiny_llava_dir, tmp_path, "full", **extra), [FillDisk(3, run_dir)])
     message = str(caught.value)
     assert f"the disk holding {run_dir / 'checkpoints'}" in message and "is full" in message
     assert "previous last.ckpt, if any, is intact" in message and "/tmp/tmp" not in message
