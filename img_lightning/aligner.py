@@ -10,8 +10,9 @@ be batched; a padded sample gets exactly the output it gets alone.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -154,7 +155,7 @@ class ImplicitAligner(nn.Module):
         )
 
     @classmethod
-    def load_official(cls, path: str | Path, **dims: Optional[int]) -> "ImplicitAligner":
+    def load_official(cls, path: str | Path, **dims: Optional[int]) -> ImplicitAligner:
         """Load a released checkpoint (``.pth`` state dict, optional DDP ``module.`` prefix) or one of
         our exports (``.safetensors``, or ``.pth`` with its ``.json`` beside it).
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from .config.encoders import IPEncoderConfig, MLLMConfig
 from .config.preprocess import GuidanceDtype, guidance_dtype_name
-from .encoders.questions import question_recipe
 from .encoders.export_manifest import export_recipe
+from .encoders.questions import question_recipe
 
 
 def _plain(value: Any) -> Any:

@@ -48,7 +48,7 @@ class FeatureExtractor:
         self.ip = ip
 
     @classmethod
-    def from_config(cls, encoders_cfg) -> "FeatureExtractor":
+    def from_config(cls, encoders_cfg) -> FeatureExtractor:
         return cls(GuidanceEncoder.from_config(encoders_cfg.mllm), build_ip_encoder(encoders_cfg.ip))
 
     @property

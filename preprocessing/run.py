@@ -12,16 +12,17 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
+from img_lightning.atomic import atomic_write_json
 from img_lightning.cache.format import CACHE_DTYPES, GUIDANCE_DTYPES
 from img_lightning.cache.lock import ShardLocks
-from img_lightning.atomic import atomic_write_json
 from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index
 from img_lightning.cache.writer import shard_is_complete
 from img_lightning.config.loading import ConfigError
@@ -32,8 +33,16 @@ from img_lightning.recipe import cache_key_of, recipe_of
 from .extract import FeatureExtractor
 from .pickapic import ImageFetcher, PairTable, ReaderError, scan_pairs
 from .plan import PLAN_NAME, ShardPlan, build_plan, load_plan_document, plan_document, task_from_env
-from .stages import (REPORTS_DIR, Chunk, Prefetcher, ShardSink, ThreadedSink, remove_stale_temporaries, report_path,
-                     source)
+from .stages import (
+    REPORTS_DIR,
+    Chunk,
+    Prefetcher,
+    ShardSink,
+    ThreadedSink,
+    remove_stale_temporaries,
+    report_path,
+    source,
+)
 
 log = logging.getLogger(__name__)
 

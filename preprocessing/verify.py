@@ -132,7 +132,8 @@ def _check_sample(name: str, key: str, payload: bytes, meta_bytes: bytes, spec: 
     if extra:
         out.problems.append(f"{where}: unexpected tensors {extra}")
     if g.ndim != 2 or g.shape[1] != spec.get("guidance", {}).get("dim", g.shape[-1]):
-        out.problems.append(f"{where}: guidance shape {tuple(g.shape)}, manifest dim {spec.get('guidance', {}).get('dim')}")
+        dim = spec.get("guidance", {}).get("dim")
+        out.problems.append(f"{where}: guidance shape {tuple(g.shape)}, manifest dim {dim}")
     ip_shape = tuple(spec.get("ip", {}).get("shape", lose.shape))
     for label, t in (("ip_lose", lose), ("ip_win", win)):
         if tuple(t.shape) != ip_shape:
@@ -301,7 +302,7 @@ def verify_cache(root: str | Path, workers: int = 1) -> VerifyReport:
         args = [(str(root), e, cache_key, spec) for e in entries]
         if workers > 1 and len(entries) > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                checks = list(pool.map(check_shard, *zip(*args)))
+                checks = list(pool.map(check_shard, *zip(*args, strict=True)))
         else:
             checks = [check_shard(*a) for a in args]
     seen: dict[str, str] = {}

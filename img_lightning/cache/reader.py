@@ -25,9 +25,11 @@ import tarfile
 import threading
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -131,7 +133,7 @@ class CacheView:
         return CACHE_DTYPES[name]
 
     @classmethod
-    def open(cls, root: str | Path, verify_checksums: bool = False) -> "CacheView":
+    def open(cls, root: str | Path, verify_checksums: bool = False) -> CacheView:
         """Load the manifest and every shard index; shards that are missing, truncated or (with
         ``verify_checksums``) corrupt are skipped with a warning and listed in ``skipped``."""
         root = Path(root)
@@ -253,7 +255,7 @@ class BufferPool:
             weakref.finalize(view, self._idle.append, buffer).atexit = False
         flat = torch.from_numpy(view)
         out = []
-        for (shape, dtype), offset in zip(specs, offsets):
+        for (shape, dtype), offset in zip(specs, offsets, strict=True):
             size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             out.append(flat[offset : offset + size].view(dtype).view(shape))
         return out
@@ -420,11 +422,11 @@ class BatchReader:
             tensors = self.pool.tensors(specs)
         else:
             tensors = [torch.empty(sh, dtype=dt, pin_memory=pin_memory) for sh, dt in specs]
-        batch = dict(zip(names, tensors))
+        batch = dict(zip(names, tensors, strict=True))
         guidance, mask, scale = batch["guidance"], batch["guidance_mask"], batch.get(SCALE_KEY)
         index, outliers = batch.get(OUTLIER_INDEX_KEY), batch.get(OUTLIER_KEY)
         keep = []
-        for row, ((fd, off, specs), t) in enumerate(zip(located, lengths)):
+        for row, ((fd, off, specs), t) in enumerate(zip(located, lengths, strict=True)):
             parts = [("guidance", guidance[row, :t]), ("ip_lose", batch["ip_lose"][row]),
                      ("ip_win", batch["ip_win"][row])]
             if scale is not None:
@@ -433,7 +435,7 @@ class BatchReader:
                 parts += [(OUTLIER_INDEX_KEY, index[row]), (OUTLIER_KEY, outliers[row, :t])]
             try:
                 parts.sort(key=lambda p: specs[p[0]].begin)
-                contiguous = all(specs[a].end == specs[b].begin for (a, _), (b, _) in zip(parts, parts[1:]))
+                contiguous = all(specs[a].end == specs[b].begin for (a, _), (b, _) in pairwise(parts))
                 if contiguous:  # the usual layout: one syscall for the whole sample
                     _pread_into(fd, [dest for _, dest in parts], off + specs[parts[0][0]].begin)
                 else:

@@ -16,8 +16,9 @@ import io
 import os
 import struct
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -180,7 +181,7 @@ class ShardWriter:
         finally:
             self.tmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -223,7 +224,7 @@ class CacheWriter:
             self._current = None
         return finalize_manifest(self.cache_dir, self.cache_key, self.recipe)
 
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

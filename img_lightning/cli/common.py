@@ -23,7 +23,8 @@ import errno
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 from ..config.loading import load_config, split_cli_args, to_yaml
 from ..errors import UserError

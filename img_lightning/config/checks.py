@@ -3,13 +3,14 @@ the key named, instead of failing deep inside training (``ZeroDivisionError``) o
 
 A schema declares ``CHECKS``: ``{dotted key: check}``; :func:`validate` runs them once the config
 is merged (``load_config`` does it). A ``*`` in a key stands for every entry of a list
-(``scorers.*.max_new_tokens``), so options of list entries get the same checks as every other key. A check returns ``None`` when the value is fine, else what is
-wrong with it ("must be > 0").
+(``scorers.*.max_new_tokens``), so options of list entries get the same checks as every other key.
+A check returns ``None`` when the value is fine, else what is wrong with it ("must be > 0").
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 

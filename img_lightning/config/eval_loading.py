@@ -11,7 +11,8 @@ encoders block (with the local paths it was run with) replaced by the recipe's a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf

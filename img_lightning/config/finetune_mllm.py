@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .choices import Choice, Dtype
 from .checks import at_least, betas, between, non_negative, one_of, optional, positive, steps_limit
+from .choices import Choice, Dtype
 from .encoders import MLLMConfig
 
 

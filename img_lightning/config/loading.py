@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError

@@ -251,8 +251,14 @@ def convert_llava(src: str | Path, dst: str | Path, vision_tower: Optional[str] 
     """Convert ``src`` (original LLaVA folder) into a new llava-hf folder ``dst``."""
     import transformers
     from accelerate import init_empty_weights
-    from transformers import AddedToken, CLIPImageProcessorPil, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
+    from transformers import (
+        AddedToken,
+        CLIPImageProcessorPil,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.is_dir():

@@ -33,7 +33,7 @@ the processor (the IMG FLUX demo's ``np.zeros((1024, 1024, 3), uint8)``, also ``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -119,7 +119,7 @@ class IPEncoder:
         self.num_tokens, self.dim = int(probe.shape[1]), int(probe.shape[2])
 
     @classmethod
-    def from_config(cls, cfg: IPEncoderConfig) -> "IPEncoder":
+    def from_config(cls, cfg: IPEncoderConfig) -> IPEncoder:
         from transformers import CLIPVisionModelWithProjection
 
         enc_root = resolve_model_root(cfg.image_encoder, cfg.image_encoder_path, cfg.revision,

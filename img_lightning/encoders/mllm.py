@@ -30,8 +30,9 @@ resize is the one LLaVA's CLIPImageProcessor ran.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,7 +41,6 @@ from torch import Tensor
 
 from ..config.encoders import MLLMConfig
 from ..config.loading import ConfigError
-from .export_manifest import verify_export_weights, warn_if_trained_otherwise
 from ..models import ModelNotFoundError, model_dir, resolve_device, resolve_dtype, resolve_model_root
 from .conversation import (
     LLAVA_CONVERSATIONS,
@@ -51,6 +51,7 @@ from .conversation import (
     llava_input_ids,
     resolve_format,
 )
+from .export_manifest import verify_export_weights, warn_if_trained_otherwise
 from .questions import QuestionSet, builtin_question_set, question_set_from_config
 from .templates import build_question, template_id_for
 
@@ -205,7 +206,7 @@ class GuidanceEncoder:
         return self.questions.name
 
     @classmethod
-    def from_config(cls, cfg: MLLMConfig) -> "GuidanceEncoder":
+    def from_config(cls, cfg: MLLMConfig) -> GuidanceEncoder:
         questions = question_set_from_config(cfg)  # a bad question file fails before the model loads
         folder = mllm_folder(cfg)
         verify_export_weights(folder)  # an export's weights must be the ones its manifest (cache key) lists
@@ -281,7 +282,7 @@ class GuidanceEncoder:
         pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         image_token = int(self.model.config.image_token_id)
         ids = llava_input_ids(self.processor.tokenizer, texts, image_token, self.num_image_tokens(pixels))
-        for text, row in zip(texts, ids):
+        for text, row in zip(texts, ids, strict=True):
             if len(row) > self.max_tokens:
                 raise PromptTooLong(f"the MLLM input is {len(row)} tokens (question, caption and image), more than "
                                     f"the model's limit of {self.max_tokens}: {text[:80]!r}...")
@@ -299,7 +300,7 @@ class GuidanceEncoder:
         """Model inputs for one batch (CPU tensors): all the CPU-side work of :meth:`encode`."""
         if not (len(images) == len(prompts) == len(template_ids)):
             raise ValueError(f"got {len(images)} images, {len(prompts)} prompts, {len(template_ids)} template ids")
-        texts = [self.prompt_text(p, int(t)) for p, t in zip(prompts, template_ids)]
+        texts = [self.prompt_text(p, int(t)) for p, t in zip(prompts, template_ids, strict=True)]
         prepared = [self.prepare_image(im) for im in images]
         if self.format in LLAVA_CONVERSATIONS:
             return self._prepare_llava(prepared, texts)

@@ -49,7 +49,7 @@ class QuestionSet:
 
     def index_for(self, key: str) -> int:
         """Deterministic question index of a sample: ``sha256(salt:key) mod len(set)``."""
-        digest = hashlib.sha256(f"{self.salt}:{key}".encode("utf-8")).digest()
+        digest = hashlib.sha256(f"{self.salt}:{key}".encode()).digest()
         return int.from_bytes(digest[:8], "big") % len(self.questions)
 
     def question(self, prompt: str, index: int) -> str:

@@ -23,8 +23,9 @@ takes every N-th prompt (``chunk.index``/``chunk.count``); ``report`` merges all
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
@@ -33,7 +34,6 @@ from ..config.eval import ChunkConfig, EvalConfig
 from ..config.eval_loading import load_eval_config
 from ..config.loading import ConfigError, load_config, to_container, to_yaml
 from ..generation.provenance import check_stored_images
-from .prompts import load_prompt_set
 
 STAGES = ("generate", "score", "report", "all")
 
@@ -119,7 +119,8 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
                 raise ReportError(f"{metrics_file}: metric '{m}' has scores but no stored description (model, "
                                   f"version, checkpoint sha256, exact/proxy); rerun `img-eval score` with this config "
                                   f"to record it")
-            warnings.append(f"metric '{m}' is configured but was never scored in {run_dir}: left out (run img-eval score)")
+            warnings.append(f"metric '{m}' is configured but was never scored in {run_dir}: left out "
+                            f"(run img-eval score)")
             continue
         names.append(m)
         fingerprint = scorer_fingerprint(described[m])
@@ -136,11 +137,14 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
                     "negative_ip_image": getattr(cfg.img.negative_ip_image, "value", cfg.img.negative_ip_image),
                     "negative_ip_scale": cfg.img.negative_ip_scale}
     if cfg.img.rounds:  # what made the stored IMG images (their metadata), else the configured file's
-        made = sorted({str(r.get("aligner_sha256")) for a in arms if a.startswith("img_r")
-                       for r in ImageStore(run_dir, a, chunk_tag(cfg), cfg.generation.image_format).done().values() if r.get("aligner_sha256")})
+        stores = [ImageStore(run_dir, a, chunk_tag(cfg), cfg.generation.image_format)
+                  for a in arms if a.startswith("img_r")]
+        made = sorted({str(r.get("aligner_sha256")) for store in stores for r in store.done().values()
+                       if r.get("aligner_sha256")})
         img_settings["aligner_sha256"] = ", ".join(made) if made else aligner_sha256(cfg)
     # the control arm with the base images, byte for byte, for every prompt (its settings equal base's)
-    same_images = {"control": "base"} if "control" in arms and hashes["control"] and hashes["control"] == hashes["base"] else {}
+    control_is_base = "control" in arms and hashes["control"] and hashes["control"] == hashes["base"]
+    same_images = {"control": "base"} if control_is_base else {}
     inputs = ReportInputs(
         prompts=prompts, scores=scores, images=images, same_images=same_images,
         metrics={m: described[m] for m in names},
@@ -153,7 +157,8 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
         img_settings=img_settings,
     )
     r = cfg.report
-    paths = write_report(inputs, run_dir / "report", r.bootstrap, r.seed, r.tie_tolerance, r.gallery_limit, r.thumb_size)
+    paths = write_report(inputs, run_dir / "report", r.bootstrap, r.seed, r.tie_tolerance, r.gallery_limit,
+                         r.thumb_size)
     print(f"img-eval report: {paths['html']}")
     return paths["html"]
 

@@ -52,7 +52,8 @@ def preflight(cfg: Any, stage: str) -> Ready:
     problems = Problems()
     for key in missing_keys(cfg):
         hint = where_to_get(cfg, key) or missing_value_hint(cfg.scorers, key)
-        problems.add(f"{key}: has no value (???); set it in a YAML file or as {key}=..." + (f"; {hint}" if hint else ""))
+        problems.add(f"{key}: has no value (???); set it in a YAML file or as {key}=..."
+                     + (f"; {hint}" if hint else ""))
     prompts: Optional[list] = None
     if all(_set(cfg, k) for k in ("prompts.format", "prompts.path")):
         prompts = problems.check(load_prompt_set, cfg, where="prompts.path")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from ..config.loading import ConfigError
 from ..errors import UserError
@@ -71,7 +72,7 @@ def load_partiprompts(path: str | Path) -> list[PromptRecord]:
             continue
         if len(row) != len(header):
             raise PromptFileError(f"{path}, line {i + 2}: {len(row)} columns, header has {len(header)}")
-        rec = dict(zip(header, (c.strip() for c in row)))
+        rec = dict(zip(header, (c.strip() for c in row), strict=True))
         out.append(
             PromptRecord(
                 _uid(i),
@@ -239,7 +240,8 @@ def load_t2i_compbench(path: str | Path, subset_dir: Optional[str | Path] = None
         for i, t in enumerate(texts):
             k = _complex_key(t)
             subtypes[i] = "spatial" if k in keys["spatial"] else "action" if k in keys["action"] else "spatial_action"
-    return [PromptRecord(_uid(i), t, category=category, subtype=s) for i, (t, s) in enumerate(zip(texts, subtypes))]
+    return [PromptRecord(_uid(i), t, category=category, subtype=s)
+            for i, (t, s) in enumerate(zip(texts, subtypes, strict=True))]
 
 
 # ---------------------------------------------------------------------------------- dispatch

@@ -7,7 +7,8 @@ loaded lazily and can be dropped before re-generation to leave the GPU to the di
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from PIL import Image
@@ -76,7 +77,8 @@ class IMGConditioner:
                 f"({self.encoders_cfg.ip.kind}) gives {self.ip.dim}"
             )
         if token_width is not None and token_width != self.ip.dim:
-            raise ValueError(f"the pipeline's IP-Adapter takes {token_width}-wide tokens, the IP encoder gives {self.ip.dim}")
+            raise ValueError(f"the pipeline's IP-Adapter takes {token_width}-wide tokens, "
+                             f"the IP encoder gives {self.ip.dim}")
 
     def template_id(self, key: str) -> int:
         """The question for ``key``, chosen from the configured question set (file or built-in)

@@ -30,8 +30,9 @@ generator per prompt (the demo draws it on the GPU), the Euler update accumulate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch

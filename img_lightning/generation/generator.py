@@ -16,7 +16,8 @@ image in, its refinements out), so the same prompt and seed give the same image 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from PIL import Image
@@ -56,8 +57,8 @@ class IMGGenerator:
     @property
     def conditioner(self) -> IMGConditioner:
         if self._conditioner is None:
-            self._conditioner = IMGConditioner(self.cfg.encoders, self.cfg.img.aligner, self.cfg.generation.pipeline.device,
-                                               aligner=self._aligner)
+            self._conditioner = IMGConditioner(self.cfg.encoders, self.cfg.img.aligner,
+                                               self.cfg.generation.pipeline.device, aligner=self._aligner)
         return self._conditioner
 
     def ensure_adapter(self) -> None:
@@ -77,7 +78,8 @@ class IMGGenerator:
     # ------------------------------------------------------------------ the steps
     def base(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         g = self.cfg.generation
-        return list(self.backend.generate(list(prompts), list(seeds), g.sampler, negative_prompt=g.base.negative_prompt))
+        return list(self.backend.generate(list(prompts), list(seeds), g.sampler,
+                                          negative_prompt=g.base.negative_prompt))
 
     def question(self, prompt: str, seed: int, round_index: int) -> int:
         """The index of the MLLM's question, chosen from the configured set as preprocessing chooses
@@ -89,7 +91,7 @@ class IMGGenerator:
         """IP tokens of ``images``, their aligned tokens (both ``[B, N, D]`` float32 on CPU) and the
         question asked for each."""
         self.conditioner.check_dims(self.backend.token_width())
-        tids = [self.question(p, s, round_index) for p, s in zip(prompts, seeds)]
+        tids = [self.question(p, s, round_index) for p, s in zip(prompts, seeds, strict=True)]
         ip, aligned = self.conditioner.align(list(images), list(prompts), tids, self.cfg.img.aligner.passes)
         return ip, aligned, tids
 

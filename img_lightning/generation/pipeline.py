@@ -10,13 +10,14 @@ semantics on the FluxPipeline's components (``flux_sampler.py``), as the release
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from ..models import ModelNotFoundError, compute_dtype, from_pretrained, missing_model_message, resolve_device
 from ..hf_quiet import diffusers_errors_only, quiet_hf_progress
+from ..models import ModelNotFoundError, compute_dtype, from_pretrained, missing_model_message, resolve_device
 from .flux_sampler import FluxIP, sample_flux
 from .ip_inject import cfg_pair, install_passthrough, ip_token_width
 
@@ -32,7 +33,7 @@ class DiffusionBackend:
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "DiffusionBackend":
+    def from_config(cls, cfg: Any) -> DiffusionBackend:
         import diffusers  # noqa: F401 - imported before loading, so its loading bars can be hidden
 
         quiet_hf_progress()
@@ -49,8 +50,8 @@ class DiffusionBackend:
                 unet_kwargs = dict(dtype=dtype)
                 if cfg.unet_subfolder:
                     unet_kwargs["subfolder"] = cfg.unet_subfolder
-                extra["unet"] = from_pretrained(UNet2DConditionModel.from_pretrained, "UNet", cfg.unet or "", cfg.unet_path,
-                                      "generation.pipeline.unet_path", **unet_kwargs)
+                extra["unet"] = from_pretrained(UNet2DConditionModel.from_pretrained, "UNet", cfg.unet or "",
+                                                cfg.unet_path, "generation.pipeline.unet_path", **unet_kwargs)
             # No invisible watermark: the released demos' environment has no invisible-watermark
             # package (so diffusers adds none to the base image) and the IP pipeline sets it off.
             pipe = from_pretrained(StableDiffusionXLPipeline.from_pretrained, "SDXL pipeline", cfg.model, cfg.path,
@@ -91,9 +92,10 @@ class DiffusionBackend:
                     self.pipe.load_ip_adapter(src, weight_name=cfg.weight_name, subfolder=cfg.subfolder or "",
                                               image_encoder_pretrained_model_name_or_path=None,
                                               local_files_only=True)
-        except (OSError, EnvironmentError) as err:
+        except OSError as err:
             if cfg.path:
-                raise ModelNotFoundError(f"IP-Adapter: cannot load {cfg.path} ({cfg.subfolder}/{cfg.weight_name}): {err}") from None
+                raise ModelNotFoundError(f"IP-Adapter: cannot load {cfg.path} "
+                                         f"({cfg.subfolder}/{cfg.weight_name}): {err}") from None
             wanted = f"{cfg.subfolder}/{cfg.weight_name}" if cfg.subfolder else cfg.weight_name
             raise ModelNotFoundError(missing_model_message("IP-Adapter", cfg.model, "img.ip_adapter.path",
                                                            files=[wanted])) from None

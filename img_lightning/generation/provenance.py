@@ -11,12 +11,13 @@ and refuses, naming the run directory, the uid and the differing fields.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from ..config.loading import ConfigError
-from ..hashing import file_sha256
 from ..eval_run import ImageStore, PromptRecord, arm_names, source_arm
+from ..hashing import file_sha256
 from .seeds import seed_for
 
 _ABSENT = "<not recorded>"

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from PIL import Image
@@ -67,7 +68,7 @@ class Refinement:
 
     def strip(self) -> Image.Image:
         """The images side by side, labelled."""
-        return side_by_side([(rec["label"], im) for rec, (_, im) in zip(self.records, self.images())])
+        return side_by_side([(rec["label"], im) for rec, (_, im) in zip(self.records, self.images(), strict=True)])
 
 
 def _override(key: str, value: Any) -> str:
@@ -106,7 +107,7 @@ def _jobs(prompts: Union[str, Sequence[str]], seeds: Union[int, Sequence[int]]) 
     seeds = [int(s) for s in seeds]
     if len(seeds) != len(texts):
         raise InputError(f"{len(seeds)} seeds for {len(texts)} prompts: give one seed, or one per prompt")
-    return list(zip(texts, seeds))
+    return list(zip(texts, seeds, strict=True))
 
 
 def _batches(n: int, size: int) -> list[range]:
@@ -131,7 +132,7 @@ class IMGRefiner:
         self._aligner_hash: Optional[str] = None
 
     @classmethod
-    def from_config(cls, *configs: Union[str, Path], **overrides: Any) -> "IMGRefiner":
+    def from_config(cls, *configs: Union[str, Path], **overrides: Any) -> IMGRefiner:
         """YAML files (and ``"key=value"`` strings), then ``overrides`` (``**{"img.ip_scale": 0.3}``,
         or ``img__ip_scale=0.3``), resolved as ``img-eval`` resolves them (the ``recipe``'s encoders)."""
         from ..config.eval_loading import load_eval_config
@@ -190,7 +191,7 @@ class IMGRefiner:
         rounds = self.cfg.img.rounds if rounds is None else int(rounds)
         if rounds < 0:
             raise InputError(f"rounds must be >= 0, got {rounds}")
-        results = [Refinement(p, s, im, records=[rec]) for (p, s), im, rec in zip(jobs, bases, records)]
+        results = [Refinement(p, s, im, records=[rec]) for (p, s), im, rec in zip(jobs, bases, records, strict=True)]
         prompts, seeds = [p for p, _ in jobs], [s for _, s in jobs]
         gen, cfg = self.generator, self.cfg
         current = list(bases)

@@ -11,17 +11,19 @@ Arms (folders under ``{run}/images/``), all with ``generation.sampler`` and one 
   copies of base's (``reused_from: base`` in their metadata; :func:`.provenance.same_images_as`),
   not generated again.
 Each image is made by :class:`~.generator.IMGGenerator` (the steps ``img-generate`` runs too); this
-module stores them and skips what is done. Round r computes its features from round r-1's stored image: a PNG, i.e. exactly the generated
-8-bit RGB image the released demos hand to the MLLM and the IP encoder (lossy formats are refused
-for IMG runs). Aligned tokens are saved per image under ``{run}/features/img_r{r}/`` (safetensors), so a resumed
-run does not reload the MLLM for images whose features exist; they are reused only when made from
-the same prompt, question, source image (sha256), aligner checkpoint (sha256) and passes.
+module stores them and skips what is done. Round r computes its features from round r-1's stored
+image: a PNG, i.e. exactly the generated 8-bit RGB image the released demos hand to the MLLM and the
+IP encoder (lossy formats are refused for IMG runs). Aligned tokens are saved per image under
+``{run}/features/img_r{r}/`` (safetensors), so a resumed run does not reload the MLLM for images
+whose features exist; they are reused only when made from the same prompt, question, source image
+(sha256), aligner checkpoint (sha256) and passes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
@@ -129,7 +131,7 @@ class GenerationRun(IMGGenerator):
         pending = store.pending([p.uid for p in self.prompts])
         g = self.cfg.generation
         for batch in self._batches(pending, g.pipeline.batch_size, "base"):
-            for u, im in zip(batch, self.base(*self._texts_seeds(batch))):
+            for u, im in zip(batch, self.base(*self._texts_seeds(batch)), strict=True):
                 store.save(u, im, self._meta(u, negative_prompt=g.base.negative_prompt, ip_scale=None))
                 self.counts["base"] += 1
 
@@ -159,7 +161,7 @@ class GenerationRun(IMGGenerator):
             feats = [load_file(str(self.feature_path(arm, u))) for u in batch]
             tokens = torch.stack([f["aligned"] for f in feats])
             images = self.regenerate(*self._texts_seeds(batch), tokens, self.cfg.img.ip_scale)
-            for u, im in zip(batch, images):
+            for u, im in zip(batch, images, strict=True):
                 extra = {"template_id": int(self._stored_feature_meta(arm, u)["template_id"])}
                 store.save(u, im, {**self._meta(u, **img_meta(self.cfg, round_index, self.aligner_hash)), **extra})
                 self.counts[arm] += 1
@@ -181,7 +183,7 @@ class GenerationRun(IMGGenerator):
         self.unconditional()
         self._release_encoders()
         for batch in self._batches(pending, self.cfg.generation.pipeline.batch_size, "control"):
-            for u, im in zip(batch, self.control(*self._texts_seeds(batch))):
+            for u, im in zip(batch, self.control(*self._texts_seeds(batch)), strict=True):
                 store.save(u, im, self._meta(u, **regen_meta(self.cfg, 0.0)))
                 self.counts["control"] += 1
 

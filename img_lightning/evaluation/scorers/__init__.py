@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ...config.loading import ConfigError
 from ...errors import Problems
-
 from . import aesthetic, blip_vqa, clip, complex, hps, image_reward, mllm_grader, spatial  # noqa: F401  (register the kinds)
 from .base import CHECKS, REGISTRY, Scorer
 

@@ -21,11 +21,11 @@ from ...errors import Problems
 from ...models import ModelNotFoundError, check_model, compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, register_check
 from .checkpoints import CheckpointError, file_sha256, load_state_dict_file, model_sha256, need_file
-
-CLIP_MODEL = "openai/clip-vit-large-patch14"  # the embedding the released MLP was trained on
-MLP_SOURCE = "sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor, or a .safetensors of it"
 from .transforms import clip_pixels
 
+CLIP_MODEL = "openai/clip-vit-large-patch14"  # the embedding the released MLP was trained on
+MLP_SOURCE = ("sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor, "
+              "or a .safetensors of it")
 MLP_LINEAR_INDICES = (0, 2, 4, 6, 7)  # nn.Sequential positions of the Linear layers (dropouts between)
 
 
@@ -72,7 +72,7 @@ class AestheticScorer(Scorer):
             )
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "AestheticScorer":
+    def from_config(cls, cfg: Any) -> AestheticScorer:
         from transformers import CLIPModel
 
         key = f"scorers[{cfg.name or 'aesthetic'}]"

@@ -78,7 +78,7 @@ class CLIPPairScorer(Scorer):
 
     @classmethod
     def load(cls, cfg: Any, *, scale: Optional[float], clamp_zero: bool, default_name: str, preprocess: str,
-             reference: str) -> "CLIPPairScorer":
+             reference: str) -> CLIPPairScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         device = resolve_device(cfg.device)

@@ -11,8 +11,9 @@ T2I-CompBench's ``CLIP_similarity.py --complex`` does (spaCy ADJ tokens dropped;
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torchvision.transforms.functional as TF
@@ -131,14 +132,15 @@ class HPSScorer(Scorer):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "HPSScorer":
+    def from_config(cls, cfg: Any) -> HPSScorer:
         import open_clip
 
         if cfg.model_config:
             open_clip.add_model_config(cfg.model_config)
         arch = cfg.model or "ViT-H-14"
         if arch not in open_clip.list_models():
-            raise CheckpointError(f"hps: unknown open_clip architecture '{arch}' (register it with model_config=FILE.json)")
+            raise CheckpointError(f"hps: unknown open_clip architecture '{arch}' "
+                                  f"(register it with model_config=FILE.json)")
         if not cfg.checkpoint:
             raise ModelNotFoundError(f"hps: no checkpoint set; {hps_advice('checkpoint')}")
         version = hps_version(cfg.checkpoint, cfg.version)

@@ -33,10 +33,9 @@ from .aesthetic import aesthetic_mlp
 from .base import Scorer, register, register_check
 from .blip_layout import ImageRewardState, count_layers, split_image_reward_state
 from .checkpoints import CheckpointError, file_sha256, load_state_dict_file, need_file
-
-TOKENIZER = "bert-base-uncased"  # ImageReward's text side
 from .transforms import clip_pixels
 
+TOKENIZER = "bert-base-uncased"  # ImageReward's text side
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
 MAX_LENGTH = 35
@@ -59,7 +58,8 @@ def _vision_config(state: dict[str, Tensor]) -> Any:
     grid = round((state["embeddings.position_embedding"].shape[1] - 1) ** 0.5)
     return BlipVisionConfig(
         hidden_size=width, intermediate_size=int(state["encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        num_hidden_layers=count_layers(state, r"encoder\.layers\.(\d+)\."), num_attention_heads=max(1, width // HEAD_DIM),
+        num_hidden_layers=count_layers(state, r"encoder\.layers\.(\d+)\."),
+        num_attention_heads=max(1, width // HEAD_DIM),
         image_size=grid * patch, patch_size=patch, layer_norm_eps=VISION_LN_EPS, hidden_act="gelu",
     )
 
@@ -132,7 +132,7 @@ class ImageRewardScorer(Scorer):
                                   f"only {text.config.vocab_size} embeddings (use bert-base-uncased)")
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ImageRewardScorer":
+    def from_config(cls, cfg: Any) -> ImageRewardScorer:
         from transformers import BertTokenizer
 
         key = f"scorers[{cfg.name or 'image_reward'}]"
@@ -144,9 +144,9 @@ class ImageRewardScorer(Scorer):
         tokenizer = from_pretrained(BertTokenizer.from_pretrained, "BERT tokenizer", tok_id, cfg.processor_path,
                                     f"{key}.processor_path")
         device = resolve_device(cfg.device)
-        return cls(vision, text, head, image_reward_tokenizer(tokenizer), device, dtype=compute_dtype(cfg.dtype, device),
-                   name=cfg.name or "image_reward", batch_size=cfg.batch_size, sha256=file_sha256(cfg.checkpoint),
-                   tokenizer_id=tok_id)
+        return cls(vision, text, head, image_reward_tokenizer(tokenizer), device,
+                   dtype=compute_dtype(cfg.dtype, device), name=cfg.name or "image_reward",
+                   batch_size=cfg.batch_size, sha256=file_sha256(cfg.checkpoint), tokenizer_id=tok_id)
 
     def tokens(self, prompts: list[str]) -> Any:
         return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH,
@@ -158,8 +158,9 @@ class ImageRewardScorer(Scorer):
         image_embeds = self.vision(pixel_values=pix).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         tok = self.tokens(prompts)
-        out = self.text(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device),
-                        encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, return_dict=True)
+        out = self.text(input_ids=tok["input_ids"].to(self.device),
+                        attention_mask=tok["attention_mask"].to(self.device), encoder_hidden_states=image_embeds,
+                        encoder_attention_mask=image_mask, return_dict=True)
         return self.head(out.last_hidden_state[:, 0, :].float())[:, 0]
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:

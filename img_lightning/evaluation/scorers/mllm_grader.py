@@ -16,7 +16,8 @@ judges on its own scale, so compare arms within one report, not with published n
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from PIL import Image
@@ -47,20 +48,21 @@ class MLLMGrader(Scorer):
         self._records: list[dict[str, Any]] = []
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "MLLMGrader":
+    def from_config(cls, cfg: Any) -> MLLMGrader:
         from ...encoders.mllm import GuidanceEncoder
 
         if cfg.mllm is None:
             raise ConfigError(f"scorer '{cfg.name or 'mllm_grader'}': set its `mllm:` block (backend, model, path, "
                               f"dtype, device), e.g. backend: qwen2_5_vl, model: Qwen/Qwen2.5-VL-7B-Instruct")
         encoder = GuidanceEncoder.from_config(cfg.mllm)
-        return cls(load_rubric(cfg.rubric), greedy_generate(encoder, cfg.max_new_tokens), name=cfg.name or "mllm_grader",
-                   model_id=cfg.mllm.model, sha256=model_sha256(cfg.mllm.model, cfg.mllm.path),
-                   prompt_format=encoder.prompt_format, max_new_tokens=cfg.max_new_tokens)
+        return cls(load_rubric(cfg.rubric), greedy_generate(encoder, cfg.max_new_tokens),
+                   name=cfg.name or "mllm_grader", model_id=cfg.mllm.model,
+                   sha256=model_sha256(cfg.mllm.model, cfg.mllm.path), prompt_format=encoder.prompt_format,
+                   max_new_tokens=cfg.max_new_tokens)
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
         out = []
-        for image, prompt in zip(rgb(images), prompts):
+        for image, prompt in zip(rgb(images), prompts, strict=True):
             answer = self.generate(image, self.rubric.question(prompt))
             grade = parse_answer(answer, self.rubric)
             self._records.append({"prompt": prompt, "answer": answer, "parsed": grade.ok, "error": grade.error,

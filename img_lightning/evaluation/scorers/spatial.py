@@ -104,7 +104,7 @@ class SpatialProxyScorer(Scorer):
         self.padded = getattr(model.config, "model_type", "") == "owlv2"
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "SpatialProxyScorer":
+    def from_config(cls, cfg: Any) -> SpatialProxyScorer:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         device = resolve_device(cfg.device)
@@ -142,7 +142,7 @@ class SpatialProxyScorer(Scorer):
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
         out = []
-        for im, p in zip(rgb(images), prompts):
+        for im, p in zip(rgb(images), prompts, strict=True):
             parsed = parse_spatial_prompt(p)
             if parsed is None:
                 out.append(0.0)
