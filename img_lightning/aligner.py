@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -111,7 +111,8 @@ class ImplicitAligner(nn.Module):
             guidance_mask = guidance_mask.to(torch.bool)
         x = self.proj_in(guidance)
         latents = ip_tokens
-        for attn, ff in self.layers:
+        for block in self.layers:
+            attn, ff = cast(nn.ModuleList, block)  # the official layout: [attention, feed-forward]
             latents = attn(x, latents, guidance_mask) + latents
             latents = ff(latents) + latents
         return ip_tokens + self.zero_linear(self.norm_out(self.proj_out(latents)))

@@ -115,7 +115,7 @@ class TensorSpec:
     end: int
 
 
-def parse_safetensors_header(prefix: bytes | memoryview) -> tuple[int, dict[str, TensorSpec]]:
+def parse_safetensors_header(prefix: bytes | bytearray | memoryview) -> tuple[int, dict[str, TensorSpec]]:
     """Parse the header of a safetensors payload from its first ``8 + header_len`` bytes.
 
     Returns ``(data_start, specs)`` where ``specs[name].begin`` is relative to the payload start.

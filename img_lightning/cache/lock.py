@@ -60,5 +60,5 @@ class ShardLocks:
     def __enter__(self) -> ShardLocks:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release_all()

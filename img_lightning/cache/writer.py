@@ -18,8 +18,9 @@ import struct
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional, cast
 
+import torch
 from torch import Tensor
 
 from .format import (
@@ -48,7 +49,7 @@ from .manifest import (
 _BLOCK = 512
 
 
-def _dtype_name(dtype) -> str:
+def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -112,7 +113,9 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp_path, "wb")
         self._sink = _HashingFile(self._file)
-        self._tar = tarfile.open(fileobj=self._sink, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8")
+        # In mode "w" tarfile only writes, tells and flushes: what the hashing sink does.
+        self._tar = tarfile.open(fileobj=cast(IO[bytes], self._sink), mode="w", format=tarfile.PAX_FORMAT,
+                                 encoding="utf-8")
         self._keys: set[str] = set()
         self._records: list[SampleRecord] = []
         self.tensors: Optional[dict] = None
@@ -184,7 +187,7 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -227,7 +230,7 @@ class CacheWriter:
     def __enter__(self) -> CacheWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is None:
             self.close()
         elif self._current is not None:

@@ -30,9 +30,9 @@ resize is the one LLaVA's CLIPImageProcessor ran.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -80,7 +80,7 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return canvas
 
 
-def pad_fill(processor) -> tuple[int, int, int]:
+def pad_fill(processor: Any) -> tuple[int, int, int]:
     """LLaVA's padding colour: the image processor's mean, ``int(mean * 255)`` (truncated, as LLaVA)."""
     mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
     return tuple(int(float(m) * 255) for m in mean[:3])  # type: ignore[return-value]
@@ -95,7 +95,7 @@ def prepare_image(image: Image.Image, image_mode: str, fill: tuple[int, int, int
     return expand_to_square(image, fill) if image_mode == "pad" else image
 
 
-def llava_num_image_tokens(config, pixel_values: Tensor) -> int:
+def llava_num_image_tokens(config: Any, pixel_values: Tensor) -> int:
     """Image features a llava-hf model produces for one image of this size."""
     patch = int(config.vision_config.patch_size)
     n = (int(pixel_values.shape[-2]) // patch) * (int(pixel_values.shape[-1]) // patch)
@@ -132,7 +132,7 @@ def mllm_folder(cfg: MLLMConfig, key: str = "encoders.mllm") -> Path:
     return folder
 
 
-def load_mllm_processor(cfg: MLLMConfig, folder: Path):
+def load_mllm_processor(cfg: MLLMConfig, folder: Path) -> Any:
     """The processor as the guidance encoder uses it (LLaVA: transformers' PIL image backend, the
     resize LLaVA's own code ran; Qwen: ``min_pixels``/``max_pixels`` applied)."""
     from transformers import AutoProcessor
@@ -152,7 +152,7 @@ def load_mllm_processor(cfg: MLLMConfig, folder: Path):
     return processor
 
 
-def load_mllm_model(cfg: MLLMConfig, folder: Path, dtype: torch.dtype, device: torch.device | None = None):
+def load_mllm_model(cfg: MLLMConfig, folder: Path, dtype: torch.dtype, device: torch.device | None = None) -> Any:
     """The transformers model of ``cfg.backend`` from ``folder`` (straight onto ``device`` if a GPU)."""
     import transformers
 
@@ -168,7 +168,7 @@ def load_mllm_model(cfg: MLLMConfig, folder: Path, dtype: torch.dtype, device: t
 class GuidanceEncoder:
     """(image, prompt, question index) -> guidance ``[T_i, hidden]`` float32 CPU, one per sample."""
 
-    def __init__(self, backend: str, model, processor, layer: int = -1, image_mode: str = "pad",
+    def __init__(self, backend: str, model: Any, processor: Any, layer: int = -1, image_mode: str = "pad",
                  template_set: str | QuestionSet = "img-v1", device: torch.device | None = None,
                  dtype: torch.dtype = torch.float32, batch_size: int = 4,
                  prompt_format: str | PromptFormat = "auto") -> None:
@@ -296,7 +296,8 @@ class GuidanceEncoder:
             attention[i, : len(row)] = 1
         return {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixels}
 
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str], template_ids: Sequence[int]):
+    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                template_ids: Sequence[int]) -> Mapping[str, Any]:
         """Model inputs for one batch (CPU tensors): all the CPU-side work of :meth:`encode`."""
         if not (len(images) == len(prompts) == len(template_ids)):
             raise ValueError(f"got {len(images)} images, {len(prompts)} prompts, {len(template_ids)} template ids")
@@ -308,7 +309,7 @@ class GuidanceEncoder:
 
     # -- model ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, batch) -> list[Tensor]:
+    def forward(self, batch: Mapping[str, Any]) -> list[Tensor]:
         """Hidden states of ``self.layer`` for the real tokens of each sample."""
         inputs = {}
         for key, value in batch.items():

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config.eval import EvalConfig
 from ..config.loading import ConfigError
 from ..errors import UserError
 from ..eval_run.prompts import PromptRecord
@@ -114,7 +115,7 @@ def load_hpd_benchmark(path: str | Path) -> list[PromptRecord]:
             raise PromptFileError(f"{path}: no *.json style files (anime.json, photo.json, ...) in it")
     else:
         files = [_require_file(path, "HPD v2 benchmark json")]
-    out = []
+    out: list[PromptRecord] = []
     for file in files:
         try:
             data = json.loads(_read_text(file))
@@ -280,7 +281,7 @@ def load_prompts(
     return records
 
 
-def load_prompt_set(cfg: Any) -> list:
+def load_prompt_set(cfg: EvalConfig) -> list[PromptRecord]:
     """The configured prompt set (``prompts.*``); an empty selection is an error."""
     p = cfg.prompts
     options = {"subset_dir": p.subset_dir} if p.format == "t2i_compbench" and p.subset_dir else {}

@@ -24,6 +24,7 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 
 from ..atomic import append_jsonl, atomic_write
+from ..config.eval import EvalConfig
 from ..errors import NonFiniteError
 from ..eval_run import ImageStore, PromptRecord
 from .scorers import Scorer, build_scorers, scorer_name
@@ -102,7 +103,7 @@ def _check_finite(scorer: Scorer, arm: str, uids: Sequence[str], values: Sequenc
 
 
 def score_run(
-    cfg: Any,
+    cfg: EvalConfig,
     prompts: Sequence[PromptRecord],
     run_dir: str | Path,
     arms: Sequence[str],

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..aligner import ImplicitAligner
+from ..config.eval import EvalConfig
 from .conditioner import IMGConditioner
 from .pipeline import DiffusionBackend
 
@@ -38,7 +39,7 @@ def question_key(prompt: str, seed: int, round_index: int) -> str:
 
 
 class IMGGenerator:
-    def __init__(self, cfg: Any, aligner: Optional[ImplicitAligner] = None) -> None:
+    def __init__(self, cfg: EvalConfig, aligner: Optional[ImplicitAligner] = None) -> None:
         """``cfg``: a resolved evaluation config; ``aligner``: the configured one, already loaded (by
         the checks before a run), else loaded when the first IMG step needs it."""
         self.cfg = cfg

@@ -24,11 +24,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, overload
 
 import torch
 from PIL import Image
 
+from ..config.eval import EvalConfig
 from ..config.loading import ConfigError, missing_keys, missing_message
 from ..errors import Problems, UserError
 from ..eval_run import img_arm
@@ -116,7 +117,7 @@ def _batches(n: int, size: int) -> list[range]:
 
 
 class IMGRefiner:
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: EvalConfig) -> None:
         """``cfg``: a resolved evaluation config (:func:`~img_lightning.config.eval_loading.load_eval_config`)."""
         from .requirements import check_generation
 
@@ -141,6 +142,14 @@ class IMGRefiner:
         return cls(load_eval_config(args, allow_missing=True))
 
     # ------------------------------------------------------------------ calls
+    @overload
+    def __call__(self, prompt: str, seed: Union[int, Sequence[int], None] = None,
+                 rounds: Optional[int] = None) -> Refinement: ...
+
+    @overload
+    def __call__(self, prompt: list[str] | tuple[str, ...], seed: Union[int, Sequence[int], None] = None,
+                 rounds: Optional[int] = None) -> list[Refinement]: ...
+
     def __call__(self, prompt: Union[str, Sequence[str]], seed: Union[int, Sequence[int], None] = None,
                  rounds: Optional[int] = None) -> Union[Refinement, list[Refinement]]:
         """Base image and ``rounds`` IMG rounds (default ``img.rounds``) for each prompt; ``seed``:
@@ -153,6 +162,14 @@ class IMGRefiner:
         records = [self._base_record(p, s) for p, s in jobs]
         results = self._refine(jobs, bases, records, rounds)
         return results[0] if isinstance(prompt, str) else results
+
+    @overload
+    def refine(self, image: Union[str, Path, Image.Image], prompt: str,
+               seed: Union[int, Sequence[int], None] = None, rounds: Optional[int] = None) -> Refinement: ...
+
+    @overload
+    def refine(self, image: Union[str, Path, Image.Image], prompt: list[str] | tuple[str, ...],
+               seed: Union[int, Sequence[int], None] = None, rounds: Optional[int] = None) -> list[Refinement]: ...
 
     def refine(self, image: Union[str, Path, Image.Image], prompt: Union[str, Sequence[str]],
                seed: Union[int, Sequence[int], None] = None, rounds: Optional[int] = None

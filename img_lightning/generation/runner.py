@@ -21,7 +21,7 @@ whose features exist; they are reused only when made from the same prompt, quest
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..aligner import ImplicitAligner
 from ..atomic import atomic_path
+from ..config.eval import EvalConfig
 from ..eval_run import ImageStore, PromptRecord, arm_names, chunk_tag, img_arm, safe_uid, source_arm
 from .generator import IMGGenerator, enum_value
 from .provenance import aligner_sha256, common_meta, img_meta, regen_meta, same_images_as, sha256_of
@@ -50,7 +51,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
 class GenerationRun(IMGGenerator):
     """:class:`IMGGenerator` over a prompt set, storing every arm's images in a run directory."""
 
-    def __init__(self, cfg: Any, prompts: Sequence[PromptRecord], run_dir: str | Path, progress: bool = True,
+    def __init__(self, cfg: EvalConfig, prompts: Sequence[PromptRecord], run_dir: str | Path, progress: bool = True,
                  aligner: Optional[ImplicitAligner] = None) -> None:
         """``aligner``: the configured one, already loaded (by the checks before the run); else it is
         loaded when the first IMG round needs it."""
@@ -74,7 +75,7 @@ class GenerationRun(IMGGenerator):
     def _texts_seeds(self, uids: Sequence[str]) -> tuple[list[str], list[int]]:
         return [self.by_uid[u].text for u in uids], [self.seed(u) for u in uids]
 
-    def _batches(self, uids: list[str], size: int, desc: str):
+    def _batches(self, uids: list[str], size: int, desc: str) -> Iterator[list[str]]:
         steps = range(0, len(uids), size)
         bar = tqdm(steps, desc=desc, unit="batch", disable=not self.progress)
         for i in bar:
@@ -102,7 +103,7 @@ class GenerationRun(IMGGenerator):
                 "source_arm": src, "source_sha256": sha256_of(self.stores[src].path_for(uid)),
                 "passes": str(self.cfg.img.aligner.passes), "aligner_sha256": str(self.aligner_hash)}
 
-    def _stored_feature_meta(self, arm: str, uid: str) -> Optional[dict[str, str]]:
+    def _stored_feature_meta(self, arm: str, uid: str) -> Optional[dict[str, Optional[str]]]:
         path = self.feature_path(arm, uid)
         if not path.is_file():
             return None
@@ -117,8 +118,9 @@ class GenerationRun(IMGGenerator):
         if self._uncond is None and path.is_file():
             self._uncond = load_file(str(path))["tokens"]
         if self._uncond is None:
-            tokens = super().unconditional()
+            tokens = super().unconditional()  # kept as self._uncond
             _save_tensors(path, {"tokens": tokens}, {"source": f"IPEncoder.unconditional({mode!r})"})
+            return tokens
         return self._uncond
 
     def _release_encoders(self) -> None:
@@ -162,7 +164,9 @@ class GenerationRun(IMGGenerator):
             tokens = torch.stack([f["aligned"] for f in feats])
             images = self.regenerate(*self._texts_seeds(batch), tokens, self.cfg.img.ip_scale)
             for u, im in zip(batch, images, strict=True):
-                extra = {"template_id": int(self._stored_feature_meta(arm, u)["template_id"])}
+                stored = self._stored_feature_meta(arm, u)
+                assert stored is not None and stored["template_id"] is not None  # written by _features above
+                extra = {"template_id": int(stored["template_id"])}
                 store.save(u, im, {**self._meta(u, **img_meta(self.cfg, round_index, self.aligner_hash)), **extra})
                 self.counts[arm] += 1
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.eval import ScorerConfig
 from ...config.loading import ConfigError
 from ...errors import Problems
 from ...models import check_model, compute_dtype, from_pretrained, resolve_device
@@ -85,7 +86,7 @@ class BlipVQAScorer(Scorer):
             raise ConfigError("BLIP tokenizer has no single tokens for 'yes', 'no' and '[ENC]': not BLIP's tokenizer")
 
     @classmethod
-    def from_config(cls, cfg: Any) -> BlipVQAScorer:
+    def from_config(cls, cfg: ScorerConfig) -> BlipVQAScorer:
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
         device = resolve_device(cfg.device)
@@ -160,12 +161,12 @@ class BlipVQAScorer(Scorer):
 
 
 @register("blip_vqa")
-def _build(cfg: Any, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, **_: Any) -> Scorer:
     return BlipVQAScorer.from_config(cfg)
 
 
 @register_check("blip_vqa")
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     model_id = cfg.model or MODEL
     problems.check(check_model, "BLIP VQA model", model_id, cfg.path, f"{key}.path")
     problems.check(check_model, "BLIP processor", cfg.processor or model_id, cfg.processor_path or cfg.path,

@@ -37,6 +37,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
+from ...config.eval import ScorerConfig
 from ...errors import Problems
 from ...models import ModelNotFoundError, compute_dtype, resolve_device
 from .base import Scorer, register, register_check, rgb
@@ -132,7 +133,7 @@ class HPSScorer(Scorer):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> HPSScorer:
+    def from_config(cls, cfg: ScorerConfig) -> HPSScorer:
         import open_clip
 
         if cfg.model_config:
@@ -177,12 +178,12 @@ class HPSScorer(Scorer):
 
 
 @register("hps")
-def _build(cfg: Any, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, **_: Any) -> Scorer:
     return HPSScorer.from_config(cfg)
 
 
 @register_check("hps")
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     import open_clip
 
     if cfg.model_config:

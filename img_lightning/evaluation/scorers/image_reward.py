@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.eval import ScorerConfig
 from ...errors import Problems
 from ...models import ModelNotFoundError, check_model, compute_dtype, from_pretrained, resolve_device
 from .aesthetic import aesthetic_mlp
@@ -105,8 +106,8 @@ def _load_strict(module: torch.nn.Module, state: dict[str, Tensor], what: str) -
                               f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})")
 
 
-def _med_config(cfg: Any) -> dict[str, Any]:
-    path = Path(cfg.model_config) if cfg.model_config else Path(cfg.checkpoint).with_name("med_config.json")
+def _med_config(cfg: ScorerConfig, checkpoint: str) -> dict[str, Any]:
+    path = Path(cfg.model_config) if cfg.model_config else Path(checkpoint).with_name("med_config.json")
     if cfg.model_config and not path.is_file():
         raise ModelNotFoundError(f"image_reward: model_config={path} does not exist (ImageReward's med_config.json)")
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -132,14 +133,15 @@ class ImageRewardScorer(Scorer):
                                   f"only {text.config.vocab_size} embeddings (use bert-base-uncased)")
 
     @classmethod
-    def from_config(cls, cfg: Any) -> ImageRewardScorer:
+    def from_config(cls, cfg: ScorerConfig) -> ImageRewardScorer:
         from transformers import BertTokenizer
 
         key = f"scorers[{cfg.name or 'image_reward'}]"
         if not cfg.checkpoint:
             raise ModelNotFoundError(f"image_reward: no checkpoint set; {image_reward_advice(f'{key}.checkpoint')}")
         raw = load_state_dict_file(cfg.checkpoint, "ImageReward checkpoint", f"{key}.checkpoint")
-        vision, text, head = build_image_reward_modules(split_image_reward_state(raw, cfg.checkpoint), _med_config(cfg))
+        vision, text, head = build_image_reward_modules(split_image_reward_state(raw, cfg.checkpoint),
+                                                        _med_config(cfg, cfg.checkpoint))
         tok_id = cfg.processor or TOKENIZER
         tokenizer = from_pretrained(BertTokenizer.from_pretrained, "BERT tokenizer", tok_id, cfg.processor_path,
                                     f"{key}.processor_path")
@@ -175,7 +177,7 @@ class ImageRewardScorer(Scorer):
 
 
 @register("image_reward")
-def _build(cfg: Any, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, **_: Any) -> Scorer:
     return ImageRewardScorer.from_config(cfg)
 
 
@@ -186,7 +188,7 @@ def image_reward_advice(key: str) -> str:
 
 
 @register_check("image_reward")
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     problems.check(need_file, cfg.checkpoint, "ImageReward checkpoint", f"{key}.checkpoint",
                    image_reward_advice(f"{key}.checkpoint"))
     if cfg.model_config:

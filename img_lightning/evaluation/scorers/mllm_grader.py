@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.eval import ScorerConfig
 from ...config.loading import ConfigError
 from ...errors import Problems
 from .base import Scorer, register, register_check, rgb
@@ -48,7 +49,7 @@ class MLLMGrader(Scorer):
         self._records: list[dict[str, Any]] = []
 
     @classmethod
-    def from_config(cls, cfg: Any) -> MLLMGrader:
+    def from_config(cls, cfg: ScorerConfig) -> MLLMGrader:
         from ...encoders.mllm import GuidanceEncoder
 
         if cfg.mllm is None:
@@ -121,12 +122,12 @@ def greedy_generate(encoder: Any, max_new_tokens: int) -> GenerateFn:
 
 
 @register("mllm_grader")
-def _build(cfg: Any, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, **_: Any) -> Scorer:
     return MLLMGrader.from_config(cfg)
 
 
 @register_check("mllm_grader")
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     from ...encoders.checks import check_mllm
 
     if cfg.mllm is None:
