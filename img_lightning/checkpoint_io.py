@@ -67,7 +67,7 @@ def full_disk_cause(err: BaseException) -> Optional[OSError]:
     zip writer turns the file object's ``OSError`` into a ``RuntimeError``), or one of a distributed
     checkpoint's per-rank failures."""
     seen: set[int] = set()
-    todo = [err]
+    todo: list[Optional[BaseException]] = [err]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:

@@ -242,7 +242,7 @@ def _no_addresses(text: str) -> str:
     return _ADDRESS.sub("", text)
 
 
-def _cell_bytes(value) -> Optional[bytes]:
+def _cell_bytes(value: object) -> Optional[bytes | bytearray]:
     """Image cell -> bytes. Pick-a-Pic stores raw ``binary``; HF ``Image`` columns are structs."""
     if isinstance(value, dict):
         value = value.get("bytes")

@@ -26,7 +26,7 @@ from img_lightning.cache.lock import ShardLocks
 from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index
 from img_lightning.cache.writer import shard_is_complete
 from img_lightning.config.loading import ConfigError
-from img_lightning.config.preprocess import guidance_dtype_name
+from img_lightning.config.preprocess import PreprocessConfig, PreprocessRunConfig, guidance_dtype_name
 from img_lightning.errors import UserError
 from img_lightning.recipe import cache_key_of, recipe_of
 
@@ -103,7 +103,7 @@ def _shard_done(out: Path, name: str, cache_key: str) -> bool:
     return True
 
 
-def _overlap(run_cfg, extractor: FeatureExtractor) -> bool:
+def _overlap(run_cfg: PreprocessRunConfig, extractor: FeatureExtractor) -> bool:
     """Overlap the stages with threads only when the encoders run on an accelerator: on a CPU the
     threads compete with the encoders' own compute for the same cores and slow everything down."""
     if run_cfg.overlap == "auto":
@@ -204,7 +204,7 @@ def finalize(out: str | Path) -> Manifest:
     return manifest
 
 
-def validate_config(cfg) -> None:
+def validate_config(cfg: PreprocessConfig) -> None:
     """Reject values the schema's types cannot catch, naming the key (before any work starts).
     Choices (backend, kind, dtypes, modes, shuffle, overlap) are Enums: the schema refuses those."""
     from img_lightning.encoders.templates import TEMPLATE_SETS
@@ -222,8 +222,8 @@ def validate_config(cfg) -> None:
         raise ConfigError("data.drop_ties=false is not supported: a tie has no winner to learn from")
 
 
-def run_preprocess(cfg, task_index: Optional[int] = None, num_tasks: Optional[int] = None, progress: bool = True,
-                   extractor: Optional[FeatureExtractor] = None) -> RunResult:
+def run_preprocess(cfg: PreprocessConfig, task_index: Optional[int] = None, num_tasks: Optional[int] = None,
+                   progress: bool = True, extractor: Optional[FeatureExtractor] = None) -> RunResult:
     """Run this task's part of the plan. A single task (``num_tasks == 1``) also finalizes."""
     validate_config(cfg)
     task_index, num_tasks = task_from_env(task_index, num_tasks)

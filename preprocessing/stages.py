@@ -118,8 +118,9 @@ def pair_meta(table: PairTable, i: int, template_id: int, template_set: str, mll
         meta["questions_sha256"] = questions_sha256
     if mllm_prompt is not None:
         meta["mllm_prompt"] = mllm_prompt
-    if table.ranking_id[i] is not None:
-        meta["ranking_id"] = int(table.ranking_id[i])
+    ranking_id = table.ranking_id[i]
+    if ranking_id is not None:
+        meta["ranking_id"] = int(ranking_id)
     return meta
 
 
