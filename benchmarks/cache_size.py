@@ -141,7 +141,8 @@ def measure(pairs: int, tokens: int, hidden: int, ip: tuple[int, int], fp8: bool
         with CacheWriter(tmp, cache_key(recipe), recipe, shard_size=16) as writer:
             for i in range(pairs):
                 meta = {"pair_id": f"{i:012d}", "caption": "a caption of typical length " * 3,
-                        "winner_uid": "f3b9c7a2-1d2e-4b7f-9a41-0c6d8e5f7a10", "loser_uid": "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9",
+                        "winner_uid": "f3b9c7a2-1d2e-4b7f-9a41-0c6d8e5f7a10",
+                        "loser_uid": "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9",
                         "winner_index": 0, "template_id": 42, "num_tokens": tokens}
                 writer.write(f"{i:09d}", stored, meta)
         disk = sum(p.stat().st_size for p in Path(tmp).iterdir())

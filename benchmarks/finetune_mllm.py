@@ -21,6 +21,7 @@ Figures are measured in one run of this script; nothing here runs in the test su
 from __future__ import annotations
 
 import argparse
+import itertools
 import resource
 import sys
 import tempfile
@@ -55,7 +56,7 @@ def tiny_cpu(work: Path, steps: int, batch: int) -> None:
 
     dm = EditTripletDataModule(cfg.data, cfg.mllm)
     dm.setup()
-    batches = [b for _, b in zip(range(steps), dm.train_dataloader())]
+    batches = list(itertools.islice(dm.train_dataloader(), steps))
     module = MLLMFinetuneModule(cfg.mllm, cfg.finetune, cfg.optim)
     module.configure_model()
     optimizer = torch.optim.AdamW(module.param_groups(), lr=1e-4)
@@ -72,7 +73,8 @@ def tiny_cpu(work: Path, steps: int, batch: int) -> None:
         optimizer.zero_grad()
         tokens += int(b["attention_mask"].sum())
     bare = tokens / (time.perf_counter() - start)
-    padding = 1 - sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padding = 1 - real / sum(b["attention_mask"].numel() for b in batches)
 
     run_finetune(cfg)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -93,8 +95,13 @@ def gpu_layers(layers: int, batch: int, seq: int, steps: int) -> None:
     from torch.utils.checkpoint import checkpoint
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    from img_lightning.finetune.memory import GB, count_parameters, full_finetune_memory, llava_1_5_13b_config, \
-        meta_model
+    from img_lightning.finetune.memory import (
+        GB,
+        count_parameters,
+        full_finetune_memory,
+        llava_1_5_13b_config,
+        meta_model,
+    )
 
     device = torch.device("cuda")
     config = llava_1_5_13b_config().text_config

@@ -73,7 +73,8 @@ def llava(size: LlavaSize, text_tokens: float, logits_tokens: float = 0) -> floa
     """LLaVA-1.5 reading one image and ``text_tokens`` of text: the vision tower, the 2-layer
     projector on the patch features, the LLaMA over image + text tokens."""
     patches = size.vision.tokens - 1
-    projector = linear(patches, size.vision.hidden, size.text.hidden) + linear(patches, size.text.hidden, size.text.hidden)
+    projector = (linear(patches, size.vision.hidden, size.text.hidden)
+                 + linear(patches, size.text.hidden, size.text.hidden))
     return clip_vision(size.vision) + projector + llama(size.text, patches + text_tokens, logits_tokens)
 
 
@@ -166,7 +167,8 @@ def flux_transformer(size: FluxSize, height: int, width: int, text_tokens: int =
     double = (2 * linear(1, d, 6 * d)  # adaLN modulation, image and text streams
               + linear(n_img, d, 3 * d) + linear(text_tokens, d, 3 * d) + attention(n, n, d)
               + linear(n_img, d, d) + linear(text_tokens, d, d)
-              + linear(n_img, d, 4 * d) + linear(n_img, 4 * d, d) + linear(text_tokens, d, 4 * d) + linear(text_tokens, 4 * d, d))
+              + linear(n_img, d, 4 * d) + linear(n_img, 4 * d, d)
+              + linear(text_tokens, d, 4 * d) + linear(text_tokens, 4 * d, d))
     if ip_tokens:
         double += 2 * linear(ip_tokens, size.t5_width, d) + attention(n_img, ip_tokens, d)
     single = linear(1, d, 3 * d) + linear(n, d, 3 * d) + linear(n, d, 4 * d) + attention(n, n, d) + linear(n, 5 * d, d)

@@ -139,16 +139,18 @@ def main(argv=None) -> int:
             print(f"   {name}: held-out (16-bit inputs) {common:.5f}, own-storage validation {own:.5f} "
                   f"({time.perf_counter() - t1:.0f} s)", flush=True)
 
-    print(f"\nheld-out ||c_w - f(c)||^2 on the 16-bit held-out cache ({args.val_pairs} pairs; identity {identity:.5f}):")
+    print(f"\nheld-out ||c_w - f(c)||^2 on the 16-bit held-out cache ({args.val_pairs} pairs; "
+          f"identity {identity:.5f}):")
     print(f"{'seed':>6} " + " ".join(f"{s:>10}" for s in STORAGES))
     for i, seed in enumerate(args.seeds):
         print(f"{seed:>6} " + " ".join(f"{results[s][i][1]:>10.5f}" for s in STORAGES))
     stats = {}
     for s in STORAGES:
         values = [r[1] for r in results[s]]
-        stats[s] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, min(values), max(values))
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        stats[s] = (statistics.mean(values), spread, min(values), max(values))
         print(f"{s}: mean {stats[s][0]:.5f}, std {stats[s][1]:.5f}, range {stats[s][2]:.5f} .. {stats[s][3]:.5f}")
-    paired = [b[1] - a[1] for a, b in zip(results["fp16"], results["fp8"])]
+    paired = [b[1] - a[1] for a, b in zip(results["fp16"], results["fp8"], strict=True)]
     if len(paired) > 1:
         sd = statistics.stdev(paired)
         t = statistics.mean(paired) / (sd / len(paired) ** 0.5) if sd > 0 else float("inf")

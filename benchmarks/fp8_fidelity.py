@@ -37,9 +37,9 @@ Figures, per storage of the guidance: the relative L2 error of the guidance itse
 output ``f(h, c)`` against fp16-stored guidance (the goal: <= 1e-3); of the guidance-dependent part
 ``f(h, c) - c`` (stricter: the IP tokens pass through unchanged); and, for context, against float32
 guidance, with the error bf16 storage (what the FLUX recipe uses) and bf16 autocast compute on
-16-bit guidance (what ``trainer.precision: bf16-mixed`` training runs) cause. Two 8-bit rows: per-token scales alone, and what the cache
-stores (per-token scales + the sample's 8 largest channels kept 16-bit); the difference between
-them is why the cache keeps those channels.
+16-bit guidance (what ``trainer.precision: bf16-mixed`` training runs) cause. Two 8-bit rows:
+per-token scales alone, and what the cache stores (per-token scales + the sample's 8 largest
+channels kept 16-bit); the difference between them is why the cache keeps those channels.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def run_setting(aligner: ImplicitAligner, hs: list[Tensor], cs: list[Tensor], ki
         out["bf16 autocast"] = {"guidance": 0.0, "out16": 0.0, "delta16": 0.0, "out32": 0.0}
     n = len(hs)
     with torch.no_grad():
-        for h, c in zip(hs, cs):
+        for h, c in zip(hs, cs, strict=True):
             ref32 = aligner(h[None], c[None])[0]
             ref16 = aligner(stored(h, "float16")[None], c[None])[0]
             for kind in kinds:
@@ -199,12 +199,13 @@ def main(argv=None) -> int:
     if args.cache is None:
         ratio = hs[0].abs().amax(0).sort(descending=True).values
         print(f"guidance: largest channel max / median channel max = {float(ratio[0] / ratio.median()):.0f}; "
-              f"token norms {float(min(h.norm(dim=1).min() for h in hs)):.0f} .. {float(max(h.norm(dim=1).max() for h in hs)):.0f}")
+              f"token norms {float(min(h.norm(dim=1).min() for h in hs)):.0f} .. "
+              f"{float(max(h.norm(dim=1).max() for h in hs)):.0f}")
     worst: dict[str, float] = {}
     for name, model in settings:
         model.eval()
         t0 = time.perf_counter()
-        eff = sum(attention_tokens(model, h[None], c[None]) for h, c in zip(hs, cs)) / len(hs)
+        eff = sum(attention_tokens(model, h[None], c[None]) for h, c in zip(hs, cs, strict=True)) / len(hs)
         res = run_setting(model, hs, cs, kinds, args.bf16_compute)
         mean_keys = sum(h.shape[0] for h in hs) / len(hs) + IP_TOKENS
         print(f"\n[{name}] layer-0 attention spreads over ~{eff:.0f} of ~{mean_keys:.0f} tokens "

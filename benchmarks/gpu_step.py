@@ -244,7 +244,8 @@ def main(argv=None) -> int:
           f"{'GPU util':>8} {'peak GiB':>8} {'in-mem/s':>9} {'ratio':>6}")
     for storage, workers, r, bound in rows:
         print(f"{storage:>7} {workers:>7} {r['steps_per_s']:>8.2f} {r['pairs_per_s']:>8.1f} {r['read_gbps']:>9.2f} "
-              f"{r['wait_share']:>6.2f} {r['util']:>8} {r['peak_gib']:>8.1f} {bound:>9.2f} {r['steps_per_s'] / bound:>6.2f}")
+              f"{r['wait_share']:>6.2f} {r['util']:>8} {r['peak_gib']:>8.1f} {bound:>9.2f} "
+              f"{r['steps_per_s'] / bound:>6.2f}")
     return 0
 
 

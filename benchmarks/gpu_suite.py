@@ -31,6 +31,7 @@ then mean nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -41,8 +42,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -171,7 +173,8 @@ def part_check(ctx: Ctx) -> None:
     dims = SMOKE if ctx.smoke else FULL
     for storage in ("fp16", "fp8"):
         cache = ctx.work / f"check-{storage}"
-        build_cache(cache, 8, dims["guidance_dim"], dims["ip_tokens"], dims["dim"], dims["tokens"], fp8=storage == "fp8")
+        build_cache(cache, 8, dims["guidance_dim"], dims["ip_tokens"], dims["dim"], dims["tokens"],
+                    fp8=storage == "fp8")
         ms, device = device_check_ms(cache, 8, 3 if ctx.smoke else 20)
         ctx.record(**{storage: {"ms_per_batch_of_8": ms, "device": device}})
         shutil.rmtree(cache, ignore_errors=True)
@@ -225,7 +228,8 @@ def part_finetune(ctx: Ctx) -> None:
     write_edit_triplets_parquet(data, batch * (steps + 2) + 8, seed=0, bad_rows=False)
     common = [f"data.input={data}", f"mllm.path={ctx.models()['llava']}", f"run.root={ctx.work / 'runs'}",
               "run.name=finetune", f"data.batch_size={batch}", f"trainer.max_steps={steps}",
-              "trainer.log_every_n_steps=2", "trainer.val_check_interval=100000", "trainer.checkpoint_every_n_steps=100000",
+              "trainer.log_every_n_steps=2", "trainer.val_check_interval=100000",
+              "trainer.checkpoint_every_n_steps=100000",
               "trainer.enable_progress_bar=false", "run.export=false", "data.heldout_fraction=0.0"]
     if ctx.smoke:
         cfg = load_config(FinetuneMLLMConfig, [REPO / "configs/finetune_mllm/demo.yaml"], common)
@@ -254,6 +258,46 @@ def _time_ms(ctx: Ctx, fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _denoise_step(kind: str, pipe: Any, size: int, smoke: bool, device: str, dt: Any
+                  ) -> tuple[Callable[[dict], Any], Callable[[], dict]]:
+    """One denoiser call of ``kind``'s pipeline on random inputs (``step(extra)``, ``extra``: the IP
+    inputs or ``{}``) and a maker of its IP inputs."""
+    import torch
+
+    if kind == "sdxl":
+        h = size // pipe.vae_scale_factor
+        cross = pipe.unet.config.cross_attention_dim
+        args = (torch.randn(2, 4, h, h, device=device, dtype=dt), torch.tensor([500.0], device=device),
+                torch.randn(2, 77, cross, device=device, dtype=dt))
+        added = {"text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dt),
+                 "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=dt)}
+
+        def sdxl_step(extra: dict) -> Any:
+            return pipe.unet(*args, added_cond_kwargs={**added, **extra}, return_dict=False)
+
+        def sdxl_ip() -> dict:
+            return {"image_embeds": [torch.randn(2, 1, 16, cross, device=device, dtype=dt)]}
+
+        return sdxl_step, sdxl_ip
+    t = pipe.transformer.config
+    n_img = (size // 16) ** 2 if not smoke else 64
+    inputs = dict(hidden_states=torch.randn(1, n_img, t.in_channels, device=device, dtype=dt),
+                  encoder_hidden_states=torch.randn(1, 512, t.joint_attention_dim, device=device, dtype=dt),
+                  pooled_projections=torch.randn(1, t.pooled_projection_dim, device=device, dtype=dt),
+                  timestep=torch.tensor([0.5], device=device, dtype=dt),
+                  img_ids=torch.zeros(n_img, 3, device=device, dtype=dt),
+                  txt_ids=torch.zeros(512, 3, device=device, dtype=dt),
+                  guidance=torch.tensor([3.5], device=device, dtype=dt), return_dict=False)
+
+    def flux_step(extra: dict) -> Any:
+        return pipe.transformer(**inputs, joint_attention_kwargs=extra or None)
+
+    def flux_ip() -> dict:
+        return {"ip_adapter_image_embeds": [torch.randn(1, 1, 4, t.joint_attention_dim, device=device, dtype=dt)]}
+
+    return flux_step, flux_ip
+
+
 def part_denoise(ctx: Ctx) -> None:
     import torch
 
@@ -271,38 +315,15 @@ def part_denoise(ctx: Ctx) -> None:
             f"generation.pipeline.path={models[kind]}", f"generation.pipeline.dtype={dtype}",
             f"generation.pipeline.device={device}", f"img.ip_adapter.path={models[ip_key]}"], require_complete=False)
         backend = DiffusionBackend.from_config(cfg.generation.pipeline)
-        pipe, dt = backend.pipe, backend.dtype
         size = 64 if ctx.smoke else 1024
-        if kind == "sdxl":
-            h = size // pipe.vae_scale_factor
-            cross = pipe.unet.config.cross_attention_dim
-            args = (torch.randn(2, 4, h, h, device=device, dtype=dt), torch.tensor([500.0], device=device),
-                    torch.randn(2, 77, cross, device=device, dtype=dt))
-            added = {"text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dt),
-                     "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=dt)}
-            step = lambda extra: pipe.unet(*args, added_cond_kwargs={**added, **extra}, return_dict=False)  # noqa: E731
-            ip_extra = lambda: {"image_embeds": [torch.randn(2, 1, 16, cross, device=device, dtype=dt)]}  # noqa: E731
-        else:
-            t = pipe.transformer.config
-            n_img = (size // 16) ** 2 if not ctx.smoke else 64
-            inputs = dict(hidden_states=torch.randn(1, n_img, t.in_channels, device=device, dtype=dt),
-                          encoder_hidden_states=torch.randn(1, 512, t.joint_attention_dim, device=device, dtype=dt),
-                          pooled_projections=torch.randn(1, t.pooled_projection_dim, device=device, dtype=dt),
-                          timestep=torch.tensor([0.5], device=device, dtype=dt),
-                          img_ids=torch.zeros(n_img, 3, device=device, dtype=dt),
-                          txt_ids=torch.zeros(512, 3, device=device, dtype=dt),
-                          guidance=torch.tensor([3.5], device=device, dtype=dt), return_dict=False)
-            step = lambda extra: pipe.transformer(**inputs, joint_attention_kwargs=extra or None)  # noqa: E731
-            ip_extra = lambda: {"ip_adapter_image_embeds": [  # noqa: E731
-                torch.randn(1, 1, 4, t.joint_attention_dim, device=device, dtype=dt)]}
+        step, ip_extra = _denoise_step(kind, backend.pipe, size, ctx.smoke, device, backend.dtype)
         with torch.no_grad():
             ctx.reset_peak()
-            plain = _time_ms(ctx, lambda: step({}), repeats)
+            plain = _time_ms(ctx, functools.partial(step, {}), repeats)
             ctx.record(**{kind: {"ms_without_ip": plain}})
             backend.load_ip_adapter(cfg.img.ip_adapter)
             backend.set_ip_scale(0.2)
-            extra = ip_extra()
-            with_ip = _time_ms(ctx, lambda: step(extra), repeats)
+            with_ip = _time_ms(ctx, functools.partial(step, ip_extra()), repeats)
         ctx.record(**{kind: {"ms_without_ip": plain, "ms_with_ip": with_ip, "ip_overhead": with_ip / plain - 1,
                              "pixels": size, "batch": 2 if kind == "sdxl" else 1, "peak_gib": ctx.peak_gib()}})
         backend.close()
@@ -344,7 +365,8 @@ def print_table(results: dict[str, dict], header: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, in this process (default without a GPU)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny models on the CPU, in this process (default without a GPU)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all parts together (default 480 = 8 min)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--world", type=Path, help="real-width models (built there if missing; default: in --workdir)")

@@ -111,7 +111,8 @@ def loader_pass(loader, dims: tuple[int, int, int]) -> tuple[float, float]:
     for b in loader:
         n = b["index"].numel()
         real_tokens = int(b["guidance_mask"].sum())
-        payload += real_tokens * dims[0] * b["guidance"].element_size() + 2 * n * dims[1] * dims[2] * b["ip_lose"].element_size()
+        payload += (real_tokens * dims[0] * b["guidance"].element_size()
+                    + 2 * n * dims[1] * dims[2] * b["ip_lose"].element_size())
         if SCALE_KEY in b:
             payload += real_tokens * b[SCALE_KEY].element_size()
         if OUTLIER_KEY in b:

@@ -52,14 +52,14 @@ def encoder_only(extractor, table, indices, batch_size: int):
 
     raw = ImageFetcher(table, 64).fetch(indices)
     decoded = []
-    for i, (w, l) in zip(indices, raw):
-        wi, li = decode_image(w)[0], decode_image(l)[0]
+    for i, (w, lose) in zip(indices, raw, strict=True):
+        wi, li = decode_image(w)[0], decode_image(lose)[0]
         if wi is not None and li is not None:
             decoded.append((i, wi, li))
 
     def items(chunk):
-        return [PairItem(i, table.pair_id[i], table.caption[i], extractor.template_id(table.pair_id[i]), {}, w, l)
-                for i, w, l in chunk]
+        return [PairItem(i, table.pair_id[i], table.caption[i], extractor.template_id(table.pair_id[i]), {}, w, lose)
+                for i, w, lose in chunk]
 
     chunks = [decoded[j : j + batch_size] for j in range(0, len(decoded), batch_size)]
     extractor.forward(extractor.prepare(items(chunks[0])))  # warm-up
@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (model paths, batch sizes, device)")
     args = p.parse_args(argv)
-    args.tiny = args.config.endswith("demo.yaml") and not any(o.startswith("encoders.mllm.path=") for o in args.overrides)
+    local_mllm = any(o.startswith("encoders.mllm.path=") for o in args.overrides)
+    args.tiny = args.config.endswith("demo.yaml") and not local_mllm
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from preprocessing.extract import FeatureExtractor

@@ -84,8 +84,8 @@ def full_flops(guidance_tokens: int = GUIDANCE_TOKENS) -> dict[str, float]:
     f = FLUX_EVAL
     flux_ip = fm.clip_vision(sizes.CLIP_L_224, projection=True) + fm.linear(1, 768, 4 * 4096)
     flux_aligner = fm.aligner(sizes.AlignerSize(5120, 4096, 4, 20, 64, 4), guidance_tokens)
-    flux_prompt = (f["arms"] * f["steps"] * f["cfg"] * fm.flux_transformer(sizes.FLUX_1_DEV, f["size"], f["size"], ip_tokens=4)
-                   + guidance + flux_ip + 3 * flux_aligner)
+    flux_step = fm.flux_transformer(sizes.FLUX_1_DEV, f["size"], f["size"], ip_tokens=4)
+    flux_prompt = f["arms"] * f["steps"] * f["cfg"] * flux_step + guidance + flux_ip + 3 * flux_aligner
     return {"guidance (LLaVA-13B fwd)": guidance, "ip (IP-Adapter-Plus, 1 image)": ip,
             "preprocess / pair": guidance + 2 * ip, "aligner fwd": aligner,
             "train / pair (fwd, ref fwd, bwd)": 4 * aligner, "finetune / triplet": finetune,
@@ -106,7 +106,8 @@ def real_width_flops(tokens_per_pair: float, eval_size: int = 64, eval_steps: in
         "finetune": 2 * fm.llama(llava.text, ft_tokens, ft_tokens) + 3 * projector + fm.clip_vision(llava.vision),
         "preprocess": fm.llava(llava, text) + 2 * ip,
         "train": 4 * fm.aligner(sizes.ALIGNER_SDXL, tokens_per_pair),
-        "eval": 3 * eval_steps * 2 * unet + fm.llava(llava, text) + ip + 3 * fm.aligner(sizes.ALIGNER_SDXL, tokens_per_pair),
+        "eval": (3 * eval_steps * 2 * unet + fm.llava(llava, text) + ip
+                 + 3 * fm.aligner(sizes.ALIGNER_SDXL, tokens_per_pair)),
     }
 
 
@@ -205,9 +206,9 @@ def print_measured(results: dict[str, dict]) -> dict[str, float]:
         print(f"{stage:<11} {r['items']:>3} {r['unit']:<24} {r['wall']:>7.1f} {per:>7.2f}{mark:1} "
               f"{r['peak_rss'] / 2**30:>6.2f} GiB {_bytes(written):>13} "
               f"{f / 1e9 if f else float('nan'):>11.1f} {f / 1e9 / per if f else float('nan'):>8.1f}")
-    print("   s/item: the stage's steady-state rate (preprocessing's extraction loop, the trainers' perf/samples_per_s);"
-          " * = wall / items (model loading included). written/item: the cache's bytes per pair for preprocessing;"
-          " all files the stage wrote (checkpoints, exports, images) per item otherwise.")
+    print("   s/item: the stage's steady-state rate (preprocessing's extraction loop, the trainers' "
+          "perf/samples_per_s); * = wall / items (model loading included). written/item: the cache's bytes "
+          "per pair for preprocessing; all files the stage wrote (checkpoints, exports, images) per item otherwise.")
     return {"tokens_per_pair": tokens, "cache_bytes_per_pair": cache_bytes}
 
 
@@ -228,13 +229,14 @@ def print_full_flops(flops: dict[str, float]) -> None:
 def projection(flops: dict[str, float], mfu: float, cache_bytes_per_pair: float, measured: bool) -> dict[str, dict]:
     p = PAPER
     prompts = sum(p["eval_prompts"].values())
+    train_pair = flops["train / pair (fwd, ref fwd, bwd)"]
     rows = [
         ("MLLM finetune", f"{p['finetune_triplets']:,} triplets x {flops['finetune / triplet'] / 1e12:.2f} TFLOP",
          p["finetune_triplets"] * flops["finetune / triplet"]),
         ("preprocess", f"{p['pairs']:,} pairs x {flops['preprocess / pair'] / 1e12:.2f} TFLOP",
          p["pairs"] * flops["preprocess / pair"]),
-        ("train aligner", f"{p['steps']:,} steps x {p['global_batch']} pairs x {flops['train / pair (fwd, ref fwd, bwd)'] / 1e9:.0f} GFLOP",
-         p["steps"] * p["global_batch"] * flops["train / pair (fwd, ref fwd, bwd)"]),
+        ("train aligner", f"{p['steps']:,} steps x {p['global_batch']} pairs x {train_pair / 1e9:.0f} GFLOP",
+         p["steps"] * p["global_batch"] * train_pair),
         ("eval, SDXL", f"{prompts:,} prompts x {flops['eval / prompt, SDXL'] / 1e12:.0f} TFLOP",
          prompts * flops["eval / prompt, SDXL"]),
         ("eval, SDXL-DPO", "the same as SDXL", prompts * flops["eval / prompt, SDXL"]),
@@ -243,7 +245,8 @@ def projection(flops: dict[str, float], mfu: float, cache_bytes_per_pair: float,
     ]
     print(f"\n3. The paper's run, projected at MFU {mfu:.0%} (dense bf16 peak: A100 312, H100 989 TFLOP/s); "
           f"GPU-hours = FLOP / (peak x MFU) / 3600")
-    print(f"   eval sets: {', '.join(f'{k} {v}' for k, v in p['eval_prompts'].items())} = {prompts} prompts per backbone")
+    sets = ", ".join(f"{k} {v}" for k, v in p["eval_prompts"].items())
+    print(f"   eval sets: {sets} = {prompts} prompts per backbone")
     out = {}
     total = {gpu: 0.0 for gpu in GPUS}
     for name, arithmetic, value in rows:
@@ -255,9 +258,11 @@ def projection(flops: dict[str, float], mfu: float, cache_bytes_per_pair: float,
               f"H100 {hours['H100']:>7.1f} h")
     print(f"   {'total':<15} {'':<52}   {'':<14}    A100 {total['A100']:>8.1f} h, H100 {total['H100']:>7.1f} h")
     read = p["steps"] * p["global_batch"] * cache_bytes_per_pair
-    print(f"   The aligner's FLOPs are not what its time is: at global batch 8 each step is ~{flops['train / pair (fwd, ref fwd, bwd)'] * 8 / 1e12:.1f} "
-          f"TFLOP (milliseconds on one GPU), and the run reads {read / 1e12:.1f} TB of cache ({_bytes(cache_bytes_per_pair)} "
-          f"per pair at {GUIDANCE_TOKENS} tokens, {'with the format overhead measured above' if measured else 'tensor bytes only'}). The paper reports 10-15 h on 8 A100 (80-120 A100-h, "
+    overhead = "with the format overhead measured above" if measured else "tensor bytes only"
+    print(f"   The aligner's FLOPs are not what its time is: at global batch 8 each step is "
+          f"~{train_pair * 8 / 1e12:.1f} TFLOP (milliseconds on one GPU), and the run reads {read / 1e12:.1f} TB "
+          f"of cache ({_bytes(cache_bytes_per_pair)} per pair at {GUIDANCE_TOKENS} tokens, {overhead}). "
+          f"The paper reports 10-15 h on 8 A100 (80-120 A100-h, "
           f"0.36-0.54 s per step): step latency and cache reads, which benchmarks/gpu_suite.py measures on a GPU.")
     out["total"] = {f"{gpu}_hours": h for gpu, h in total.items()}
     return out

@@ -138,7 +138,7 @@ def bare_steps_per_s(cfg, batches, warmup, device):
         streak = streak + 1 if bool(out["dist_win"].sum() < out["dist_win_ref"].sum()) else 0
         if streak >= cfg.reference.patience:
             with torch.no_grad():
-                for d, s in zip(reference.parameters(), aligner.parameters()):
+                for d, s in zip(reference.parameters(), aligner.parameters(), strict=True):
                     d.copy_(s)
             streak = 0
     _sync(device)

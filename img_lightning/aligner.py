@@ -10,8 +10,9 @@ be batched; a padded sample gets exactly the output it gets alone.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -110,7 +111,8 @@ class ImplicitAligner(nn.Module):
             guidance_mask = guidance_mask.to(torch.bool)
         x = self.proj_in(guidance)
         latents = ip_tokens
-        for attn, ff in self.layers:
+        for block in self.layers:
+            attn, ff = cast(nn.ModuleList, block)  # the official layout: [attention, feed-forward]
             latents = attn(x, latents, guidance_mask) + latents
             latents = ff(latents) + latents
         return ip_tokens + self.zero_linear(self.norm_out(self.proj_out(latents)))
@@ -154,7 +156,7 @@ class ImplicitAligner(nn.Module):
         )
 
     @classmethod
-    def load_official(cls, path: str | Path, **dims: Optional[int]) -> "ImplicitAligner":
+    def load_official(cls, path: str | Path, **dims: Optional[int]) -> ImplicitAligner:
         """Load a released checkpoint (``.pth`` state dict, optional DDP ``module.`` prefix) or one of
         our exports (``.safetensors``, or ``.pth`` with its ``.json`` beside it).
 

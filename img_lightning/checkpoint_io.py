@@ -22,8 +22,9 @@ import contextlib
 import errno
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -66,7 +67,7 @@ def full_disk_cause(err: BaseException) -> Optional[OSError]:
     zip writer turns the file object's ``OSError`` into a ``RuntimeError``), or one of a distributed
     checkpoint's per-rank failures."""
     seen: set[int] = set()
-    todo = [err]
+    todo: list[Optional[BaseException]] = [err]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:

@@ -6,6 +6,11 @@ and ``--version``, without loading the libraries its commands need.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class UserError(Exception):
     """Bad input, a missing file or model, a mismatched cache or checkpoint: the message names the
@@ -33,7 +38,7 @@ class Problems:
         if message not in self.items:
             self.items.append(message)
 
-    def check(self, fn, *args, where: str | None = None, **kwargs):
+    def check(self, fn: Callable[..., T], *args: Any, where: str | None = None, **kwargs: Any) -> T | None:
         """``fn(*args, **kwargs)``, or None after recording its error (prefixed by ``where``, the
         config key it concerns, unless the message starts with it)."""
         try:

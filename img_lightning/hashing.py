@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 _ONCE: dict[tuple, str] = {}
 _ONCE_LOCK = threading.Lock()
@@ -55,4 +56,4 @@ def files_sha256(paths: Iterable[str | Path], workers: int = 8) -> dict[Path, st
     if len(files) <= 1:
         return {p: file_sha256_once(p) for p in files}
     with ThreadPoolExecutor(max_workers=min(workers, len(files)), thread_name_prefix="sha256") as pool:
-        return dict(zip(files, pool.map(file_sha256_once, files)))
+        return dict(zip(files, pool.map(file_sha256_once, files), strict=True))

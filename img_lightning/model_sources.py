@@ -17,7 +17,8 @@ Imports nothing heavy: config loading uses it to say where a key left ``???`` ge
 from __future__ import annotations
 
 import shlex
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 RELEASED_MLLM = "shi-labs/IMG/llava"
 RELEASED_MLLM_TOWER = "openai/clip-vit-large-patch14-336"

@@ -11,8 +11,9 @@ scorers all go through here.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Optional, TypeVar
 
 import torch
 

@@ -15,32 +15,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config.encoders import IPEncoderConfig, MLLMConfig
-from .config.preprocess import GuidanceDtype, guidance_dtype_name
-from .encoders.questions import question_recipe
+from .config.encoders import EncodersConfig, IPEncoderConfig, MLLMConfig
+from .config.preprocess import GuidanceDtype, PreprocessConfig, guidance_dtype_name
 from .encoders.export_manifest import export_recipe
+from .encoders.questions import question_recipe
 
 
 def _plain(value: Any) -> Any:
     return getattr(value, "value", value)  # Enum members enter the recipe as their value
 
 
-def recipe_of_encoders(cfg: Any) -> dict:
+def recipe_of_encoders(cfg: EncodersConfig) -> dict:
     """The identity part of an encoders config (goes into the cache key). The question file is
     read here: its sha256 is what identifies it, so moving the file keeps the key. A local MLLM
     folder is a location, not an identity, except when it is a finetuned export
     (``img-finetune-mllm``): then the sha256 of its manifest (which lists the sha256 of every weight
     file) joins the key, so another export behind the same config gets another cache."""
-    mllm = {k: _plain(cfg.mllm[k]) for k in MLLMConfig.recipe_fields}
+    mllm = {k: _plain(getattr(cfg.mllm, k)) for k in MLLMConfig.recipe_fields}
     mllm.update(question_recipe(cfg.mllm))
     mllm.update(export_recipe(cfg.mllm))
-    ip = {k: _plain(cfg.ip[k]) for k in IPEncoderConfig.recipe_fields}
-    if cfg.ip.get("autocast", False):  # only when set: every cache made without it keeps its key
+    ip = {k: _plain(getattr(cfg.ip, k)) for k in IPEncoderConfig.recipe_fields}
+    if getattr(cfg.ip, "autocast", False):  # only when set: every cache made without it keeps its key
         ip["autocast"] = True
     return {"mllm": mllm, "ip": ip}
 
 
-def recipe_of(cfg: Any) -> dict:
+def recipe_of(cfg: PreprocessConfig) -> dict:
     """Everything that decides *what* the cached features are, nothing about where or how fast."""
     return {
         "encoders": recipe_of_encoders(cfg.encoders),
@@ -57,19 +57,19 @@ def recipe_of(cfg: Any) -> dict:
     }
 
 
-def _guidance_storage(cfg: Any) -> dict:
+def _guidance_storage(cfg: PreprocessConfig) -> dict:
     """Recipe entries of the guidance storage, only when it differs from ``cache.dtype``, so every
     16-bit cache keeps the key it always had."""
     name = guidance_dtype_name(cfg.cache)
     if name == _plain(cfg.cache.dtype):
         return {}
-    out = {"guidance_dtype": name}
+    out: dict[str, Any] = {"guidance_dtype": name}
     if name == GuidanceDtype.float8_e4m3fn.value:
         out["fp8_outlier_channels"] = int(cfg.cache.fp8_outlier_channels)
     return out
 
 
-def cache_key_of(cfg: Any) -> str:
+def cache_key_of(cfg: PreprocessConfig) -> str:
     """The cache key of a preprocessing config (``sha256`` of :func:`recipe_of`, 16 hex digits)."""
     from .cache.key import cache_key  # the cache package pulls in torch; computing a recipe need not
 

@@ -98,7 +98,7 @@ def check_resume_config(run_dir: Path, cfg: Any, schema: type, free_keys: frozen
         return {}
     allowed_extra = set(cfg.run.allow_config_change or ())
     try:
-        saved = load_config(schema, [saved_path], require_complete=False)
+        saved: Any = load_config(schema, [saved_path], require_complete=False)
     except ConfigError as err:
         raise ConfigError(
             f"cannot resume {run_dir}: its saved {CONFIG_NAME} does not load with this version ({err}). "

@@ -39,14 +39,15 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 from .errors import UserError
 
 LOCK_NAME = ".run.lock"
 log = logging.getLogger(__name__)
-_HELD: contextvars.ContextVar[Optional[list["RunLock"]]] = contextvars.ContextVar("img_run_locks", default=None)
+_HELD: contextvars.ContextVar[Optional[list[RunLock]]] = contextvars.ContextVar("img_run_locks", default=None)
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -15,7 +15,6 @@ import hashlib
 import torch
 
 
-
 class WeightsChangedError(RuntimeError):
     """The module's weights changed where nothing may change them (a bug of ours, not the user's)."""
 

@@ -15,10 +15,19 @@ import json
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
-from img_lightning.cli.common import (add_common_arguments, add_config_arguments, parse_staged_command, print_config,
-                                     resolve_config, run_cli, setup_from_args, show_progress)
+from img_lightning.cli.common import (
+    add_common_arguments,
+    add_config_arguments,
+    parse_staged_command,
+    print_config,
+    resolve_config,
+    run_cli,
+    setup_from_args,
+    show_progress,
+)
 from img_lightning.config.preprocess import PreprocessConfig
 
 log = logging.getLogger("img-preprocess")

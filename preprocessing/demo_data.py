@@ -15,9 +15,10 @@ from __future__ import annotations
 import io
 import random
 import uuid
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -102,7 +103,8 @@ def _corrupt(scene: dict, rng: random.Random) -> tuple[dict, str]:
     elif attribute == "colour":
         wrong["colour"] = rng.choice([c for c in sorted(COLOURS) if c not in (scene["colour"], scene["background"])])
     else:
-        wrong["background"] = rng.choice([c for c in sorted(COLOURS) if c not in (scene["colour"], scene["background"])])
+        others = [c for c in sorted(COLOURS) if c not in (scene["colour"], scene["background"])]
+        wrong["background"] = rng.choice(others)
     return wrong, attribute
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 import gc
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from img_lightning.config.loading import load_config, resolve_config_path
 
@@ -164,7 +165,8 @@ def stage_eval(run: RealWidthRun) -> dict[str, Any]:
     args = [str(EVAL_CONFIG), f"run_dir={run.out / 'eval'}", f"prompts.path={prompts}",
             f"prompts.limit={run.eval_prompts}", f"recipe={PREPROCESS_CONFIG}",
             f"generation.pipeline.path={models['sdxl']}", f"img.ip_adapter.path={models['ip_adapter']}",
-            f"encoders.ip.image_encoder_path={models['ip_adapter']}", f"encoders.ip.adapter_path={models['ip_adapter']}",
+            f"encoders.ip.image_encoder_path={models['ip_adapter']}",
+            f"encoders.ip.adapter_path={models['ip_adapter']}",
             f"encoders.mllm.path={run.mllm_export}", f"img.aligner.checkpoint={run.aligner}",
             f"scorers.0.path={scorers['clip']}", f"scorers.0.processor_path={scorers['clip']}"]
     html = eval_run("all", args, progress=run.progress)

@@ -12,12 +12,13 @@ thread while batch ``i`` runs on the accelerator. Per pair (docs/cache-format.md
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from PIL import Image
 from torch import Tensor
 
+from img_lightning.config.encoders import EncodersConfig
 from img_lightning.encoders.ip import IPEncoder, build_ip_encoder
 from img_lightning.encoders.mllm import GuidanceEncoder
 
@@ -48,7 +49,7 @@ class FeatureExtractor:
         self.ip = ip
 
     @classmethod
-    def from_config(cls, encoders_cfg) -> "FeatureExtractor":
+    def from_config(cls, encoders_cfg: EncodersConfig) -> FeatureExtractor:
         return cls(GuidanceEncoder.from_config(encoders_cfg.mllm), build_ip_encoder(encoders_cfg.ip))
 
     @property
@@ -76,8 +77,9 @@ class FeatureExtractor:
         return text
 
     def prepare(self, items: list[PairItem]) -> PreparedBatch:
-        losers = [it.loser for it in items]
-        pixels = self.ip.prepare(losers + [it.winner for it in items])
+        # Only decodable pairs reach the encoders: both images are set.
+        losers = cast(list[Image.Image], [it.loser for it in items])
+        pixels = self.ip.prepare(losers + cast(list[Image.Image], [it.winner for it in items]))
         mllm_inputs = self.mllm.prepare(losers, [it.caption for it in items], [it.template_id for it in items])
         for it in items:
             it.winner = it.loser = None

@@ -23,9 +23,10 @@ import logging
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -241,7 +242,7 @@ def _no_addresses(text: str) -> str:
     return _ADDRESS.sub("", text)
 
 
-def _cell_bytes(value) -> Optional[bytes]:
+def _cell_bytes(value: object) -> Optional[bytes | bytearray]:
     """Image cell -> bytes. Pick-a-Pic stores raw ``binary``; HF ``Image`` columns are structs."""
     if isinstance(value, dict):
         value = value.get("bytes")

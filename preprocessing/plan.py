@@ -89,9 +89,9 @@ def build_plan(table: PairTable, shard_size: int, seed: int = 0, shuffle: str = 
         order = np.argsort(pair_rank, kind="stable")
     else:
         names = [Path(f).name for f in table.files]
-        group_key = [f"{names[int(fi)]}#{int(rg)}" for fi, rg in zip(table.file_index, table.row_group)]
+        group_key = [f"{names[int(fi)]}#{int(rg)}" for fi, rg in zip(table.file_index, table.row_group, strict=True)]
         unique = sorted(set(group_key))
-        group_rank = dict(zip(unique, _rank(seed, unique).tolist()))
+        group_rank = dict(zip(unique, _rank(seed, unique).tolist(), strict=True))
         ranks = np.array([group_rank[g] for g in group_key], dtype=np.uint64)
         order = np.lexsort((pair_rank, ranks))  # by group rank, then pair rank
     return ShardPlan(order=order.astype(np.int64), shard_size=int(shard_size), seed=int(seed), shuffle=shuffle)

@@ -12,28 +12,37 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
+from img_lightning.atomic import atomic_write_json
 from img_lightning.cache.format import CACHE_DTYPES, GUIDANCE_DTYPES
 from img_lightning.cache.lock import ShardLocks
-from img_lightning.atomic import atomic_write_json
 from img_lightning.cache.manifest import Manifest, finalize_manifest, read_shard_index
 from img_lightning.cache.writer import shard_is_complete
 from img_lightning.config.loading import ConfigError
-from img_lightning.config.preprocess import guidance_dtype_name
+from img_lightning.config.preprocess import PreprocessConfig, PreprocessRunConfig, guidance_dtype_name
 from img_lightning.errors import UserError
 from img_lightning.recipe import cache_key_of, recipe_of
 
 from .extract import FeatureExtractor
 from .pickapic import ImageFetcher, PairTable, ReaderError, scan_pairs
 from .plan import PLAN_NAME, ShardPlan, build_plan, load_plan_document, plan_document, task_from_env
-from .stages import (REPORTS_DIR, Chunk, Prefetcher, ShardSink, ThreadedSink, remove_stale_temporaries, report_path,
-                     source)
+from .stages import (
+    REPORTS_DIR,
+    Chunk,
+    Prefetcher,
+    ShardSink,
+    ThreadedSink,
+    remove_stale_temporaries,
+    report_path,
+    source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +103,7 @@ def _shard_done(out: Path, name: str, cache_key: str) -> bool:
     return True
 
 
-def _overlap(run_cfg, extractor: FeatureExtractor) -> bool:
+def _overlap(run_cfg: PreprocessRunConfig, extractor: FeatureExtractor) -> bool:
     """Overlap the stages with threads only when the encoders run on an accelerator: on a CPU the
     threads compete with the encoders' own compute for the same cores and slow everything down."""
     if run_cfg.overlap == "auto":
@@ -195,7 +204,7 @@ def finalize(out: str | Path) -> Manifest:
     return manifest
 
 
-def validate_config(cfg) -> None:
+def validate_config(cfg: PreprocessConfig) -> None:
     """Reject values the schema's types cannot catch, naming the key (before any work starts).
     Choices (backend, kind, dtypes, modes, shuffle, overlap) are Enums: the schema refuses those."""
     from img_lightning.encoders.templates import TEMPLATE_SETS
@@ -213,8 +222,8 @@ def validate_config(cfg) -> None:
         raise ConfigError("data.drop_ties=false is not supported: a tie has no winner to learn from")
 
 
-def run_preprocess(cfg, task_index: Optional[int] = None, num_tasks: Optional[int] = None, progress: bool = True,
-                   extractor: Optional[FeatureExtractor] = None) -> RunResult:
+def run_preprocess(cfg: PreprocessConfig, task_index: Optional[int] = None, num_tasks: Optional[int] = None,
+                   progress: bool = True, extractor: Optional[FeatureExtractor] = None) -> RunResult:
     """Run this task's part of the plan. A single task (``num_tasks == 1``) also finalizes."""
     validate_config(cfg)
     task_index, num_tasks = task_from_env(task_index, num_tasks)

@@ -11,8 +11,9 @@ Crash safety comes from :class:`img_lightning.cache.ShardWriter` (temporary name
 complete, index written last): a killed task leaves at most a hidden ``.shard-*.tmp`` file, which
 the next run of the same shard deletes before rewriting it. One writer per shard: the source takes
 the shard's lock (:mod:`img_lightning.cache.lock`) before starting it and the sink releases it once
-the shard is written, so concurrent or overlapping tasks never touch each other's files. Each shard's report (which pairs were
-skipped and why) is written BEFORE the shard is renamed, so a finished shard always has one.
+the shard is written, so concurrent or overlapping tasks never touch each other's files. Each
+shard's report (which pairs were skipped and why) is written BEFORE the shard is renamed, so a
+finished shard always has one.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ import logging
 import queue
 import re
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from img_lightning.cache.lock import ShardLocks
 from img_lightning.atomic import atomic_write_json
+from img_lightning.cache.lock import ShardLocks
 from img_lightning.cache.quant import DEFAULT_OUTLIER_CHANNELS, NonFiniteFeatures, to_storage
 from img_lightning.cache.writer import ShardWriter
 from img_lightning.encoders.conversation import PromptTextError, PromptTooLong
@@ -116,8 +118,9 @@ def pair_meta(table: PairTable, i: int, template_id: int, template_set: str, mll
         meta["questions_sha256"] = questions_sha256
     if mllm_prompt is not None:
         meta["mllm_prompt"] = mllm_prompt
-    if table.ranking_id[i] is not None:
-        meta["ranking_id"] = int(table.ranking_id[i])
+    ranking_id = table.ranking_id[i]
+    if ranking_id is not None:
+        meta["ranking_id"] = int(ranking_id)
     return meta
 
 
@@ -149,7 +152,7 @@ def source(shards: list[int], plan: ShardPlan, table: PairTable, extractor: Feat
             part, chunk = indices[start : start + step], raw[start : start + step]
             decoded = list(pool.map(_decode_pair, chunk)) if pool is not None else [_decode_pair(c) for c in chunk]
             items, skipped = [], []
-            for i, (winner, loser, reason), (w_bytes, l_bytes) in zip(part, decoded, chunk):
+            for i, (winner, loser, reason), (w_bytes, l_bytes) in zip(part, decoded, chunk, strict=True):
                 if reason is None and w_bytes == l_bytes:  # nothing to prefer: it would train ip_win == ip_lose
                     skipped.append({"pair_id": table.pair_id[i], "source": table.source(i), "kind": "same_image",
                                     "reason": "the two images have identical bytes"})
@@ -239,7 +242,7 @@ class ShardSink:
     plan: ShardPlan
     cache_key: str
     dtype: torch.dtype
-    on_progress: Callable[[int, "ShardSink"], None] = lambda n, sink: None
+    on_progress: Callable[[int, ShardSink], None] = lambda n, sink: None
     guidance_dtype: Optional[torch.dtype] = None  # None: dtype; float8_e4m3fn: see cache/quant.py
     outlier_channels: int = DEFAULT_OUTLIER_CHANNELS  # with 8-bit guidance: channels kept 16-bit
     locks: Optional[ShardLocks] = None  # shard locks taken by the source, released once written
@@ -260,7 +263,7 @@ class ShardSink:
         if isinstance(item, Chunk):
             report["skipped"].extend(item.skipped)
             if item.batch is not None:
-                for it, tensors in zip(item.batch.items, feats or []):
+                for it, tensors in zip(item.batch.items, feats or [], strict=True):
                     try:
                         stored = to_storage(tensors, self.dtype, self.guidance_dtype, it.pair_id, self.outlier_channels)
                     except NonFiniteFeatures as err:

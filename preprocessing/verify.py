@@ -17,7 +17,7 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import IO, Any, Optional, cast
 
 import torch
 
@@ -132,7 +132,8 @@ def _check_sample(name: str, key: str, payload: bytes, meta_bytes: bytes, spec: 
     if extra:
         out.problems.append(f"{where}: unexpected tensors {extra}")
     if g.ndim != 2 or g.shape[1] != spec.get("guidance", {}).get("dim", g.shape[-1]):
-        out.problems.append(f"{where}: guidance shape {tuple(g.shape)}, manifest dim {spec.get('guidance', {}).get('dim')}")
+        dim = spec.get("guidance", {}).get("dim")
+        out.problems.append(f"{where}: guidance shape {tuple(g.shape)}, manifest dim {dim}")
     ip_shape = tuple(spec.get("ip", {}).get("shape", lose.shape))
     for label, t in (("ip_lose", lose), ("ip_win", win)):
         if tuple(t.shape) != ip_shape:
@@ -215,7 +216,8 @@ def check_shard(root: str, entry: dict, cache_key: str, spec: dict) -> ShardChec
     with open(path, "rb") as f:
         reader = _HashingReader(f)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
+            # Stream mode ("r|") only reads, front to back: what the hashing reader does.
+            with tarfile.open(fileobj=cast(IO[bytes], reader), mode="r|") as tar:
                 for info in tar:
                     try:  # the writer's member-name rule: a shard written elsewhere is refused
                         key, ext = split_member_name(info.name)
@@ -225,7 +227,9 @@ def check_shard(root: str, entry: dict, cache_key: str, spec: dict) -> ShardChec
                     if not info.isfile():
                         out.problems.append(f"{name}: member {info.name!r} is not a regular file")
                         continue
-                    data = tar.extractfile(info).read()
+                    member = tar.extractfile(info)
+                    assert member is not None  # a regular file (checked above)
+                    data = member.read()
                     if len(data) != info.size:
                         raise tarfile.ReadError(f"member {info.name} truncated")
                     parts = pending.setdefault(key, {})
@@ -280,7 +284,8 @@ def _entries(root: Path) -> tuple[Optional[str], dict, list[dict], list[str]]:
         return None, {}, [], [f"{root}: neither manifest.json nor {PLAN_NAME}: not a feature cache"]
     doc = load_plan_document(root)
     problems.append(f"{root}/manifest.json missing: run `img-preprocess manifest {root}` once all tasks finished")
-    entries, spec = [], {}
+    entries = []
+    spec: dict[str, Any] = {}
     for name in doc["shards"]:
         try:
             entry, _ = read_shard_index(root / name)
@@ -298,10 +303,10 @@ def verify_cache(root: str | Path, workers: int = 1) -> VerifyReport:
     notes: list[str] = []
     checks: list[ShardCheck] = []
     if entries:
-        args = [(str(root), e, cache_key, spec) for e in entries]
+        args: list[tuple[Any, ...]] = [(str(root), e, cache_key, spec) for e in entries]
         if workers > 1 and len(entries) > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                checks = list(pool.map(check_shard, *zip(*args)))
+                checks = list(pool.map(check_shard, *zip(*args, strict=True)))
         else:
             checks = [check_shard(*a) for a in args]
     seen: dict[str, str] = {}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(os.environ.get("IMG_BENCHMARKS_DIR") or Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks")
+BENCH = Path(os.environ.get("IMG_BENCHMARKS_DIR")
+             or Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks")
 requires_bench = pytest.mark.skipif(
     not BENCH.is_dir(), reason=f"official prompt files not found at {BENCH} (set IMG_BENCHMARKS_DIR)"
 )

@@ -26,7 +26,8 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
          "--disable-dev-shm-usage")
 # What a template bug prints instead of a value.
-BAD_TEXT = re.compile(r"\b(?:nan|NaN|None|undefined|null)\b|<[\w.]+ object at 0x[0-9a-fA-F]+>|\bDictConfig\(|\bTensor\(")
+BAD_TEXT = re.compile(r"\b(?:nan|NaN|None|undefined|null)\b|<[\w.]+ object at 0x[0-9a-fA-F]+>"
+                      r"|\bDictConfig\(|\bTensor\(")
 
 _MEASURE = """
 window.addEventListener('load', async () => {

@@ -25,7 +25,8 @@ def why_no_slurm() -> Optional[str]:
     """Why a cluster cannot be had here, or None (installed, or installable: root with apt-get)."""
     if sys.platform != "linux":
         return "SLURM's local cluster needs Linux"
-    installed = all(shutil.which(t) or Path(f"/usr/sbin/{t}").exists() for t in ("sbatch", "slurmctld", "slurmd", "munged"))
+    daemons = ("sbatch", "slurmctld", "slurmd", "munged")
+    installed = all(shutil.which(t) or Path(f"/usr/sbin/{t}").exists() for t in daemons)
     if os.geteuid() != 0:
         return "slurm/local_cluster.sh runs slurmd and munged as root; these tests run as another user"
     if not installed and not shutil.which("apt-get"):

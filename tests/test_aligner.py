@@ -75,7 +75,10 @@ def _reference_attention_block(attn, x, latents):
     x, lat = attn.norm1(x), attn.norm2(latents)
     q = attn.to_q(lat)
     k, v = attn.to_kv(torch.cat([x, lat], dim=1)).chunk(2, dim=-1)
-    split = lambda t: t.view(t.shape[0], t.shape[1], attn.heads, attn.dim_head).transpose(1, 2)
+
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], attn.heads, attn.dim_head).transpose(1, 2)
+
     out = F.scaled_dot_product_attention(split(q), split(k), split(v))
     return attn.to_out(out.transpose(1, 2).reshape(lat.shape[0], lat.shape[1], -1))
 

@@ -37,7 +37,8 @@ def test_gpu_suite_smoke_runs_every_part_and_writes_one_json(tmp_path, capsys, m
     for name, path in (("sdxl", tiny_sdxl_dir), ("ip_adapter", tiny_ip_adapter_dir), ("llava", tiny_llava_dir)):
         (world / name).symlink_to(path)
     out = tmp_path / "suite.json"
-    assert gpu_suite.main(["--smoke", "--json", str(out), "--workdir", str(tmp_path / "work"), "--world", str(world)]) == 0
+    args = ["--smoke", "--json", str(out), "--workdir", str(tmp_path / "work"), "--world", str(world)]
+    assert gpu_suite.main(args) == 0
     results = json.loads(out.read_text())
     assert results["device"].startswith("smoke run")
     for part in gpu_suite.PARTS:
@@ -84,6 +85,7 @@ def test_real_width_projection_prints_its_arithmetic(tmp_path, capsys, monkeypat
     assert report["projection"]["total"]["A100_hours"] == sum(r["A100_hours"] for r in rows.values())
     p = real_width.PAPER
     assert rows["preprocess"]["flop"] == p["pairs"] * report["full_flops"]["preprocess / pair"]
-    assert rows["train aligner"]["flop"] == p["steps"] * p["global_batch"] * report["full_flops"]["train / pair (fwd, ref fwd, bwd)"]
+    per_pair = report["full_flops"]["train / pair (fwd, ref fwd, bwd)"]
+    assert rows["train aligner"]["flop"] == p["steps"] * p["global_batch"] * per_pair
     text = capsys.readouterr().out
     assert "851,000 pairs x" in text and "MFU 50%" in text

@@ -73,7 +73,8 @@ def test_shards_are_standard_webdataset_and_decode_with_safetensors(tmp_path):
         seen += 1
     assert seen == 10
     assert manifest.num_samples == 10 and len(manifest.shards) == 3
-    assert manifest.tensors == {"guidance": {"dtype": "float16", "dim": 12}, "ip": {"dtype": "float16", "shape": [4, 8]}}
+    assert manifest.tensors == {"guidance": {"dtype": "float16", "dim": 12},
+                                "ip": {"dtype": "float16", "shape": [4, 8]}}
 
 
 def test_same_samples_give_byte_identical_shards(tmp_path):

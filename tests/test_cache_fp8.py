@@ -281,7 +281,8 @@ def test_verify_and_reader_catch_a_corrupt_scale(tmp_path, caplog, bad_scale):
     _rewrite_last_shard_with(tmp_path, "badscale", _bad_sample(guidance_scale=lambda s: s.__setitem__(3, bad_scale)))
     report = verify_cache(tmp_path)
     assert not report.ok
-    assert any("sample 'badscale'" in p and "guidance_scale" in p and "token(s) (first: 3)" in p for p in report.problems)
+    assert any("sample 'badscale'" in p and "guidance_scale" in p and "token(s) (first: 3)" in p
+               for p in report.problems)
     view = CacheView.open(tmp_path)
     with caplog.at_level(logging.WARNING):
         batch = BatchReader(view).read(range(view.num_samples))
@@ -303,7 +304,8 @@ def test_verify_and_reader_catch_a_bad_outlier_index(tmp_path, caplog, bad_index
 
 def test_reader_drops_fp8_nan_codes(tmp_path, caplog):
     _write_fp8(tmp_path)
-    _rewrite_last_shard_with(tmp_path, "nancode", _bad_sample(guidance=lambda q: q.view(torch.uint8)[1].__setitem__(7, 0x7F)))
+    _rewrite_last_shard_with(tmp_path, "nancode",
+                             _bad_sample(guidance=lambda q: q.view(torch.uint8)[1].__setitem__(7, 0x7F)))
     view = CacheView.open(tmp_path)
     with caplog.at_level(logging.WARNING):
         batch = BatchReader(view).read(range(view.num_samples))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from img_lightning.cli import convert_llava, eval as eval_cli, finetune_mllm, train
+from img_lightning.cli import convert_llava, finetune_mllm, train
+from img_lightning.cli import eval as eval_cli
 from img_lightning.cli.common import show_progress
 from img_lightning.config.eval import EvalConfig
 from img_lightning.config.loading import ConfigError, dotted_keys, load_config, suggest_key

@@ -98,7 +98,7 @@ def test_ids_equal_tokenizer_image_token(conv, tokenizer, sp_files):
     sp = sp_files[1]
     texts = [conv.prompt(q) for q in QUESTIONS]
     ours = llava_pieces_ids(tokenizer, texts)  # one batched call
-    for text, ids in zip(texts, ours):
+    for text, ids in zip(texts, ours, strict=True):
         ref = ref_tokenizer_image_token(text, tokenizer)
         assert [IMAGE_INDEX if i is None else i for i in ids] == ref
         # ... and equal to SentencePiece itself, which LLaVA's slow tokenizer (use_fast=False) ran

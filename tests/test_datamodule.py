@@ -32,15 +32,16 @@ def _datamodule(root, key, **data):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_rank_batches_balanced_disjoint_and_cover_the_epoch(world):
     ids = np.arange(103)
-    plans = [rank_batches(ids, batch_size=4, rank=r, world_size=world, seed=5, epoch=2, shuffle=True) for r in range(world)]
+    plans = [rank_batches(ids, batch_size=4, rank=r, world_size=world, seed=5, epoch=2, shuffle=True)
+             for r in range(world)]
     assert len({len(p) for p in plans}) == 1  # equal batch counts on every rank: no DDP hang
     seen = np.concatenate([b for p in plans for b in p])
     assert len(seen) == len(set(seen.tolist()))  # nothing twice
     assert len(ids) - len(seen) < 4 * world  # only the remainder that cannot fill a global step is left
     again = rank_batches(ids, batch_size=4, rank=0, world_size=world, seed=5, epoch=2, shuffle=True)
-    assert all(np.array_equal(a, b) for a, b in zip(plans[0], again))  # deterministic
+    assert all(np.array_equal(a, b) for a, b in zip(plans[0], again, strict=True))  # deterministic
     other_epoch = rank_batches(ids, batch_size=4, rank=0, world_size=world, seed=5, epoch=3, shuffle=True)
-    assert not all(np.array_equal(a, b) for a, b in zip(plans[0], other_epoch))
+    assert not all(np.array_equal(a, b) for a, b in zip(plans[0], other_epoch, strict=True))
 
 
 def test_evaluation_plan_covers_everything_once():
@@ -142,7 +143,7 @@ def test_fp8_cache_batches_cross_as_8_bit_and_are_widened_after_the_transfer(tmp
     dm.setup("fit")
     dm16 = _datamodule(tmp_path / "a", fp16.cache_key, batch_size=6, num_workers=0)
     dm16.setup("fit")
-    for batch, ref in zip(dm.train_dataloader(), dm16.train_dataloader()):
+    for batch, ref in zip(dm.train_dataloader(), dm16.train_dataloader(), strict=True):
         assert batch["guidance"].dtype == FP8_DTYPE and batch[SCALE_KEY].dtype == torch.float32
         assert batch[OUTLIER_KEY].shape == (6, batch["guidance"].shape[1], 2)
         assert torch.equal(batch["index"], ref["index"])

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from img_lightning.aligner import ImplicitAligner
 from img_lightning.cache.synthetic import write_synthetic_cache
 from img_lightning.callbacks import weights_fingerprint
-from img_lightning.aligner import ImplicitAligner
 from train_utils import TINY_CACHE_DIMS, tiny_overrides
 
 

@@ -8,7 +8,8 @@ import shlex
 import pytest
 
 from img_lightning.cli.generate import main as generate_main
-from preprocessing.demo import MIN_IMPROVEMENT, main as demo_main
+from preprocessing.demo import MIN_IMPROVEMENT
+from preprocessing.demo import main as demo_main
 
 
 @pytest.mark.slow

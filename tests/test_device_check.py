@@ -69,7 +69,7 @@ def test_check_batch_on_8_bit_guidance(caches, bad):
     out, verdicts = check_batch(batch)
     assert out["sample_ok"].tolist() == [True, False, True]
     assert out["guidance"].dtype == torch.float32 and bool(torch.isfinite(out["guidance"]).all())
-    named = [name for name, fine in zip(CHECKED, verdicts[1].tolist()) if not fine]
+    named = [name for name, fine in zip(CHECKED, verdicts[1].tolist(), strict=True) if not fine]
     assert named == ([SCALE_KEY] if bad == "zero_scale" else ["guidance", SCALE_KEY] if bad == "inf_scale"
                      else ["guidance"])
 
@@ -107,7 +107,8 @@ def test_masked_samples_give_exactly_the_loss_of_the_batch_without_them(caches):
         module.zero_grad()
         loss = module.training_step(batch, 0)
         loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in module.aligner.named_parameters()}, module.pop_swap_distances()
+        grads = {n: p.grad.clone() for n, p in module.aligner.named_parameters()}
+        return loss.detach(), grads, module.pop_swap_distances()
 
     loss_m, grads_m, swap_m = step(masked)
     loss_w, grads_w, swap_w = step(without)

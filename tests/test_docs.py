@@ -23,7 +23,8 @@ TEST_COMMAND = 'python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .v
 README_MAX_LINES = 250
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-PATH = re.compile(r"(?<![\w./${-])((?:configs|slurm|benchmarks|img_lightning|preprocessing|tests)/[\w./{},*+-]*[\w}*/])")
+PATH = re.compile(r"(?<![\w./${-])((?:configs|slurm|benchmarks|img_lightning|preprocessing|tests)/"
+                  r"[\w./{},*+-]*[\w}*/])")
 TEST_FILE = re.compile(r"(?<![\w/])(test_\w+\.py)\b")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 FENCE = re.compile(r"^\s*(```|~~~)")

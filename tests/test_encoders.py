@@ -7,10 +7,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from img_lightning.config.encoders import IPEncoderConfig, MLLMConfig
-from img_lightning.models import ModelNotFoundError
 from img_lightning.encoders.ip import build_ip_encoder
 from img_lightning.encoders.mllm import GuidanceEncoder, build_question, expand_to_square, template_id_for
 from img_lightning.encoders.templates import templates
+from img_lightning.models import ModelNotFoundError
 from img_lightning.tiny.ip_adapter import SDXL_PLUS_SUBFOLDER, SDXL_PLUS_WEIGHT
 
 COLOURS = [(230, 20, 20), (20, 20, 230), (20, 200, 40), (240, 220, 30)]
@@ -19,7 +19,7 @@ COLOURS = [(230, 20, 20), (20, 20, 230), (20, 200, 40), (240, 220, 30)]
 def _images():
     sizes = [(64, 48), (40, 64), (64, 64), (80, 30)]
     out = []
-    for (w, h), colour in zip(sizes, COLOURS):
+    for (w, h), colour in zip(sizes, COLOURS, strict=True):
         im = Image.new("RGB", (w, h), (250, 250, 250))
         im.paste(colour, (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
         out.append(im)
@@ -125,10 +125,10 @@ def test_guidance_batched_equals_single(backend, tiny_llava_dir, tiny_qwen_dir):
                "green", "a yellow square {with braces}"]
     tids = [template_id_for(f"pair{i}") for i in range(4)]
     batched = enc.encode(images, prompts, tids)
-    single = [enc.encode([im], [p], [t])[0] for im, p, t in zip(images, prompts, tids)]
+    single = [enc.encode([im], [p], [t])[0] for im, p, t in zip(images, prompts, tids, strict=True)]
     lengths = {b.shape[0] for b in batched}
     assert len(lengths) > 1  # the batch really was padded
-    for b, s in zip(batched, single):
+    for b, s in zip(batched, single, strict=True):
         assert b.shape == s.shape and b.shape[1] == 64 and b.dtype == torch.float32
         torch.testing.assert_close(b, s, rtol=1e-4, atol=1e-4)
     # exactly the real tokens: the processor's own count for that sample alone

@@ -4,10 +4,10 @@ built on the tiny models, over the six T2I-CompBench categories loaded from the 
 from PIL import Image
 
 from bench_paths import BENCH, requires_bench
-from img_lightning.evaluation.pipeline import load_prompt_set, resolve_config
-from img_lightning.tiny.demo_eval import DEMO_CONFIG
-from img_lightning.evaluation.prompts import T2I_COMPBENCH_CATEGORIES
+from img_lightning.evaluation.pipeline import resolve_config
+from img_lightning.evaluation.prompts import T2I_COMPBENCH_CATEGORIES, load_prompt_set
 from img_lightning.evaluation.scorers import build_scorers
+from img_lightning.tiny.demo_eval import DEMO_CONFIG
 
 pytestmark = requires_bench
 CONFIG = DEMO_CONFIG.parent / "benchmarks" / "diffusion_sharpening.yaml"
@@ -21,9 +21,11 @@ def test_diffusion_sharpening_columns_from_one_config(tiny_scorer_dirs, tiny_lla
     cfg = resolve_config([
         str(DEMO_CONFIG), str(CONFIG), f"run_dir={tmp_path}", f"prompts.path={dataset}", "img.aligner.checkpoint=x.pth",
         "prompts.limit=null",
-        *[f"scorers.{i}.path={d['clip']}" for i in (0, 5, 7)], *[f"scorers.{i}.path={d['blip_vqa']}" for i in (1, 2, 3)],
+        *[f"scorers.{i}.path={d['clip']}" for i in (0, 5, 7)],
+        *[f"scorers.{i}.path={d['blip_vqa']}" for i in (1, 2, 3)],
         f"scorers.4.path={d['owlvit']}", f"scorers.7.checkpoint={d['aesthetic_mlp']}",
-        f"scorers.8.checkpoint={d['image_reward_checkpoint']}", f"scorers.8.processor_path={d['image_reward_tokenizer']}",
+        f"scorers.8.checkpoint={d['image_reward_checkpoint']}",
+        f"scorers.8.processor_path={d['image_reward_tokenizer']}",
         "scorers.9.mllm.backend=llava", f"scorers.9.mllm.path={tiny_llava_dir}", "scorers.9.max_new_tokens=4",
         *[f"scorers.{i}.device=cpu" for i in range(10)], "scorers.9.mllm.device=cpu", "scorers.9.mllm.dtype=float32",
         "scorers.9.mllm.image_mode=pad",

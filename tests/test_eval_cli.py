@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench_paths import BENCH, requires_bench
 from img_lightning.cli.eval import main
 from img_lightning.evaluation.pipeline import resolve_config
 from img_lightning.tiny.demo_eval import DEMO_CONFIG, DEMO_RECIPE, run_demo_eval, tiny_eval_overrides
 
-from bench_paths import BENCH, requires_bench
 COLOR = BENCH / "t2i-compbench" / "color_val.txt"
 pytestmark = requires_bench
 
@@ -45,7 +45,7 @@ def test_img_eval_all_end_to_end_and_resume(world, tmp_path, capsys):
     assert "control = base: its settings equal base's" in out and "'control': {'hps': 0," in out
     for arm in ("base", "control", "img_r1"):
         assert sorted(p.name for p in (run_dir / "images" / arm).iterdir()) == ["00000.png", "00001.png", "00002.png"]
-        meta = [json.loads(l) for l in (run_dir / "metadata" / f"{arm}.0of1.jsonl").read_text().splitlines()]
+        meta = [json.loads(line) for line in (run_dir / "metadata" / f"{arm}.0of1.jsonl").read_text().splitlines()]
         assert [m["uid"] for m in meta] == ["00000", "00001", "00002"]
     meta = json.loads((run_dir / "metadata" / "img_r1.0of1.jsonl").read_text().splitlines()[0])
     base_meta = json.loads((run_dir / "metadata" / "base.0of1.jsonl").read_text().splitlines()[0])
@@ -67,7 +67,8 @@ def test_img_eval_all_end_to_end_and_resume(world, tmp_path, capsys):
     # the tiny LLaVA grader answers gibberish: no score, counted and shown, never a default
     mllm = report["metrics"]["mllm"]
     assert mllm["kind"] == "mllm_grader" and len(mllm["rubric_sha256"]) == 64 and mllm["exact"] is False
-    answers = [json.loads(l) for l in (run_dir / "scores" / "base" / "answers" / "mllm.0of1.jsonl").read_text().splitlines()]
+    answers_file = run_dir / "scores" / "base" / "answers" / "mllm.0of1.jsonl"
+    answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
     assert len(answers) == 3 and all(isinstance(a["answer"], str) for a in answers)
     unparsed = sum(not a["parsed"] for a in answers)
     assert report["unscored"].get("mllm", {}).get("base", {}).get("count", 0) == unparsed
@@ -128,11 +129,12 @@ def test_chunked_array_run_with_two_rounds(world, tmp_path, capsys):
     for i in range(2):
         assert main(["generate", *_args(world, run_dir, limit=2), "img.rounds=2", "img.control=false",
                      "img.free_encoders=false", "--task-index", str(i), "--num-tasks", "2", "--no-progress"]) == 0
-    assert (run_dir / "metadata" / "img_r2.0of2.jsonl").is_file() and (run_dir / "metadata" / "img_r2.1of2.jsonl").is_file()
+    assert (run_dir / "metadata" / "img_r2.0of2.jsonl").is_file()
+    assert (run_dir / "metadata" / "img_r2.1of2.jsonl").is_file()
     assert main(["report", *_args(world, run_dir, limit=2), "img.rounds=2", "img.control=false", "--no-progress"]) == 0
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert report["arms"] == ["base", "img_r1", "img_r2"] and report["img_arm"] == "img_r2"
-    r2 = [json.loads(l) for l in (run_dir / "metadata" / "img_r2.1of2.jsonl").read_text().splitlines()]
+    r2 = [json.loads(line) for line in (run_dir / "metadata" / "img_r2.1of2.jsonl").read_text().splitlines()]
     assert [m["uid"] for m in r2] == ["00001"] and r2[0]["source_arm"] == "img_r1"
 
 

@@ -149,7 +149,8 @@ def test_mllm_checks(tiny_llava_dir, tmp_path):
     cfg = OmegaConf.structured(MLLMConfig(backend="llava", model="x", path=str(tiny_llava_dir)))
     problems = Problems()
     hidden = check_mllm(cfg, problems)
-    assert not problems and hidden == json.loads((tiny_llava_dir / "config.json").read_text())["text_config"]["hidden_size"]
+    config = json.loads((tiny_llava_dir / "config.json").read_text())
+    assert not problems and hidden == config["text_config"]["hidden_size"]
     cfg.backend = "qwen2_5_vl"
     assert check_mllm(cfg, problems) is None and "expects a 'qwen2_5_vl' model" in problems.items[0]
     original = tmp_path / "llava_original"

@@ -9,8 +9,9 @@ from img_lightning.eval_run import PromptRecord
 from img_lightning.evaluation.report import ReportInputs, paste_table, summarize, write_report
 
 METRICS = {
-    "clip": {"name": "clip", "label": "CLIP Score", "kind": "clip", "exact": True, "model": "openai/clip-vit-large-patch14",
-             "sha256": "a" * 64, "reference": "CLIPScore", "scale": "1 x cos"},
+    "clip": {"name": "clip", "label": "CLIP Score", "kind": "clip", "exact": True,
+             "model": "openai/clip-vit-large-patch14", "sha256": "a" * 64, "reference": "CLIPScore",
+             "scale": "1 x cos"},
     "spatial": {"name": "spatial", "label": "Spatial", "kind": "spatial_proxy", "exact": False,
                 "note": "OWLv2 stands in for UniDet", "sha256": "b" * 64},
     "hps": {"name": "hps", "label": "HPS", "kind": "hps", "exact": True, "version": "v2.1", "sha256": "c" * 64},
@@ -72,7 +73,7 @@ def test_report_table_layout_proxies_hashes_and_unscored(tmp_path):
     assert "I like it <b>" not in html
     md = paths["table_md"].read_text().splitlines()
     assert md[0] == "| arm | CLIP Score | Spatial (proxy) [1] | HPS | MLLM <grader> (proxy) [2] |"
-    assert md[2].startswith("| base | 0.1500") and any(l.startswith("[1] Spatial") for l in md)
+    assert md[2].startswith("| base | 0.1500") and any(line.startswith("[1] Spatial") for line in md)
     assert paths["table_tsv"].read_text().splitlines()[0].split("\t")[1] == "CLIP Score"
 
 

@@ -84,7 +84,7 @@ def test_an_image_another_arm_scored_byte_for_byte_takes_its_score(tmp_path):
     counts = score_run(cfg, prompts, tmp_path, ["base", "control"], "0of1", {"m": a}, progress=False)
     assert counts == {"base": {"m": 2}, "control": {"m": 1}} and a.calls == 3
     assert read_scores(tmp_path, "control", "m") == {"00000": 10.0, "00001": 77.0}
-    lines = [json.loads(l) for l in (tmp_path / "scores" / "control" / "m.0of1.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "scores" / "control" / "m.0of1.jsonl").read_text().splitlines()]
     assert [(r["uid"], r.get("reused_from")) for r in lines] == [("00000", "base"), ("00001", None)]
     # another scorer version takes nothing from the first's records
     b = Counting("B")
@@ -99,7 +99,8 @@ def test_stored_images_of_another_prompt_file_or_seed_are_refused(tmp_path):
     with pytest.raises(StaleRunError) as err:
         check_stored_images(cfg, _prompts(["a red cube", "a square plate"]), tmp_path)
     text = str(err.value)
-    assert str(tmp_path) in text and "base/00001" in text and "prompt: stored 'a blue ball', now 'a square plate'" in text
+    assert str(tmp_path) in text and "base/00001" in text
+    assert "prompt: stored 'a blue ball', now 'a square plate'" in text
     assert "new run_dir" in text and "1 stored image(s)" in text
     with pytest.raises(StaleRunError, match="seed: stored"):
         check_stored_images(_cfg(tmp_path, **{"generation.seed": 7}), _prompts(["a red cube"]), tmp_path)
@@ -128,8 +129,9 @@ def test_img_images_record_the_aligner_checkpoint_sha256(tmp_path):
     ckpt_a.unlink()
     check_stored_images(cfg, prompts, tmp_path / "run")
     with pytest.raises(StaleRunError, match="ip_scale: stored 0.2, now 0.5"):
-        check_stored_images(_cfg(tmp_path / "run", **{"img.rounds": 1, "img.ip_scale": 0.5,
-                                                      "img.aligner.checkpoint": str(ckpt_a)}), prompts, tmp_path / "run")
+        changed = _cfg(tmp_path / "run",
+                       **{"img.rounds": 1, "img.ip_scale": 0.5, "img.aligner.checkpoint": str(ckpt_a)})
+        check_stored_images(changed, prompts, tmp_path / "run")
 
 
 def test_descriptions_are_merged_and_a_metric_without_one_is_refused(tmp_path):
@@ -169,7 +171,8 @@ def test_a_changed_config_is_recorded_beside_the_first(tmp_path):
     prompts = _prompts(["a"])
     assert record_config(tmp_path, _cfg(tmp_path), prompts, "all") == tmp_path
     first = (tmp_path / "config.yaml").read_text()
-    assert record_config(tmp_path, _cfg(tmp_path, **{"chunk.index": 1, "chunk.count": 2}), prompts, "generate") == tmp_path
+    second_task = _cfg(tmp_path, **{"chunk.index": 1, "chunk.count": 2})
+    assert record_config(tmp_path, second_task, prompts, "generate") == tmp_path
     target = record_config(tmp_path, _cfg(tmp_path, **{"report.bootstrap": 10}), prompts, "report")
     assert target == tmp_path / "reruns" / "001" and (tmp_path / "config.yaml").read_text() == first
     changes = json.loads((target / "changes.json").read_text())

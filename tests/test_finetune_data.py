@@ -70,8 +70,8 @@ def test_files_dirs_globs_and_stable_keys_and_split(tmp_path):
     other = scan_triplets(tmp_path / "d", heldout_fraction=0.3, salt="another")
     assert not np.array_equal(other.heldout, by_dir.heldout)
     single = scan_triplets(tmp_path / "d" / "part-1.parquet", heldout_fraction=0.3)
-    lookup = dict(zip(by_dir.keys, by_dir.heldout))
-    assert all(lookup[k] == h for k, h in zip(single.keys, single.heldout))
+    lookup = dict(zip(by_dir.keys, by_dir.heldout, strict=True))
+    assert all(lookup[k] == h for k, h in zip(single.keys, single.heldout, strict=True))
     assert by_dir.group_of.max() + 1 == 3 * 3 + 1  # 3 row groups per file of 20 rows at 8 per group
 
 
@@ -115,15 +115,15 @@ def test_eval_plan_pads_every_rank_to_the_same_batches():
 def test_loader_drops_bad_samples_and_the_run_lists_them(tmp_path, tiny_llava_dir):
     from omegaconf import OmegaConf
 
-    from img_lightning.config.finetune_mllm import FinetuneDataConfig
     from img_lightning.config.encoders import MLLMConfig
+    from img_lightning.config.finetune_mllm import FinetuneDataConfig
     from img_lightning.finetune.datamodule import EditTripletDataModule, skip_summary
     from img_lightning.finetune.plan import BatchRequest
 
     rows = [_row(i) for i in range(3)]
-    from preprocessing.demo_data import _jpeg, draw_scene  # noqa: PLC2701 - demo helpers
-
     import random
+
+    from preprocessing.demo_data import _jpeg, draw_scene  # noqa: PLC2701 - demo helpers
 
     rng = random.Random(0)
     scene = {"shape": "square", "colour": "red", "size": "large", "background": "blue"}

@@ -249,7 +249,7 @@ def test_eval_writes_metrics_page_and_answers_batched_like_single(tmp_path, tiny
     colours = [(200, 0, 0), (0, 0, 200), (0, 150, 0)]
     cases = [EvalCase(f"k{i}", Image.new("RGB", (40, 28 + 8 * i), c), p, "r")
              for i, (c, p) in enumerate(zip(colours, ["a red square", "a large blue circle on a white background",
-                                                       "green"]))]
+                                                       "green"], strict=True))]
     batched = generate_answers(model, encoder, cases, batch_size=3, max_new_tokens=8)
     single = [generate_answers(model, encoder, [c], batch_size=1, max_new_tokens=8)[0] for c in cases]
     assert [b["text"] for b in batched] == [s["text"] for s in single]

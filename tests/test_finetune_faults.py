@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from finetune_utils import tiny_finetune_config, tiny_finetune_overrides
-from train_utils import CrashAt
 from img_lightning.checkpoint_files import checkpoint_problem
 from img_lightning.checkpoint_io import CheckpointDiskFull
 from img_lightning.config.loading import ConfigError
@@ -29,6 +28,7 @@ from img_lightning.finetune.provenance import OtherBaseModel
 from img_lightning.finetune.training import run_finetune
 from img_lightning.finetune.triplets import TripletDataError, scan_triplets
 from preprocessing.demo_data import CORRUPT_JPEG, write_edit_triplets_parquet
+from train_utils import CrashAt
 
 BASE_WEIGHT = "model.model.multi_modal_projector.linear_1.weight"
 
@@ -271,12 +271,12 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_which_d
 def test_an_export_whose_weights_changed_behind_its_manifest_is_refused(tiny_llava_dir, tiny_ip_adapter_dir,
                                                                         tmp_path, capsys):
     """Issue 19.3: the cache key hashes the manifest only, so replaced weights kept the old export's key."""
+    from omegaconf import OmegaConf
     from safetensors.torch import load_file, save_file
 
-    from img_lightning.encoders.checks import check_mllm
     from img_lightning.config.encoders import MLLMConfig
+    from img_lightning.encoders.checks import check_mllm
     from img_lightning.errors import Problems
-    from omegaconf import OmegaConf
     from preprocessing.cli import main as preprocess_main
     from preprocessing.demo_data import write_demo_parquet
 

@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune_utils import tiny_finetune_config
-from img_lightning.errors import NonFiniteError
 from img_lightning.encoders.export_manifest import MANIFEST_NAME
+from img_lightning.errors import NonFiniteError
 from img_lightning.finetune.samples import SampleEncoder
 
 

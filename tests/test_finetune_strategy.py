@@ -33,7 +33,8 @@ def test_fsdp_strategy_wraps_decoder_layers_checkpoints_them_and_shards_checkpoi
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer as Decoder
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock as Vision
         path = tiny_qwen_dir
-    strategy = build_strategy(_cfg(path, backend, **{"trainer.strategy": "fsdp", "finetune.gradient_checkpointing": True}))
+    strategy = build_strategy(_cfg(path, backend, **{"trainer.strategy": "fsdp",
+                                                     "finetune.gradient_checkpointing": True}))
     assert isinstance(strategy, FSDPStrategy)
     wrap = strategy.kwargs["auto_wrap_policy"]
     assert isinstance(wrap, ModuleWrapPolicy) and set(wrap._module_classes) == {Decoder, Vision}
@@ -98,7 +99,7 @@ def test_sharded_checkpoint_directory_is_resumed_and_exported_offline(tiny_llava
     target.configure_model()
     meta = load_sharded_checkpoint(target, ckpt)
     assert meta["global_step"] == 7
-    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
 
 

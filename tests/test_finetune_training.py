@@ -13,11 +13,11 @@ from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune_utils import tiny_finetune_config, tiny_finetune_overrides
-from train_utils import CrashAt, srun_environment
 from img_lightning.config.loading import ConfigError
 from img_lightning.encoders.export_manifest import MANIFEST_NAME, read_manifest
 from img_lightning.finetune.training import run_finetune
 from preprocessing.demo_data import write_edit_triplets_parquet
+from train_utils import CrashAt, srun_environment
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(triplets, tiny_llava_d
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "killed", **extra), [first, CrashAt(6)])
     resumed = RecordBatches()
-    run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "killed", **{**extra, "run.ckpt_path": "last"}),
-                 [resumed])
+    run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "killed",
+                                      **{**extra, "run.ckpt_path": "last"}), [resumed])
     a, b = _state(tmp_path / "straight"), _state(tmp_path / "killed")
     assert a["global_step"] == b["global_step"] == 12
     assert set(a["state_dict"]) == set(b["state_dict"]) and len(a["state_dict"]) > 10
@@ -71,7 +71,8 @@ def test_lora_dropout_masks_are_seeded_so_a_resume_is_exact(triplets, tiny_llava
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "killed", **extra), [CrashAt(3)])
     torch.rand(7)  # whatever the process's generators did in between
-    run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "killed", **{**extra, "run.ckpt_path": "last"}))
+    run_finetune(tiny_finetune_config(triplets, tiny_llava_dir, tmp_path, "killed",
+                                      **{**extra, "run.ckpt_path": "last"}))
     a, b = _state(tmp_path / "straight"), _state(tmp_path / "killed")
     assert a["global_step"] == b["global_step"] == 4
     for k, v in a["state_dict"].items():
@@ -102,8 +103,9 @@ def test_run_directory_tensorboard_summary_and_export(triplets, tiny_llava_dir, 
     assert "val/loss" in result.metrics and summary["metrics"]["val/loss"] == result.metrics["val/loss"]
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("train/loss", "val/loss", "lr-AdamW/lm", "lr-AdamW/projector", "perf/tokens_per_s_per_device", "perf/padding_share",
-                "perf/samples_per_s", "perf/data_wait_share", "train/grad_norm", "final/val/loss"):
+    for tag in ("train/loss", "val/loss", "lr-AdamW/lm", "lr-AdamW/projector", "perf/tokens_per_s_per_device",
+                "perf/padding_share", "perf/samples_per_s", "perf/data_wait_share", "train/grad_norm",
+                "final/val/loss"):
         assert tag in tags, tag
     # one event file, with the run's hyper-parameters and its final validation loss (HParams dashboard)
     assert len(list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))) == 1
@@ -164,8 +166,8 @@ def test_export_feeds_img_preprocess_and_joins_the_cache_key(triplets, tiny_llav
     from img_lightning.cache.reader import CacheView
     from img_lightning.config.loading import load_config
     from img_lightning.config.preprocess import PreprocessConfig
-    from img_lightning.recipe import cache_key_of
     from img_lightning.finetune.offline import export_checkpoint
+    from img_lightning.recipe import cache_key_of
     from preprocessing.cli import main as preprocess_main
     from preprocessing.demo_data import write_demo_parquet
 
@@ -265,7 +267,8 @@ def _exported_weights(export_dir):
     return LlavaForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32).state_dict()
 
 
-def test_requeued_finetune_exports_its_final_weights_with_validation_on(triplets, tiny_llava_dir, tmp_path, monkeypatch):
+def test_requeued_finetune_exports_its_final_weights_with_validation_on(triplets, tiny_llava_dir, tmp_path,
+                                                                        monkeypatch):
     """The final validation must not reload the requeue checkpoint (Lightning restores ``hpc_ckpt_*``
     of its root under SLURM): the export is the module's final weights, bit for bit those of an
     uninterrupted run."""

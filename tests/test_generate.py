@@ -13,7 +13,8 @@ from img_lightning.cli.generate import main as generate_main
 from img_lightning.tiny.demo_eval import DEMO_CONFIG, DEMO_RECIPE, tiny_eval_overrides
 
 PROMPTS = ["a red square left of a blue circle", "a green triangle"]
-ONE_AT_A_TIME = ["generation.pipeline.batch_size=1", "encoders.mllm.batch_size=1"]  # batched CPU kernels round differently
+# batched CPU kernels round differently
+ONE_AT_A_TIME = ["generation.pipeline.batch_size=1", "encoders.mllm.batch_size=1"]
 
 
 def _pixels(path):
@@ -30,7 +31,8 @@ def setting(tiny_eval_world, tmp_path_factory):
               f"recipe={DEMO_RECIPE}", "prompts.format=text", "img.rounds=2", "img.control=false", *ONE_AT_A_TIME]
     assert eval_main(["generate", *config, "--no-progress"]) == 0
     run = root / "eval"
-    meta = {arm: {json.loads(l)["uid"]: json.loads(l) for l in (run / "metadata" / f"{arm}.0of1.jsonl").read_text().splitlines()}
+    meta = {arm: {json.loads(line)["uid"]: json.loads(line)
+                  for line in (run / "metadata" / f"{arm}.0of1.jsonl").read_text().splitlines()}
             for arm in ("base", "img_r1", "img_r2")}
     return dict(config=config, run=run, meta=meta, root=root)
 
@@ -42,10 +44,11 @@ def test_img_generate_makes_img_evals_images_bit_for_bit(setting, tmp_path, caps
     assert generate_main([*setting["config"], "--prompt", want["prompt"], "--seed", str(want["seed"]), "--rounds", "2",
                           "--out", str(out)]) == 0
     assert "metadata.jsonl" in capsys.readouterr().out
-    lines = [json.loads(l) for l in (out / "metadata.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["arm"] for r in lines] == ["base", "img_r1", "img_r2"]
     for rec in lines:
-        assert np.array_equal(_pixels(out / rec["file"]), _pixels(setting["run"] / "images" / rec["arm"] / f"{uid}.png"))
+        stored = setting["run"] / "images" / rec["arm"] / f"{uid}.png"
+        assert np.array_equal(_pixels(out / rec["file"]), _pixels(stored))
         stored = setting["meta"][rec["arm"]][uid]
         # the same provenance fields as img-eval's metadata, with the same values
         same = {k: v for k, v in stored.items() if k not in ("uid", "arm", "file", "constant_image")}
@@ -62,7 +65,7 @@ def test_image_refines_the_given_pixels_and_bad_input_is_one_error(setting, tmp_
     out = tmp_path / "out"
     args = [*setting["config"], "--prompt", want["prompt"], "--seed", str(want["seed"]), "--rounds", "1"]
     assert generate_main([*args, "--image", str(given), "--out", str(out)]) == 0
-    lines = [json.loads(l) for l in (out / "metadata.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["arm"] for r in lines] == ["base", "img_r1"] and lines[0]["source_image"] == str(given)
     assert lines[0]["file"].endswith("_given.png") and np.array_equal(_pixels(out / lines[0]["file"]), _pixels(given))
     # round 1 from img-eval's own base image is img-eval's round 1
@@ -71,7 +74,7 @@ def test_image_refines_the_given_pixels_and_bad_input_is_one_error(setting, tmp_
     other = tmp_path / "other.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(other)
     assert generate_main([*args, "--image", str(other), "--out", str(out)]) == 0
-    second = [json.loads(l) for l in (out / "metadata.jsonl").read_text().splitlines()][2:]
+    second = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()][2:]
     assert second[0]["uid"].endswith("-2") and len(list(out.glob("*.png"))) == 6  # nothing replaced
     assert not np.array_equal(_pixels(out / second[1]["file"]), _pixels(out / lines[1]["file"]))
     capsys.readouterr()

@@ -9,19 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
-
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from img_lightning.config.eval import EvalConfig, IPAdapterConfig, PipelineConfig, SamplerConfig
 from img_lightning.config.loading import load_config
+from img_lightning.eval_run import ImageStore
 from img_lightning.generation.conditioner import pad_guidance
 from img_lightning.generation.ip_inject import PassThroughIPProjection
 from img_lightning.generation.pipeline import DiffusionBackend
 from img_lightning.generation.seeds import seed_for
-from img_lightning.eval_run import ImageStore
 
 WEIGHT = "ip-adapter-plus_sdxl_vit-h.safetensors"
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +32,8 @@ def _sampler(**kw):
 
 @pytest.fixture(scope="module")
 def backend(tiny_sdxl_dir, tiny_ip_adapter_dir):
-    cfg = OmegaConf.merge(OmegaConf.structured(PipelineConfig), dict(path=str(tiny_sdxl_dir), device="cpu", dtype="float32"))
+    cfg = OmegaConf.merge(OmegaConf.structured(PipelineConfig),
+                          dict(path=str(tiny_sdxl_dir), device="cpu", dtype="float32"))
     b = DiffusionBackend.from_config(cfg)
     ipa = OmegaConf.merge(OmegaConf.structured(IPAdapterConfig), dict(path=str(tiny_ip_adapter_dir)))
     b.load_ip_adapter(ipa)
@@ -58,7 +58,8 @@ def test_aligned_tokens_enter_after_the_projection(backend, tiny_sdxl_dir, tiny_
                generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
 
     enc = build_ip_encoder(OmegaConf.merge(OmegaConf.structured(IPEncoderConfig), dict(
-        image_encoder_path=str(tiny_ip_adapter_dir), adapter_path=str(tiny_ip_adapter_dir), dtype="float32", device="cpu")))
+        image_encoder_path=str(tiny_ip_adapter_dir), adapter_path=str(tiny_ip_adapter_dir), dtype="float32",
+        device="cpu")))
     assert isinstance(backend.pipe.unet.encoder_hid_proj, PassThroughIPProjection)
     assert backend.token_width() == enc.dim == 64
     backend.set_ip_scale(0.8)
@@ -97,7 +98,8 @@ def test_seed_per_prompt_is_independent_of_the_batch(backend):
 def test_with_the_adapter_loaded_an_image_without_tokens_is_the_pipelines_own(backend, tiny_sdxl_dir):
     """A base image can be made after the IP-Adapter is loaded (img-generate alternates base images
     and re-generations): IP scale 0 in both CFG halves is bit for bit the pipeline without it."""
-    cfg = OmegaConf.merge(OmegaConf.structured(PipelineConfig), dict(path=str(tiny_sdxl_dir), device="cpu", dtype="float32"))
+    cfg = OmegaConf.merge(OmegaConf.structured(PipelineConfig),
+                          dict(path=str(tiny_sdxl_dir), device="cpu", dtype="float32"))
     plain = DiffusionBackend.from_config(cfg)
     assert backend.ip_loaded and not plain.ip_loaded
     backend.set_ip_scale(0.2)
@@ -156,6 +158,11 @@ class TencentIPAttn(torch.nn.Module):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def _split_heads(t, heads):
+    """``[B, T, heads * 64]`` -> ``[B, heads, T, 64]``."""
+    return t.view(t.shape[0], t.shape[1], heads, 64).transpose(1, 2)
+
+
 def ip_adapter_resampler(sd, x):
     """IP-Adapter-Plus ``Resampler.forward`` from its state dict (heads of 64, scores (q s)(k s)^T with
     s = 64^-1/4, float32 softmax, LayerNorm eps 1e-5, GELU feed-forward)."""
@@ -171,13 +178,9 @@ def ip_adapter_resampler(sd, x):
         q = F.linear(lat, sd[f"{p}.to_q.weight"])
         k, v = F.linear(torch.cat([xn, lat], dim=-2), sd[f"{p}.to_kv.weight"]).chunk(2, dim=-1)
         h = q.shape[-1] // 64
-
-        def split(t):
-            return t.view(t.shape[0], t.shape[1], h, 64).transpose(1, 2)
-
         s = 1 / math.sqrt(math.sqrt(64))
-        w = ((split(q) * s) @ (split(k) * s).transpose(-2, -1)).float().softmax(dim=-1)
-        out = (w @ split(v)).transpose(1, 2).reshape(q.shape)
+        w = ((_split_heads(q, h) * s) @ (_split_heads(k, h) * s).transpose(-2, -1)).float().softmax(dim=-1)
+        out = (w @ _split_heads(v, h)).transpose(1, 2).reshape(q.shape)
         latents = F.linear(out, sd[f"{p}.to_out.weight"]) + latents
         f = f"layers.{i}.1"
         latents = F.linear(F.gelu(F.linear(ln(latents, f"{f}.0"), sd[f"{f}.1.weight"])), sd[f"{f}.3.weight"]) + latents
@@ -195,7 +198,8 @@ def released_ip_pipe(sdxl_dir, adapter_file, scale):
     procs = dict(pipe.unet.attn_processors)
     for i, name in enumerate(list(procs)):
         if not name.endswith("attn1.processor"):
-            procs[name] = TencentIPAttn(sd[f"ip_adapter.{i}.to_k_ip.weight"], sd[f"ip_adapter.{i}.to_v_ip.weight"], scale)
+            procs[name] = TencentIPAttn(sd[f"ip_adapter.{i}.to_k_ip.weight"], sd[f"ip_adapter.{i}.to_v_ip.weight"],
+                                        scale)
     pipe.unet.set_attn_processor(procs)
     return pipe
 
@@ -209,7 +213,8 @@ def generate_from_feat(pipe, image_encoder, resampler_sd, feat, prompt, seed, st
     size = image_encoder.config.image_size  # 224 in the demo (ViT-H); the tiny tower's own size here
     uncond = ip_adapter_resampler(resampler_sd, image_encoder(
         torch.zeros(feat.shape[0], 3, size, size), output_hidden_states=True).hidden_states[-2])
-    extra = {"negative_prompt": ["monochrome, lowres, bad anatomy, worst quality, low quality"]} if pass_negative_prompt else {}
+    released_negative = ["monochrome, lowres, bad anatomy, worst quality, low quality"]
+    extra = {"negative_prompt": released_negative} if pass_negative_prompt else {}
     pe, npe, pooled, npooled = pipe.encode_prompt([prompt], num_images_per_prompt=1, do_classifier_free_guidance=True,
                                                   **extra)
     return pipe(prompt_embeds=torch.cat([pe, feat], dim=1), negative_prompt_embeds=torch.cat([npe, uncond], dim=1),
@@ -264,7 +269,8 @@ def test_sdxl_base_and_regeneration_match_the_released_demo(backend, tiny_sdxl_d
         str(tiny_ip_adapter_dir / "sdxl_models" / WEIGHT)).items() if k.startswith("image_proj.")}
     want, uncond = generate_from_feat(ref_ip, tower, resampler_sd, feat, prompt, seed, s.steps, s.guidance_scale)
     enc = build_ip_encoder(OmegaConf.merge(OmegaConf.structured(IPEncoderConfig), dict(
-        image_encoder_path=str(tiny_ip_adapter_dir), adapter_path=str(tiny_ip_adapter_dir), dtype="float32", device="cpu")))
+        image_encoder_path=str(tiny_ip_adapter_dir), adapter_path=str(tiny_ip_adapter_dir), dtype="float32",
+        device="cpu")))
     torch.testing.assert_close(enc.unconditional(img.negative_ip_image.value), uncond[0], rtol=1e-5, atol=1e-5)
     backend.set_ip_scale(img.ip_scale)
     ours = backend.generate([prompt], [seed], s, negative_prompt=img.negative_prompt, ip_tokens=feat,
@@ -307,7 +313,8 @@ class _RecordingBackend:
 
     def generate(self, prompts, seeds, sampler, negative_prompt=None, ip_tokens=None, negative_ip_tokens=None,
                  negative_ip_scale=None):
-        self.calls.append(dict(negative_prompt=negative_prompt, ip_scale=self.ip_scale if ip_tokens is not None else None,
+        self.calls.append(dict(negative_prompt=negative_prompt,
+                               ip_scale=self.ip_scale if ip_tokens is not None else None,
                                negative_ip_scale=negative_ip_scale, negative_ip=negative_ip_tokens,
                                true_cfg=(sampler.true_cfg_scale, sampler.true_cfg_start_step)))
         return [Image.new("RGB", (8, 8), (len(self.calls), 0, 0)) for _ in prompts]
@@ -349,7 +356,8 @@ def test_each_arm_gets_its_released_settings(tmp_path):
     from img_lightning.generation.runner import GenerationRun
 
     cfg = load_config(EvalConfig, [REPO / "configs/eval/backbones/flux.yaml"], [
-        "img.aligner.checkpoint=x.pth", "prompts.name=p", "prompts.format=text", "prompts.path=x"], require_complete=False)
+        "img.aligner.checkpoint=x.pth", "prompts.name=p", "prompts.format=text", "prompts.path=x"],
+        require_complete=False)
     cfg.generation.base.negative_prompt = "base-neg"
     cfg.img.negative_prompt = "regen-neg"
     run = GenerationRun(cfg, [PromptRecord("00000", "a cat")], tmp_path, progress=False)
@@ -391,8 +399,9 @@ def test_with_the_released_sdxl_settings_control_reuses_the_base_images(tmp_path
     assert run.run() == {"base": 2, "control": 2, "img_r1": 2} and run.reused == {"control": "base"}
     assert len(recorder.calls) == 2  # base and the IMG round: no control generation
     for uid in ("00000", "00001"):
-        assert (tmp_path / "images/control" / f"{uid}.png").read_bytes() == (tmp_path / "images/base" / f"{uid}.png").read_bytes()
-    meta = [json.loads(l) for l in (tmp_path / "metadata" / "control.0of1.jsonl").read_text().splitlines()]
+        control = (tmp_path / "images/control" / f"{uid}.png").read_bytes()
+        assert control == (tmp_path / "images/base" / f"{uid}.png").read_bytes()
+    meta = [json.loads(line) for line in (tmp_path / "metadata" / "control.0of1.jsonl").read_text().splitlines()]
     assert all(m["reused_from"] == "base" and m["ip_scale"] == 0.0 for m in meta)
     cfg.img.negative_prompt = "blurry"
     assert same_images_as(cfg, "control") is None
@@ -445,8 +454,8 @@ def test_img_features_come_from_the_generated_image_itself(tmp_path):
     run.run()
     base, round1 = noisy.images[0], noisy.images[1]
     assert len(run._conditioner.seen) == 2  # round 1 from the base images, round 2 from round 1's
-    for generated, seen in zip((base, round1), run._conditioner.seen):
-        for want, got in zip(generated, seen):
+    for generated, seen in zip((base, round1), run._conditioner.seen, strict=True):
+        for want, got in zip(generated, seen, strict=True):
             assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(want))
     for fmt in ("jpeg", "webp"):
         lossy = load_config(EvalConfig, [REPO / "configs/eval/backbones/flux.yaml"],

@@ -13,6 +13,7 @@ without the adapter loaded, the VAE), each run in a separate pipeline object.
 """
 
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,8 @@ class XLabsIPBlocks:
         self.image_proj, self.scale, self._q = None, 0.0, None
         for i, block in enumerate(transformer.transformer_blocks):
             p = f"double_blocks.{i}.processor.ip_adapter_double_stream_"
-            self.kv.append([sd[p + n].float() for n in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")])
+            names = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")
+            self.kv.append([sd[p + n].float() for n in names])
             block.attn.norm_q.register_forward_hook(self._keep_q)  # img_q after QK-norm, before RoPE
             block.register_forward_hook(self._adder(i))
         assert f"double_blocks.{len(self.kv)}.processor.ip_adapter_double_stream_k_proj.weight" not in sd
@@ -149,7 +151,7 @@ def xlabs_forward(ref, ip_blocks, prompt, seed, *, steps, guidance, true_gs, tim
         ip_blocks.image_proj = None
         return out
 
-    for i, (t_curr, t_prev) in enumerate(zip(ts[:-1], ts[1:])):
+    for i, (t_curr, t_prev) in enumerate(pairwise(ts)):
         pred = model(t_curr, txt, vec, image_proj, ip_scale)
         if i >= timestep_to_start_cfg:
             neg_pred = model(t_curr, neg_txt, neg_vec, neg_image_proj, neg_ip_scale)
@@ -181,7 +183,8 @@ def _demo_call(released, **changes):
 # ---------------------------------------------------------------- tests
 def test_flux_backbone_config_is_the_released_demo(released):
     s, img = released.generation.sampler, released.img
-    assert (s.steps, s.guidance_scale, s.true_cfg_scale, s.true_cfg_start_step, s.shift.value) == (30, 3.5, 3.5, 1, "xlabs")
+    got = (s.steps, s.guidance_scale, s.true_cfg_scale, s.true_cfg_start_step, s.shift.value)
+    assert got == (30, 3.5, 3.5, 1, "xlabs")
     assert released.generation.base.negative_prompt == "" and img.negative_prompt == ""
     assert (img.ip_scale, img.negative_ip_scale, img.negative_ip_image.value) == (0.2, 0.2, "black")
     assert img.ip_adapter.weight_name == "ip_adapter.safetensors" and img.ip_adapter.model == "XLabs-AI/flux-ip-adapter"
@@ -205,7 +208,7 @@ def test_flux_base_and_regeneration_match_the_xlabs_sampler(released, sampler, b
     # base image: the demo's first call (IP scale 0 on the black projection = no adapter)
     ours = backend.generate(PROMPTS, SEEDS, s, negative_prompt=released.generation.base.negative_prompt,
                             output_type="np")
-    for j, (p, seed) in enumerate(zip(PROMPTS, SEEDS)):
+    for j, (p, seed) in enumerate(zip(PROMPTS, SEEDS, strict=True)):
         want = xlabs_forward(ref, ip_blocks, p, seed, **_demo_call(released), image_proj=black, neg_image_proj=black,
                              ip_scale=0.0, neg_ip_scale=0.0)
         np.testing.assert_allclose(ours[j], want, atol=2e-4)
@@ -222,7 +225,7 @@ def test_flux_base_and_regeneration_match_the_xlabs_sampler(released, sampler, b
                             negative_ip_tokens=enc.unconditional(cfg_img.negative_ip_image.value),
                             negative_ip_scale=cfg_img.negative_ip_scale, output_type="np")
     demo = _demo_call(released)
-    for j, (p, seed) in enumerate(zip(PROMPTS, SEEDS)):
+    for j, (p, seed) in enumerate(zip(PROMPTS, SEEDS, strict=True)):
         want = xlabs_forward(ref, ip_blocks, p, seed, **demo, image_proj=aligned[j:j + 1], neg_image_proj=black,
                              ip_scale=0.2, neg_ip_scale=0.2)
         np.testing.assert_allclose(ours[j], want, atol=2e-4)
@@ -241,7 +244,8 @@ def test_flux_base_and_regeneration_match_the_xlabs_sampler(released, sampler, b
     # the control arm: the re-generation settings with the positive IP scale at 0
     backend.set_ip_scale(0.0)
     control = backend.generate(PROMPTS[-1:], SEEDS[-1:], s, negative_prompt=cfg_img.negative_prompt,
-                               ip_tokens=enc.unconditional("black")[None], negative_ip_tokens=enc.unconditional("black"),
+                               ip_tokens=enc.unconditional("black")[None],
+                               negative_ip_tokens=enc.unconditional("black"),
                                negative_ip_scale=cfg_img.negative_ip_scale, output_type="np")
     want = xlabs_forward(ref, ip_blocks, PROMPTS[-1], SEEDS[-1], **demo, image_proj=black, neg_image_proj=black,
                          ip_scale=0.0, neg_ip_scale=0.2)
@@ -383,7 +387,8 @@ def test_flux_decodes_in_float32_as_xlabs(flux_world, monkeypatch):
     z = packed.float().reshape(len(PROMPTS), lh // 2, lh // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, lh, lh)
     with torch.no_grad():
         want = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
-        bf16 = vae.to(torch.bfloat16).decode((z / vae.config.scaling_factor + vae.config.shift_factor).bfloat16()).sample
+        latents = (z / vae.config.scaling_factor + vae.config.shift_factor).bfloat16()
+        bf16 = vae.to(torch.bfloat16).decode(latents).sample
     as_np = lambda x: ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()  # noqa: E731
     np.testing.assert_allclose(ours, as_np(want), atol=1e-6)
     gap = np.abs(as_np(bf16) - as_np(want)).max()

@@ -15,8 +15,9 @@ layers; a module that no entry places fails too, so a new package must be given 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytest
 
@@ -43,7 +44,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training", ("img_lightning.aligner", "img_lightning.objective", "img_lightning.module",
                   "img_lightning.callbacks", "img_lightning.checkpoint_io", "img_lightning.training",
                   "img_lightning.finetune")),
-    ("eval_run", ("img_lightning.eval_run",)),  # prompt records, image store, arms: what generation and evaluation share
+    # prompt records, image store, arms: what generation and evaluation share
+    ("eval_run", ("img_lightning.eval_run",)),
     ("generation", ("img_lightning.generation",)),
     ("evaluation", ("img_lightning.evaluation",)),
     ("cli", ("img_lightning.cli", "img_lightning.submit")),  # the commands; img-submit drives the sbatch scripts

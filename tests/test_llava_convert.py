@@ -129,7 +129,8 @@ def converted_dir(tmp_path_factory, original_dir):
 
 def _images():
     out = []
-    for (w, h), colour in zip([(64, 40), (30, 56), (48, 48)], [(200, 30, 40), (20, 90, 220), (250, 240, 20)]):
+    colours = [(200, 30, 40), (20, 90, 220), (250, 240, 20)]
+    for (w, h), colour in zip([(64, 40), (30, 56), (48, 48)], colours, strict=True):
         im = Image.new("RGB", (w, h), (245, 245, 240))
         im.paste(colour, (w // 5, h // 4, 4 * w // 5, 3 * h // 4))
         out.append(im)
@@ -158,7 +159,7 @@ def test_converted_guidance_equals_original_forward(layout, tmp_path, tower_dir,
     enc = _encoder(conv)
     images, tids = _images(), [0, 5, 17]
     ours = enc.encode(images, PROMPTS, tids)  # one right-padded batch of 3
-    for image, prompt, tid, got in zip(images, PROMPTS, tids, ours):
+    for image, prompt, tid, got in zip(images, PROMPTS, tids, ours, strict=True):
         text = f"{V0_SYSTEM}###Human: <image>\n{enc.question(prompt, tid)}###Assistant:"
         assert enc.prompt_text(prompt, tid) == text
         want, ids = reference.forward(image, text)
@@ -216,7 +217,7 @@ def test_default_dtype_and_context_are_the_released_loaders(tmp_path, original_d
     half = LlavaForConditionalGeneration.from_pretrained(result.dst)
     full = LlavaForConditionalGeneration.from_pretrained(converted_dir)
     assert {p.dtype for p in half.parameters()} == {torch.float16}
-    for (name, a), (_, b) in zip(half.state_dict().items(), full.state_dict().items()):
+    for (name, a), (_, b) in zip(half.state_dict().items(), full.state_dict().items(), strict=True):
         assert torch.equal(a, b.to(torch.float16)), name
     assert half.config.tokenizer_model_max_length == 256 < half.config.text_config.max_position_embeddings == 512
 
@@ -245,7 +246,7 @@ def test_llava_v0_batched_equals_single(converted_dir):
     images, tids = _images(), [3, 4, 99]
     batched = enc.encode(images, PROMPTS, tids)
     assert len({b.shape[0] for b in batched}) > 1  # really padded
-    for im, p, t, b in zip(images, PROMPTS, tids, batched):
+    for im, p, t, b in zip(images, PROMPTS, tids, batched, strict=True):
         torch.testing.assert_close(b, enc.encode([im], [p], [t])[0], rtol=1e-5, atol=1e-5)
 
 
@@ -256,7 +257,8 @@ def test_checkpoint_tower_weights_and_rotary_buffers(tmp_path, tower_dir, origin
 
     src = tmp_path / "with-extras"
     shutil.copytree(original_dir, src)
-    extra = {f"model.vision_tower.vision_tower.{k}": v for k, v in load_file(str(tower_dir / "model.safetensors")).items()}
+    tower = load_file(str(tower_dir / "model.safetensors"))
+    extra = {f"model.vision_tower.vision_tower.{k}": v for k, v in tower.items()}
     head_dim = 16
     inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     extra.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv for i in range(2)})
@@ -335,7 +337,8 @@ def test_refuses_bad_weights(tmp_path, original_dir, capsys):
     # a non-finite weight, and a .bin that is not a state dict
     src = tmp_path / "nan"
     src.mkdir()
-    for f in ("config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+    for f in ("config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json"):
         shutil.copy(original_dir / f, src / f)
     state = read_original_state(original_dir)
     state["model.norm.weight"][0] = float("nan")

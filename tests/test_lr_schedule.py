@@ -28,7 +28,8 @@ def test_schedule_matches_the_formula(schedule, warmup, total, min_ratio):
     sched = build_scheduler(opt, schedule, warmup, total, min_ratio)
     for step in range(total):
         got = opt.param_groups[0]["lr"]
-        assert got == pytest.approx(lr * documented(step, schedule, warmup, total, min_ratio), rel=1e-6, abs=1e-12), step
+        want = lr * documented(step, schedule, warmup, total, min_ratio)
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-12), step
         opt.step()
         sched.step()
 

@@ -12,12 +12,11 @@ from PIL import Image
 from img_lightning.config.eval import ScorerConfig
 from img_lightning.config.loading import ConfigError
 from img_lightning.errors import NonFiniteError
-from img_lightning.eval_run import PromptRecord
+from img_lightning.eval_run import ImageStore, PromptRecord
 from img_lightning.evaluation.scorers import build_scorers
 from img_lightning.evaluation.scorers.mllm_grader import MLLMGrader
 from img_lightning.evaluation.scorers.rubric import DEFAULT_RUBRIC, load_rubric, parse_answer
 from img_lightning.evaluation.scoring import read_answers, read_scores, score_run
-from img_lightning.eval_run import ImageStore
 
 RUBRIC = load_rubric()
 KEYS = ("accuracy_to_prompt", "creativity", "visual_quality", "consistency", "emotional_resonance")
@@ -138,7 +137,8 @@ def test_nan_from_a_scorer_that_cannot_abstain_stops_the_stage(tmp_path):
 
     prompts = [PromptRecord("00000", "p")]
     ImageStore(tmp_path, "base").save("00000", Image.new("RGB", (8, 8)), {})
-    cfg = OmegaConf.create({"scorers": [{"kind": "x", "name": "m", "categories": []}], "generation": {"image_format": "png"}})
+    cfg = OmegaConf.create({"scorers": [{"kind": "x", "name": "m", "categories": []}],
+                            "generation": {"image_format": "png"}})
     with pytest.raises(NonFiniteError, match="non-finite score nan for base/00000"):
         score_run(cfg, prompts, tmp_path, ["base"], "0of1", {"m": Broken(RUBRIC, lambda i, q: "no", name="m")},
                   progress=False)
@@ -151,13 +151,14 @@ def test_real_tiny_mllm_runs_the_real_path(backend, tiny_llava_dir, tiny_qwen_di
     path = tiny_llava_dir if backend == "llava" else tiny_qwen_dir
     cfg = OmegaConf.merge(OmegaConf.structured(ScorerConfig), {
         "kind": "mllm_grader", "max_new_tokens": 8,
-        "mllm": {"backend": backend, "model": f"tiny-{backend}", "path": str(path), "dtype": "float32", "device": "cpu"}})
+        "mllm": {"backend": backend, "model": f"tiny-{backend}", "path": str(path), "dtype": "float32",
+                 "device": "cpu"}})
     grader = build_scorers([cfg])["mllm_grader"]
     ims = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (30, 40), (30, 30, 200))]
     out = grader.score(ims, ["a red car", "a blue dog"])
     recs = grader.pop_records()
     assert len(recs) == 2 and all(isinstance(r["answer"], str) for r in recs)
-    for v, r in zip(out.tolist(), recs):
+    for v, r in zip(out.tolist(), recs, strict=True):
         assert math.isnan(v) == (not r["parsed"])
     again = grader.score(ims[:1], ["a red car"])  # greedy: the same answer every time
     assert grader.pop_records()[0]["answer"] == recs[0]["answer"]

@@ -95,8 +95,8 @@ def test_every_shipped_configs_missing_model_advice_parses(tmp_path, monkeypatch
     """With an empty Hugging Face cache, every model of every shipped evaluation config is missing;
     each error's commands are accepted by the installed `hf` (and `img-convert-llava`)."""
     from img_lightning.config.eval_loading import load_eval_config
-    from img_lightning.evaluation.preflight import PreflightError, preflight
     from img_lightning.config.loading import shipped_configs
+    from img_lightning.evaluation.preflight import PreflightError, preflight
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     root = shipped_configs() / "eval"

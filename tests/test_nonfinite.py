@@ -103,9 +103,9 @@ def test_non_finite_validation_is_an_error_not_a_missing_metric(cache, tmp_path)
 def test_constant_images_are_flagged_in_metadata_and_report(tmp_path):
     from PIL import Image
 
+    from img_lightning.eval_run import PromptRecord
     from img_lightning.eval_run.store import ImageStore, constant_images
     from img_lightning.evaluation.report import ReportInputs, write_report
-    from img_lightning.eval_run import PromptRecord
 
     store = ImageStore(tmp_path, "img_r1")
     store.save("black", Image.new("RGB", (8, 8)), {})

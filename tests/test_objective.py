@@ -20,7 +20,10 @@ def _log_lik(x: torch.Tensor, mean: torch.Tensor, sigma: float) -> torch.Tensor:
 def eq5_from_likelihoods(pred, ref, win, lose, sigma: float, eta: float = 1.0, mu: float = 1.0):
     """Paper eq. 5: DPO on (c_w, c_l) plus SPIN with f_ref(c) as the self-generated sample,
     both as log-likelihood ratios of f_theta against f_ref, under -log sigmoid."""
-    r = lambda x: _log_lik(x, pred, sigma) - _log_lik(x, ref, sigma)  # log p_theta(x|c) - log p_ref(x|c)
+
+    def r(x):  # log p_theta(x|c) - log p_ref(x|c)
+        return _log_lik(x, pred, sigma) - _log_lik(x, ref, sigma)
+
     dpo = r(win) - r(lose)
     spin = r(win) - r(ref)
     return -F.logsigmoid(eta * dpo + mu * spin).mean()

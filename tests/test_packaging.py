@@ -74,7 +74,8 @@ def test_every_dependency_is_listed_once():
     project = _project()
     for group, reqs in {"dependencies": project["dependencies"], **project["optional-dependencies"]}.items():
         names = [_dist_name(r) for r in reqs]
-        assert len(names) == len(set(names)), f"{group}: listed twice: {sorted({n for n in names if names.count(n) > 1})}"
+        twice = sorted({n for n in names if names.count(n) > 1})
+        assert len(names) == len(set(names)), f"{group}: listed twice: {twice}"
 
 
 def test_python_claim_matches_the_classifiers():

@@ -117,7 +117,8 @@ def test_empty_files_are_counted_and_discovery(tmp_path, fixture_file):
     assert files == [str(path), str(empty)]
     t = scan_pairs(str(tmp_path))
     assert t.stats.files == 2 and t.stats.empty_files == 1 and len(t) == 5
-    assert list_parquet_files(str(tmp_path / "data" / "val*.parquet"))[0].endswith("validation-00000-of-00001-x.parquet")
+    found = list_parquet_files(str(tmp_path / "data" / "val*.parquet"))
+    assert found[0].endswith("validation-00000-of-00001-x.parquet")
     with pytest.raises(ReaderError, match="matches no parquet file"):
         list_parquet_files(str(tmp_path / "nothing-*.parquet"))
     # a folder with other splits' shards only: never read as the asked split
@@ -183,7 +184,7 @@ def test_labels_that_contradict_best_image_uid_or_has_label_are_never_kept(tmp_p
     path = write_pickapic_rows(tmp_path / "train-00000-of-00001.parquet", rows)
     t = scan_pairs(str(path))
     assert t.stats.label_uid_mismatch == 2 and len(t) == 4
-    for caption, winner in zip(t.caption, t.winner_uid):
+    for caption, winner in zip(t.caption, t.winner_uid, strict=True):
         i = int(caption.split()[-1])
         assert winner == rows[i]["image_0_uid" if rows[i]["label_0"] == 1.0 else "image_1_uid"]
     # has_label stored as integers

@@ -15,9 +15,9 @@ from img_lightning.cache import Manifest
 from img_lightning.cache.format import decode_tensors
 from img_lightning.config.loading import load_config
 from img_lightning.config.preprocess import PreprocessConfig
-from img_lightning.recipe import cache_key_of
 from img_lightning.convert.llava import convert_llava
 from img_lightning.encoders.questions import load_question_file
+from img_lightning.recipe import cache_key_of
 from img_lightning.tiny.llava_original import build_tiny_clip_tower, build_tiny_llava_original
 from preprocessing.demo_data import write_demo_parquet
 from preprocessing.extract import FeatureExtractor

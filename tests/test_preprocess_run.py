@@ -17,8 +17,8 @@ from img_lightning.cache import BatchReader, CacheView, Manifest
 from img_lightning.cache.format import decode_tensors
 from img_lightning.config.loading import load_config
 from img_lightning.config.preprocess import PreprocessConfig
-from img_lightning.recipe import cache_key_of
 from img_lightning.encoders.templates import template_id_for
+from img_lightning.recipe import cache_key_of
 from preprocessing.cli import main
 from preprocessing.demo_data import write_demo_parquet
 from preprocessing.extract import FeatureExtractor
@@ -292,14 +292,16 @@ def test_recipes_load_and_have_distinct_keys(overrides, tmp_path):
     assert len(set(keys.values())) == len(keys)
     # local paths, batch sizes and devices are not part of the key
     base = load_config(PreprocessConfig, [DEMO], [f"data.output={tmp_path}", "data.input=x"])
-    moved = load_config(PreprocessConfig, [DEMO], [*overrides, f"data.output={tmp_path / 'z'}", "encoders.ip.device=cuda"])
+    moved = load_config(PreprocessConfig, [DEMO],
+                        [*overrides, f"data.output={tmp_path / 'z'}", "encoders.ip.device=cuda"])
     assert cache_key_of(base) == cache_key_of(moved) == keys["demo"]
     paper = load_config(PreprocessConfig, [REPO / "configs/preprocess/sdxl_llava13b.yaml"], require_complete=False)
     assert paper.encoders.mllm.model == "shi-labs/IMG/llava" and paper.encoders.ip.kind == "sdxl_plus"
     assert paper.encoders.mllm.prompt_format == "llava_v0"
     ablation = load_config(PreprocessConfig, [REPO / "configs/preprocess/sdxl_llava13b_original_mllm.yaml"],
                            require_complete=False)
-    assert ablation.encoders.mllm.model == "llava-hf/llava-1.5-13b-hf" and ablation.encoders.mllm.prompt_format == "llava_v1"
+    mllm = ablation.encoders.mllm
+    assert mllm.model == "llava-hf/llava-1.5-13b-hf" and mllm.prompt_format == "llava_v1"
     flux = load_config(PreprocessConfig, [REPO / "configs/preprocess/flux_llava13b.yaml"], require_complete=False)
     assert flux.encoders.ip.kind == "flux_xlabs"
 
@@ -312,12 +314,12 @@ def test_demo_images_follow_the_caption(tmp_path):
     table = scan_pairs(summary["path"])
     assert len(table) == 13 and table.stats.ties_dropped == 1
     fetched = ImageFetcher(table).fetch(list(range(len(table))))
-    bad = [k for k, (w, l) in enumerate(fetched) if decode_image(w)[0] is None or decode_image(l)[0] is None]
+    bad = [k for k, (w, lose) in enumerate(fetched) if decode_image(w)[0] is None or decode_image(lose)[0] is None]
     assert len(bad) == 1
-    for k, (w, l) in enumerate(fetched):
+    for k, (w, lose) in enumerate(fetched):
         if k in bad:
             continue
-        wi, li = np.asarray(decode_image(w)[0], dtype=float), np.asarray(decode_image(l)[0], dtype=float)
+        wi, li = np.asarray(decode_image(w)[0], dtype=float), np.asarray(decode_image(lose)[0], dtype=float)
         assert wi.shape == (64, 64, 3) and np.abs(wi - li).mean() > 1.0
         assert table.caption[k].startswith("a ") and table.caption[k].endswith(" background")
     assert sum(summary["changed_attribute_counts"].values()) == 12
@@ -335,7 +337,8 @@ def test_fp8_guidance_cache_from_the_config(cache_a, overrides, extractor, tmp_p
     cfg = _cfg(overrides, out, "cache.guidance_dtype=float8_e4m3fn")
     run_preprocess(cfg, progress=False, extractor=extractor)
     m8, m16 = Manifest.load(out), Manifest.load(cache_a)
-    assert m8.version == 2 and m8.tensors["guidance"]["dtype"] == "float8_e4m3fn" and m8.tensors["ip"] == m16.tensors["ip"]
+    assert m8.version == 2 and m8.tensors["guidance"]["dtype"] == "float8_e4m3fn"
+    assert m8.tensors["ip"] == m16.tensors["ip"]
     assert m8.cache_key == cache_key_of(cfg) != m16.cache_key
     assert m8.recipe["guidance_dtype"] == "float8_e4m3fn" and "guidance_dtype" not in m16.recipe
     v8, v16 = CacheView.open(out), CacheView.open(cache_a)

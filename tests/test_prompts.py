@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from bench_paths import BENCH, requires_bench
 from img_lightning.eval_run.prompts import chunk
 from img_lightning.evaluation.prompts import (
     PromptFileError,
@@ -17,7 +18,6 @@ from img_lightning.evaluation.prompts import (
     load_text,
 )
 
-from bench_paths import BENCH, requires_bench
 pytestmark = requires_bench
 
 
@@ -88,7 +88,8 @@ def test_pickapic_parquet_deduplicates(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "test.parquet"
-    pq.write_table(pa.table({"caption": ["a cat", "a dog", "a cat", " a bird "], "label_0": [1.0, 0.0, 1.0, 0.5]}), path)
+    pq.write_table(pa.table({"caption": ["a cat", "a dog", "a cat", " a bird "], "label_0": [1.0, 0.0, 1.0, 0.5]}),
+                   path)
     recs = load_pickapic(path)
     assert [r.text for r in recs] == ["a cat", "a dog", "a bird"]
     assert [r.uid for r in recs] == ["00000", "00001", "00003"]

@@ -9,7 +9,6 @@ from omegaconf import OmegaConf
 from img_lightning.config.encoders import MLLMConfig
 from img_lightning.config.loading import ConfigError, load_config
 from img_lightning.config.preprocess import PreprocessConfig
-from img_lightning.recipe import cache_key_of, recipe_of
 from img_lightning.encoders.questions import (
     QuestionFileError,
     builtin_question_set,
@@ -17,6 +16,7 @@ from img_lightning.encoders.questions import (
     question_set_from_config,
 )
 from img_lightning.encoders.templates import template_id_for
+from img_lightning.recipe import cache_key_of, recipe_of
 
 QUESTIONS = ["What must change so the image shows {prompt}?", "Compare the picture with '{prompt}': what differs?",
              "Edit needed for {prompt}"]

@@ -54,8 +54,10 @@ def test_builders_follow_the_size_they_are_given(tmp_path):
 
     custom = sizes.LlavaSize(vision=dataclasses.replace(sizes.TINY_VISION, hidden=48, heads=3, image_size=24),
                              text=dataclasses.replace(sizes.TINY_LLAVA.text, hidden=96, layers=1, vocab=1000))
-    cfg = json.loads((build_tiny_llava(tmp_path / "llava", size=custom, dtype=torch.bfloat16) / "config.json").read_text())
-    assert (cfg["text_config"]["hidden_size"], cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["vocab_size"],
+    folder = build_tiny_llava(tmp_path / "llava", size=custom, dtype=torch.bfloat16)
+    cfg = json.loads((folder / "config.json").read_text())
+    text = cfg["text_config"]
+    assert (text["hidden_size"], text["num_hidden_layers"], text["vocab_size"],
             cfg["vision_config"]["hidden_size"], cfg["image_seq_length"]) == (96, 1, 1000, 48, 9)
     assert cfg["dtype" if "dtype" in cfg else "torch_dtype"] == "bfloat16"
 

@@ -27,7 +27,8 @@ def test_the_demo_evaluation_report_reads_well_at_1280_px(tiny_eval_world, tmp_p
     result = measure(html, artifacts / "demo-eval-report.png", WIDTH)
     assert result["viewport"] <= WIDTH and not problems(result), "\n".join(problems(result))
     srcs = [i["src"] for i in result["images"]]
-    assert "winrate.png" in srcs and sum(s.endswith(".png") and "images/" in s for s in srcs) == 3 * 2  # base = control, IMG
+    # base = control, IMG
+    assert "winrate.png" in srcs and sum(s.endswith(".png") and "images/" in s for s in srcs) == 3 * 2
     assert "base = control" in result["text"] and Image.open(result["screenshot"]).width == WIDTH
 
 

@@ -116,11 +116,11 @@ class RefOutput(nn.Module):
 class RefAttentionBlock(nn.Module):
     def __init__(self, dim, kv_dim, heads):
         super().__init__()
-        setattr(self, "self", RefSelfAttention(dim, kv_dim, heads))  # med.py names it `self`
+        self.self = RefSelfAttention(dim, kv_dim, heads)  # med.py names it `self`
         self.output = RefOutput(dim, dim)
 
     def forward(self, h, mask, enc=None):
-        return self.output(getattr(self, "self")(h, mask, enc), h)
+        return self.output(self.self(h, mask, enc), h)
 
 
 class RefIntermediate(nn.Module):
@@ -289,7 +289,8 @@ def test_aesthetic_matches_the_reference_inference(tiny_scorer_dirs, tmp_path):
     from transformers import CLIPModel
 
     d = tiny_scorer_dirs
-    scorer = build_scorers([cfg(kind="aesthetic", path=str(d["clip"]), checkpoint=str(d["aesthetic_mlp"]))])["aesthetic"]
+    scorer = build_scorers([cfg(kind="aesthetic", path=str(d["clip"]),
+                                checkpoint=str(d["aesthetic_mlp"]))])["aesthetic"]
     ims = images()
     clip = CLIPModel.from_pretrained(d["clip"]).eval()
     mlp = RefMLP(16)

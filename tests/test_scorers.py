@@ -8,16 +8,22 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from img_lightning.config.eval import ScorerConfig
-from reference_transforms import clip_reference_pixels, hf_pil_pixels
-from img_lightning.models import ModelNotFoundError
 from img_lightning.evaluation.scorers import build_scorers
-from img_lightning.evaluation.scorers.blip_vqa import pre_question, product_over_phrases, yes_probability
 from img_lightning.evaluation.scorers import noun_phrases as np_mod
-from img_lightning.evaluation.scorers.complex import three_in_one
-from img_lightning.evaluation.scorers.noun_phrases import rule_strip_adjectives
+from img_lightning.evaluation.scorers.blip_vqa import pre_question, product_over_phrases, yes_probability
 from img_lightning.evaluation.scorers.checkpoints import CheckpointError
-from img_lightning.evaluation.scorers.hps import OPENAI_MEAN, OPENAI_STD, hps_preprocess, hps_version, load_hps_state_dict
+from img_lightning.evaluation.scorers.complex import three_in_one
+from img_lightning.evaluation.scorers.hps import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    hps_preprocess,
+    hps_version,
+    load_hps_state_dict,
+)
+from img_lightning.evaluation.scorers.noun_phrases import rule_strip_adjectives
 from img_lightning.evaluation.scorers.spatial import combine, parse_spatial_prompt, position_score
+from img_lightning.models import ModelNotFoundError
+from reference_transforms import clip_reference_pixels, hf_pil_pixels
 
 PROMPTS = ["a red car next to a blue dog", "The yellow lamp was on top of the wooden desk.",
            "a purple kite and an orange boat"]
@@ -126,7 +132,8 @@ def test_hps_antialias_is_pinned_not_left_to_torchvision(monkeypatch):
 
     monkeypatch.setattr(TF, "resize", spy)
     arr = np.random.default_rng(2).integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    on, off = hps_preprocess(Image.fromarray(arr), antialias=True), hps_preprocess(Image.fromarray(arr), antialias=False)
+    on = hps_preprocess(Image.fromarray(arr), antialias=True)
+    off = hps_preprocess(Image.fromarray(arr), antialias=False)
     assert seen == [True, False]
     assert (on - off).abs().max() > 1e-2
 
@@ -185,7 +192,8 @@ def test_hps_version_comes_from_the_checkpoint_name(tmp_path, tiny_scorer_dirs):
     d = tiny_scorer_dirs
     v20 = tmp_path / "HPS_v2_compressed.pt"
     v20.symlink_to(d["hps_checkpoint"])
-    base = dict(kind="hps", model="img-lightning-tiny-hps", model_config=str(d["hps_model_config"]), checkpoint=str(v20))
+    base = dict(kind="hps", model="img-lightning-tiny-hps", model_config=str(d["hps_model_config"]),
+                checkpoint=str(v20))
     with pytest.raises(CheckpointError, match="not comparable"):
         build_scorers([cfg(**base, version="v2.1")])
     described = build_scorers([cfg(**base)])["hps"].describe()
@@ -298,7 +306,8 @@ def test_spatial_rules():
     a, b = (0, 0, 300, 100), overlap
     iou = (100 * 100) / (300 * 100 + 110 * 100 - 100 * 100)
     assert position_score("on the left of", a, b) == pytest.approx(0.1 / iou)
-    assert position_score("next to", (0, 0, 10, 10), (500, 500, 510, 510), distance_threshold=150) == pytest.approx(150 / 500)
+    far = position_score("next to", (0, 0, 10, 10), (500, 500, 510, 510), distance_threshold=150)
+    assert far == pytest.approx(150 / 500)
     assert combine("on the left of", (0.8, left), (0.6, right), 150) == pytest.approx(0.25 * 0.8 + 0.25 * 0.6 + 0.5)
     assert combine("on the left of", (0.9, left), None, 150) == 0.0  # 0.225 < 0.5 -> 0
     assert combine("on the right of", (0.9, left), (0.9, right), 150) == 0.0  # 0.45 < 0.5 -> 0
@@ -352,7 +361,8 @@ class _FakeSpacy:
         return Doc(toks)
 
 
-def test_t2i_compbench_uses_spacy_when_installed_and_labels_the_rules_a_proxy(monkeypatch, tiny_scorer_dirs, subset_dir):
+def test_t2i_compbench_uses_spacy_when_installed_and_labels_the_rules_a_proxy(monkeypatch, tiny_scorer_dirs,
+                                                                              subset_dir):
     d = tiny_scorer_dirs
     rules = build_scorers([cfg(kind="blip_vqa", path=str(d["blip_vqa"]), noun_phrases="auto")])["blip_vqa"]
     # spaCy is not installed here: auto falls back to the rules, and says it is a proxy

@@ -49,7 +49,8 @@ def question_file(tmp_path_factory):
 def test_every_folder_has_a_loader():
     folders = {str(p.parent.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     unknown = folders - set(COVERED) - {f for f in folders for skip in NOT_COVERED if f.split("/")[0] == skip}
-    assert not unknown, f"configs/ folders no test loads: {sorted(unknown)}; add a loader to tests/test_shipped_configs.py"
+    assert not unknown, (f"configs/ folders no test loads: {sorted(unknown)}; "
+                         f"add a loader to tests/test_shipped_configs.py")
     assert all(yamls(f) for f in ("preprocess", "train", "eval/backbones", "eval/benchmarks", "eval/rubrics"))
 
 
@@ -64,9 +65,8 @@ def _recipe(path, question_file):
 
 
 def test_preprocess_recipes_validate_and_have_distinct_keys(question_file):
-    from preprocessing.run import validate_config
-
     from img_lightning.recipe import cache_key_of
+    from preprocessing.run import validate_config
 
     keys = {}
     for path in yamls("preprocess"):
@@ -127,7 +127,8 @@ def _fill_missing(cfg, tmp_path):
     for name in ("complex_val_spatial.txt", "complex_val_action.txt"):
         (dataset / name).write_text("a cat on the left of a dog\n")
     for key in missing_keys(cfg):
-        if key.startswith("scorers.") and key.endswith(".checkpoint") and cfg.scorers[int(key.split(".")[1])].kind == "hps":
+        scorer_checkpoint = key.startswith("scorers.") and key.endswith(".checkpoint")
+        if scorer_checkpoint and cfg.scorers[int(key.split(".")[1])].kind == "hps":
             value = str(tmp_path / "HPS_v2.1_compressed.pt")
         elif key in ("prompts.path",) or key.endswith("subset_dir"):
             value = str(dataset)
@@ -140,12 +141,11 @@ def _fill_missing(cfg, tmp_path):
 def _check_config(cfg):
     """The preflight's config-level checks: generation settings, the encoders block (preprocessing's
     value checks, as the recipe it came from), every scorer's options."""
-    from preprocessing.run import validate_config
-
+    from img_lightning.config.eval import PipelineKind
     from img_lightning.errors import Problems
     from img_lightning.evaluation.scorers import check_scorers
-    from img_lightning.config.eval import PipelineKind
     from img_lightning.generation.requirements import check_generation_config
+    from preprocessing.run import validate_config
 
     check_generation_config(cfg)
     assert isinstance(cfg.generation.pipeline.kind, PipelineKind)

@@ -11,6 +11,7 @@ documented variables. A requeued job waits about two minutes before it may start
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -23,8 +24,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slurm_utils import (CLUSTER, assert_completed, cluster_running, fresh_checkout, job_environment, log_tails,
-                         run_ok, show_jobs, submitted_ids, wait_for, why_no_slurm)
+from slurm_utils import (
+    CLUSTER,
+    assert_completed,
+    cluster_running,
+    fresh_checkout,
+    job_environment,
+    log_tails,
+    run_ok,
+    show_jobs,
+    submitted_ids,
+    wait_for,
+    why_no_slurm,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -43,7 +55,8 @@ def slurm_cluster(tmp_path_factory):
         yield
         return
     if SLURM_CONF.exists() and "written by img-lightning slurm/local_cluster.sh" not in SLURM_CONF.read_text():
-        pytest.skip(f"no SLURM cluster: {SLURM_CONF} belongs to this machine's own SLURM, which these tests leave alone")
+        pytest.skip(f"no SLURM cluster: {SLURM_CONF} belongs to this machine's own SLURM, which these tests "
+                    f"leave alone")
     state = tmp_path_factory.mktemp("slurm-state")
     started = subprocess.run(["bash", str(CLUSTER), "start"], env={**job_environment(), "IMG_SLURM_DIR": str(state)},
                              capture_output=True, text=True, timeout=600)
@@ -92,7 +105,7 @@ def test_pipeline_submission_runs_the_demo_end_to_end_and_a_resubmission_skips_w
     p = demo_pipeline
     # mllm, preprocess array + manifest/verify, train, eval array + report; each after the one before
     assert len(p.ids) == 6, p.stdout
-    for before, after in zip(p.ids, p.ids[1:]):
+    for before, after in itertools.pairwise(p.ids):
         assert _job_times(after)[0] >= _job_times(before)[1], (before, after)
     assert len([j for j in p.jobs if j.startswith(p.ids[1] + "_")]) == 2  # a 2-task array
     assert len([j for j in p.jobs if j.startswith(p.ids[4] + "_")]) == 2
@@ -101,7 +114,8 @@ def test_pipeline_submission_runs_the_demo_end_to_end_and_a_resubmission_skips_w
     verify = json.loads((p.root / "cache" / "verify.json").read_text())
     assert verify["ok"] and verify["samples"] == 96
     report = json.loads((p.root / "eval" / "report" / "report.json").read_text())
-    assert report["num_prompts"] == 4 and report["img_settings"]["aligner"] == str(p.root / "runs/train/export/aligner.pth")
+    aligner = str(p.root / "runs/train/export/aligner.pth")
+    assert report["num_prompts"] == 4 and report["img_settings"]["aligner"] == aligner
     # log names: array tasks JOB_TASK, single jobs JOB (never 4294967294, SLURM's "no task" id)
     logs = sorted(f.name for f in (p.root / "logs").iterdir())
     assert f"img-demo-eval-{p.ids[4]}_0.out" in logs and f"img-demo-eval-report-{p.ids[5]}.out" in logs, logs
@@ -171,7 +185,8 @@ def _requeued(job_id: str, restarts: int) -> bool:
 def _started_training(run_dir: Path, segments: int):
     """True once the ``segments``-th run of the job has started training: rank 0 of each opens its
     TensorBoard files (``events.out.tfevents.TIME.HOST.PID.N``) as fit starts."""
-    return lambda: len({f.name.split(".")[-2] for f in (run_dir / "tensorboard").glob("events.out.tfevents.*")}) >= segments
+    events = run_dir / "tensorboard"
+    return lambda: len({f.name.split(".")[-2] for f in events.glob("events.out.tfevents.*")}) >= segments
 
 
 def _signal_quickly(job_id: str, name: str) -> None:

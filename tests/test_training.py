@@ -395,7 +395,8 @@ def test_non_finite_samples_are_dropped_counted_and_stop_the_run_above_the_limit
         for j in range(2):
             g = torch.randn(4, 16).half()
             g[1, 3] = float("nan")
-            w.write(f"poisoned{j}", {"guidance": g, "ip_lose": torch.zeros(4, 8).half(), "ip_win": torch.zeros(4, 8).half()},
+            w.write(f"poisoned{j}",
+                    {"guidance": g, "ip_lose": torch.zeros(4, 8).half(), "ip_win": torch.zeros(4, 8).half()},
                     {"pair_id": f"poisoned{j}", "caption": "c", "winner_uid": "w", "loser_uid": "l",
                      "template_id": 0, "num_tokens": 4})
     finalize_manifest(root, manifest.cache_key, Manifest.load(root).recipe)
@@ -427,8 +428,8 @@ def test_trains_from_bf16_guidance_beside_fp16_ip_tokens(tmp_path):
     assert manifest.tensors["guidance"]["dtype"] == "bfloat16" and manifest.tensors["ip"]["dtype"] == "float16"
     batch = BatchReader(CacheView.open(cache)).read(range(4))
     assert batch["guidance"].dtype == torch.bfloat16 and batch["ip_win"].dtype == torch.float16
-    result = run_training(tiny_config(cache, manifest.cache_key, tmp_path, "mixed", **{"trainer.max_steps": 4,
-                                                                                  "trainer.checkpoint_every_n_steps": 2}))
+    result = run_training(tiny_config(cache, manifest.cache_key, tmp_path, "mixed",
+                                      **{"trainer.max_steps": 4, "trainer.checkpoint_every_n_steps": 2}))
     state = _final_state(tmp_path / "mixed")
     assert state["global_step"] == 4 and result.exports
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
@@ -448,7 +449,8 @@ def test_one_swap_decision_per_optimizer_step_with_gradient_accumulation(caches,
         return original(self)
 
     monkeypatch.setattr(AlignerModule, "pop_swap_distances", spy)
-    run_training(tiny_config(train, key, tmp_path, "acc", **{"trainer.max_steps": 4, "trainer.accumulate_grad_batches": 2,
+    run_training(tiny_config(train, key, tmp_path, "acc", **{"trainer.max_steps": 4,
+                                                              "trainer.accumulate_grad_batches": 2,
                                                               "trainer.checkpoint_every_n_steps": 2}))
     assert decided == [1, 2, 3, 4]
 

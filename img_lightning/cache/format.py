@@ -30,8 +30,9 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,7 +115,7 @@ class TensorSpec:
     end: int
 
 
-def parse_safetensors_header(prefix: bytes | memoryview) -> tuple[int, dict[str, TensorSpec]]:
+def parse_safetensors_header(prefix: bytes | bytearray | memoryview) -> tuple[int, dict[str, TensorSpec]]:
     """Parse the header of a safetensors payload from its first ``8 + header_len`` bytes.
 
     Returns ``(data_start, specs)`` where ``specs[name].begin`` is relative to the payload start.
@@ -192,7 +193,8 @@ def _check_quant_tensors(tensors: Mapping[str, Tensor], t: int, d: int) -> list[
         raise ValueError(f"{OUTLIER_INDEX_KEY} and {OUTLIER_KEY} come together")
     k = index.shape[0] if index.ndim == 1 else -1
     if index.dtype != INDEX_DTYPE or not 0 < k <= d:
-        raise ValueError(f"{OUTLIER_INDEX_KEY} must be [K] int32 with 0 < K <= {d}, got {tuple(index.shape)} {index.dtype}")
+        raise ValueError(f"{OUTLIER_INDEX_KEY} must be [K] int32 with 0 < K <= {d}, "
+                         f"got {tuple(index.shape)} {index.dtype}")
     if tuple(values.shape) != (t, k) or values.dtype not in CACHE_DTYPES.values():
         raise ValueError(f"{OUTLIER_KEY} must be [{t}, {k}] float16/bfloat16, got {tuple(values.shape)} {values.dtype}")
     return [SCALE_KEY, OUTLIER_INDEX_KEY, OUTLIER_KEY]

@@ -57,8 +57,8 @@ class ShardLocks:
         for name in list(self._held):
             self.release(name)
 
-    def __enter__(self) -> "ShardLocks":
+    def __enter__(self) -> ShardLocks:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release_all()

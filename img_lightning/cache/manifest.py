@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from ..atomic import atomic_write_json
 from ..hashing import file_sha256
@@ -44,7 +45,7 @@ class SampleRecord:
         return [self.key, self.offset, self.size, self.header_len, self.meta_offset, self.meta_size, self.num_tokens]
 
     @classmethod
-    def from_row(cls, row: list) -> "SampleRecord":
+    def from_row(cls, row: list) -> SampleRecord:
         return cls(str(row[0]), *(int(v) for v in row[1:7]))
 
 
@@ -160,7 +161,7 @@ class Manifest:
         }
 
     @classmethod
-    def load(cls, cache_dir: str | Path) -> "Manifest":
+    def load(cls, cache_dir: str | Path) -> Manifest:
         path = Path(cache_dir) / MANIFEST_NAME
         if not path.is_file():
             raise FileNotFoundError(

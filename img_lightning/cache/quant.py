@@ -28,7 +28,8 @@ float8 conversion would silently saturate an Inf to 448.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 from torch import Tensor

@@ -25,9 +25,11 @@ import tarfile
 import threading
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,9 +47,10 @@ from .format import (
     SCALE_KEY,
     TENSOR_EXT,
     CacheFormatError,
+    TensorSpec,
     parse_safetensors_header,
 )
-from .manifest import Manifest, read_shard_index, sha256_file
+from .manifest import Manifest, SampleRecord, read_shard_index, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +134,22 @@ class CacheView:
         return CACHE_DTYPES[name]
 
     @classmethod
-    def open(cls, root: str | Path, verify_checksums: bool = False) -> "CacheView":
+    def open(cls, root: str | Path, verify_checksums: bool = False) -> CacheView:
         """Load the manifest and every shard index; shards that are missing, truncated or (with
         ``verify_checksums``) corrupt are skipped with a warning and listed in ``skipped``."""
         root = Path(root)
         manifest = Manifest.load(root)
         if not manifest.tensors:
             raise CacheFormatError(f"{root}/manifest.json: no tensor shapes recorded (empty cache?)")
-        paths, shard_of, cols, keys, skipped = [], [], [], [], []
+        paths: list[Path] = []
+        shard_of: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        keys: list[str] = []
+        skipped: list[SkippedShard] = []
         for entry in manifest.shards:
             path = root / entry.name
             reason = _shard_problem(path, entry.bytes, entry.sha256 if verify_checksums else None)
-            records = None
+            records: list[SampleRecord] = []
             if reason is None:
                 try:
                     _, records = read_shard_index(path)
@@ -253,7 +260,7 @@ class BufferPool:
             weakref.finalize(view, self._idle.append, buffer).atexit = False
         flat = torch.from_numpy(view)
         out = []
-        for (shape, dtype), offset in zip(specs, offsets):
+        for (shape, dtype), offset in zip(specs, offsets, strict=True):
             size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             out.append(flat[offset : offset + size].view(dtype).view(shape))
         return out
@@ -267,7 +274,7 @@ def _valid_index(index: Tensor, dim: int) -> bool:
 
 
 def _byte_view(t: Tensor) -> memoryview:
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return t.view(torch.uint8).numpy().data.cast("B")
 
 
 def _pread_into(fd: int, dests: list[Tensor], offset: int) -> None:
@@ -352,16 +359,18 @@ class BatchReader:
 
     def _wanted(self, t: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         n, d = self.ip_shape
-        wanted = {"guidance": ((t, self.guidance_dim), self.guidance_dtype),
-                  "ip_lose": ((n, d), self.ip_dtype), "ip_win": ((n, d), self.ip_dtype)}
+        wanted: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+            "guidance": ((t, self.guidance_dim), self.guidance_dtype),
+            "ip_lose": ((n, d), self.ip_dtype), "ip_win": ((n, d), self.ip_dtype)}
         if self.quantized:
             wanted[SCALE_KEY] = ((t,), SCALE_DTYPE)
         if self.outliers:
+            assert self.outlier_dtype is not None  # a cache with outlier channels records their dtype
             wanted[OUTLIER_INDEX_KEY] = ((self.outliers,), INDEX_DTYPE)
             wanted[OUTLIER_KEY] = ((t, self.outliers), self.outlier_dtype)
         return wanted
 
-    def _locate(self, i: int):
+    def _locate(self, i: int) -> tuple[int, int, dict[str, TensorSpec]]:
         """Validate the tar header and safetensors header of sample ``i``; return its tensor specs."""
         v = self.view
         shard, off, hlen = int(v.shard_of[i]), int(v.offset[i]), int(v.header_len[i])
@@ -408,32 +417,34 @@ class BatchReader:
         lengths = [int(self.view.num_tokens[i]) for i in good]
         t_max = max(lengths, default=0)
         names = ["guidance", "guidance_mask", "ip_lose", "ip_win"]
-        specs = [((b, t_max, self.guidance_dim), self.guidance_dtype), ((b, t_max), torch.bool),
-                 ((b, n, d), self.ip_dtype), ((b, n, d), self.ip_dtype)]
+        layout: list[tuple[tuple[int, ...], torch.dtype]] = [
+            ((b, t_max, self.guidance_dim), self.guidance_dtype), ((b, t_max), torch.bool),
+            ((b, n, d), self.ip_dtype), ((b, n, d), self.ip_dtype)]
         if self.quantized:
             names.append(SCALE_KEY)
-            specs.append(((b, t_max), SCALE_DTYPE))
+            layout.append(((b, t_max), SCALE_DTYPE))
         if self.outliers:
+            assert self.outlier_dtype is not None  # a cache with outlier channels records their dtype
             names += [OUTLIER_INDEX_KEY, OUTLIER_KEY]
-            specs += [((b, self.outliers), INDEX_DTYPE), ((b, t_max, self.outliers), self.outlier_dtype)]
+            layout += [((b, self.outliers), INDEX_DTYPE), ((b, t_max, self.outliers), self.outlier_dtype)]
         if self.pool is not None and not pin_memory:
-            tensors = self.pool.tensors(specs)
+            tensors = self.pool.tensors(layout)
         else:
-            tensors = [torch.empty(sh, dtype=dt, pin_memory=pin_memory) for sh, dt in specs]
-        batch = dict(zip(names, tensors))
+            tensors = [torch.empty(sh, dtype=dt, pin_memory=pin_memory) for sh, dt in layout]
+        batch = dict(zip(names, tensors, strict=True))
         guidance, mask, scale = batch["guidance"], batch["guidance_mask"], batch.get(SCALE_KEY)
         index, outliers = batch.get(OUTLIER_INDEX_KEY), batch.get(OUTLIER_KEY)
         keep = []
-        for row, ((fd, off, specs), t) in enumerate(zip(located, lengths)):
+        for row, ((fd, off, specs), t) in enumerate(zip(located, lengths, strict=True)):
             parts = [("guidance", guidance[row, :t]), ("ip_lose", batch["ip_lose"][row]),
                      ("ip_win", batch["ip_win"][row])]
             if scale is not None:
                 parts.append((SCALE_KEY, scale[row, :t]))
-            if index is not None:
+            if index is not None and outliers is not None:  # both or neither
                 parts += [(OUTLIER_INDEX_KEY, index[row]), (OUTLIER_KEY, outliers[row, :t])]
             try:
                 parts.sort(key=lambda p: specs[p[0]].begin)
-                contiguous = all(specs[a].end == specs[b].begin for (a, _), (b, _) in zip(parts, parts[1:]))
+                contiguous = all(specs[a].end == specs[b].begin for (a, _), (b, _) in pairwise(parts))
                 if contiguous:  # the usual layout: one syscall for the whole sample
                     _pread_into(fd, [dest for _, dest in parts], off + specs[parts[0][0]].begin)
                 else:

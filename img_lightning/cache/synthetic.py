@@ -8,7 +8,7 @@ Winners are a fixed, learnable function of the guidance and the loser features:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -21,7 +21,7 @@ from .writer import CacheWriter
 
 def synthetic_recipe(guidance_dim: int, ip_tokens: int, ip_dim: int, task_seed: int, dtype: str,
                      guidance_dtype: Optional[str] = None, outlier_channels: int = DEFAULT_OUTLIER_CHANNELS) -> dict:
-    recipe = {
+    recipe: dict[str, Any] = {
         "synthetic": {"guidance_dim": guidance_dim, "ip_tokens": ip_tokens, "ip_dim": ip_dim, "task_seed": task_seed},
         "dtype": dtype,
     }

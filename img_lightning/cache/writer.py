@@ -16,9 +16,11 @@ import io
 import os
 import struct
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import IO, Any, Optional, cast
 
+import torch
 from torch import Tensor
 
 from .format import (
@@ -47,7 +49,7 @@ from .manifest import (
 _BLOCK = 512
 
 
-def _dtype_name(dtype) -> str:
+def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -111,7 +113,9 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.tmp_path, "wb")
         self._sink = _HashingFile(self._file)
-        self._tar = tarfile.open(fileobj=self._sink, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8")
+        # In mode "w" tarfile only writes, tells and flushes: what the hashing sink does.
+        self._tar = tarfile.open(fileobj=cast(IO[bytes], self._sink), mode="w", format=tarfile.PAX_FORMAT,
+                                 encoding="utf-8")
         self._keys: set[str] = set()
         self._records: list[SampleRecord] = []
         self.tensors: Optional[dict] = None
@@ -180,10 +184,10 @@ class ShardWriter:
         finally:
             self.tmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -223,10 +227,10 @@ class CacheWriter:
             self._current = None
         return finalize_manifest(self.cache_dir, self.cache_key, self.recipe)
 
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is None:
             self.close()
         elif self._current is not None:

@@ -15,6 +15,9 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
+from ..config.finetune_mllm import FinetuneTrainerConfig
+from ..config.train import TrainerConfig
+
 
 def run_steps(trainer: L.Trainer) -> Optional[int]:
     """Optimizer steps of the whole run: ``max_steps``, else what ``max_epochs`` make (None: unknown)."""
@@ -51,6 +54,6 @@ class StepProgressBar(TQDMProgressBar):
         return {"epoch": trainer.current_epoch, **metrics}
 
 
-def progress_bar(trainer_cfg: Any) -> list[Callback]:
+def progress_bar(trainer_cfg: TrainerConfig | FinetuneTrainerConfig) -> list[Callback]:
     """The bar for a job's callbacks: ours when ``trainer.enable_progress_bar``, none otherwise."""
     return [StepProgressBar()] if trainer_cfg.enable_progress_bar else []

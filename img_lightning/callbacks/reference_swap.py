@@ -80,7 +80,8 @@ class ReferenceSwap(Callback):
 
     @torch.no_grad()
     def _swap(self, trainer: L.Trainer, pl_module: Any, step: int) -> None:
-        for dst, src in zip(pl_module.reference.state_dict().values(), pl_module.aligner.state_dict().values()):
+        reference, aligner = pl_module.reference.state_dict(), pl_module.aligner.state_dict()
+        for dst, src in zip(reference.values(), aligner.values(), strict=True):
             dst.copy_(src)
         self.streak = 0
         self.swaps += 1

@@ -15,22 +15,25 @@ from ``fit`` to the final validation by :class:`RunTensorBoardLogger`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 
 from ..config.changes import flatten
+from ..config.finetune_mllm import FinetuneMLLMConfig
 from ..config.loading import to_container
+from ..config.train import TrainConfig
 from ..log_steps import is_logging_step
 
 
-def gradient_norm(module: torch.nn.Module, trainer: L.Trainer) -> torch.Tensor:
+def gradient_norm(module: L.LightningModule, trainer: L.Trainer) -> torch.Tensor:
     """The global 2-norm of ``module``'s gradients (summed over FSDP's shards)."""
     squares = [p.grad.detach().float().pow(2).sum() for p in module.parameters() if p.grad is not None]
     total = torch.stack(squares).sum() if squares else torch.zeros((), device=module.device)
@@ -71,7 +74,8 @@ def _hparam_value(value: Any) -> Any:
     return value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
 
 
-def log_run_hparams(logger: RunTensorBoardLogger, cfg: Any, metrics: Mapping[str, float], step: int) -> None:
+def log_run_hparams(logger: RunTensorBoardLogger, cfg: TrainConfig | FinetuneMLLMConfig, metrics: Mapping[str, float],
+                    step: int) -> None:
     """The run's config (dotted keys) and final ``metrics`` in the HParams dashboard (rank 0); the
     run's last write to its event file, which is then closed."""
     from torch.utils.tensorboard.summary import hparams

@@ -57,23 +57,24 @@ class Throughput(Callback):
         if datamodule is not None and hasattr(datamodule, "bad_samples"):
             pl_module.log("data/bad_samples", float(datamodule.bad_samples), on_step=True, on_epoch=False, batch_size=1)
 
-    def _open_window(self, trainer: L.Trainer) -> None:
+    def _open_window(self, trainer: L.Trainer) -> float:
+        """Start a window now; returns its start time."""
         self._window_start = time.perf_counter()
         self._wait_start = self._loader_wait(trainer)
         self._reset()
+        return self._window_start
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self._window_start is None:
             self._open_window(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._window_start is None:
-            self._open_window(trainer)
+        start = self._open_window(trainer) if self._window_start is None else self._window_start
         self._count(trainer, batch)
         if not is_logging_step(trainer, after_optimizer_step=True):
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
-        wall = time.perf_counter() - self._window_start
+        wall = time.perf_counter() - start
         self._log(trainer, pl_module, wall, self._loader_wait(trainer) - self._wait_start)
         self._open_window(trainer)

@@ -23,10 +23,13 @@ import errno
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Optional, TextIO, TypeVar
 
 from ..config.loading import load_config, split_cli_args, to_yaml
 from ..errors import UserError
+
+T = TypeVar("T")
 
 CONFIG_EPILOG = (
     "Configs merge as: schema defaults <- each YAML file in order <- key=value overrides "
@@ -108,7 +111,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved config (every key, with defaults) and exit")
 
 
-def resolve_config(schema: Any, args: argparse.Namespace) -> Any:
+def resolve_config(schema: type[T], args: argparse.Namespace) -> T:
     files, overrides = split_cli_args(args.config)
     return load_config(schema, files, overrides, require_complete=not args.print_config)
 
@@ -122,11 +125,11 @@ class _StderrHandler(logging.StreamHandler):
     _img_lightning = True
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ assigns it
         pass
 
 
@@ -196,6 +199,6 @@ def _internal(prog: str, err: BaseException) -> int:
     return EXIT_INTERNAL_ERROR
 
 
-def print_config(cfg: Any) -> int:
+def print_config(cfg: object) -> int:
     print(to_yaml(cfg), end="")
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from .common import add_common_arguments, parse_command, run_cli, setup_from_args
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from ..evaluation.pipeline import STAGES  # light: the pipeline imports its heavy stages lazily
 from .common import add_common_arguments, add_config_arguments, parse_command, run_cli, setup_from_args, show_progress

@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from ..config.finetune_mllm import FinetuneMLLMConfig
 from ..time_limit_signal import catch_time_limit_signal
-from .common import (CONFIG_EPILOG, add_common_arguments, add_config_arguments, parse_staged_command, print_config,
-                     resolve_config, run_cli, setup_from_args, show_progress)
+from .common import (
+    CONFIG_EPILOG,
+    add_common_arguments,
+    add_config_arguments,
+    parse_staged_command,
+    print_config,
+    resolve_config,
+    run_cli,
+    setup_from_args,
+    show_progress,
+)
 
 log = logging.getLogger("img_lightning.finetune")
 PROG = "img-finetune-mllm"

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from ..errors import UserError
 from .common import CONFIG_EPILOG, add_common_arguments, run_cli, setup_from_args
@@ -86,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             results = refiner.refine(ns.image, prompts, seed=per_prompt)
         strips = write_refinements(results, ns.out)
-        for res, strip in zip(results, strips):
+        for res, strip in zip(results, strips, strict=True):
             print(f"{strip}  (seed {res.seed}) {res.prompt}")
         print(f"img-generate: {len(results)} image set(s); settings, seeds and the aligner's sha256 in "
               f"{ns.out / 'metadata.jsonl'}")

@@ -12,13 +12,21 @@ Run it from the repository root: each stage is submitted through its ``slurm/*.s
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from ..config.pipeline import PipelineConfig
 from ..errors import UserError
-from .common import CONFIG_EPILOG, add_common_arguments, add_config_arguments, print_config, resolve_config, \
-    run_cli, setup_from_args
+from .common import (
+    CONFIG_EPILOG,
+    add_common_arguments,
+    add_config_arguments,
+    print_config,
+    resolve_config,
+    run_cli,
+    setup_from_args,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from ..config.train import TrainConfig
 from ..time_limit_signal import catch_time_limit_signal
-from .common import (CONFIG_EPILOG, add_common_arguments, add_config_arguments, parse_command, print_config,
-                     resolve_config, run_cli, setup_from_args, show_progress)
+from .common import (
+    CONFIG_EPILOG,
+    add_common_arguments,
+    add_config_arguments,
+    parse_command,
+    print_config,
+    resolve_config,
+    run_cli,
+    setup_from_args,
+    show_progress,
+)
 
 log = logging.getLogger("img_lightning.train")
 

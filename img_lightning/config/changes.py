@@ -7,7 +7,8 @@ resume that would silently train with another cache, batch size or learning rate
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 _ABSENT = object()
 

@@ -3,15 +3,18 @@ the key named, instead of failing deep inside training (``ZeroDivisionError``) o
 
 A schema declares ``CHECKS``: ``{dotted key: check}``; :func:`validate` runs them once the config
 is merged (``load_config`` does it). A ``*`` in a key stands for every entry of a list
-(``scorers.*.max_new_tokens``), so options of list entries get the same checks as every other key. A check returns ``None`` when the value is fine, else what is
-wrong with it ("must be > 0").
+(``scorers.*.max_new_tokens``), so options of list entries get the same checks as every other key.
+A check returns ``None`` when the value is fine, else what is wrong with it ("must be > 0").
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
+
+from .node import as_node
 
 Check = Callable[[Any], Optional[str]]
 
@@ -56,9 +59,10 @@ def steps_limit(value: Any) -> Optional[str]:
     return None if value == -1 or value >= 1 else "must be -1 (no limit) or >= 1"
 
 
-def expand(cfg: Any, pattern: str) -> list[str]:
+def expand(cfg: object, pattern: str) -> list[str]:
     """The dotted keys ``pattern`` names: a ``*`` part stands for every entry of a list (its index)
     or mapping at that place (``scorers.*.batch_size`` -> ``scorers.0.batch_size``, ...)."""
+    root = as_node(cfg)
     keys = [""]
     for part in pattern.split("."):
         if part != "*":
@@ -66,16 +70,16 @@ def expand(cfg: Any, pattern: str) -> list[str]:
             continue
         expanded = []
         for k in keys:
-            node = OmegaConf.select(cfg, k) if k else cfg
+            node = OmegaConf.select(root, k) if k else root
             if OmegaConf.is_list(node):
                 expanded += [f"{k}.{i}" for i in range(len(node))]
             elif OmegaConf.is_dict(node):
-                expanded += [f"{k}.{name}" for name in node]
+                expanded += [f"{k}.{name!s}" for name in node]
         keys = expanded
     return keys
 
 
-def problems(cfg: Any, checks: Mapping[str, Check]) -> list[str]:
+def problems(cfg: object, checks: Mapping[str, Check]) -> list[str]:
     """``key=value: what is wrong`` for every failing check (unset ``???`` and ``None`` entries of
     lists are skipped)."""
     found = []
@@ -83,14 +87,14 @@ def problems(cfg: Any, checks: Mapping[str, Check]) -> list[str]:
         for key in expand(cfg, pattern):
             if _missing(cfg, key):
                 continue
-            value = OmegaConf.select(cfg, key)
+            value = OmegaConf.select(as_node(cfg), key)
             message = check(value)
             if message:
                 found.append(f"{key}={value!r}: {message}")
     return found
 
 
-def _missing(cfg: Any, key: str) -> bool:
+def _missing(cfg: object, key: str) -> bool:
     parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
+    node = OmegaConf.select(as_node(cfg), parent) if parent else cfg
     return node is None or OmegaConf.is_missing(node, leaf)

@@ -8,15 +8,11 @@ member's name is its value, which is what OmegaConf matches a YAML value against
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Choice(str, Enum):
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
+class Choice(StrEnum):
+    pass
 
 
 class Dtype(Choice):

@@ -11,20 +11,22 @@ encoders block (with the local paths it was run with) replaced by the recipe's a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import yaml
 from omegaconf import OmegaConf
 
 from .eval import EvalConfig
 from .loading import ConfigError, load_config, missing_keys, missing_message, split_cli_args, validate
+from .node import as_node
 
 
 def _is_indexed(override: str) -> bool:
     return any(part.isdigit() for part in override.split("=", 1)[0].split("."))
 
 
-def apply_recipe(cfg: Any, overrides: Sequence[str] = ()) -> Any:
+def apply_recipe(cfg: EvalConfig, overrides: Sequence[str] = ()) -> EvalConfig:
     """``cfg.encoders`` = the recipe's block (+ the ``encoders.*`` overrides); returns the config."""
     if not cfg.recipe:
         return cfg
@@ -34,13 +36,13 @@ def apply_recipe(cfg: Any, overrides: Sequence[str] = ()) -> Any:
     cfg.encoders = recipe.encoders
     enc_overrides = [o for o in overrides if o.startswith("encoders.")]
     if enc_overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(enc_overrides))
+        cfg = cast(EvalConfig, OmegaConf.merge(cfg, OmegaConf.from_dotlist(enc_overrides)))
     cfg.recipe_applied = cfg.recipe
     cfg.recipe = None
     return cfg
 
 
-def load_eval_config(args: Sequence[str], allow_missing: bool = False) -> Any:
+def load_eval_config(args: Sequence[str], allow_missing: bool = False) -> EvalConfig:
     """YAML files and ``key=value`` overrides (in any order, as on a command line) -> the resolved
     :class:`~img_lightning.config.eval.EvalConfig`. A key left ``???`` (lists included) is an error
     unless ``allow_missing`` (the checks before a run then report it with every other problem)."""
@@ -51,7 +53,7 @@ def load_eval_config(args: Sequence[str], allow_missing: bool = False) -> Any:
     for o in indexed:
         key, value = o.split("=", 1)
         try:
-            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)
+            OmegaConf.update(as_node(cfg), key, yaml.safe_load(value) if value else None, merge=True)
         except Exception as err:
             raise ConfigError(f"command-line override '{o}': {err}") from None
     cfg = apply_recipe(cfg, overrides)

@@ -13,12 +13,14 @@ exactly the text, token ids and pixels it is later read with.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-from .choices import Choice, Dtype
 from .checks import at_least, betas, between, non_negative, one_of, optional, positive, steps_limit
+from .choices import Choice, Dtype
 from .encoders import MLLMConfig
+from .node import as_node
 
 
 class FinetuneMethod(Choice):
@@ -220,17 +222,17 @@ RESUME_FREE_KEYS = frozenset({
 })
 
 
-def resume_free_keys(cfg) -> frozenset[str]:
+def resume_free_keys(cfg: FinetuneMLLMConfig) -> frozenset[str]:
     """Every ``eval.*`` key too; ``max_steps``/``max_epochs`` only with a constant schedule (they
     shape the cosine curve)."""
-    keys = set(RESUME_FREE_KEYS) | {f"eval.{k}" for k in _flat_keys(cfg.eval)}
+    keys = set(RESUME_FREE_KEYS) | {f"eval.{k}" for k in _flat_keys(as_node(cfg.eval))}
     if cfg.optim.schedule == Schedule.constant:
         keys |= {"trainer.max_steps", "trainer.max_epochs"}
     return frozenset(keys)
 
 
-def _flat_keys(block, prefix: str = "") -> list[str]:
-    out = []
+def _flat_keys(block: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
     for key in block:
         value = block[key]
         if hasattr(value, "keys"):

@@ -3,6 +3,11 @@
 The schema is a dataclass, so a misspelled key fails at load time with its dotted name instead of
 being silently ignored (the failure mode of plain dict configs), and the error suggests the nearest
 valid key (:func:`suggest_key`).
+
+:func:`load_config` returns a structured ``DictConfig`` typed as its schema (``load_config(TrainConfig,
+...)`` is a ``TrainConfig`` to the type checker; OmegaConf still checks every assignment against the
+schema at run time). The helpers that work on a config of any schema take ``object``
+(:mod:`.node`).
 """
 
 from __future__ import annotations
@@ -10,13 +15,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Optional, TypeVar, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ..errors import UserError
+from .node import as_node
 
 T = TypeVar("T")
 
@@ -83,7 +90,7 @@ def _dotted(key: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", key)
 
 
-def dotted_keys(cfg: Any) -> list[str]:
+def dotted_keys(cfg: object) -> list[str]:
     """Every key of ``cfg`` as it is written on the command line, sections included
     (``data``, ``data.batch_size``, ``scorers.0.checkpoint``)."""
     def walk(node: Any, prefix: str) -> Iterator[str]:
@@ -96,7 +103,7 @@ def dotted_keys(cfg: Any) -> list[str]:
     return list(walk(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False), ""))
 
 
-def suggest_key(cfg: Any, key: str, section: Optional[type] = None) -> Optional[str]:
+def suggest_key(cfg: object, key: str, section: Optional[type] = None) -> Optional[str]:
     """The valid key nearest to a misspelled one: a close name in the same section (``data.batchsize``
     -> ``data.batch_size``; ``section``, the schema dataclass the key was refused by, gives the names
     where ``cfg`` has no instance of it yet, e.g. a list entry), else the one key of that exact name
@@ -118,17 +125,18 @@ def suggest_key(cfg: Any, key: str, section: Optional[type] = None) -> Optional[
 
 
 def load_config(
-    schema: type[T] | T,
+    schema: type[T],
     files: Sequence[str | Path] = (),
     overrides: Sequence[str] = (),
     *,
     require_complete: bool = True,
-) -> Any:
+) -> T:
     """Build a typed config: schema defaults, then each YAML file, then ``key=value`` overrides.
 
-    Returns a structured ``DictConfig`` (attribute access, type checked on assignment).
+    Returns a structured ``DictConfig`` (attribute access, type checked on assignment), typed as the
+    schema.
     """
-    cfg = OmegaConf.structured(schema)
+    cfg: DictConfig = OmegaConf.structured(schema)
     for path in files:
         path = resolve_config_path(path)
         if not path.is_file():
@@ -137,7 +145,7 @@ def load_config(
             loaded = OmegaConf.load(path)
         except Exception as err:  # yaml errors carry line numbers in their text
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        cfg = _merge(cfg, loaded, str(path))
+        cfg = _merge(cfg, as_node(loaded), str(path))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -152,14 +160,14 @@ def load_config(
         if missing:
             raise ConfigError(missing_message(cfg, missing))
     validate(cfg, schema)
-    return cfg
+    return cast(T, cfg)
 
 
-def where_to_get(cfg: Any, key: str) -> str:
+def where_to_get(cfg: object, key: str) -> str:
     """For a ``*.path`` key left ``???`` beside a ``model`` id: how to fetch the model ("" otherwise)."""
     if not key.endswith(".path"):
         return ""
-    model = OmegaConf.select(cfg, key[: -len("path")] + "model", default=None)
+    model = OmegaConf.select(as_node(cfg), key[: -len("path")] + "model", default=None)
     if not isinstance(model, str) or not model:
         return ""
     from ..model_sources import fetch_advice
@@ -167,14 +175,14 @@ def where_to_get(cfg: Any, key: str) -> str:
     return fetch_advice(model, key)
 
 
-def missing_message(cfg: Any, missing: Sequence[str]) -> str:
+def missing_message(cfg: object, missing: Sequence[str]) -> str:
     """The error for keys still ``???``: their names, and for a model's path where to get the model."""
     hints = [f"\n  {key}: {hint}" for key in missing if (hint := where_to_get(cfg, key))]
     return ("these config keys have no value (set them in a YAML file or as key=value): " + ", ".join(missing)
             + "".join(hints))
 
 
-def validate(cfg: Any, schema: Any) -> None:
+def validate(cfg: object, schema: type) -> None:
     """Run the schema's value checks (``CHECKS``, see :mod:`.checks`); every problem in one error."""
     from .checks import problems
 
@@ -183,21 +191,21 @@ def validate(cfg: Any, schema: Any) -> None:
         raise ConfigError("invalid config values:\n  " + "\n  ".join(found))
 
 
-def missing_keys(cfg: Any) -> list[str]:
+def missing_keys(cfg: object) -> list[str]:
     """Keys still ``???``, sorted, written as they are set on the command line (``scorers.0.checkpoint``)."""
     return sorted(_dotted(k) for k in OmegaConf.missing_keys(cfg))
 
 
-def to_yaml(cfg: Any) -> str:
+def to_yaml(cfg: object) -> str:
     """The resolved config as YAML (what is saved into run directories)."""
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def to_container(cfg: Any) -> dict:
+def to_container(cfg: object) -> dict:
     """A plain, resolved dict of plain values (for hashing, JSON, and checkpoints that must load
     with ``weights_only=True``: enums become their names). A plain mapping is copied as is."""
     if not OmegaConf.is_config(cfg):
-        return dict(cfg)
+        return dict(cast(Mapping[str, Any], cfg))
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 

@@ -98,7 +98,7 @@ class PreprocessConfig:
     run: PreprocessRunConfig = field(default_factory=PreprocessRunConfig)
 
 
-def guidance_dtype_name(cache_cfg) -> str:
+def guidance_dtype_name(cache_cfg: CacheLayoutConfig) -> str:
     """The effective guidance storage dtype of a ``cache`` config block, e.g. ``"float8_e4m3fn"``."""
     g = cache_cfg.guidance_dtype
     return g.value if g is not None else cache_cfg.dtype.value

@@ -183,7 +183,8 @@ def load_tower(folder: Path):
     from transformers import CLIPVisionModel
 
     try:
-        tower, info = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)
+        loaded: Any = CLIPVisionModel.from_pretrained(folder, output_loading_info=True)  # (model, loading info)
+        tower, info = loaded
     except (OSError, ValueError) as err:
         raise ConversionError(f"cannot load a CLIP vision tower from {folder}: {err}") from None
     if info.get("missing_keys") or info.get("mismatched_keys"):
@@ -202,7 +203,8 @@ def tower_from_checkpoint(config, tensors: dict[str, torch.Tensor], scratch: Pat
     config.save_pretrained(scratch)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(scratch / "model.safetensors"),
               metadata={"format": "pt"})
-    tower, info = CLIPVisionModel.from_pretrained(scratch, output_loading_info=True)
+    loaded: Any = CLIPVisionModel.from_pretrained(scratch, output_loading_info=True)  # (model, loading info)
+    tower, info = loaded
     bad = {k: sorted(info.get(k) or [])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(bad.values()):
         raise ConversionError(f"the checkpoint's {TOWER_PREFIX}* weights do not form the vision tower: {bad}")
@@ -251,8 +253,14 @@ def convert_llava(src: str | Path, dst: str | Path, vision_tower: Optional[str] 
     """Convert ``src`` (original LLaVA folder) into a new llava-hf folder ``dst``."""
     import transformers
     from accelerate import init_empty_weights
-    from transformers import AddedToken, CLIPImageProcessorPil, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
+    from transformers import (
+        AddedToken,
+        CLIPImageProcessorPil,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.is_dir():

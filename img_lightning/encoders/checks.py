@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+from ..config.encoders import IPEncoderConfig, MLLMConfig
 from ..errors import Problems
 from ..models import ModelNotFoundError, check_model, find_in
 from .export_manifest import verify_export_weights
@@ -59,7 +60,7 @@ def adapter_file(what: str, model_id: str, path: Optional[str], subfolder: str, 
     return root if root.is_file() else find_in(root, subfolder or "", weight_name, model_id, key)
 
 
-def check_ip_encoder(cfg: Any, problems: Problems, key: str = "encoders.ip") -> Optional[int]:
+def check_ip_encoder(cfg: IPEncoderConfig, problems: Problems, key: str = "encoders.ip") -> Optional[int]:
     """The IP encoder's CLIP tower and adapter file are there; returns its token width."""
     problems.check(check_model, "IP image encoder (CLIP vision tower)", cfg.image_encoder, cfg.image_encoder_path,
                    f"{key}.image_encoder_path", revision=cfg.revision, subfolder=cfg.image_encoder_subfolder)
@@ -74,7 +75,7 @@ def check_ip_encoder(cfg: Any, problems: Problems, key: str = "encoders.ip") -> 
     return None if widths is None else widths["tokens"]
 
 
-def check_mllm(cfg: Any, problems: Problems, key: str = "encoders.mllm") -> Optional[int]:
+def check_mllm(cfg: MLLMConfig, problems: Problems, key: str = "encoders.mllm") -> Optional[int]:
     """The MLLM folder and its question set are usable; returns the width of its hidden states."""
     from omegaconf import DictConfig, OmegaConf
     from transformers import AutoConfig

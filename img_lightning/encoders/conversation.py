@@ -32,11 +32,11 @@ loss on the answer only); for chat templates :func:`chat_template_prompt`,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from ..config.encoders import PromptFormat  # the enum lives with the schema that types it
-
 from ..errors import UserError
 
 IMAGE_MARKER = "<image>"
@@ -196,7 +196,8 @@ def expand_image(ids: Sequence[Optional[int]], image_token_id: int, num_image_to
     return out
 
 
-def llava_input_ids(tokenizer: Any, texts: Sequence[str], image_token_id: int, num_image_tokens: int) -> list[list[int]]:
+def llava_input_ids(tokenizer: Any, texts: Sequence[str], image_token_id: int,
+                    num_image_tokens: int) -> list[list[int]]:
     """Model input ids of LLaVA-format texts (one image each), image positions expanded."""
     out = []
     for ids in llava_pieces_ids(tokenizer, texts):
@@ -208,7 +209,7 @@ def llava_input_ids(tokenizer: Any, texts: Sequence[str], image_token_id: int, n
 
 def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -22,8 +22,9 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+from ..config.encoders import MLLMConfig
 from ..errors import UserError
 
 MANIFEST_NAME = "img_finetune.json"
@@ -96,7 +97,7 @@ def verify_export_weights(folder: str | Path) -> None:
             f"export) rather than replacing files in an export")
 
 
-def export_folder_of(mllm_cfg: Any) -> Optional[Path]:
+def export_folder_of(mllm_cfg: MLLMConfig) -> Optional[Path]:
     """The local folder an ``encoders.mllm`` block loads from, if it is a local one (``path``, or a
     ``model`` that is a directory); None for hub ids and unset (``???``) paths."""
     from omegaconf import DictConfig, OmegaConf
@@ -110,7 +111,7 @@ def export_folder_of(mllm_cfg: Any) -> Optional[Path]:
     return model if str(model) and model.is_dir() else None
 
 
-def export_recipe(mllm_cfg: Any) -> dict:
+def export_recipe(mllm_cfg: MLLMConfig) -> dict:
     """The cache-key part of a finetuned export: ``{"finetuned_export_sha256": ...}`` when the MLLM
     folder holds a manifest, else nothing (so the keys of every other recipe stay as they were)."""
     folder = export_folder_of(mllm_cfg)
@@ -118,7 +119,7 @@ def export_recipe(mllm_cfg: Any) -> dict:
     return {"finetuned_export_sha256": identity} if identity else {}
 
 
-def training_mismatches(manifest: dict, mllm_cfg: Any) -> list[str]:
+def training_mismatches(manifest: dict, mllm_cfg: MLLMConfig) -> list[str]:
     """Where an ``encoders.mllm`` block reads an export differently from how it was trained
     (conversation format, image preprocessing, question file): ``["key: trained X, now Y"]``."""
     from ..encoders.conversation import resolve_format
@@ -139,7 +140,7 @@ def training_mismatches(manifest: dict, mllm_cfg: Any) -> list[str]:
     return out
 
 
-def warn_if_trained_otherwise(mllm_cfg: Any, folder: str | Path) -> None:
+def warn_if_trained_otherwise(mllm_cfg: MLLMConfig, folder: str | Path) -> None:
     """Log a warning when the MLLM folder is an export trained with another conversation format,
     image preprocessing or question file than ``mllm_cfg`` asks it with (allowed: an ablation may
     want it, but it is rarely meant)."""

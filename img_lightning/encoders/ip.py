@@ -33,7 +33,9 @@ the processor (the IMG FLUX demo's ``np.zeros((1024, 1024, 3), uint8)``, also ``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -53,7 +55,7 @@ class _ConverterHost:
         self.dtype = dtype
 
 
-def load_adapter_state_dict(path) -> dict[str, dict[str, Tensor]]:
+def load_adapter_state_dict(path: str | Path) -> dict[str, dict[str, Tensor]]:
     """Read an original IP-Adapter file into ``{"image_proj": {...}, "ip_adapter": {...}}``.
 
     ``.safetensors``: keys prefixed ``image_proj.``/``ip_adapter.`` (h94) or
@@ -82,21 +84,26 @@ def load_adapter_state_dict(path) -> dict[str, dict[str, Tensor]]:
 def build_image_projection(kind: str, image_proj: dict[str, Tensor]) -> torch.nn.Module:
     """The diffusers projection module for an original ``image_proj`` state dict."""
     host = _ConverterHost(torch.device("cpu"), torch.float32)
+    mixin: Any  # the diffusers loader whose converter builds this kind's projection (run on a stand-in host)
     if kind == "sdxl_plus":
-        from diffusers.loaders.unet import UNet2DConditionLoadersMixin as Mixin
+        from diffusers.loaders.unet import UNet2DConditionLoadersMixin
+
+        mixin = UNet2DConditionLoadersMixin
     elif kind == "flux_xlabs":
-        from diffusers.loaders.transformer_flux import FluxTransformer2DLoadersMixin as Mixin
+        from diffusers.loaders.transformer_flux import FluxTransformer2DLoadersMixin
+
+        mixin = FluxTransformer2DLoadersMixin
     else:
         raise ValueError(f"unknown IP encoder kind {kind!r}; use one of {KINDS}")
     if not image_proj:
         raise ValueError("the adapter checkpoint has no image projection weights")
-    return Mixin._convert_ip_adapter_image_proj_to_diffusers(host, image_proj, low_cpu_mem_usage=False)
+    return mixin._convert_ip_adapter_image_proj_to_diffusers(host, image_proj, low_cpu_mem_usage=False)
 
 
 class IPEncoder:
     """Images -> IP tokens ``[B, N, D]`` (float32, CPU)."""
 
-    def __init__(self, kind: str, image_encoder, projection: torch.nn.Module, image_size: int,
+    def __init__(self, kind: str, image_encoder: torch.nn.Module, projection: torch.nn.Module, image_size: int,
                  device: torch.device, dtype: torch.dtype, batch_size: int = 16, autocast: bool = False) -> None:
         """``autocast``: run both halves under ``torch.autocast`` in ``dtype`` (the released SDXL
         ``get_ip_feat``); nothing to do, so off, in float32."""
@@ -119,7 +126,7 @@ class IPEncoder:
         self.num_tokens, self.dim = int(probe.shape[1]), int(probe.shape[2])
 
     @classmethod
-    def from_config(cls, cfg: IPEncoderConfig) -> "IPEncoder":
+    def from_config(cls, cfg: IPEncoderConfig) -> IPEncoder:
         from transformers import CLIPVisionModelWithProjection
 
         enc_root = resolve_model_root(cfg.image_encoder, cfg.image_encoder_path, cfg.revision,
@@ -137,7 +144,8 @@ class IPEncoder:
         except OSError as err:
             raise ModelNotFoundError(f"cannot load the CLIP image encoder from {enc_dir}: {err}") from None
         projection = build_image_projection(cfg.kind, load_adapter_state_dict(ada_file)["image_proj"])
-        return cls(cfg.kind, image_encoder, projection, image_encoder.config.image_size, device, dtype,
+        image_size = cast(int, image_encoder.config.image_size)  # CLIP vision configs hold one side length
+        return cls(cfg.kind, image_encoder, projection, image_size, device, dtype,
                    cfg.batch_size, autocast=cfg.autocast)
 
     # -- the two halves, separable so a pipeline can prepare batch i+1 while batch i runs ------

@@ -30,8 +30,9 @@ resize is the one LLaVA's CLIPImageProcessor ran.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,7 +41,6 @@ from torch import Tensor
 
 from ..config.encoders import MLLMConfig
 from ..config.loading import ConfigError
-from .export_manifest import verify_export_weights, warn_if_trained_otherwise
 from ..models import ModelNotFoundError, model_dir, resolve_device, resolve_dtype, resolve_model_root
 from .conversation import (
     LLAVA_CONVERSATIONS,
@@ -51,6 +51,7 @@ from .conversation import (
     llava_input_ids,
     resolve_format,
 )
+from .export_manifest import verify_export_weights, warn_if_trained_otherwise
 from .questions import QuestionSet, builtin_question_set, question_set_from_config
 from .templates import build_question, template_id_for
 
@@ -79,7 +80,7 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return canvas
 
 
-def pad_fill(processor) -> tuple[int, int, int]:
+def pad_fill(processor: Any) -> tuple[int, int, int]:
     """LLaVA's padding colour: the image processor's mean, ``int(mean * 255)`` (truncated, as LLaVA)."""
     mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
     return tuple(int(float(m) * 255) for m in mean[:3])  # type: ignore[return-value]
@@ -94,7 +95,7 @@ def prepare_image(image: Image.Image, image_mode: str, fill: tuple[int, int, int
     return expand_to_square(image, fill) if image_mode == "pad" else image
 
 
-def llava_num_image_tokens(config, pixel_values: Tensor) -> int:
+def llava_num_image_tokens(config: Any, pixel_values: Tensor) -> int:
     """Image features a llava-hf model produces for one image of this size."""
     patch = int(config.vision_config.patch_size)
     n = (int(pixel_values.shape[-2]) // patch) * (int(pixel_values.shape[-1]) // patch)
@@ -131,7 +132,7 @@ def mllm_folder(cfg: MLLMConfig, key: str = "encoders.mllm") -> Path:
     return folder
 
 
-def load_mllm_processor(cfg: MLLMConfig, folder: Path):
+def load_mllm_processor(cfg: MLLMConfig, folder: Path) -> Any:
     """The processor as the guidance encoder uses it (LLaVA: transformers' PIL image backend, the
     resize LLaVA's own code ran; Qwen: ``min_pixels``/``max_pixels`` applied)."""
     from transformers import AutoProcessor
@@ -151,7 +152,7 @@ def load_mllm_processor(cfg: MLLMConfig, folder: Path):
     return processor
 
 
-def load_mllm_model(cfg: MLLMConfig, folder: Path, dtype: torch.dtype, device: torch.device | None = None):
+def load_mllm_model(cfg: MLLMConfig, folder: Path, dtype: torch.dtype, device: torch.device | None = None) -> Any:
     """The transformers model of ``cfg.backend`` from ``folder`` (straight onto ``device`` if a GPU)."""
     import transformers
 
@@ -167,7 +168,7 @@ def load_mllm_model(cfg: MLLMConfig, folder: Path, dtype: torch.dtype, device: t
 class GuidanceEncoder:
     """(image, prompt, question index) -> guidance ``[T_i, hidden]`` float32 CPU, one per sample."""
 
-    def __init__(self, backend: str, model, processor, layer: int = -1, image_mode: str = "pad",
+    def __init__(self, backend: str, model: Any, processor: Any, layer: int = -1, image_mode: str = "pad",
                  template_set: str | QuestionSet = "img-v1", device: torch.device | None = None,
                  dtype: torch.dtype = torch.float32, batch_size: int = 4,
                  prompt_format: str | PromptFormat = "auto") -> None:
@@ -205,7 +206,7 @@ class GuidanceEncoder:
         return self.questions.name
 
     @classmethod
-    def from_config(cls, cfg: MLLMConfig) -> "GuidanceEncoder":
+    def from_config(cls, cfg: MLLMConfig) -> GuidanceEncoder:
         questions = question_set_from_config(cfg)  # a bad question file fails before the model loads
         folder = mllm_folder(cfg)
         verify_export_weights(folder)  # an export's weights must be the ones its manifest (cache key) lists
@@ -281,7 +282,7 @@ class GuidanceEncoder:
         pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         image_token = int(self.model.config.image_token_id)
         ids = llava_input_ids(self.processor.tokenizer, texts, image_token, self.num_image_tokens(pixels))
-        for text, row in zip(texts, ids):
+        for text, row in zip(texts, ids, strict=True):
             if len(row) > self.max_tokens:
                 raise PromptTooLong(f"the MLLM input is {len(row)} tokens (question, caption and image), more than "
                                     f"the model's limit of {self.max_tokens}: {text[:80]!r}...")
@@ -295,11 +296,12 @@ class GuidanceEncoder:
             attention[i, : len(row)] = 1
         return {"input_ids": input_ids, "attention_mask": attention, "pixel_values": pixels}
 
-    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str], template_ids: Sequence[int]):
+    def prepare(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                template_ids: Sequence[int]) -> Mapping[str, Any]:
         """Model inputs for one batch (CPU tensors): all the CPU-side work of :meth:`encode`."""
         if not (len(images) == len(prompts) == len(template_ids)):
             raise ValueError(f"got {len(images)} images, {len(prompts)} prompts, {len(template_ids)} template ids")
-        texts = [self.prompt_text(p, int(t)) for p, t in zip(prompts, template_ids)]
+        texts = [self.prompt_text(p, int(t)) for p, t in zip(prompts, template_ids, strict=True)]
         prepared = [self.prepare_image(im) for im in images]
         if self.format in LLAVA_CONVERSATIONS:
             return self._prepare_llava(prepared, texts)
@@ -307,7 +309,7 @@ class GuidanceEncoder:
 
     # -- model ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, batch) -> list[Tensor]:
+    def forward(self, batch: Mapping[str, Any]) -> list[Tensor]:
         """Hidden states of ``self.layer`` for the real tokens of each sample."""
         inputs = {}
         for key, value in batch.items():

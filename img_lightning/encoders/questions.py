@@ -22,8 +22,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+from ..config.encoders import MLLMConfig
 from ..config.loading import ConfigError
 from .templates import TEMPLATE_SETS, templates
 
@@ -49,7 +50,7 @@ class QuestionSet:
 
     def index_for(self, key: str) -> int:
         """Deterministic question index of a sample: ``sha256(salt:key) mod len(set)``."""
-        digest = hashlib.sha256(f"{self.salt}:{key}".encode("utf-8")).digest()
+        digest = hashlib.sha256(f"{self.salt}:{key}".encode()).digest()
         return int.from_bytes(digest[:8], "big") % len(self.questions)
 
     def question(self, prompt: str, index: int) -> str:
@@ -97,7 +98,7 @@ def load_question_file(path: str | Path) -> QuestionSet:
                        path=str(path))
 
 
-def _questions_path(mllm_cfg: Any) -> Optional[str]:
+def _questions_path(mllm_cfg: MLLMConfig) -> Optional[str]:
     """``encoders.mllm.questions``, with a clear error when a recipe left it as ``???``."""
     from omegaconf import DictConfig, OmegaConf
 
@@ -110,7 +111,7 @@ def _questions_path(mllm_cfg: Any) -> Optional[str]:
     return str(value) if value else None
 
 
-def question_set_from_config(mllm_cfg: Any) -> QuestionSet:
+def question_set_from_config(mllm_cfg: MLLMConfig) -> QuestionSet:
     """The question set an ``encoders.mllm`` block asks for (the file wins over ``templates``)."""
     path = _questions_path(mllm_cfg)
     if path:
@@ -122,7 +123,7 @@ def question_set_from_config(mllm_cfg: Any) -> QuestionSet:
     return builtin_question_set(name)
 
 
-def question_recipe(mllm_cfg: Any) -> dict:
+def question_recipe(mllm_cfg: MLLMConfig) -> dict:
     """The cache-key part of the question choice: the built-in set's name or the file's sha256."""
     path = _questions_path(mllm_cfg)
     if path:

@@ -127,7 +127,7 @@ def templates(template_set: str = "img-v1") -> tuple[str, ...]:
 
 def template_id_for(pair_id: str, template_set: str = "img-v1") -> int:
     """Deterministic template index of a pair: ``sha256(set + ":" + pair_id) mod len(set)``."""
-    digest = hashlib.sha256(f"{template_set}:{pair_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{template_set}:{pair_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % len(templates(template_set))
 
 

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from ..config.eval import EvalConfig
 
 
 def img_arm(round_index: int) -> str:
@@ -25,6 +25,6 @@ def arm_names(rounds: int, control: bool) -> list[str]:
     return ["base", *(["control"] if control else []), *[img_arm(r) for r in range(1, rounds + 1)]]
 
 
-def chunk_tag(cfg: Any) -> str:
+def chunk_tag(cfg: EvalConfig) -> str:
     """``{chunk.index}of{chunk.count}`` of an evaluation config."""
     return f"{cfg.chunk.index}of{cfg.chunk.count}"

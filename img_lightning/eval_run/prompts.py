@@ -7,8 +7,9 @@ official prompt files are in :mod:`img_lightning.evaluation.prompts`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ takes every N-th prompt (``chunk.index``/``chunk.count``); ``report`` merges all
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 from omegaconf import OmegaConf
 
@@ -32,14 +33,17 @@ from ..atomic import atomic_write
 from ..config.eval import ChunkConfig, EvalConfig
 from ..config.eval_loading import load_eval_config
 from ..config.loading import ConfigError, load_config, to_container, to_yaml
+from ..eval_run import PromptRecord
 from ..generation.provenance import check_stored_images
-from .prompts import load_prompt_set
+
+if TYPE_CHECKING:
+    from ..aligner import ImplicitAligner
 
 STAGES = ("generate", "score", "report", "all")
 
 
 def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_tasks: Optional[int] = None,
-                   allow_missing: bool = False) -> Any:
+                   allow_missing: bool = False) -> EvalConfig:
     """Schema <- YAML files <- overrides, then the recipe's encoders block
     (:func:`~img_lightning.config.eval_loading.load_eval_config`), then this task's chunk.
 
@@ -56,7 +60,8 @@ def resolve_config(args: Sequence[str], task_index: Optional[int] = None, num_ta
     return cfg
 
 
-def stage_generate(cfg: Any, prompts: list, run_dir: Path, progress: bool, aligner: Any = None) -> dict[str, int]:
+def stage_generate(cfg: EvalConfig, prompts: list[PromptRecord], run_dir: Path, progress: bool,
+                   aligner: Optional[ImplicitAligner] = None) -> dict[str, int]:
     from ..eval_run import chunk
     from ..generation.runner import GenerationRun
 
@@ -71,7 +76,7 @@ def stage_generate(cfg: Any, prompts: list, run_dir: Path, progress: bool, align
     return counts
 
 
-def stage_score(cfg: Any, prompts: list, run_dir: Path, progress: bool) -> None:
+def stage_score(cfg: EvalConfig, prompts: list[PromptRecord], run_dir: Path, progress: bool) -> None:
     from ..eval_run import arm_names, chunk, chunk_tag
     from .scorers import build_scorers
     from .scoring import merge_descriptions, score_run
@@ -87,7 +92,7 @@ def stage_score(cfg: Any, prompts: list, run_dir: Path, progress: bool) -> None:
     print(f"img-eval score: new scores {counts}")
 
 
-def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
+def stage_report(cfg: EvalConfig, prompts: list[PromptRecord], run_dir: Path) -> Path:
     """Report the current prompt set over scores that match the stored scorer descriptions and the
     images now on disk; a metric with scores but no stored description is refused."""
     from ..eval_run import ImageStore, arm_names, chunk_tag, img_arm
@@ -111,7 +116,8 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
             warnings.append(f"{a}: {len(constant)} of {len(done)} images have every pixel the same value (e.g. all "
                             f"black; first: {constant[0]}); they are scored like the others - check them before "
                             f"trusting this arm")
-    names, scores = [], {a: {} for a in arms}
+    names: list[str] = []
+    scores: dict[str, dict[str, dict[str, float]]] = {a: {} for a in arms}
     for c in cfg.scorers:
         m = scorer_name(c)
         if m not in described:
@@ -119,7 +125,8 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
                 raise ReportError(f"{metrics_file}: metric '{m}' has scores but no stored description (model, "
                                   f"version, checkpoint sha256, exact/proxy); rerun `img-eval score` with this config "
                                   f"to record it")
-            warnings.append(f"metric '{m}' is configured but was never scored in {run_dir}: left out (run img-eval score)")
+            warnings.append(f"metric '{m}' is configured but was never scored in {run_dir}: left out "
+                            f"(run img-eval score)")
             continue
         names.append(m)
         fingerprint = scorer_fingerprint(described[m])
@@ -136,11 +143,14 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
                     "negative_ip_image": getattr(cfg.img.negative_ip_image, "value", cfg.img.negative_ip_image),
                     "negative_ip_scale": cfg.img.negative_ip_scale}
     if cfg.img.rounds:  # what made the stored IMG images (their metadata), else the configured file's
-        made = sorted({str(r.get("aligner_sha256")) for a in arms if a.startswith("img_r")
-                       for r in ImageStore(run_dir, a, chunk_tag(cfg), cfg.generation.image_format).done().values() if r.get("aligner_sha256")})
+        stores = [ImageStore(run_dir, a, chunk_tag(cfg), cfg.generation.image_format)
+                  for a in arms if a.startswith("img_r")]
+        made = sorted({str(r.get("aligner_sha256")) for store in stores for r in store.done().values()
+                       if r.get("aligner_sha256")})
         img_settings["aligner_sha256"] = ", ".join(made) if made else aligner_sha256(cfg)
     # the control arm with the base images, byte for byte, for every prompt (its settings equal base's)
-    same_images = {"control": "base"} if "control" in arms and hashes["control"] and hashes["control"] == hashes["base"] else {}
+    control_is_base = "control" in arms and hashes["control"] and hashes["control"] == hashes["base"]
+    same_images = {"control": "base"} if control_is_base else {}
     inputs = ReportInputs(
         prompts=prompts, scores=scores, images=images, same_images=same_images,
         metrics={m: described[m] for m in names},
@@ -153,26 +163,27 @@ def stage_report(cfg: Any, prompts: list, run_dir: Path) -> Path:
         img_settings=img_settings,
     )
     r = cfg.report
-    paths = write_report(inputs, run_dir / "report", r.bootstrap, r.seed, r.tie_tolerance, r.gallery_limit, r.thumb_size)
+    paths = write_report(inputs, run_dir / "report", r.bootstrap, r.seed, r.tie_tolerance, r.gallery_limit,
+                         r.thumb_size)
     print(f"img-eval report: {paths['html']}")
     return paths["html"]
 
 
-def _config_tree(cfg: Any) -> dict:
+def _config_tree(cfg: EvalConfig) -> dict:
     """The config as compared between calls: without ``chunk`` (each array task has its own)."""
     tree = to_container(cfg)
     tree.pop("chunk", None)
     return tree
 
 
-def run_record(cfg: Any) -> str:
+def run_record(cfg: EvalConfig) -> str:
     """The config as the run's ``config.yaml``: complete and re-runnable as it is, for the whole run
     (an array task's ``chunk`` is its own, not the run's)."""
     whole = OmegaConf.merge(cfg, {"chunk": OmegaConf.structured(ChunkConfig)})
     return to_yaml(whole)
 
 
-def record_config(run_dir: Path, cfg: Any, prompts: list, stage: str) -> Path:
+def record_config(run_dir: Path, cfg: EvalConfig, prompts: list[PromptRecord], stage: str) -> Path:
     """The first call's ``config.yaml`` and ``prompts.jsonl`` stay the run's record; a later call
     with another config (or prompt set) writes its own pair under ``reruns/NNN/`` with the changed
     keys, never overwriting the first. Returns the folder written to (or the run dir if unchanged)."""

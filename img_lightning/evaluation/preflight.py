@@ -17,12 +17,18 @@ checks only the scorers; ``report`` loads no model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from omegaconf import OmegaConf
 
+from ..config.eval import EvalConfig
 from ..config.loading import ConfigError, missing_keys, where_to_get
+from ..config.node import as_node
 from ..errors import Problems
+from ..eval_run import PromptRecord
+
+if TYPE_CHECKING:
+    from ..aligner import ImplicitAligner
 
 
 class PreflightError(ConfigError):
@@ -33,18 +39,18 @@ class PreflightError(ConfigError):
 class Ready:
     """What the checks produced and the stages reuse."""
 
-    prompts: list
-    aligner: Any = None  # the loaded aligner (generate/all), None otherwise
+    prompts: list[PromptRecord]
+    aligner: Optional[ImplicitAligner] = None  # the loaded aligner (generate/all), None otherwise
 
 
-def _set(cfg: Any, key: str) -> bool:
+def _set(cfg: EvalConfig, key: str) -> bool:
     """A key with a value (not ``???``)."""
     node, _, leaf = key.rpartition(".")
-    parent = OmegaConf.select(cfg, node) if node else cfg
+    parent = OmegaConf.select(as_node(cfg), node) if node else cfg
     return parent is not None and not OmegaConf.is_missing(parent, leaf)
 
 
-def preflight(cfg: Any, stage: str) -> Ready:
+def preflight(cfg: EvalConfig, stage: str) -> Ready:
     """Check everything ``stage`` needs; raise one :class:`PreflightError` listing every problem."""
     from .prompts import load_prompt_set
     from .scorers import check_scorers, missing_value_hint
@@ -52,8 +58,9 @@ def preflight(cfg: Any, stage: str) -> Ready:
     problems = Problems()
     for key in missing_keys(cfg):
         hint = where_to_get(cfg, key) or missing_value_hint(cfg.scorers, key)
-        problems.add(f"{key}: has no value (???); set it in a YAML file or as {key}=..." + (f"; {hint}" if hint else ""))
-    prompts: Optional[list] = None
+        problems.add(f"{key}: has no value (???); set it in a YAML file or as {key}=..."
+                     + (f"; {hint}" if hint else ""))
+    prompts: Optional[list[PromptRecord]] = None
     if all(_set(cfg, k) for k in ("prompts.format", "prompts.path")):
         prompts = problems.check(load_prompt_set, cfg, where="prompts.path")
     aligner = None

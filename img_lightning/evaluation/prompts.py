@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
+from ..config.eval import EvalConfig
 from ..config.loading import ConfigError
 from ..errors import UserError
 from ..eval_run.prompts import PromptRecord
@@ -71,7 +73,7 @@ def load_partiprompts(path: str | Path) -> list[PromptRecord]:
             continue
         if len(row) != len(header):
             raise PromptFileError(f"{path}, line {i + 2}: {len(row)} columns, header has {len(header)}")
-        rec = dict(zip(header, (c.strip() for c in row)))
+        rec = dict(zip(header, (c.strip() for c in row), strict=True))
         out.append(
             PromptRecord(
                 _uid(i),
@@ -113,7 +115,7 @@ def load_hpd_benchmark(path: str | Path) -> list[PromptRecord]:
             raise PromptFileError(f"{path}: no *.json style files (anime.json, photo.json, ...) in it")
     else:
         files = [_require_file(path, "HPD v2 benchmark json")]
-    out = []
+    out: list[PromptRecord] = []
     for file in files:
         try:
             data = json.loads(_read_text(file))
@@ -239,7 +241,8 @@ def load_t2i_compbench(path: str | Path, subset_dir: Optional[str | Path] = None
         for i, t in enumerate(texts):
             k = _complex_key(t)
             subtypes[i] = "spatial" if k in keys["spatial"] else "action" if k in keys["action"] else "spatial_action"
-    return [PromptRecord(_uid(i), t, category=category, subtype=s) for i, (t, s) in enumerate(zip(texts, subtypes))]
+    return [PromptRecord(_uid(i), t, category=category, subtype=s)
+            for i, (t, s) in enumerate(zip(texts, subtypes, strict=True))]
 
 
 # ---------------------------------------------------------------------------------- dispatch
@@ -278,7 +281,7 @@ def load_prompts(
     return records
 
 
-def load_prompt_set(cfg: Any) -> list:
+def load_prompt_set(cfg: EvalConfig) -> list[PromptRecord]:
     """The configured prompt set (``prompts.*``); an empty selection is an error."""
     p = cfg.prompts
     options = {"subset_dir": p.subset_dir} if p.format == "t2i_compbench" and p.subset_dir else {}

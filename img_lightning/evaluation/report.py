@@ -22,9 +22,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from ..atomic import atomic_write
 from ..errors import UserError
@@ -103,7 +104,7 @@ def common_uids(inp: ReportInputs, metric: str, arms: Sequence[str]) -> tuple[li
     scope = inp.scopes.get(metric)
     wanted = [p.uid for p in inp.prompts if scope is None or p.uid in scope]
     per_arm = [inp.scores.get(a, {}).get(metric, {}) for a in arms]
-    missing = {a: sum(u not in s for u in wanted) for a, s in zip(arms, per_arm)}
+    missing = {a: sum(u not in s for u in wanted) for a, s in zip(arms, per_arm, strict=True)}
     common = [u for u in wanted if all(u in s and _finite(s[u]) for s in per_arm)]
     return common, {a: n for a, n in missing.items() if n}
 
@@ -196,8 +197,8 @@ def summarize(inp: ReportInputs, num_resamples: int = 1000, seed: int = 0, tie_t
     for arm, source in inp.same_images.items():
         notes.append(f"{arm} = {source}: every {arm} image is the {source} image, byte for byte ({arm}'s settings "
                      f"equal {source}'s: img-eval copies such images instead of generating them again, see reused_from "
-                     f"in the metadata). It is one row, '{source} = {arm}', and IMG's comparisons with {source} are its "
-                     f"comparisons with {arm}.")
+                     f"in the metadata). It is one row, '{source} = {arm}', and IMG's comparisons with {source} are "
+                     f"its comparisons with {arm}.")
     if any(d.get("kind") == "hps" for d in inp.metrics.values()):
         notes.append("HPS: 100 x cosine (hpsv2.score() returns the raw cosine: divide by 100 to compare); v2.0 and "
                      "v2.1 scores are not comparable with each other, the version used is listed under metrics.")
@@ -257,7 +258,8 @@ def write_chart(summary: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [c for c in summary["comparisons"] if c["arm"] == summary["img_arm"]] or summary["comparisons"]
-    labels = [f"{summary['labels'].get(c['metric'], c['metric'])} vs {summary['arm_labels'].get(c['versus'], c['versus'])}"
+    labels = [f"{summary['labels'].get(c['metric'], c['metric'])} vs "
+              f"{summary['arm_labels'].get(c['versus'], c['versus'])}"
               for c in rows]
     fig, ax = plt.subplots(figsize=(CHART_WIDTH_IN, 1.6 + 0.38 * max(1, len(rows))), dpi=CHART_DPI)
     if rows:
@@ -269,7 +271,7 @@ def write_chart(summary: dict, path: Path) -> Path:
         err_hi = [c["win"]["high"] - c["win"]["value"] for c in rows]
         ax.barh(y, win, color="#2a9d8f", label="IMG wins", xerr=[err_lo, err_hi], capsize=3)
         ax.barh(y, tie, left=win, color="#bbbbbb", label="tie")
-        ax.barh(y, loss, left=[w + t for w, t in zip(win, tie)], color="#e76f51", label="IMG loses")
+        ax.barh(y, loss, left=[w + t for w, t in zip(win, tie, strict=True)], color="#e76f51", label="IMG loses")
         ax.axvline(0.5, color="black", lw=0.8, ls="--")
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
@@ -300,7 +302,8 @@ def paste_table(summary: dict, decimals: int = 4) -> list[list[str]]:
     rows = [["arm", *(summary["labels"][m] for m in metrics)]]
     for arm in summary["arms"]:
         cells = [summary["means"][m].get(arm) for m in metrics]
-        rows.append([summary["arm_labels"].get(arm, arm), *("" if c is None else f"{c['value']:.{decimals}f}" for c in cells)])
+        values = ("" if c is None else f"{c['value']:.{decimals}f}" for c in cells)
+        rows.append([summary["arm_labels"].get(arm, arm), *values])
     rows.append(["n", *(str(summary["n"][m]) for m in metrics)])  # prompts behind every mean of the column
     return rows
 

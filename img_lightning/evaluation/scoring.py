@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
 from ..atomic import append_jsonl, atomic_write
+from ..config.eval import EvalConfig
 from ..errors import NonFiniteError
 from ..eval_run import ImageStore, PromptRecord
 from .scorers import Scorer, build_scorers, scorer_name
@@ -92,7 +94,7 @@ def read_answers(run_dir: str | Path, arm: str, metric: str) -> list[dict[str, A
 def _check_finite(scorer: Scorer, arm: str, uids: Sequence[str], values: Sequence[float]) -> None:
     """NaN is "no score" only for a scorer that may abstain (the MLLM grader); any other NaN or an
     Inf is a broken computation (e.g. float16 overflow) and stops the stage."""
-    for uid, v in zip(uids, values):
+    for uid, v in zip(uids, values, strict=True):
         if math.isinf(v) or (math.isnan(v) and not scorer.abstains):
             raise NonFiniteError(
                 f"{scorer.name}: non-finite score {v} for {arm}/{uid}; rerun this metric with dtype=float32, "
@@ -101,7 +103,7 @@ def _check_finite(scorer: Scorer, arm: str, uids: Sequence[str], values: Sequenc
 
 
 def score_run(
-    cfg: Any,
+    cfg: EvalConfig,
     prompts: Sequence[PromptRecord],
     run_dir: str | Path,
     arms: Sequence[str],
@@ -143,9 +145,9 @@ def score_run(
                 records = scorer.pop_records() if hasattr(scorer, "pop_records") else []
                 if records:  # before the scores: a score line always has its answer on disk
                     append_jsonl(run_dir / "scores" / arm / "answers" / f"{name}.{tag}.jsonl",
-                            [{"uid": p.uid, **r} for p, r in zip(batch, records)])
+                            [{"uid": p.uid, **r} for p, r in zip(batch, records, strict=True)])
                 append_jsonl(out, [{"uid": p.uid, "score": None if math.isnan(v) else v, "scorer": fingerprint,
-                                    "image_sha256": hashes[arm][p.uid]} for p, v in zip(batch, values)])
+                                    "image_sha256": hashes[arm][p.uid]} for p, v in zip(batch, values, strict=True)])
     return counts
 
 

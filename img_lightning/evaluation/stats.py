@@ -7,8 +7,8 @@ for many images and would otherwise hide how often the two arms are indistinguis
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -1,8 +1,10 @@
 """Image generation for evaluation: base images, IMG re-generation and the control arm.
 
-- :mod:`.generator`    ``IMGGenerator``: the steps every arm's image is made with (base, IMG step, re-generation, control)
+- :mod:`.generator`    ``IMGGenerator``: the steps every arm's image is made with (base, IMG step,
+  re-generation, control)
 - :mod:`.runner`       the resumable generate stage (``GenerationRun``), arm by arm, into a run directory
-- :mod:`.refiner`      ``IMGRefiner``: the same steps on your own prompts or images, in memory (``img-generate``, Python)
+- :mod:`.refiner`      ``IMGRefiner``: the same steps on your own prompts or images, in memory
+  (``img-generate``, Python)
 - :mod:`.refine_outputs` what ``img-generate`` writes (images, strips, ``metadata.jsonl``); :mod:`.strip` the strip
 - :mod:`.pipeline`     ``DiffusionBackend``: SDXL (optionally another UNet) and FLUX, one seed per prompt
 - :mod:`.flux_sampler` XLabs' FLUX sampling on the FluxPipeline's components

@@ -7,15 +7,23 @@ loaded lazily and can be dropped before re-generation to leave the GPU to the di
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from PIL import Image
 from torch import Tensor
 
 from ..aligner import ImplicitAligner
+from ..config.encoders import EncodersConfig
+from ..config.eval import AlignerEvalConfig
 from ..errors import NonFiniteError
 from ..models import resolve_device
+
+if TYPE_CHECKING:  # loaded lazily: the encoders import transformers
+    from ..encoders.ip import IPEncoder
+    from ..encoders.mllm import GuidanceEncoder
+    from ..encoders.questions import QuestionSet
 
 
 def pad_guidance(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -31,20 +39,20 @@ def pad_guidance(features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 class IMGConditioner:
-    def __init__(self, encoders_cfg: Any, aligner_cfg: Any, device: str = "auto",
+    def __init__(self, encoders_cfg: EncodersConfig, aligner_cfg: AlignerEvalConfig, device: str = "auto",
                  aligner: Optional[ImplicitAligner] = None) -> None:
         """``aligner``: the one ``aligner_cfg`` names, already loaded; else loaded on first use."""
         self.encoders_cfg = encoders_cfg
         self.aligner_cfg = aligner_cfg
         self.device = resolve_device(device)
-        self._ip: Any = None
-        self._mllm: Any = None
+        self._ip: Optional[IPEncoder] = None
+        self._mllm: Optional[GuidanceEncoder] = None
         self._aligner = None if aligner is None else aligner.eval().to(self.device)
-        self._questions: Any = None
+        self._questions: Optional[QuestionSet] = None
 
     # ------------------------------------------------------------------ lazy models
     @property
-    def ip(self) -> Any:
+    def ip(self) -> IPEncoder:
         if self._ip is None:
             from ..encoders.ip import build_ip_encoder
 
@@ -52,7 +60,7 @@ class IMGConditioner:
         return self._ip
 
     @property
-    def mllm(self) -> Any:
+    def mllm(self) -> GuidanceEncoder:
         if self._mllm is None:
             from ..encoders.mllm import GuidanceEncoder
 
@@ -76,7 +84,8 @@ class IMGConditioner:
                 f"({self.encoders_cfg.ip.kind}) gives {self.ip.dim}"
             )
         if token_width is not None and token_width != self.ip.dim:
-            raise ValueError(f"the pipeline's IP-Adapter takes {token_width}-wide tokens, the IP encoder gives {self.ip.dim}")
+            raise ValueError(f"the pipeline's IP-Adapter takes {token_width}-wide tokens, "
+                             f"the IP encoder gives {self.ip.dim}")
 
     def template_id(self, key: str) -> int:
         """The question for ``key``, chosen from the configured question set (file or built-in)

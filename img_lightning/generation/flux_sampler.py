@@ -30,8 +30,9 @@ generator per prompt (the demo draws it on the GPU), the Euler update accumulate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -127,7 +128,8 @@ def sample_flux(
     mu = xlabs_mu(height, width) if shift == "xlabs" else diffusers_mu(pipe.scheduler, latents.shape[1])
     from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
-    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps).tolist(),
+                                      mu=mu)
     pipe.scheduler.set_begin_index(0)
     guidance = None
     if pipe.transformer.config.guidance_embeds:

@@ -16,12 +16,14 @@ image in, its refinements out), so the same prompt and seed give the same image 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from PIL import Image
 
 from ..aligner import ImplicitAligner
+from ..config.eval import EvalConfig
 from .conditioner import IMGConditioner
 from .pipeline import DiffusionBackend
 
@@ -37,7 +39,7 @@ def question_key(prompt: str, seed: int, round_index: int) -> str:
 
 
 class IMGGenerator:
-    def __init__(self, cfg: Any, aligner: Optional[ImplicitAligner] = None) -> None:
+    def __init__(self, cfg: EvalConfig, aligner: Optional[ImplicitAligner] = None) -> None:
         """``cfg``: a resolved evaluation config; ``aligner``: the configured one, already loaded (by
         the checks before a run), else loaded when the first IMG step needs it."""
         self.cfg = cfg
@@ -56,8 +58,8 @@ class IMGGenerator:
     @property
     def conditioner(self) -> IMGConditioner:
         if self._conditioner is None:
-            self._conditioner = IMGConditioner(self.cfg.encoders, self.cfg.img.aligner, self.cfg.generation.pipeline.device,
-                                               aligner=self._aligner)
+            self._conditioner = IMGConditioner(self.cfg.encoders, self.cfg.img.aligner,
+                                               self.cfg.generation.pipeline.device, aligner=self._aligner)
         return self._conditioner
 
     def ensure_adapter(self) -> None:
@@ -77,7 +79,8 @@ class IMGGenerator:
     # ------------------------------------------------------------------ the steps
     def base(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         g = self.cfg.generation
-        return list(self.backend.generate(list(prompts), list(seeds), g.sampler, negative_prompt=g.base.negative_prompt))
+        return list(self.backend.generate(list(prompts), list(seeds), g.sampler,
+                                          negative_prompt=g.base.negative_prompt))
 
     def question(self, prompt: str, seed: int, round_index: int) -> int:
         """The index of the MLLM's question, chosen from the configured set as preprocessing chooses
@@ -89,7 +92,7 @@ class IMGGenerator:
         """IP tokens of ``images``, their aligned tokens (both ``[B, N, D]`` float32 on CPU) and the
         question asked for each."""
         self.conditioner.check_dims(self.backend.token_width())
-        tids = [self.question(p, s, round_index) for p, s in zip(prompts, seeds)]
+        tids = [self.question(p, s, round_index) for p, s in zip(prompts, seeds, strict=True)]
         ip, aligned = self.conditioner.align(list(images), list(prompts), tids, self.cfg.img.aligner.passes)
         return ip, aligned, tids
 

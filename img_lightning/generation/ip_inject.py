@@ -21,7 +21,7 @@ class PassThroughIPProjection(nn.Module):
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
-        self.original = original  # kept: pipelines read .image_projection_layers / .num_ip_adapters
+        self.original: Any = original  # kept: pipelines read .image_projection_layers / .num_ip_adapters
 
     @property
     def image_projection_layers(self) -> Any:
@@ -46,8 +46,9 @@ class PassThroughIPProjection(nn.Module):
         return out
 
 
-def ip_model(pipe: Any) -> nn.Module:
-    """The denoiser that carries ``encoder_hid_proj``: ``pipe.unet`` (SDXL) or ``pipe.transformer`` (FLUX)."""
+def ip_model(pipe: Any) -> Any:
+    """The denoiser that carries ``encoder_hid_proj``: ``pipe.unet`` (SDXL) or ``pipe.transformer`` (FLUX),
+    diffusers models whose IP-Adapter attributes (``attn_processors``, ...) only they declare."""
     model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if model is None:
         raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer")

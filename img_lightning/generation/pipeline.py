@@ -10,13 +10,15 @@ semantics on the FluxPipeline's components (``flux_sampler.py``), as the release
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from ..models import ModelNotFoundError, compute_dtype, from_pretrained, missing_model_message, resolve_device
+from ..config.eval import IPAdapterConfig, PipelineConfig, SamplerConfig
 from ..hf_quiet import diffusers_errors_only, quiet_hf_progress
+from ..models import ModelNotFoundError, compute_dtype, from_pretrained, missing_model_message, resolve_device
 from .flux_sampler import FluxIP, sample_flux
 from .ip_inject import cfg_pair, install_passthrough, ip_token_width
 
@@ -32,13 +34,13 @@ class DiffusionBackend:
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "DiffusionBackend":
+    def from_config(cls, cfg: PipelineConfig) -> DiffusionBackend:
         import diffusers  # noqa: F401 - imported before loading, so its loading bars can be hidden
 
         quiet_hf_progress()
         device = resolve_device(cfg.device)
         dtype = compute_dtype(cfg.dtype, device)
-        common = dict(dtype=dtype, revision=cfg.revision)
+        common: dict[str, Any] = dict(dtype=dtype, revision=cfg.revision)
         if cfg.variant:
             common["variant"] = cfg.variant
         if cfg.kind == "sdxl":
@@ -46,11 +48,11 @@ class DiffusionBackend:
 
             extra = {}
             if cfg.unet or cfg.unet_path:
-                unet_kwargs = dict(dtype=dtype)
+                unet_kwargs: dict[str, Any] = dict(dtype=dtype)
                 if cfg.unet_subfolder:
                     unet_kwargs["subfolder"] = cfg.unet_subfolder
-                extra["unet"] = from_pretrained(UNet2DConditionModel.from_pretrained, "UNet", cfg.unet or "", cfg.unet_path,
-                                      "generation.pipeline.unet_path", **unet_kwargs)
+                extra["unet"] = from_pretrained(UNet2DConditionModel.from_pretrained, "UNet", cfg.unet or "",
+                                                cfg.unet_path, "generation.pipeline.unet_path", **unet_kwargs)
             # No invisible watermark: the released demos' environment has no invisible-watermark
             # package (so diffusers adds none to the base image) and the IP pipeline sets it off.
             pipe = from_pretrained(StableDiffusionXLPipeline.from_pretrained, "SDXL pipeline", cfg.model, cfg.path,
@@ -75,7 +77,7 @@ class DiffusionBackend:
         return cls(pipe, cfg.kind, device, dtype)
 
     # ------------------------------------------------------------------ IP-Adapter
-    def load_ip_adapter(self, cfg: Any) -> None:
+    def load_ip_adapter(self, cfg: IPAdapterConfig) -> None:
         """Load the adapter's attention layers (no image encoder: we pass tokens), then make the
         model take our tokens as they are."""
         if self.ip_loaded:
@@ -91,9 +93,10 @@ class DiffusionBackend:
                     self.pipe.load_ip_adapter(src, weight_name=cfg.weight_name, subfolder=cfg.subfolder or "",
                                               image_encoder_pretrained_model_name_or_path=None,
                                               local_files_only=True)
-        except (OSError, EnvironmentError) as err:
+        except OSError as err:
             if cfg.path:
-                raise ModelNotFoundError(f"IP-Adapter: cannot load {cfg.path} ({cfg.subfolder}/{cfg.weight_name}): {err}") from None
+                raise ModelNotFoundError(f"IP-Adapter: cannot load {cfg.path} "
+                                         f"({cfg.subfolder}/{cfg.weight_name}): {err}") from None
             wanted = f"{cfg.subfolder}/{cfg.weight_name}" if cfg.subfolder else cfg.weight_name
             raise ModelNotFoundError(missing_model_message("IP-Adapter", cfg.model, "img.ip_adapter.path",
                                                            files=[wanted])) from None
@@ -109,7 +112,7 @@ class DiffusionBackend:
     def token_width(self) -> int:
         return ip_token_width(self.pipe)
 
-    def _size(self, sampler: Any) -> tuple[int, int]:
+    def _size(self, sampler: SamplerConfig) -> tuple[int, int]:
         default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         return int(sampler.height or default), int(sampler.width or default)
 
@@ -119,7 +122,7 @@ class DiffusionBackend:
         self,
         prompts: Sequence[str],
         seeds: Sequence[int],
-        sampler: Any,
+        sampler: SamplerConfig,
         negative_prompt: Optional[str] = None,
         ip_tokens: Optional[Tensor] = None,
         negative_ip_tokens: Optional[Tensor] = None,
@@ -141,7 +144,8 @@ class DiffusionBackend:
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         height, width = self._size(sampler)
         b = len(prompts)
-        pos = negt = None
+        pos: Optional[Tensor] = None
+        negt: Optional[Tensor] = None  # set with pos
         if ip_tokens is not None:
             pos = ip_tokens.to(self.device, self.dtype)[:, None]
             negt = negative_ip_tokens if negative_ip_tokens is not None else torch.zeros_like(ip_tokens)
@@ -156,11 +160,11 @@ class DiffusionBackend:
             )
             if negative_prompt is not None:
                 kwargs["negative_prompt"] = [negative_prompt] * b
-            if pos is not None:
+            if pos is not None and negt is not None:
                 kwargs["ip_adapter_image_embeds"] = [cfg_pair(negt, pos) if sampler.guidance_scale > 1 else pos]
             return self.pipe(**kwargs).images
         ip = None
-        if pos is not None:
+        if pos is not None and negt is not None:
             neg_scale = self.ip_scale if negative_ip_scale is None else float(negative_ip_scale)
             ip = FluxIP(tokens=pos, scale=self.ip_scale, negative_tokens=negt, negative_scale=neg_scale)
         shift = sampler.shift.value if hasattr(sampler.shift, "value") else str(sampler.shift)
@@ -171,7 +175,7 @@ class DiffusionBackend:
             output_type=output_type,
         )
 
-    def _without_adapter(self, prompts: Sequence[str], seeds: Sequence[int], sampler: Any,
+    def _without_adapter(self, prompts: Sequence[str], seeds: Sequence[int], sampler: SamplerConfig,
                          negative_prompt: Optional[str], output_type: str) -> Any:
         """The pipeline's own image with the IP-Adapter loaded: IP scale 0 in every pass. Its layers
         then add exactly nothing (diffusers skips an SDXL IP layer at scale 0; FLUX adds 0 x its

@@ -11,12 +11,14 @@ and refuses, naming the run directory, the uid and the differing fields.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
+from ..config.eval import EvalConfig
 from ..config.loading import ConfigError
-from ..hashing import file_sha256
 from ..eval_run import ImageStore, PromptRecord, arm_names, source_arm
+from ..hashing import file_sha256
 from .seeds import seed_for
 
 _ABSENT = "<not recorded>"
@@ -41,12 +43,12 @@ def sha256_of(path: str | Path) -> str:
     return _HASHES[key]
 
 
-def aligner_sha256(cfg: Any) -> Optional[str]:
+def aligner_sha256(cfg: EvalConfig) -> Optional[str]:
     path = Path(str(cfg.img.aligner.checkpoint)).expanduser()
     return sha256_of(path) if path.is_file() else None
 
 
-def common_meta(cfg: Any, text: str, seed: int) -> dict[str, Any]:
+def common_meta(cfg: EvalConfig, text: str, seed: int) -> dict[str, Any]:
     """The fields every arm's image records: prompt, seed, backbone and sampler."""
     g = cfg.generation
     s = g.sampler
@@ -60,7 +62,7 @@ def common_meta(cfg: Any, text: str, seed: int) -> dict[str, Any]:
     return meta
 
 
-def regen_meta(cfg: Any, ip_scale: float) -> dict[str, Any]:
+def regen_meta(cfg: EvalConfig, ip_scale: float) -> dict[str, Any]:
     """The re-generation settings (IMG rounds and control)."""
     img = cfg.img
     neg_scale = ip_scale if img.negative_ip_scale is None else img.negative_ip_scale
@@ -70,7 +72,7 @@ def regen_meta(cfg: Any, ip_scale: float) -> dict[str, Any]:
             "ip_adapter": f"{ip.model}/{ip.subfolder}/{ip.weight_name}"}
 
 
-def same_images_as(cfg: Any, arm: str) -> Optional[str]:
+def same_images_as(cfg: EvalConfig, arm: str) -> Optional[str]:
     """The arm whose images ``arm``'s are by construction, or None. The control arm is the base
     image again when the re-generation's negative prompt is the base image's and its negative pass
     has IP scale 0 too (SDXL: always, one scale for both CFG halves; FLUX: ``negative_ip_scale``
@@ -86,7 +88,7 @@ def same_images_as(cfg: Any, arm: str) -> Optional[str]:
     return None
 
 
-def img_meta(cfg: Any, round_index: int, aligner_hash: Optional[str]) -> dict[str, Any]:
+def img_meta(cfg: EvalConfig, round_index: int, aligner_hash: Optional[str]) -> dict[str, Any]:
     """The settings of IMG round ``round_index`` (on top of :func:`regen_meta`)."""
     return {**regen_meta(cfg, cfg.img.ip_scale), "round": round_index,
             "source_arm": source_arm(round_index),
@@ -94,7 +96,7 @@ def img_meta(cfg: Any, round_index: int, aligner_hash: Optional[str]) -> dict[st
             "aligner_sha256": aligner_hash}
 
 
-def expected_meta(cfg: Any, arm: str, prompt: PromptRecord, aligner_hash: Optional[str]) -> dict[str, Any]:
+def expected_meta(cfg: EvalConfig, arm: str, prompt: PromptRecord, aligner_hash: Optional[str]) -> dict[str, Any]:
     """The metadata the current config gives ``prompt``'s image in ``arm``."""
     meta = common_meta(cfg, prompt.text, seed_for(prompt.uid, cfg.generation.seed))
     if arm == "base":
@@ -115,7 +117,7 @@ def differences(stored: dict[str, Any], expected: dict[str, Any]) -> dict[str, t
             if k not in _WHERE_ONLY and stored.get(k, _ABSENT) != v}
 
 
-def check_stored_images(cfg: Any, prompts: Sequence[PromptRecord], run_dir: str | Path) -> None:
+def check_stored_images(cfg: EvalConfig, prompts: Sequence[PromptRecord], run_dir: str | Path) -> None:
     """Refuse a run directory whose stored images of ``prompts`` were made with another config."""
     run_dir = Path(run_dir)
     if not (run_dir / "metadata").is_dir():

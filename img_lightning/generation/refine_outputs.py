@@ -11,8 +11,9 @@ are written atomically; a second run into the same folder adds files under new s
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..atomic import append_jsonl, atomic_path
 from .refiner import Refinement
@@ -48,7 +49,7 @@ def write_refinements(results: Sequence[Refinement], out_dir: str | Path) -> lis
         stem = _free_stem(out, f"{n:03d}-{_slug(res.prompt)}-s{res.seed}")
         strip = out / f"{stem}_strip.png"
         lines = []
-        for (arm, image), rec in zip(res.images(), res.records):
+        for (arm, image), rec in zip(res.images(), res.records, strict=True):
             name = f"{stem}_{'given' if rec.get('pixels_sha256') else arm}.png"
             _save(image, out / name)
             lines.append({"uid": stem, "file": name, "strip": strip.name, **rec})

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union, overload
 
 import torch
 from PIL import Image
 
+from ..config.eval import EvalConfig
 from ..config.loading import ConfigError, missing_keys, missing_message
 from ..errors import Problems, UserError
 from ..eval_run import img_arm
@@ -67,7 +69,7 @@ class Refinement:
 
     def strip(self) -> Image.Image:
         """The images side by side, labelled."""
-        return side_by_side([(rec["label"], im) for rec, (_, im) in zip(self.records, self.images())])
+        return side_by_side([(rec["label"], im) for rec, (_, im) in zip(self.records, self.images(), strict=True)])
 
 
 def _override(key: str, value: Any) -> str:
@@ -106,7 +108,7 @@ def _jobs(prompts: Union[str, Sequence[str]], seeds: Union[int, Sequence[int]]) 
     seeds = [int(s) for s in seeds]
     if len(seeds) != len(texts):
         raise InputError(f"{len(seeds)} seeds for {len(texts)} prompts: give one seed, or one per prompt")
-    return list(zip(texts, seeds))
+    return list(zip(texts, seeds, strict=True))
 
 
 def _batches(n: int, size: int) -> list[range]:
@@ -115,7 +117,7 @@ def _batches(n: int, size: int) -> list[range]:
 
 
 class IMGRefiner:
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: EvalConfig) -> None:
         """``cfg``: a resolved evaluation config (:func:`~img_lightning.config.eval_loading.load_eval_config`)."""
         from .requirements import check_generation
 
@@ -131,7 +133,7 @@ class IMGRefiner:
         self._aligner_hash: Optional[str] = None
 
     @classmethod
-    def from_config(cls, *configs: Union[str, Path], **overrides: Any) -> "IMGRefiner":
+    def from_config(cls, *configs: Union[str, Path], **overrides: Any) -> IMGRefiner:
         """YAML files (and ``"key=value"`` strings), then ``overrides`` (``**{"img.ip_scale": 0.3}``,
         or ``img__ip_scale=0.3``), resolved as ``img-eval`` resolves them (the ``recipe``'s encoders)."""
         from ..config.eval_loading import load_eval_config
@@ -140,6 +142,14 @@ class IMGRefiner:
         return cls(load_eval_config(args, allow_missing=True))
 
     # ------------------------------------------------------------------ calls
+    @overload
+    def __call__(self, prompt: str, seed: Union[int, Sequence[int], None] = None,
+                 rounds: Optional[int] = None) -> Refinement: ...
+
+    @overload
+    def __call__(self, prompt: list[str] | tuple[str, ...], seed: Union[int, Sequence[int], None] = None,
+                 rounds: Optional[int] = None) -> list[Refinement]: ...
+
     def __call__(self, prompt: Union[str, Sequence[str]], seed: Union[int, Sequence[int], None] = None,
                  rounds: Optional[int] = None) -> Union[Refinement, list[Refinement]]:
         """Base image and ``rounds`` IMG rounds (default ``img.rounds``) for each prompt; ``seed``:
@@ -152,6 +162,14 @@ class IMGRefiner:
         records = [self._base_record(p, s) for p, s in jobs]
         results = self._refine(jobs, bases, records, rounds)
         return results[0] if isinstance(prompt, str) else results
+
+    @overload
+    def refine(self, image: Union[str, Path, Image.Image], prompt: str,
+               seed: Union[int, Sequence[int], None] = None, rounds: Optional[int] = None) -> Refinement: ...
+
+    @overload
+    def refine(self, image: Union[str, Path, Image.Image], prompt: list[str] | tuple[str, ...],
+               seed: Union[int, Sequence[int], None] = None, rounds: Optional[int] = None) -> list[Refinement]: ...
 
     def refine(self, image: Union[str, Path, Image.Image], prompt: Union[str, Sequence[str]],
                seed: Union[int, Sequence[int], None] = None, rounds: Optional[int] = None
@@ -190,7 +208,7 @@ class IMGRefiner:
         rounds = self.cfg.img.rounds if rounds is None else int(rounds)
         if rounds < 0:
             raise InputError(f"rounds must be >= 0, got {rounds}")
-        results = [Refinement(p, s, im, records=[rec]) for (p, s), im, rec in zip(jobs, bases, records)]
+        results = [Refinement(p, s, im, records=[rec]) for (p, s), im, rec in zip(jobs, bases, records, strict=True)]
         prompts, seeds = [p for p, _ in jobs], [s for _, s in jobs]
         gen, cfg = self.generator, self.cfg
         current = list(bases)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Optional
+from typing import Optional
 
 from ..aligner import ImplicitAligner, recorded_passes
+from ..config.eval import AlignerEvalConfig, EvalConfig, IPAdapterConfig, PipelineConfig
 from ..config.loading import ConfigError
 from ..encoders.checks import adapter_file, adapter_widths, check_ip_encoder, check_mllm
 from ..errors import Problems
@@ -22,7 +23,7 @@ from ..models import ModelNotFoundError, check_model
 
 log = logging.getLogger(__name__)
 
-def check_generation_config(cfg: Any) -> None:
+def check_generation_config(cfg: EvalConfig) -> None:
     """Settings the pipelines cannot honour, as one clear error before any model is loaded."""
     kind, s, img = cfg.generation.pipeline.kind, cfg.generation.sampler, cfg.img
     if kind == "sdxl":
@@ -44,7 +45,7 @@ def check_generation_config(cfg: Any) -> None:
                           f"use; use png (lossless), or img.rounds=0 for base images only")
 
 
-def check_pipeline(cfg: Any, problems: Problems, key: str = "generation.pipeline") -> None:
+def check_pipeline(cfg: PipelineConfig, problems: Problems, key: str = "generation.pipeline") -> None:
     """The pipeline folder with every component its ``model_index.json`` lists, and the UNet."""
     root = problems.check(check_model, f"{cfg.kind.upper()} pipeline", cfg.model, cfg.path, f"{key}.path",
                           revision=cfg.revision, marker="model_index.json", weights=False)
@@ -60,7 +61,7 @@ def check_pipeline(cfg: Any, problems: Problems, key: str = "generation.pipeline
                        subfolder=cfg.unet_subfolder or "")
 
 
-def check_ip_adapter(cfg: Any, problems: Problems, key: str = "img.ip_adapter") -> Optional[int]:
+def check_ip_adapter(cfg: IPAdapterConfig, problems: Problems, key: str = "img.ip_adapter") -> Optional[int]:
     """The adapter file the pipeline loads; returns the width of the tokens its layers read."""
     file = problems.check(adapter_file, "IP-Adapter", cfg.model, cfg.path, cfg.subfolder, cfg.weight_name,
                           f"{key}.path")
@@ -70,7 +71,7 @@ def check_ip_adapter(cfg: Any, problems: Problems, key: str = "img.ip_adapter") 
     return None if widths is None else widths["attention"]
 
 
-def load_aligner(cfg: Any) -> ImplicitAligner:
+def load_aligner(cfg: AlignerEvalConfig) -> ImplicitAligner:
     """The configured aligner (``img.aligner``), on the CPU, with its dims checked against the file."""
     try:
         aligner = ImplicitAligner.load_official(cfg.checkpoint, dim_head=cfg.dim_head, heads=cfg.heads)
@@ -84,7 +85,7 @@ def load_aligner(cfg: Any) -> ImplicitAligner:
     return aligner
 
 
-def check_generation(cfg: Any, problems: Problems) -> Optional[ImplicitAligner]:
+def check_generation(cfg: EvalConfig, problems: Problems) -> Optional[ImplicitAligner]:
     """Every model of the generate stage; returns the loaded aligner (None if it could not be)."""
     problems.check(check_generation_config, cfg)
     problems.check(check_pipeline, cfg.generation.pipeline, problems)

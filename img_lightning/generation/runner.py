@@ -11,17 +11,19 @@ Arms (folders under ``{run}/images/``), all with ``generation.sampler`` and one 
   copies of base's (``reused_from: base`` in their metadata; :func:`.provenance.same_images_as`),
   not generated again.
 Each image is made by :class:`~.generator.IMGGenerator` (the steps ``img-generate`` runs too); this
-module stores them and skips what is done. Round r computes its features from round r-1's stored image: a PNG, i.e. exactly the generated
-8-bit RGB image the released demos hand to the MLLM and the IP encoder (lossy formats are refused
-for IMG runs). Aligned tokens are saved per image under ``{run}/features/img_r{r}/`` (safetensors), so a resumed
-run does not reload the MLLM for images whose features exist; they are reused only when made from
-the same prompt, question, source image (sha256), aligner checkpoint (sha256) and passes.
+module stores them and skips what is done. Round r computes its features from round r-1's stored
+image: a PNG, i.e. exactly the generated 8-bit RGB image the released demos hand to the MLLM and the
+IP encoder (lossy formats are refused for IMG runs). Aligned tokens are saved per image under
+``{run}/features/img_r{r}/`` (safetensors), so a resumed run does not reload the MLLM for images
+whose features exist; they are reused only when made from the same prompt, question, source image
+(sha256), aligner checkpoint (sha256) and passes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..aligner import ImplicitAligner
 from ..atomic import atomic_path
+from ..config.eval import EvalConfig
 from ..eval_run import ImageStore, PromptRecord, arm_names, chunk_tag, img_arm, safe_uid, source_arm
 from .generator import IMGGenerator, enum_value
 from .provenance import aligner_sha256, common_meta, img_meta, regen_meta, same_images_as, sha256_of
@@ -48,7 +51,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
 class GenerationRun(IMGGenerator):
     """:class:`IMGGenerator` over a prompt set, storing every arm's images in a run directory."""
 
-    def __init__(self, cfg: Any, prompts: Sequence[PromptRecord], run_dir: str | Path, progress: bool = True,
+    def __init__(self, cfg: EvalConfig, prompts: Sequence[PromptRecord], run_dir: str | Path, progress: bool = True,
                  aligner: Optional[ImplicitAligner] = None) -> None:
         """``aligner``: the configured one, already loaded (by the checks before the run); else it is
         loaded when the first IMG round needs it."""
@@ -72,7 +75,7 @@ class GenerationRun(IMGGenerator):
     def _texts_seeds(self, uids: Sequence[str]) -> tuple[list[str], list[int]]:
         return [self.by_uid[u].text for u in uids], [self.seed(u) for u in uids]
 
-    def _batches(self, uids: list[str], size: int, desc: str):
+    def _batches(self, uids: list[str], size: int, desc: str) -> Iterator[list[str]]:
         steps = range(0, len(uids), size)
         bar = tqdm(steps, desc=desc, unit="batch", disable=not self.progress)
         for i in bar:
@@ -100,7 +103,7 @@ class GenerationRun(IMGGenerator):
                 "source_arm": src, "source_sha256": sha256_of(self.stores[src].path_for(uid)),
                 "passes": str(self.cfg.img.aligner.passes), "aligner_sha256": str(self.aligner_hash)}
 
-    def _stored_feature_meta(self, arm: str, uid: str) -> Optional[dict[str, str]]:
+    def _stored_feature_meta(self, arm: str, uid: str) -> Optional[dict[str, Optional[str]]]:
         path = self.feature_path(arm, uid)
         if not path.is_file():
             return None
@@ -115,8 +118,9 @@ class GenerationRun(IMGGenerator):
         if self._uncond is None and path.is_file():
             self._uncond = load_file(str(path))["tokens"]
         if self._uncond is None:
-            tokens = super().unconditional()
+            tokens = super().unconditional()  # kept as self._uncond
             _save_tensors(path, {"tokens": tokens}, {"source": f"IPEncoder.unconditional({mode!r})"})
+            return tokens
         return self._uncond
 
     def _release_encoders(self) -> None:
@@ -129,7 +133,7 @@ class GenerationRun(IMGGenerator):
         pending = store.pending([p.uid for p in self.prompts])
         g = self.cfg.generation
         for batch in self._batches(pending, g.pipeline.batch_size, "base"):
-            for u, im in zip(batch, self.base(*self._texts_seeds(batch))):
+            for u, im in zip(batch, self.base(*self._texts_seeds(batch)), strict=True):
                 store.save(u, im, self._meta(u, negative_prompt=g.base.negative_prompt, ip_scale=None))
                 self.counts["base"] += 1
 
@@ -159,8 +163,10 @@ class GenerationRun(IMGGenerator):
             feats = [load_file(str(self.feature_path(arm, u))) for u in batch]
             tokens = torch.stack([f["aligned"] for f in feats])
             images = self.regenerate(*self._texts_seeds(batch), tokens, self.cfg.img.ip_scale)
-            for u, im in zip(batch, images):
-                extra = {"template_id": int(self._stored_feature_meta(arm, u)["template_id"])}
+            for u, im in zip(batch, images, strict=True):
+                stored = self._stored_feature_meta(arm, u)
+                assert stored is not None and stored["template_id"] is not None  # written by _features above
+                extra = {"template_id": int(stored["template_id"])}
                 store.save(u, im, {**self._meta(u, **img_meta(self.cfg, round_index, self.aligner_hash)), **extra})
                 self.counts[arm] += 1
 
@@ -181,7 +187,7 @@ class GenerationRun(IMGGenerator):
         self.unconditional()
         self._release_encoders()
         for batch in self._batches(pending, self.cfg.generation.pipeline.batch_size, "control"):
-            for u, im in zip(batch, self.control(*self._texts_seeds(batch))):
+            for u, im in zip(batch, self.control(*self._texts_seeds(batch)), strict=True):
                 store.save(u, im, self._meta(u, **regen_meta(self.cfg, 0.0)))
                 self.counts["control"] += 1
 

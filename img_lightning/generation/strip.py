@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -16,8 +16,9 @@ def side_by_side(images: Sequence[tuple[str, Image.Image]]) -> Image.Image:
     if not images:
         raise ValueError("no images to put side by side")
     height = images[0][1].height
+    lanczos = Image.Resampling.LANCZOS
     scaled = [(label, im.convert("RGB") if im.height == height else
-               im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height), Image.LANCZOS))
+               im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height), lanczos))
               for label, im in images]
     width = sum(im.width for _, im in scaled) + GAP * (len(scaled) - 1)
     strip = Image.new("RGB", (width, height + LABEL_HEIGHT), "white")

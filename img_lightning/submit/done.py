@@ -27,7 +27,9 @@ def mllm_export_done(folder: Path) -> Optional[str]:
         manifest = read_manifest(folder)
     except ExportManifestError:
         return None
-    weights = (manifest or {}).get("weights") or {}
+    if manifest is None:
+        return None
+    weights = manifest.get("weights") or {}
     if not weights:
         return None
     for name, sha in weights.items():
@@ -52,16 +54,19 @@ def cache_done(cache: Path) -> Optional[str]:
     manifest, verified = _json(cache / "manifest.json"), _json(cache / "verify.json")
     if not isinstance(manifest, dict) or not isinstance(verified, dict) or verified.get("ok") is not True:
         return None
-    if verified.get("cache_key") != manifest.get("cache_key") or verified.get("shards") != len(manifest.get("shards", [])):
+    shards = len(manifest.get("shards", []))
+    if verified.get("cache_key") != manifest.get("cache_key") or verified.get("shards") != shards:
         return None
-    return f"{verified.get('samples')} samples in {verified.get('shards')} shards, verified (cache key {verified['cache_key']})"
+    return (f"{verified.get('samples')} samples in {verified.get('shards')} shards, verified "
+            f"(cache key {verified['cache_key']})")
 
 
 def train_done(run_dir: Path, cache: Path) -> Optional[str]:
     """The run's export, made from this cache (its key recorded in aligner.json)."""
     info = _json(run_dir / "export" / "aligner.json")
     manifest = _json(cache / "manifest.json")
-    if not isinstance(info, dict) or not (run_dir / "export" / "aligner.pth").is_file() or not isinstance(manifest, dict):
+    exported = (run_dir / "export" / "aligner.pth").is_file()
+    if not isinstance(info, dict) or not exported or not isinstance(manifest, dict):
         return None
     if info.get("cache_key") != manifest.get("cache_key"):
         return None

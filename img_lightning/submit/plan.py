@@ -9,10 +9,11 @@ the cache was made with, the aligner.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from ..config.pipeline import MLLMSource
 from ..errors import UserError

@@ -10,8 +10,9 @@ import os
 import re
 import shlex
 import subprocess
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from ..errors import UserError
 from .plan import Stage

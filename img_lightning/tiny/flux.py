@@ -77,7 +77,8 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0, size: FluxSize = TINY_FL
 
 
 def build_tiny_flux_world(root: str | Path, seed: int = 0, size: FluxSize = TINY_FLUX,
-                          ip_vision: ClipVisionSize = TINY_VISION, dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
+                          ip_vision: ClipVisionSize = TINY_VISION,
+                          dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
     """The FLUX pipeline (``root/flux``) and a matching XLabs v1 IP-Adapter (``root/ip_adapter``)."""
     root = Path(root)
     flux = build_tiny_flux(root / "flux", seed=seed, size=size, dtype=dtype)

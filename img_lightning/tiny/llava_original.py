@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -167,7 +168,7 @@ def write_state_dict(out_dir: Path, state: dict[str, torch.Tensor], weights: str
     groups = [keys[i::shards] for i in range(shards)]
     names = [f"{stem}.{ext}"] if shards == 1 else [f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}" for i in range(shards)]
     paths = []
-    for name, group in zip(names, groups):
+    for name, group in zip(names, groups, strict=True):
         part = {k: state[k] for k in group}
         if ext == "safetensors":
             save_file(part, str(out_dir / name), metadata={"format": "pt"})
@@ -176,7 +177,8 @@ def write_state_dict(out_dir: Path, state: dict[str, torch.Tensor], weights: str
         paths.append(out_dir / name)
     if shards > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, g in zip(names, groups) for k in g}}
+        weight_map = {k: n for n, g in zip(names, groups, strict=True) for k in g}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / index_name).write_text(json.dumps(index, indent=2))
     return paths
 

@@ -64,8 +64,14 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, size: LlavaSize = TINY_
     ``size``: :data:`~.sizes.TINY_LLAVA`, or :data:`~.sizes.REAL_WIDTH_LLAVA` (LLaVA-1.5-13B's widths
     and vocabulary, 336 px images in 14 px patches: 576 image tokens), stored in ``dtype``.
     """
-    from transformers import (CLIPImageProcessor, LlamaConfig, LlamaTokenizer, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        LlamaConfig,
+        LlamaTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     from .vision import clip_vision_config
 

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -81,7 +82,8 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) ->
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(out)
-    image_proc = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    image_proc = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size})
     CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(out)
     return out
 
@@ -184,7 +186,7 @@ def image_reward_shapes(vocab: int, vision_width: int = 128, vision_layers: int 
     shapes.update({"blip.vision_proj.weight": (16, d), "blip.vision_proj.bias": (16,),
                    "blip.text_proj.weight": (16, t), "blip.text_proj.bias": (16,)})
     dims = (t, 32, 16, 8, 4, 1)
-    for (i, (a, b_)) in zip((0, 2, 4, 6, 7), zip(dims, dims[1:])):
+    for i, (a, b_) in zip((0, 2, 4, 6, 7), pairwise(dims), strict=True):
         shapes.update({f"mlp.layers.{i}.weight": (b_, a), f"mlp.layers.{i}.bias": (b_,)})
     return shapes
 

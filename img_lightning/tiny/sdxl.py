@@ -70,7 +70,8 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, size: SdxlSize = TINY_SD
     tokenizer_2 = _tokenizer()
     with default_dtype(dtype):
         text_encoder = CLIPTextModel(_text_config(tokenizer, size.text, None)).eval()
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, size.text_2, size.text_projection)).eval()
+        text_config_2 = _text_config(tokenizer_2, size.text_2, size.text_projection)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config_2).eval()
         unet = UNet2DConditionModel(
             sample_size=size.sample_size // size.vae_scale_factor,
             in_channels=4,

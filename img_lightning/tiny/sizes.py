@@ -16,8 +16,8 @@ aligner (SDXL: dim 2048, depth 4, 20 heads of 64, guidance 5120).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import torch
 

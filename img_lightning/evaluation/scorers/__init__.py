@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from ...config.loading import ConfigError
+from ...config.eval import ScorerConfig
+from ...config.loading import ConfigError, to_container
 from ...errors import Problems
-
 from . import aesthetic, blip_vqa, clip, complex, hps, image_reward, mllm_grader, spatial  # noqa: F401  (register the kinds)
 from .base import CHECKS, REGISTRY, Scorer
 
@@ -18,16 +18,16 @@ from .base import CHECKS, REGISTRY, Scorer
 _NOT_MODEL_KEYS = ("name", "label", "categories")
 
 
-def scorer_name(cfg: Any) -> str:
+def scorer_name(cfg: ScorerConfig) -> str:
     return cfg.name or cfg.kind
 
 
-def _model_key(cfg: Any) -> str:
-    data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if isinstance(cfg, DictConfig) else dict(cfg)
+def _model_key(cfg: ScorerConfig) -> str:
+    data = to_container(cfg)
     return json.dumps({k: v for k, v in data.items() if k not in _NOT_MODEL_KEYS}, sort_keys=True, default=str)
 
 
-def build_scorers(cfgs: Sequence[Any]) -> dict[str, Scorer]:
+def build_scorers(cfgs: Sequence[ScorerConfig]) -> dict[str, Scorer]:
     """Build every configured scorer in order (a 3-in-1 scorer uses the ones listed before it).
 
     Scorers whose configs differ only in ``name``/``label``/``categories`` (e.g. BLIP-VQA for the
@@ -51,7 +51,7 @@ def build_scorers(cfgs: Sequence[Any]) -> dict[str, Scorer]:
     return built
 
 
-def _check_one(cfg: Any, key: str, problems: Problems, earlier: list[str]) -> None:
+def _check_one(cfg: ScorerConfig, key: str, problems: Problems, earlier: list[str]) -> None:
     if cfg.kind not in REGISTRY:
         problems.add(f"{key}.kind: unknown scorer kind '{cfg.kind}'; choose one of {sorted(REGISTRY)}")
         return
@@ -61,7 +61,7 @@ def _check_one(cfg: Any, key: str, problems: Problems, earlier: list[str]) -> No
     CHECKS[cfg.kind](cfg, key, problems, earlier=list(earlier))
 
 
-def check_scorers(cfgs: Sequence[Any], problems: Problems) -> None:
+def check_scorers(cfgs: Sequence[ScorerConfig], problems: Problems) -> None:
     """What :func:`build_scorers` would fail on, found without loading weights: every scorer's model,
     processor and checkpoint files and options, recorded in ``problems`` under ``scorers.N``."""
     earlier: list[str] = []
@@ -78,7 +78,7 @@ _CHECKPOINT_ADVICE = {
 }
 
 
-def missing_value_hint(cfgs: Sequence[Any], key: str) -> str:
+def missing_value_hint(cfgs: Sequence[ScorerConfig], key: str) -> str:
     """For ``scorers.N.checkpoint`` left ``???``: where that kind's released checkpoint is ("" otherwise)."""
     parts = key.split(".")
     if len(parts) != 3 or parts[0] != "scorers" or not parts[1].isdigit() or parts[2] != "checkpoint":

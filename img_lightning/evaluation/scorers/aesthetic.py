@@ -17,15 +17,16 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ...config.eval import ScorerConfig
 from ...errors import Problems
 from ...models import ModelNotFoundError, check_model, compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, register_check
 from .checkpoints import CheckpointError, file_sha256, load_state_dict_file, model_sha256, need_file
-
-CLIP_MODEL = "openai/clip-vit-large-patch14"  # the embedding the released MLP was trained on
-MLP_SOURCE = "sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor, or a .safetensors of it"
 from .transforms import clip_pixels
 
+CLIP_MODEL = "openai/clip-vit-large-patch14"  # the embedding the released MLP was trained on
+MLP_SOURCE = ("sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor, "
+              "or a .safetensors of it")
 MLP_LINEAR_INDICES = (0, 2, 4, 6, 7)  # nn.Sequential positions of the Linear layers (dropouts between)
 
 
@@ -72,7 +73,7 @@ class AestheticScorer(Scorer):
             )
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "AestheticScorer":
+    def from_config(cls, cfg: ScorerConfig) -> AestheticScorer:
         from transformers import CLIPModel
 
         key = f"scorers[{cfg.name or 'aesthetic'}]"
@@ -105,11 +106,11 @@ class AestheticScorer(Scorer):
 
 
 @register("aesthetic")
-def _build(cfg: Any, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, **_: Any) -> Scorer:
     return AestheticScorer.from_config(cfg)
 
 
 @register_check("aesthetic")
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     problems.check(need_file, cfg.checkpoint, "aesthetic predictor's MLP weights", f"{key}.checkpoint", MLP_SOURCE)
     problems.check(check_model, "CLIP model", cfg.model or CLIP_MODEL, cfg.path, f"{key}.path")

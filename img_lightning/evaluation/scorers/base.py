@@ -9,7 +9,8 @@ runs the same code on tiny test models and on the real checkpoints.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image

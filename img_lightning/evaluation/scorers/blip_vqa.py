@@ -12,12 +12,14 @@ backend is pinned to PIL: BLIP's own transform (384 x 384 bicubic resize on the 
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.eval import ScorerConfig
 from ...config.loading import ConfigError
 from ...errors import Problems
 from ...models import check_model, compute_dtype, from_pretrained, resolve_device
@@ -53,7 +55,7 @@ def pre_question(question: str, max_words: int = 50) -> str:
 def product_over_phrases(probs: Sequence[float] | Tensor, owners: Sequence[int], n: int) -> Tensor:
     """Multiply question probabilities into one score per image; images without questions get 1."""
     out = torch.ones(n, dtype=torch.float64)
-    for p, i in zip(torch.as_tensor(probs, dtype=torch.float64).tolist(), owners):
+    for p, i in zip(torch.as_tensor(probs, dtype=torch.float64).tolist(), owners, strict=True):
         out[i] *= p
     return out.float()
 
@@ -84,7 +86,7 @@ class BlipVQAScorer(Scorer):
             raise ConfigError("BLIP tokenizer has no single tokens for 'yes', 'no' and '[ENC]': not BLIP's tokenizer")
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "BlipVQAScorer":
+    def from_config(cls, cfg: ScorerConfig) -> BlipVQAScorer:
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
         device = resolve_device(cfg.device)
@@ -131,14 +133,15 @@ class BlipVQAScorer(Scorer):
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
         pair_images, questions, owners = [], [], []
-        for i, (im, p) in enumerate(zip(images, prompts)):
+        for i, (im, p) in enumerate(zip(images, prompts, strict=True)):
             for q in self.questions(p):
                 pair_images.append(im)
                 questions.append(q)
                 owners.append(i)
         probs = []
         for s in range(0, len(questions), self.batch_size):
-            probs.append(self.answer_yes(pair_images[s : s + self.batch_size], questions[s : s + self.batch_size]).cpu())
+            chunk = slice(s, s + self.batch_size)
+            probs.append(self.answer_yes(pair_images[chunk], questions[chunk]).cpu())
         flat = torch.cat(probs) if probs else torch.zeros(0)
         return product_over_phrases(flat, owners, len(images))
 
@@ -158,12 +161,12 @@ class BlipVQAScorer(Scorer):
 
 
 @register("blip_vqa")
-def _build(cfg: Any, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, **_: Any) -> Scorer:
     return BlipVQAScorer.from_config(cfg)
 
 
 @register_check("blip_vqa")
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     model_id = cfg.model or MODEL
     problems.check(check_model, "BLIP VQA model", model_id, cfg.path, f"{key}.path")
     problems.check(check_model, "BLIP processor", cfg.processor or model_id, cfg.processor_path or cfg.path,

@@ -1,9 +1,10 @@
 """Scorer checkpoints: loaded without unpickling, and fingerprinted (sha256) for the report.
 
 Weights files are read with ``torch.load(weights_only=True)`` or safetensors only: a file that
-needs pickled code is refused with one message saying so. A report that says "HPS v2.1" but was made with another file is worse than none; the hash pins
-what was measured. Files in the Hugging Face cache are symlinks to blobs named by their sha256, so
-those cost nothing; other files are hashed once per score stage.
+needs pickled code is refused with one message saying so. A report that says "HPS v2.1" but was made
+with another file is worse than none; the hash pins what was measured. Files in the Hugging Face
+cache are symlinks to blobs named by their sha256, so those cost nothing; other files are hashed
+once per score stage.
 """
 
 from __future__ import annotations

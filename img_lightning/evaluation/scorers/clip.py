@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.eval import ScorerConfig
 from ...errors import Problems
 from ...models import check_model, compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, register_check, rgb
@@ -38,7 +39,7 @@ DEFAULTS = {
 }
 
 
-def sources(cfg: Any) -> tuple[str, Optional[str], str, Optional[str]]:
+def sources(cfg: ScorerConfig) -> tuple[str, Optional[str], str, Optional[str]]:
     """``(model id, model path, processor id, processor path)`` a CLIP-family scorer loads."""
     default_model, default_processor = DEFAULTS[cfg.kind]
     model_id = cfg.model or default_model
@@ -77,8 +78,8 @@ class CLIPPairScorer(Scorer):
         self.image_size = int(model.config.vision_config.image_size)
 
     @classmethod
-    def load(cls, cfg: Any, *, scale: Optional[float], clamp_zero: bool, default_name: str, preprocess: str,
-             reference: str) -> "CLIPPairScorer":
+    def load(cls, cfg: ScorerConfig, *, scale: Optional[float], clamp_zero: bool, default_name: str, preprocess: str,
+             reference: str) -> CLIPPairScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         device = resolve_device(cfg.device)
@@ -123,7 +124,7 @@ class CLIPPairScorer(Scorer):
 
 
 @register("pickscore")
-def _pickscore(cfg: Any, **_: Any) -> Scorer:
+def _pickscore(cfg: ScorerConfig, **_: Any) -> Scorer:
     return CLIPPairScorer.load(
         cfg, scale=cfg.scale, clamp_zero=bool(cfg.clamp_zero), default_name="pickscore", preprocess=PROCESSOR,
         reference="PickScore (yuvalkirstain/PickScore): logit_scale.exp() x cosine, transformers CLIP processor",
@@ -131,7 +132,7 @@ def _pickscore(cfg: Any, **_: Any) -> Scorer:
 
 
 @register("clip")
-def _clip(cfg: Any, **_: Any) -> Scorer:
+def _clip(cfg: ScorerConfig, **_: Any) -> Scorer:
     return CLIPPairScorer.load(
         cfg, scale=100.0 if cfg.scale is None else cfg.scale,
         clamp_zero=True if cfg.clamp_zero is None else cfg.clamp_zero, default_name="clip", preprocess=OPENAI_CLIP,
@@ -140,7 +141,7 @@ def _clip(cfg: Any, **_: Any) -> Scorer:
 
 
 @register("t2i_non_spatial")
-def _non_spatial(cfg: Any, **_: Any) -> Scorer:
+def _non_spatial(cfg: ScorerConfig, **_: Any) -> Scorer:
     return CLIPPairScorer.load(
         cfg, scale=1.0 if cfg.scale is None else cfg.scale,
         clamp_zero=False if cfg.clamp_zero is None else cfg.clamp_zero, default_name="non_spatial",
@@ -149,7 +150,7 @@ def _non_spatial(cfg: Any, **_: Any) -> Scorer:
 
 
 @register_check(*DEFAULTS)
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     model_id, path, proc_id, proc_path = sources(cfg)
     problems.check(check_model, "CLIP model", model_id, path, f"{key}.path")
     problems.check(check_model, "CLIP processor", proc_id, proc_path, f"{key}.processor_path", marker=None,

@@ -11,13 +11,15 @@ T2I-CompBench's ``CLIP_similarity.py --complex`` does (spaCy ADJ tokens dropped;
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.eval import ScorerConfig
 from ...config.loading import ConfigError
 from ...errors import Problems
 from ..prompts import COMPLEX_SUBSET_FILES, PromptFileError, _complex_key, _lines
@@ -79,7 +81,7 @@ class ComplexScorer(Scorer):
 
 
 @register("t2i_complex")
-def _build(cfg: Any, *, others: dict[str, Scorer] | None = None, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, *, others: dict[str, Scorer] | None = None, **_: Any) -> Scorer:
     others = others or {}
     names = {"attribute": cfg.attribute, "spatial": cfg.spatial, "action": cfg.action}
     missing = [f"{role}={n}" for role, n in names.items() if n not in others]
@@ -95,7 +97,7 @@ def _build(cfg: Any, *, others: dict[str, Scorer] | None = None, **_: Any) -> Sc
 
 
 @register_check("t2i_complex")
-def _check(cfg: Any, key: str, problems: Problems, *, earlier: Sequence[str] = (), **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, *, earlier: Sequence[str] = (), **_: Any) -> None:
     names = {"attribute": cfg.attribute, "spatial": cfg.spatial, "action": cfg.action}
     missing = [f"{role}={n}" for role, n in names.items() if n not in earlier]
     if missing:

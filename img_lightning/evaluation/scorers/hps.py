@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
+from ...config.eval import ScorerConfig
 from ...errors import Problems
 from ...models import ModelNotFoundError, compute_dtype, resolve_device
 from .base import Scorer, register, register_check, rgb
@@ -131,14 +133,15 @@ class HPSScorer(Scorer):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "HPSScorer":
+    def from_config(cls, cfg: ScorerConfig) -> HPSScorer:
         import open_clip
 
         if cfg.model_config:
             open_clip.add_model_config(cfg.model_config)
         arch = cfg.model or "ViT-H-14"
         if arch not in open_clip.list_models():
-            raise CheckpointError(f"hps: unknown open_clip architecture '{arch}' (register it with model_config=FILE.json)")
+            raise CheckpointError(f"hps: unknown open_clip architecture '{arch}' "
+                                  f"(register it with model_config=FILE.json)")
         if not cfg.checkpoint:
             raise ModelNotFoundError(f"hps: no checkpoint set; {hps_advice('checkpoint')}")
         version = hps_version(cfg.checkpoint, cfg.version)
@@ -175,12 +178,12 @@ class HPSScorer(Scorer):
 
 
 @register("hps")
-def _build(cfg: Any, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, **_: Any) -> Scorer:
     return HPSScorer.from_config(cfg)
 
 
 @register_check("hps")
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     import open_clip
 
     if cfg.model_config:

@@ -27,16 +27,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.eval import ScorerConfig
 from ...errors import Problems
 from ...models import ModelNotFoundError, check_model, compute_dtype, from_pretrained, resolve_device
 from .aesthetic import aesthetic_mlp
 from .base import Scorer, register, register_check
 from .blip_layout import ImageRewardState, count_layers, split_image_reward_state
 from .checkpoints import CheckpointError, file_sha256, load_state_dict_file, need_file
-
-TOKENIZER = "bert-base-uncased"  # ImageReward's text side
 from .transforms import clip_pixels
 
+TOKENIZER = "bert-base-uncased"  # ImageReward's text side
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
 MAX_LENGTH = 35
@@ -59,7 +59,8 @@ def _vision_config(state: dict[str, Tensor]) -> Any:
     grid = round((state["embeddings.position_embedding"].shape[1] - 1) ** 0.5)
     return BlipVisionConfig(
         hidden_size=width, intermediate_size=int(state["encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        num_hidden_layers=count_layers(state, r"encoder\.layers\.(\d+)\."), num_attention_heads=max(1, width // HEAD_DIM),
+        num_hidden_layers=count_layers(state, r"encoder\.layers\.(\d+)\."),
+        num_attention_heads=max(1, width // HEAD_DIM),
         image_size=grid * patch, patch_size=patch, layer_norm_eps=VISION_LN_EPS, hidden_act="gelu",
     )
 
@@ -105,8 +106,8 @@ def _load_strict(module: torch.nn.Module, state: dict[str, Tensor], what: str) -
                               f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})")
 
 
-def _med_config(cfg: Any) -> dict[str, Any]:
-    path = Path(cfg.model_config) if cfg.model_config else Path(cfg.checkpoint).with_name("med_config.json")
+def _med_config(cfg: ScorerConfig, checkpoint: str) -> dict[str, Any]:
+    path = Path(cfg.model_config) if cfg.model_config else Path(checkpoint).with_name("med_config.json")
     if cfg.model_config and not path.is_file():
         raise ModelNotFoundError(f"image_reward: model_config={path} does not exist (ImageReward's med_config.json)")
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -132,21 +133,22 @@ class ImageRewardScorer(Scorer):
                                   f"only {text.config.vocab_size} embeddings (use bert-base-uncased)")
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ImageRewardScorer":
+    def from_config(cls, cfg: ScorerConfig) -> ImageRewardScorer:
         from transformers import BertTokenizer
 
         key = f"scorers[{cfg.name or 'image_reward'}]"
         if not cfg.checkpoint:
             raise ModelNotFoundError(f"image_reward: no checkpoint set; {image_reward_advice(f'{key}.checkpoint')}")
         raw = load_state_dict_file(cfg.checkpoint, "ImageReward checkpoint", f"{key}.checkpoint")
-        vision, text, head = build_image_reward_modules(split_image_reward_state(raw, cfg.checkpoint), _med_config(cfg))
+        vision, text, head = build_image_reward_modules(split_image_reward_state(raw, cfg.checkpoint),
+                                                        _med_config(cfg, cfg.checkpoint))
         tok_id = cfg.processor or TOKENIZER
         tokenizer = from_pretrained(BertTokenizer.from_pretrained, "BERT tokenizer", tok_id, cfg.processor_path,
                                     f"{key}.processor_path")
         device = resolve_device(cfg.device)
-        return cls(vision, text, head, image_reward_tokenizer(tokenizer), device, dtype=compute_dtype(cfg.dtype, device),
-                   name=cfg.name or "image_reward", batch_size=cfg.batch_size, sha256=file_sha256(cfg.checkpoint),
-                   tokenizer_id=tok_id)
+        return cls(vision, text, head, image_reward_tokenizer(tokenizer), device,
+                   dtype=compute_dtype(cfg.dtype, device), name=cfg.name or "image_reward",
+                   batch_size=cfg.batch_size, sha256=file_sha256(cfg.checkpoint), tokenizer_id=tok_id)
 
     def tokens(self, prompts: list[str]) -> Any:
         return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH,
@@ -158,8 +160,9 @@ class ImageRewardScorer(Scorer):
         image_embeds = self.vision(pixel_values=pix).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         tok = self.tokens(prompts)
-        out = self.text(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device),
-                        encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, return_dict=True)
+        out = self.text(input_ids=tok["input_ids"].to(self.device),
+                        attention_mask=tok["attention_mask"].to(self.device), encoder_hidden_states=image_embeds,
+                        encoder_attention_mask=image_mask, return_dict=True)
         return self.head(out.last_hidden_state[:, 0, :].float())[:, 0]
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
@@ -174,7 +177,7 @@ class ImageRewardScorer(Scorer):
 
 
 @register("image_reward")
-def _build(cfg: Any, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, **_: Any) -> Scorer:
     return ImageRewardScorer.from_config(cfg)
 
 
@@ -185,7 +188,7 @@ def image_reward_advice(key: str) -> str:
 
 
 @register_check("image_reward")
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     problems.check(need_file, cfg.checkpoint, "ImageReward checkpoint", f"{key}.checkpoint",
                    image_reward_advice(f"{key}.checkpoint"))
     if cfg.model_config:

@@ -16,12 +16,14 @@ judges on its own scale, so compare arms within one report, not with published n
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from PIL import Image
 from torch import Tensor
 
+from ...config.eval import ScorerConfig
 from ...config.loading import ConfigError
 from ...errors import Problems
 from .base import Scorer, register, register_check, rgb
@@ -47,20 +49,21 @@ class MLLMGrader(Scorer):
         self._records: list[dict[str, Any]] = []
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "MLLMGrader":
+    def from_config(cls, cfg: ScorerConfig) -> MLLMGrader:
         from ...encoders.mllm import GuidanceEncoder
 
         if cfg.mllm is None:
             raise ConfigError(f"scorer '{cfg.name or 'mllm_grader'}': set its `mllm:` block (backend, model, path, "
                               f"dtype, device), e.g. backend: qwen2_5_vl, model: Qwen/Qwen2.5-VL-7B-Instruct")
         encoder = GuidanceEncoder.from_config(cfg.mllm)
-        return cls(load_rubric(cfg.rubric), greedy_generate(encoder, cfg.max_new_tokens), name=cfg.name or "mllm_grader",
-                   model_id=cfg.mllm.model, sha256=model_sha256(cfg.mllm.model, cfg.mllm.path),
-                   prompt_format=encoder.prompt_format, max_new_tokens=cfg.max_new_tokens)
+        return cls(load_rubric(cfg.rubric), greedy_generate(encoder, cfg.max_new_tokens),
+                   name=cfg.name or "mllm_grader", model_id=cfg.mllm.model,
+                   sha256=model_sha256(cfg.mllm.model, cfg.mllm.path), prompt_format=encoder.prompt_format,
+                   max_new_tokens=cfg.max_new_tokens)
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
         out = []
-        for image, prompt in zip(rgb(images), prompts):
+        for image, prompt in zip(rgb(images), prompts, strict=True):
             answer = self.generate(image, self.rubric.question(prompt))
             grade = parse_answer(answer, self.rubric)
             self._records.append({"prompt": prompt, "answer": answer, "parsed": grade.ok, "error": grade.error,
@@ -119,12 +122,12 @@ def greedy_generate(encoder: Any, max_new_tokens: int) -> GenerateFn:
 
 
 @register("mllm_grader")
-def _build(cfg: Any, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, **_: Any) -> Scorer:
     return MLLMGrader.from_config(cfg)
 
 
 @register_check("mllm_grader")
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     from ...encoders.checks import check_mllm
 
     if cfg.mllm is None:

@@ -13,8 +13,8 @@ columns computed with the rules as proxies.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 from ...config.loading import ConfigError
 

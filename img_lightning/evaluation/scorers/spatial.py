@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import box_convert, box_iou
 
+from ...config.eval import ScorerConfig
 from ...errors import Problems
 from ...models import check_model, compute_dtype, from_pretrained, resolve_device
 from .base import Scorer, register, register_check, rgb
@@ -104,7 +105,7 @@ class SpatialProxyScorer(Scorer):
         self.padded = getattr(model.config, "model_type", "") == "owlv2"
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "SpatialProxyScorer":
+    def from_config(cls, cfg: ScorerConfig) -> SpatialProxyScorer:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         device = resolve_device(cfg.device)
@@ -131,7 +132,7 @@ class SpatialProxyScorer(Scorer):
         # pred_boxes: [patches, 4] cx, cy, w, h in [0, 1] of the (padded) input -> pixel x0, y0, x1, y1
         boxes = box_convert(out.pred_boxes[0].float(), "cxcywh", "xyxy") * torch.tensor([sx, sy, sx, sy],
                                                                                        device=probs.device)
-        dets = []
+        dets: list[Optional[tuple[float, tuple]]] = []
         for q in range(len(queries)):
             conf, idx = probs[:, q].max(dim=0)
             if conf.item() < self.threshold:
@@ -142,7 +143,7 @@ class SpatialProxyScorer(Scorer):
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
         out = []
-        for im, p in zip(rgb(images), prompts):
+        for im, p in zip(rgb(images), prompts, strict=True):
             parsed = parse_spatial_prompt(p)
             if parsed is None:
                 out.append(0.0)
@@ -162,12 +163,12 @@ class SpatialProxyScorer(Scorer):
 
 
 @register("spatial_proxy")
-def _build(cfg: Any, **_: Any) -> Scorer:
+def _build(cfg: ScorerConfig, **_: Any) -> Scorer:
     return SpatialProxyScorer.from_config(cfg)
 
 
 @register_check("spatial_proxy")
-def _check(cfg: Any, key: str, problems: Problems, **_: Any) -> None:
+def _check(cfg: ScorerConfig, key: str, problems: Problems, **_: Any) -> None:
     model_id = cfg.model or DETECTOR
     problems.check(check_model, "detector", model_id, cfg.path, f"{key}.path")
     problems.check(check_model, "detector processor", cfg.processor or model_id, cfg.processor_path or cfg.path,

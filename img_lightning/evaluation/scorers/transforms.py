@@ -9,7 +9,7 @@ processor differs from it by one pixel of crop offset when the margin is odd.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torchvision.transforms as T
