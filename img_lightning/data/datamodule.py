@@ -252,9 +252,10 @@ class FeatureCacheDataModule(ResumableDataModule):
         if v is None:
             return "data not set up"
         world = self._world_size()
+        dtype = str(v.guidance_dtype).removeprefix("torch.")
         return (
             f"cache {v.root}: {v.num_samples} pairs in {len(v.shard_paths)} shards "
-            f"({len(v.skipped)} skipped), key {v.manifest.cache_key}, guidance {str(v.guidance_dtype).removeprefix('torch.')}; "
+            f"({len(v.skipped)} skipped), key {v.manifest.cache_key}, guidance {dtype}; "
             f"train {len(self.train_ids)}, "
             f"val {0 if self.val_ids is None else len(self.val_ids)}; {self.steps_per_epoch} steps/epoch at "
             f"{self.cfg.batch_size} x {world} ranks; {math.ceil(v.manifest.num_bytes / 2**20)} MiB"

@@ -25,7 +25,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.plan import BatchRequest, RankPlan
