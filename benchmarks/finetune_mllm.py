@@ -7,6 +7,10 @@
    prepared batches (forward, answer-only loss, backward, AdamW), and of the whole job -
    ``run_finetune`` on InstructPix2Pix-layout parquet (reader threads, Lightning, checkpoints) -
    from its TensorBoard ``perf/tokens_per_s_per_device``; peak resident memory of the process.
+   The loader alone (``--loader-workers``): samples/s of one epoch's batches (parquet read, JPEG
+   decode, tokenise, collate) through our reader threads and, when torchdata is installed, through
+   its ``StatefulDataLoader`` (worker processes) and ``torchdata.nodes`` (threads), in turns
+   (benchmarks/torchdata_compare.py), and the whole job fed by ``StatefulDataLoader`` instead.
 2. **LLaVA-1.5-13B-sized decoder layers, GPU** (only when CUDA is available): ``--gpu-layers``
    Llama decoder layers of the 13B shape (hidden 5120, MLP 13824, 40 heads) in float32 with bf16
    autocast and activation checkpointing at batch ``--gpu-batch`` x ``--seq`` tokens: tokens/s
@@ -33,14 +37,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def tiny_cpu(work: Path, steps: int, batch: int) -> None:
+def tiny_cpu(work: Path, steps: int, batch: int, loader_workers: list[int], loader_rows: int,
+             repeats: int, job_rounds: int) -> None:
     from omegaconf import OmegaConf
 
     from img_lightning.config.finetune_mllm import FinetuneMLLMConfig
     from img_lightning.config.loading import load_config
     from img_lightning.finetune.datamodule import EditTripletDataModule
     from img_lightning.finetune.module import MLLMFinetuneModule
-    from img_lightning.finetune.training import run_finetune
     from img_lightning.tiny.mllm import build_tiny_llava
     from preprocessing.demo_data import write_edit_triplets_parquet
 
@@ -76,12 +80,7 @@ def tiny_cpu(work: Path, steps: int, batch: int) -> None:
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     padding = 1 - real / sum(b["attention_mask"].numel() for b in batches)
 
-    run_finetune(cfg)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(work / "runs" / "bench" / "tensorboard")).Reload()
-    job = [e.value for e in events.Scalars("perf/tokens_per_s_per_device")][1:]  # skip the first window (start-up)
-    job_rate = sum(job) / max(1, len(job))
+    job_rate = job_tokens_per_s(cfg, work / "runs" / "bench")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print("== tiny LLaVA on CPU (1 thread), batch", batch, f"x ~{int(batches[0]['input_ids'].shape[1])} tokens")
     print(f"   bare PyTorch loop:  {bare:9.0f} tokens/s per device (padding share {padding:.3f})")
@@ -89,6 +88,132 @@ def tiny_cpu(work: Path, steps: int, batch: int) -> None:
           f"= {job_rate / bare:.2f} of the bare loop")
     print(f"   peak resident memory of this process: {peak:.0f} MiB")
     del OmegaConf
+    if loader_workers:
+        loader_alone(cfg, work, loader_rows, loader_workers, repeats)
+    if job_rounds:
+        job_with_torchdata(cfg, work, [w for w in loader_workers if w > 0], job_rounds)
+
+
+def job_tokens_per_s(cfg, run_dir: Path) -> float:
+    """Run the job; its mean ``perf/tokens_per_s_per_device`` without the first window (start-up)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from img_lightning.finetune.training import run_finetune
+
+    run_finetune(cfg)
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    rates = [e.value for e in events.Scalars("perf/tokens_per_s_per_device")][1:]
+    return sum(rates) / max(1, len(rates))
+
+
+def job_with_torchdata(cfg, work: Path, workers: list[int], rounds: int) -> None:
+    """The whole job fed by StatefulDataLoader worker processes instead of our reader threads (the
+    DataModule's train_dataloader swapped for the measurement only: the first epoch's requests, so
+    the job must end within it), in rounds that alternate which goes first."""
+    import copy
+
+    import torchdata_compare as tdc
+
+    from img_lightning.finetune.datamodule import EditTripletDataModule
+    from img_lightning.finetune.loader import TripletBatchLoader
+    from img_lightning.finetune.plan import RowGroupWindows
+
+    if not tdc.available():
+        return
+    ours = EditTripletDataModule.train_dataloader
+
+    def processes(self):
+        plan = self.train_plan(RowGroupWindows(self.index.group_of, self.cfg.shuffle_window))
+        reads = TripletBatchLoader(self.index, self.images, self.encoder, [], num_workers=0)
+        return tdc.stateful_dataloader(reads._read, list(plan), int(self.cfg.num_workers),
+                                       int(self.cfg.prefetch_batches))
+
+    rates: dict[tuple[str, int], list[float]] = {}
+    try:
+        for r in range(rounds):
+            for w in workers:
+                for name in tdc.rotated(["ours", "StatefulDataLoader"], r):
+                    EditTripletDataModule.train_dataloader = ours if name == "ours" else processes
+                    job_cfg = copy.deepcopy(cfg)
+                    job_cfg.data.num_workers, job_cfg.run.name = w, f"{name}-{w}-{r}"
+                    rates.setdefault((name, w), []).append(job_tokens_per_s(job_cfg, work / "runs" / job_cfg.run.name))
+    finally:
+        EditTripletDataModule.train_dataloader = ours
+    print(f"== whole job fed by StatefulDataLoader worker processes instead of our reader threads ({rounds} rounds)")
+    for w in workers:
+        a, b = rates[("ours", w)], rates[("StatefulDataLoader", w)]
+        print(f"   {w} workers: ours best {max(a):7.0f} tokens/s per device, StatefulDataLoader best {max(b):7.0f} "
+              f"= {max(b) / max(a):.2f}; per round " + " ".join(f"{y / x:.2f}" for x, y in zip(a, b, strict=True)))
+
+
+def loader_alone(cfg, work: Path, rows: int, workers: list[int], repeats: int) -> None:
+    """Samples/s of the finetune's training batches and parquet row groups read per epoch: our loader
+    vs the same reads through torchdata, on ``rows`` triplets (more row groups than the row-group
+    cache holds, as on the real data set)."""
+    import copy
+
+    import torchdata_compare as tdc
+    from torch.utils.data import get_worker_info
+
+    from img_lightning.finetune.datamodule import EditTripletDataModule
+    from img_lightning.finetune.loader import TripletBatchLoader
+    from img_lightning.finetune.plan import RowGroupWindows
+    from img_lightning.finetune.triplets import RowGroupImages
+    from preprocessing.demo_data import write_edit_triplets_parquet
+
+    data = work / "loader.parquet"
+    write_edit_triplets_parquet(data, rows, seed=1, bad_rows=False)
+    cfg = copy.deepcopy(cfg)
+    cfg.data.input = str(data)
+    dm = EditTripletDataModule(cfg.data, cfg.mllm)
+    dm.setup()
+    requests = list(dm.train_plan(RowGroupWindows(dm.index.group_of, cfg.data.shuffle_window)))
+    prefetch = int(cfg.data.prefetch_batches)
+
+    def loader(w: int) -> TripletBatchLoader:  # its own row-group cache, cold
+        images = RowGroupImages(dm.index.files, capacity=cfg.data.row_group_cache)
+        return TripletBatchLoader(dm.index, images, dm.encoder, requests, num_workers=w, prefetch=prefetch)
+
+    def counted(reads: TripletBatchLoader):
+        """``reads.read_batch`` that reports the row groups its process has read (worker processes
+        each have their own copy of the cache and of the counter)."""
+        def read(request):
+            batch = reads.read_batch(request)
+            info = get_worker_info()
+            batch["reader"] = torch.tensor(info.id if info is not None else -1)
+            batch["row_groups_read"] = torch.tensor(reads.images.row_groups_read)
+            return batch
+        return read
+
+    have_torchdata = tdc.available()
+    print(f"== the finetune's loader alone, {len(requests)} batches of {cfg.data.batch_size}, "
+          f"{int(dm.index.group_of.max()) + 1} row groups (data.row_group_cache={cfg.data.row_group_cache}, "
+          f"data.shuffle_window={cfg.data.shuffle_window}): samples/s, best of {repeats} turns, and row groups "
+          f"read in the first epoch{'' if have_torchdata else '; pip install torchdata to compare its loaders'}")
+    for w in workers:
+        loaders, counters = {}, {}
+        if have_torchdata:
+            sdl, nodes = loader(w), loader(w)
+            loaders = {"StatefulDataLoader": tdc.stateful_dataloader(counted(sdl), requests, w, prefetch),
+                       "nodes": tdc.nodes_loader(counted(nodes), requests, w)}
+        loaders["ours"] = loader(w)
+        best = {name: 0.0 for name in loaders}
+        for turn in range(repeats + 1):  # turn 0 starts the workers and is not counted
+            for name in tdc.rotated(list(loaders), turn):  # each goes first in turn: load drifts hit all alike
+                if turn == 0:
+                    per_reader: dict[int, int] = {}
+                    for batch in loaders[name]:
+                        if "reader" in batch:
+                            per_reader[int(batch["reader"])] = int(batch["row_groups_read"])
+                    counters[name] = sum(per_reader.values()) or loaders[name].images.row_groups_read
+                    continue
+                rate = tdc.pass_rate(loaders[name], lambda b: float(b["num_real"]))
+                best[name] = max(best[name], rate)
+        line = f"   {w} workers: ours {best['ours']:7.1f} ({counters['ours']} row groups)"
+        for name in ("StatefulDataLoader", "nodes"):
+            if name in best:
+                line += f"   {name} {best[name]:7.1f} = {best[name] / best['ours']:.2f} ({counters[name]} row groups)"
+        print(line)
 
 
 def gpu_layers(layers: int, batch: int, seq: int, steps: int) -> None:
@@ -169,11 +294,18 @@ def main() -> int:
     p.add_argument("--gpu-batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--loader-workers", type=int, nargs="*", default=[0, 1, 2],
+                   help="reader threads for the loader-alone line (none: skip it)")
+    p.add_argument("--loader-repeats", type=int, default=3)
+    p.add_argument("--loader-rows", type=int, default=2048, help="triplets of the loader-alone line's file")
+    p.add_argument("--job-rounds", type=int, default=2,
+                   help="rounds of the whole job fed by torchdata's StatefulDataLoader (0: skip)")
     args = p.parse_args()
     recipe_memory()
     if not args.skip_cpu:
         with tempfile.TemporaryDirectory() as tmp:
-            tiny_cpu(Path(tmp), args.steps, args.batch)
+            tiny_cpu(Path(tmp), args.steps, args.batch, args.loader_workers, args.loader_rows, args.loader_repeats,
+                     args.job_rounds)
     if torch.cuda.is_available():
         gpu_layers(args.gpu_layers, args.gpu_batch, args.seq, steps=5)
     else:

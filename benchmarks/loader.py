@@ -22,6 +22,10 @@ float8_e4m3fn guidance (+ per-token scales; batches stay 8-bit, so pairs/s is th
     per batch on this machine's device (CPU here: on a GPU it is one reduction, see gpu_suite.py).
 (e) ``data.verify_checksums``: the sha256 pass over every shard at start-up, in GB/s and in loader
 epochs (how many full reads of the cache the loader does in the time the checksum pass takes).
+(f) torchdata, the same reads: our loader next to the same ``read`` of the same requests through
+    ``torchdata``'s ``StatefulDataLoader`` (worker processes) and ``torchdata.nodes`` (``ParallelMapper``
+    threads), pairs/s for each worker count, measured in turns (benchmarks/torchdata_compare.py; only
+    when torchdata is installed).
 For contrast, (c): the textbook pipeline over the same shards, ``webdataset.WebDataset`` ->
 safetensors decode -> padded collate in a DataLoader with one worker process. Samples are LLaVA-13B
 shaped by default: guidance ~600 x 5120, IP tokens 16 x 2048 for the loser and the winner.
@@ -35,6 +39,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +160,31 @@ def finite_check_placement(root: Path, key: str, dims: tuple[int, int, int], bat
     return best
 
 
+def torchdata_turns(root: Path, key: str, dims: tuple[int, int, int], workers: Sequence[int], batch: int,
+                    repeats: int) -> dict[int, dict[str, float]]:
+    """(f): best pairs/s of our loader and of the same reads (reader per thread or process, recycled
+    buffers) through torchdata's two loaders, per worker count, in turns."""
+    import torchdata_compare as tdc
+
+    results = {}
+    for w in workers:
+        ours = training_loader(root, key, dims, w, batch)
+        reads = training_loader(root, key, dims, w, batch)  # its _read: what our threads call
+        requests = list(reads.plan)
+        loaders = {"StatefulDataLoader": tdc.stateful_dataloader(reads._read, requests, w),
+                   "nodes": tdc.nodes_loader(reads._read, requests, w), "ours": ours}
+        best = {name: 0.0 for name in loaders}
+        for turn in range(repeats + 1):  # turn 0 starts the workers and is not counted
+            for name in tdc.rotated(list(loaders), turn):  # each goes first in turn: load drifts hit all alike
+                rate = tdc.pass_rate(loaders[name], lambda b: b["index"].numel())
+                if turn:
+                    best[name] = max(best[name], rate)
+        results[w] = best
+        ours.close()
+        reads.close()
+    return results
+
+
 def device_check_ms(root: Path, batch: int, repeats: int) -> tuple[float, str]:
     """Milliseconds of ``check_batch`` (dequantize + per-sample isfinite + masking) per batch, best of
     ``repeats``, on the GPU when there is one (after the copy, as in training), else on the CPU."""
@@ -248,6 +278,20 @@ def measure_cache(root: Path, args, label: str) -> dict:
     epoch_s = size / (max(result["gbps"].values()) * 1e9)
     print(f"(e) verify_checksums (sha256 of every shard at start-up): {sha:.2f} GB/s, "
           f"{size / (sha * 1e9):.2f} s = {size / (sha * 1e9) / epoch_s:.1f} loader epochs of this cache")
+    if not args.no_torchdata:
+        import torchdata_compare
+
+        if torchdata_compare.available():
+            turns = torchdata_turns(root, manifest.cache_key, dims, args.workers, args.batch_size, args.repeats)
+            print(f"(f) torchdata, the same reads, pairs/s (best of {args.repeats} turns) and / ours:")
+            print(f"{'workers':>8} {'ours':>9} {'StatefulDataLoader':>26} {'nodes (threads)':>22}")
+            for w, r in turns.items():
+                sdl, nodes = r["StatefulDataLoader"], r["nodes"]
+                print(f"{w:>8} {r['ours']:>9.1f} {sdl:>17.1f} = {sdl / r['ours']:.2f} "
+                      f"{nodes:>13.1f} = {nodes / r['ours']:.2f}")
+            result["torchdata"] = turns
+        else:
+            print("(f) torchdata not installed: `pip install torchdata` to compare its loaders")
     result.update(dims=dims, paths=paths, raw=raw, raw_batch=raw_batch, size=size, sha=sha)
     return result
 
@@ -266,6 +310,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--check-repeats", type=int, default=5, help="turns of (d) (raw, reader check, device check)")
     parser.add_argument("--no-naive", action="store_true", help="skip (c), the textbook WebDataset pipeline")
+    parser.add_argument("--no-torchdata", action="store_true", help="skip (f), torchdata's loaders")
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # keep the table readable
     print(f"cpus={os.cpu_count()} torch threads={torch.get_num_threads()}")

@@ -12,9 +12,9 @@ from img_lightning.data import (
     CacheMismatchError,
     ExpectedFeatures,
     FeatureCacheDataModule,
-    ResumableBatchSampler,
     rank_batches,
 )
+from img_lightning.data import RankPlan as ResumableBatchSampler
 
 
 @pytest.fixture(scope="module")

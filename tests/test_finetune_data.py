@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from img_lightning.finetune.plan import PAD, epoch_order, eval_batches, train_batches
+from img_lightning.data.plan import PAD
+from img_lightning.finetune.plan import epoch_order, eval_batches, train_batches
 from img_lightning.finetune.triplets import (
     CorruptImage,
     RowGroupImages,
@@ -117,8 +118,8 @@ def test_loader_drops_bad_samples_and_the_run_lists_them(tmp_path, tiny_llava_di
 
     from img_lightning.config.encoders import MLLMConfig
     from img_lightning.config.finetune_mllm import FinetuneDataConfig
+    from img_lightning.data.plan import BatchRequest
     from img_lightning.finetune.datamodule import EditTripletDataModule, skip_summary
-    from img_lightning.finetune.plan import BatchRequest
 
     rows = [_row(i) for i in range(3)]
     import random

@@ -40,10 +40,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # MLLM and IP encoders (with what they read of a finetuned-MLLM export), the cache recipe (its key
     # needs the question file's hash), checkpoint conversion
     ("features", ("img_lightning.encoders", "img_lightning.recipe", "img_lightning.convert")),
-    # the aligner, its objective and LightningModule, the training job; the MLLM finetuning stage
+    # the aligner, its objective and LightningModule, the one job assembly and its two stages (the
+    # aligner's training job, the MLLM finetuning stage)
     ("training", ("img_lightning.aligner", "img_lightning.objective", "img_lightning.module",
-                  "img_lightning.callbacks", "img_lightning.checkpoint_io", "img_lightning.training",
-                  "img_lightning.finetune")),
+                  "img_lightning.callbacks", "img_lightning.checkpoint_io", "img_lightning.job",
+                  "img_lightning.training", "img_lightning.finetune")),
     # prompt records, image store, arms: what generation and evaluation share
     ("eval_run", ("img_lightning.eval_run",)),
     ("generation", ("img_lightning.generation",)),

@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from img_lightning.aligner import ImplicitAligner
 from img_lightning.cache.synthetic import write_synthetic_cache
 from img_lightning.cli.train import main as train_main
-from img_lightning.training import build_trainer, run_training
+from img_lightning.job import build_trainer
+from img_lightning.training import run_training
 from train_utils import TINY_CACHE_DIMS, CrashAt, srun_environment, tiny_config, tiny_overrides
 
 

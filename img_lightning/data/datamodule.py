@@ -1,13 +1,7 @@
-"""The DataModule owns the distributed data semantics: cache checks, rank balance, exact resume.
+"""The aligner's DataModule: cache checks, the rank plan over the cache's samples, the bad-sample rules.
 
-Resume works through Lightning's DataModule state in the checkpoint: every training batch carries
-``(epoch, position)``; :meth:`on_before_batch_transfer` (called only for the batch about to be
-trained on, never for the one Lightning prefetches) records it, the checkpoint saves it, and after
-a restart the sampler skips exactly the batches already trained on in that epoch.
-
-The data epoch is derived from that position too, not from ``trainer.current_epoch``: Lightning
-(2.6) never calls ``set_epoch`` on our sampler after a mid-epoch resume, and after a resume from a
-checkpoint taken on an epoch's last batch its epoch counter runs one ahead of an uninterrupted run.
+Rank plans, exact resume and rank/world come from :class:`~.resumable.ResumableDataModule` (shared
+with the MLLM finetune); what is particular here is what a sample is, a feature-cache record.
 
 8-bit guidance travels to the device as stored (float8 + per-token scales) and is widened to float32
 in :meth:`on_after_batch_transfer`, on the device, so the loader and the host-to-device copy move
@@ -27,7 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -37,8 +30,8 @@ from ..cache.reader import BadSampleLog, CacheView, nonfinite_error
 from ..errors import UserError
 from .device_check import PendingChecks, bad_samples, check_batch
 from .loader import ThreadedBatchLoader
-from .plan import ResumableBatchSampler
-from .position import DataPosition
+from .plan import RankPlan
+from .resumable import ResumableDataModule
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +84,14 @@ def check_cache(view: CacheView, expected: ExpectedFeatures, max_bad_fraction: f
         raise CacheMismatchError(f"{root}: the cache holds no readable samples")
 
 
-class FeatureCacheDataModule(L.LightningDataModule):
+class FeatureCacheDataModule(ResumableDataModule):
     def __init__(self, cfg: Any, expected: ExpectedFeatures) -> None:
         """``cfg`` is the ``data`` block of the training config (see ``config/train.py``)."""
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.expected = expected
         self.train_view: Optional[CacheView] = None
         self.val_view: Optional[CacheView] = None
-        self.train_ids: Optional[np.ndarray] = None
-        self.val_ids: Optional[np.ndarray] = None
-        # Training position: last (epoch, batches done) handed to the training step.
-        self.position = DataPosition()  # checkpointed: what exact resume restarts from
-        self.bad_samples = 0
-        self.train_loader: Optional[ThreadedBatchLoader] = None
+        self.bad_samples = 0  # checkpointed
         self._pending = PendingChecks()  # device-side NaN/Inf verdicts of training batches not yet counted
         self._bad_logs: dict[int, BadSampleLog] = {}
 
@@ -159,27 +146,12 @@ class FeatureCacheDataModule(L.LightningDataModule):
                 f"{cfg.batch_size} on each of {world_size} ranks; lower data.batch_size or use a bigger cache"
             )
 
-    def _world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
-
-    def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer is not None else 0
-
     # ------------------------------------------------------------------ loaders
-    def _loader(self, view: CacheView, ids: np.ndarray, batch_size: int, train: bool) -> ThreadedBatchLoader:
+    def _loader(self, view: CacheView, plan: RankPlan) -> ThreadedBatchLoader:
         cfg = self.cfg
-        sampler = ResumableBatchSampler(
-            ids,
-            batch_size=batch_size,
-            rank=self._rank(),
-            world_size=self._world_size(),
-            seed=cfg.seed,
-            shuffle=train,
-            start_fn=self._next_pass if train else (lambda: (0, 0)),
-        )
         return ThreadedBatchLoader(
             view,
-            sampler,
+            plan,
             num_workers=cfg.num_workers,
             prefetch=cfg.prefetch_factor,
             pin_memory=cfg.pin_memory and self._on_gpu() and torch.cuda.is_available(),
@@ -197,23 +169,18 @@ class FeatureCacheDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ThreadedBatchLoader:
         assert self.train_view is not None and self.train_ids is not None, "call setup() first"
-        self.train_loader = self._loader(self.train_view, self.train_ids, self.cfg.batch_size, train=True)
+        self.train_loader = self._loader(self.train_view, self.train_plan())
         return self.train_loader
 
     def val_dataloader(self) -> ThreadedBatchLoader | list:
         if self.val_view is None or self.val_ids is None:
             return []
-        return self._loader(self.val_view, self.val_ids, self.cfg.val_batch_size or self.cfg.batch_size, train=False)
+        return self._loader(self.val_view, self.eval_plan(self.val_ids))
 
-    # ------------------------------------------------------------------ resume state
-    def _next_pass(self) -> tuple[int, int]:
-        """``(epoch, first batch)`` of a new training pass over the data."""
-        return self.position.next_pass(len(self.train_ids) // (self.cfg.batch_size * self._world_size()))
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training and "position" in batch:
+    # ------------------------------------------------------------------ bad samples
+    def on_batch(self, batch: dict[str, Any], training: bool) -> dict[str, Any]:
+        if training:
             self.settle_device_checks()  # the previous step has finished: its verdicts cost no wait
-            self.position.trained(batch)
             self._account_bad(int(batch["num_bad"]))
         return batch
 
@@ -246,6 +213,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         self.settle_device_checks()
+        super().teardown(stage)
 
     def _account_bad(self, n: int) -> None:
         if n == 0:
@@ -263,20 +231,20 @@ class FeatureCacheDataModule(L.LightningDataModule):
                 f"Run `img-preprocess verify {self.cfg.cache}` and re-create the bad shards."
             )
 
-    def state_dict(self) -> dict[str, Any]:
+    # ------------------------------------------------------------------ checkpoint state
+    def extra_state(self) -> dict[str, Any]:
         self.settle_device_checks()  # a checkpoint counts every batch it has trained on
-        return {**self.position.state(self._world_size(), self.cfg.batch_size), "bad_samples": self.bad_samples}
+        return {"bad_samples": self.bad_samples}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        problems = DataPosition.layout_problems(state_dict, self._world_size(), self.cfg.batch_size)
-        if problems:
-            raise CacheMismatchError(
-                f"the checkpoint's data position was counted under another layout ({'; '.join(problems)}): resuming "
-                f"would train on other samples than the interrupted run. Resume with the same number of processes "
-                f"and data.batch_size, or start a new run."
-            )
-        self.position.restore(state_dict)
-        self.bad_samples = int(state_dict.get("bad_samples", 0))
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        self.bad_samples = int(state.get("bad_samples", 0))
+
+    def resume_refused(self, problems: list[str]) -> Exception:
+        return CacheMismatchError(
+            f"the checkpoint's data position was counted under another layout ({'; '.join(problems)}): resuming "
+            f"would train on other samples than the interrupted run. Resume with the same number of processes "
+            f"and data.batch_size, or start a new run."
+        )
 
     # ------------------------------------------------------------------ info
     def describe(self) -> str:
@@ -284,11 +252,11 @@ class FeatureCacheDataModule(L.LightningDataModule):
         if v is None:
             return "data not set up"
         world = self._world_size()
-        steps = len(self.train_ids) // (self.cfg.batch_size * world)
+        dtype = str(v.guidance_dtype).removeprefix("torch.")
         return (
             f"cache {v.root}: {v.num_samples} pairs in {len(v.shard_paths)} shards "
-            f"({len(v.skipped)} skipped), key {v.manifest.cache_key}, guidance {str(v.guidance_dtype).removeprefix('torch.')}; "
+            f"({len(v.skipped)} skipped), key {v.manifest.cache_key}, guidance {dtype}; "
             f"train {len(self.train_ids)}, "
-            f"val {0 if self.val_ids is None else len(self.val_ids)}; {steps} steps/epoch at "
+            f"val {0 if self.val_ids is None else len(self.val_ids)}; {self.steps_per_epoch} steps/epoch at "
             f"{self.cfg.batch_size} x {world} ranks; {math.ceil(v.manifest.num_bytes / 2**20)} MiB"
         )

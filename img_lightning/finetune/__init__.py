@@ -10,8 +10,10 @@ Modules, one job each:
 * :mod:`.triplets` - streaming reader of the InstructPix2Pix parquet layout, held-out split;
 * :mod:`.seed_edit` - reader of a user-supplied SEED-Data-Edit sample (evaluation);
 * :mod:`.samples` - sample -> token ids / labels / pixels, in the guidance encoder's format;
-* :mod:`.plan`, :mod:`.loader`, :mod:`.datamodule` - rank/epoch plan, reader threads, exact resume;
-* :mod:`.module`, :mod:`.strategy`, :mod:`.training` - LightningModule, FSDP/DDP, the job;
+* :mod:`.plan`, :mod:`.loader`, :mod:`.datamodule` - on the shared data stack (:mod:`img_lightning.data`):
+  the epoch ordering, parquet rows -> token batches, skip lists and counts;
+* :mod:`.module`, :mod:`.strategy`, :mod:`.training` - LightningModule, FSDP/DDP, the stage the job
+  assembly (:mod:`img_lightning.job`) runs;
 * :mod:`.export`, :mod:`.manifest` - llava-hf / Qwen folder + manifest (cache-key identity);
 * :mod:`.merge` - LoRA merged from float32 sums, rounded once to the export dtype, and checked;
 * :mod:`.evaluate`, :mod:`.metrics`, :mod:`.judge`, :mod:`.report` - ``img-finetune-mllm eval``;

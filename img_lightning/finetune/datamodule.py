@@ -1,11 +1,11 @@
 """The DataModule of the MLLM finetuning stage: index, split, rank plan, exact resume, skip counts.
 
-Same contract as the aligner's DataModule: every training batch carries ``(epoch, position)``;
-:meth:`on_before_batch_transfer` (called only for the batch about to be trained on) records it,
-the checkpoint saves it, and after a restart the plan skips exactly the batches already trained on
-in that epoch. The data epoch is derived from that position, never from ``trainer.current_epoch``.
-The checkpoint also holds the index fingerprint, world size and batch size: a resume on other data
-or another rank layout (which would change which samples the remaining steps see) is refused.
+Rank plans, exact resume and rank/world come from the data stack's
+:class:`~img_lightning.data.resumable.ResumableDataModule`, as for the aligner; what is particular
+here is what a sample is (a parquet row turned into tokens), the epoch ordering (row-group windows,
+:mod:`.plan`) and the held-out batches padded to the same count on every rank (FSDP). The checkpoint
+also holds the index fingerprint and the training-set size: a resume on other data (which would
+change which samples the remaining steps see) is refused, as is one under another rank layout.
 
 What the run read, skipped and trained on is counted over all ranks at every optimizer step
 (:mod:`.accounting`) and checkpointed here, so a resumed run continues the counts and the
@@ -23,17 +23,16 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
-import lightning as L
-import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..data.position import DataPosition
+from ..data.plan import BatchRequest, RankPlan
+from ..data.resumable import ResumableDataModule
 from ..errors import UserError
 from .accounting import SampleCounts
 from .loader import TripletBatchLoader
-from .plan import EvalPlan, TrainPlan
+from .plan import RowGroupWindows
 from .samples import IGNORE, SampleEncoder
 from .triplets import RowGroupImages, TripletIndex, scan_triplets
 
@@ -53,15 +52,14 @@ class NothingTrained(UserError, RuntimeError):
     """The run ended without one trained sample: its weights are the base model's."""
 
 
-class EditTripletDataModule(L.LightningDataModule):
+class EditTripletDataModule(ResumableDataModule):
     def __init__(self, data_cfg: Any, mllm_cfg: Any, skip_dir: Optional[Path] = None,
                  encoder: Optional[SampleEncoder] = None, progress: bool = False,
                  record_path: Optional[Path] = None) -> None:
         """``data_cfg``/``mllm_cfg``: the ``data`` and ``mllm`` blocks of the finetuning config;
         ``skip_dir``: where each rank lists its skipped samples (None: nowhere); ``record_path``:
         where rank 0 records every sample's key, location, split and question (None: nowhere)."""
-        super().__init__()
-        self.cfg = data_cfg
+        super().__init__(data_cfg)
         self.mllm_cfg = mllm_cfg
         self.skip_dir = Path(skip_dir) if skip_dir is not None else None
         self.record_path = Path(record_path) if record_path is not None else None
@@ -69,12 +67,8 @@ class EditTripletDataModule(L.LightningDataModule):
         self.progress = progress
         self.index: Optional[TripletIndex] = None
         self.images: Optional[RowGroupImages] = None
-        self.train_ids: Optional[np.ndarray] = None
-        self.val_ids: Optional[np.ndarray] = None
-        self.position = DataPosition()  # checkpointed: what exact resume restarts from
         self.counts = SampleCounts()  # checkpointed: read / skipped / trained over all ranks
         self._warned: set[str] = set()  # sample keys already logged (a bad sample recurs every epoch)
-        self.train_loader: Optional[TripletBatchLoader] = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: Optional[str] = None) -> None:
@@ -109,38 +103,21 @@ class EditTripletDataModule(L.LightningDataModule):
                 f"in their text were dropped; {s.kept} kept, of which {s.heldout} held out "
                 f"(data.heldout_fraction={self.cfg.heldout_fraction}){limit}")
 
-    def _world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
-
-    def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer is not None else 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Training batches per rank and epoch (optimizer steps x accumulation)."""
-        assert self.train_ids is not None, "call setup() first"
-        return len(self.train_ids) // (self.cfg.batch_size * self._world_size())
-
     # ------------------------------------------------------------------ loaders
-    def _loader(self, plan) -> TripletBatchLoader:
+    def _loader(self, plan: Iterable[BatchRequest]) -> TripletBatchLoader:
         assert self.index is not None and self.images is not None and self.encoder is not None
         return TripletBatchLoader(self.index, self.images, self.encoder, plan,
                                   num_workers=self.cfg.num_workers, prefetch=self.cfg.prefetch_batches)
 
     def train_dataloader(self) -> TripletBatchLoader:
         assert self.index is not None and self.train_ids is not None, "call setup() first"
-        plan = TrainPlan(self.train_ids, self.index.group_of, batch_size=self.cfg.batch_size, rank=self._rank(),
-                         world_size=self._world_size(), seed=self.cfg.seed, window=self.cfg.shuffle_window,
-                         start_fn=self._next_pass)
-        self.train_loader = self._loader(plan)
+        self.train_loader = self._loader(self.train_plan(RowGroupWindows(self.index.group_of, self.cfg.shuffle_window)))
         return self.train_loader
 
     def val_dataloader(self) -> TripletBatchLoader | list:
         if self.val_ids is None or len(self.val_ids) == 0:
             return []
-        plan = EvalPlan(self.val_ids, batch_size=self.cfg.val_batch_size or self.cfg.batch_size, rank=self._rank(),
-                        world_size=self._world_size())
-        return self._loader(plan)
+        return self._loader(self.eval_plan(self.val_ids, pad=True))  # same batches on every rank (FSDP)
 
     def check_batch(self, max_samples: int = 4) -> Optional[dict[str, Any]]:
         """A held-out batch of the first ``max_samples`` held-out samples, model inputs and labels
@@ -148,23 +125,14 @@ class EditTripletDataModule(L.LightningDataModule):
         without held-out samples."""
         if self.val_ids is None or len(self.val_ids) == 0:
             return None
-        plan = EvalPlan(self.val_ids[:max_samples], batch_size=max_samples, rank=0, world_size=1)
-        batch = self._loader(plan).make_batch(next(iter(plan)))
+        plan = RankPlan(self.val_ids[:max_samples], batch_size=max_samples, rank=0, world_size=1, shuffle=False)
+        batch = self._loader(plan).read_batch(next(iter(plan)))
         return {k: v for k, v in batch.items() if k not in ("keys", "skipped", "epoch", "position")}
 
-    # ------------------------------------------------------------------ position and skips
-    def _next_pass(self) -> tuple[int, int]:
-        """``(epoch, first batch)`` of a new training pass."""
-        return self.position.next_pass(self.steps_per_epoch)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if trainer is None or "position" not in batch:
-            return batch
-        training = bool(trainer.training)
+    # ------------------------------------------------------------------ skips and counts
+    def on_batch(self, batch: dict[str, Any], training: bool) -> dict[str, Any]:
         skipped = batch.pop("skipped", [])
         if training:
-            self.position.trained(batch)
             tokens = int((batch["labels"][:, 1:] != IGNORE).sum())  # what the loss is taken over
             self.counts.note(int(batch["num_requested"]), [item["reason"] for item in skipped],
                              int(batch["num_real"]), tokens)
@@ -239,13 +207,15 @@ class EditTripletDataModule(L.LightningDataModule):
                     f"; further skips are listed in {self.skip_dir} only" if len(self._warned) == WARN_FIRST else "")
 
     # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.position.state(self._world_size(), self.cfg.batch_size),
-                "fingerprint": self.index.fingerprint if self.index is not None else None,
+    def extra_state(self) -> dict[str, Any]:
+        return {"fingerprint": self.index.fingerprint if self.index is not None else None,
                 "train_samples": int(len(self.train_ids)) if self.train_ids is not None else None,
                 **self.counts.state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        self.counts.restore(state)
+
+    def resume_problems(self, state: dict[str, Any]) -> list[str]:
         problems = []
         if self.index is not None and state.get("fingerprint") not in (None, self.index.fingerprint):
             problems.append(f"the data differs (index fingerprint {state['fingerprint'][:12]}... in the checkpoint, "
@@ -253,12 +223,11 @@ class EditTripletDataModule(L.LightningDataModule):
         if self.train_ids is not None and state.get("train_samples") not in (None, len(self.train_ids)):
             problems.append(f"the training set has {len(self.train_ids)} samples, the checkpoint's had "
                             f"{state['train_samples']}")
-        problems += DataPosition.layout_problems(state, self._world_size(), self.cfg.batch_size)
-        if problems:
-            raise ResumeMismatchError("cannot resume exactly: " + "; ".join(problems) +
-                                      ". Resume with the same data and ranks, or start a new run (another run.name).")
-        self.position.restore(state)
-        self.counts.restore(state)
+        return problems
+
+    def resume_refused(self, problems: list[str]) -> Exception:
+        return ResumeMismatchError("cannot resume exactly: " + "; ".join(problems) +
+                                   ". Resume with the same data and ranks, or start a new run (another run.name).")
 
     # ------------------------------------------------------------------ info
     def describe(self) -> str:

@@ -200,7 +200,7 @@ def finetuned_config(cfg: Any) -> Any:
 
 # -- the run ----------------------------------------------------------------------------------------
 def run_eval(cfg: Any, judge_transport: Any = None, progress: bool = False) -> EvalResult:
-    from ..training import apply_torch_threads
+    from ..job import apply_torch_threads
 
     apply_torch_threads(cfg.run.torch_threads)
     source = _value(cfg.eval.source)

@@ -77,7 +77,7 @@ def _load(module: Any, path: Path) -> dict[str, Any]:
 
 
 def export_checkpoint(cfg: Any, checkpoint: Optional[str] = None, out: Optional[str] = None) -> Path:
-    from ..training import apply_torch_threads
+    from ..job import apply_torch_threads
 
     apply_torch_threads(cfg.run.torch_threads)
     run_dir = run_directory(cfg.run)

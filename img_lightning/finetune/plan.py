@@ -1,31 +1,22 @@
-"""Which samples each rank trains on, in which order: a pure function of (seed, epoch, rank, world).
+"""The finetune's epoch ordering, plugged into the shared rank plan (:mod:`img_lightning.data.plan`).
 
 The only randomness is one generator per epoch, ``numpy.random.default_rng([seed, epoch, 1])``,
-identical on every rank by construction. The epoch order keeps parquet reads local: the row groups
-are permuted, cut into windows of ``window`` row groups, and the samples of each window are
-shuffled among themselves, so a rank reads each row group of a window once (the windows' row
-groups fit the row-group cache) instead of once per sample.
+identical on every rank by construction. The order keeps parquet reads local: the row groups are
+permuted, cut into windows of ``window`` row groups, and the samples of each window are shuffled
+among themselves, so a rank reads each row group of a window once (the windows' row groups fit the
+row-group cache) instead of once per sample.
 
-Global step ``j`` takes the contiguous block ``[j*W*B, (j+1)*W*B)`` of that order and rank ``r``
-its ``r``-th slice; the remainder that does not fill a whole global step is dropped, so every rank
-has the same number of batches (unequal counts hang DDP and FSDP). Held-out batches: every sample
-once, strided over ranks, and padded with :data:`PAD` (a placeholder sample with no loss) so that
-all ranks run the same number of forward passes - FSDP gathers parameters inside the forward.
+Splitting that order over ranks and steps, dropping the remainder, and the held-out batches padded
+with :data:`~img_lightning.data.plan.PAD` are the shared plan's.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 
-PAD = -1  # a placeholder sample: runs the forward, contributes no loss
-
-
-class BatchRequest(NamedTuple):
-    ids: list[int]  # sample ids (PAD for a placeholder)
-    epoch: int
-    position: int  # 0-based index of this batch within the rank's epoch
+from ..data.plan import rank_batches
 
 
 def epoch_order(sample_ids: np.ndarray, group_of: np.ndarray, seed: int, epoch: int, window: int) -> np.ndarray:
@@ -41,63 +32,26 @@ def epoch_order(sample_ids: np.ndarray, group_of: np.ndarray, seed: int, epoch: 
     return sample_ids[np.lexsort((tiebreak, window_of))]
 
 
+@dataclass(frozen=True, eq=False)
+class RowGroupWindows:
+    """:func:`epoch_order` as the plan's ordering (``(sample ids, seed, epoch) -> order``)."""
+
+    group_of: np.ndarray
+    window: int
+
+    def __call__(self, sample_ids: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+        return epoch_order(sample_ids, self.group_of, seed, epoch, self.window)
+
+
 def train_batches(sample_ids: np.ndarray, group_of: np.ndarray, *, batch_size: int, rank: int, world_size: int,
                   seed: int, epoch: int, window: int) -> list[list[int]]:
-    """The training batches of ``rank`` for one epoch (same count on every rank)."""
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad batch_size/rank/world_size: {batch_size}/{rank}/{world_size}")
-    order = epoch_order(sample_ids, group_of, seed, epoch, window)
-    per_step = batch_size * world_size
-    steps = len(order) // per_step
-    blocks = order[: steps * per_step].reshape(steps, world_size, batch_size)
-    return [b.tolist() for b in blocks[:, rank, :]]
+    """The training batches of ``rank`` for one epoch, as the DataModule's plan makes them."""
+    return [b.tolist() for b in rank_batches(sample_ids, batch_size=batch_size, rank=rank, world_size=world_size,
+                                             seed=seed, epoch=epoch, shuffle=True,
+                                             order=RowGroupWindows(group_of, window))]
 
 
 def eval_batches(sample_ids: np.ndarray, *, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """Every sample once, strided over ranks; each rank's share padded with :data:`PAD` to the same
-    length, so all ranks have the same number of batches (of the same sizes)."""
-    sample_ids = np.asarray(sample_ids, dtype=np.int64)
-    per_rank = -(-len(sample_ids) // world_size)
-    mine = sample_ids[rank::world_size].tolist()
-    mine += [PAD] * (per_rank - len(mine))
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-
-
-class TrainPlan:
-    """Yields the rank's batches of one pass, starting where ``start_fn`` says (``(epoch, first
-    batch)``, derived by the DataModule from the checkpointed position: Lightning does not call
-    ``set_epoch`` reliably after a mid-epoch resume)."""
-
-    def __init__(self, sample_ids: np.ndarray, group_of: np.ndarray, *, batch_size: int, rank: int,
-                 world_size: int, seed: int, window: int,
-                 start_fn: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
-        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
-        self.group_of = group_of
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.window = seed, window
-        self.start_fn = start_fn
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        return train_batches(self.sample_ids, self.group_of, batch_size=self.batch_size, rank=self.rank,
-                             world_size=self.world_size, seed=self.seed, epoch=epoch, window=self.window)
-
-    def __iter__(self) -> Iterator[BatchRequest]:
-        epoch, start = self.start_fn()
-        for position, ids in enumerate(self.batches(epoch)):
-            if position >= start:
-                yield BatchRequest(ids, epoch, position)
-
-    def __len__(self) -> int:
-        return len(self.sample_ids) // (self.batch_size * self.world_size)
-
-
-class EvalPlan:
-    def __init__(self, sample_ids: np.ndarray, *, batch_size: int, rank: int, world_size: int) -> None:
-        self._batches = eval_batches(sample_ids, batch_size=batch_size, rank=rank, world_size=world_size)
-
-    def __iter__(self) -> Iterator[BatchRequest]:
-        for position, ids in enumerate(self._batches):
-            yield BatchRequest(ids, 0, position)
-
-    def __len__(self) -> int:
-        return len(self._batches)
+    """The held-out batches of ``rank``, padded to the same count on every rank."""
+    return [b.tolist() for b in rank_batches(sample_ids, batch_size=batch_size, rank=rank, world_size=world_size,
+                                             seed=0, epoch=0, shuffle=False, pad=True)]

@@ -1,7 +1,8 @@
-"""Assemble and run an MLLM finetuning job from a resolved ``FinetuneMLLMConfig``.
+"""The MLLM finetuning stage (``img-finetune-mllm train``), plugged into the one job assembly
+(:mod:`img_lightning.job`).
 
-Same run-directory contract as ``img-train``: ``{run.root}/{run.name}`` without a timestamp (the
-same on every rank and across SLURM requeues) holding ``config.yaml`` + ``run_info.json`` (git SHA,
+The same run-directory contract as ``img-train`` (the same assembly makes it): ``{run.root}/{run.name}``
+without a timestamp (the same on every rank and across SLURM requeues) holding ``config.yaml`` + ``run_info.json`` (git SHA,
 versions, command), ``samples.parquet`` (every triplet's key, location, split and question index),
 ``tensorboard/``, ``checkpoints/last.ckpt`` (a directory with FSDP's sharded checkpoints),
 ``skipped/rank*.jsonl``, ``summary.json`` and, at the end, ``export/``. A resume
@@ -19,45 +20,31 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback
 
 from ..atomic import atomic_write_json
-from ..callbacks.progress import progress_bar
-from ..callbacks.requeue import slurm_requeue_callback
-from ..callbacks.tensorboard import GradNorm, RunTensorBoardLogger, log_run_hparams
-from ..config.changes import describe_changes
-# run-directory safety: atomic checkpoints, one run per directory
-from ..checkpoint_io import AtomicCheckpointIO
-from ..run_lock import run_locked, take_run_lock
 from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, to_container
-from ..run_dir import (check_resume_config, git_revision, lightning_root, resolve_resume, run_directory,
-                       write_run_info)
-from ..training import apply_torch_threads, parse_devices
-from ..weights_guard import check_weights_unchanged, weights_fingerprint
+from ..job import Job, JobResult, Stage, run_job, standard_callbacks
+from ..run_dir import git_revision
+from .accounting import StepAccounting, trained_summary  # (with .provenance: what a checkpoint records)
 from .datamodule import EditTripletDataModule, skip_summary
 from .module import MLLMFinetuneModule
-from .accounting import StepAccounting, trained_summary  # (with .provenance: what a checkpoint records)
 from .provenance import RunRecord
 from .strategy import build_strategy
 from .throughput import TokenThroughput
 
 log = logging.getLogger(__name__)
 
-# Lightning's resume and pytree warnings are silenced by ..training (imported above), as for img-train.
+# Lightning's resume and pytree warnings are silenced by ..job (imported above), as for img-train.
 # The frozen vision tower is deliberately kept in eval mode (see model.py).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 @dataclass
-class FinetuneResult:
-    run_dir: Path
-    metrics: dict[str, float] = field(default_factory=dict)
+class FinetuneResult(JobResult):
     export_dir: Optional[Path] = None
     summary: dict[str, Any] = field(default_factory=dict)
-    is_global_zero: bool = True
-    requeued_at: Optional[int] = None  # the step saved when SLURM's time-limit signal stopped the run
 
 
 def _value(x: Any) -> str:
@@ -76,39 +63,12 @@ def accumulation(cfg: Any, world_size: int) -> int:
     return global_batch // per_step
 
 
-def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), logger: Any = False) -> L.Trainer:
-    """The Trainer; under SLURM (``srun``) Lightning's SLURM environment without its auto-requeue,
-    which saves mid-step (with gradient accumulation: accumulated gradients lost, their batches
-    counted as done): :class:`RequeueOnSignal` saves at an optimizer-step boundary instead."""
-    t = cfg.trainer
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
-    plugins.append(AtomicCheckpointIO())  # same-directory atomic checkpoints, plain errors
-    trainer = L.Trainer(
-        accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes,
-        strategy=build_strategy(cfg), precision=t.precision, max_steps=t.max_steps, max_epochs=t.max_epochs,
-        gradient_clip_val=cfg.optim.grad_clip, log_every_n_steps=t.log_every_n_steps,
-        val_check_interval=t.val_check_interval, check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
-        deterministic=t.deterministic, enable_progress_bar=t.enable_progress_bar,
-        default_root_dir=str(lightning_root(run_dir)),  # not the run directory: see lightning_root
-        logger=logger, callbacks=list(callbacks), plugins=plugins or None,
-        use_distributed_sampler=False,  # the DataModule shards the data itself
-        num_sanity_val_steps=0,
-    )
-    trainer.accumulate_grad_batches = accumulation(cfg, trainer.world_size)
-    return trainer
-
-
 def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
     return [
         StepAccounting(),  # global read/skipped/trained counts, the bad-fraction rule, empty steps
         RunRecord(cfg),  # the config and base-model identity in every checkpoint
         TokenThroughput(),
-        GradNorm(),
-        *progress_bar(cfg.trainer),
-        LearningRateMonitor(logging_interval="step"),
-        # `last.ckpt` every N optimizer steps: what exact resume restarts from.
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_top_k=0, save_last=True),
+        *standard_callbacks(cfg, run_dir),
     ]
 
 
@@ -188,52 +148,58 @@ def export_trained(cfg: Any, module: MLLMFinetuneModule, datamodule: EditTriplet
     return path
 
 
-@run_locked
+class FinetuneStage(Stage[FinetuneResult]):
+    """``img-finetune-mllm train``: the edit-triplet DataModule, the MLLM module under FSDP/DDP,
+    accumulation from ``data.global_batch_size``, a refusal of a run that trained on nothing, the
+    held-out loss, the export (every rank helps gather sharded weights) and ``summary.json``."""
+
+    command = "img-finetune-mllm train"
+    schema = FinetuneMLLMConfig
+    result_type = FinetuneResult
+
+    def resume_free_keys(self, cfg: Any) -> frozenset[str]:
+        return resume_free_keys(cfg)
+
+    def datamodule(self, cfg: Any, run_dir: Path) -> EditTripletDataModule:
+        return EditTripletDataModule(cfg.data, cfg.mllm, skip_dir=run_dir / "skipped",
+                                     progress=bool(cfg.trainer.enable_progress_bar),
+                                     record_path=run_dir / "samples.parquet")
+
+    def module(self, cfg: Any) -> MLLMFinetuneModule:
+        return MLLMFinetuneModule(cfg.mllm, cfg.finetune, cfg.optim, strategy=_value(cfg.trainer.strategy),
+                                  seed=cfg.run.seed)
+
+    def callbacks(self, cfg: Any, run_dir: Path) -> list[Callback]:
+        return build_callbacks(cfg, run_dir)
+
+    def strategy(self, cfg: Any) -> Any:
+        return build_strategy(cfg)
+
+    def accumulation(self, cfg: Any, world_size: int) -> int:
+        return accumulation(cfg, world_size)
+
+    def run_info(self, trainer: L.Trainer) -> dict[str, Any]:
+        return {"accumulate_grad_batches": trainer.accumulate_grad_batches}
+
+    def after_fit(self, job: Job) -> None:
+        job.datamodule.check_trained()  # no trained sample: an error, never an export of the base model
+
+    def validates(self, job: Job) -> bool:
+        val_ids = job.datamodule.val_ids
+        return val_ids is not None and len(val_ids) > 0 and job.cfg.trainer.limit_val_batches > 0
+
+    def finish(self, job: Job, result: FinetuneResult) -> None:
+        if job.cfg.run.export:
+            result.export_dir = export_trained(job.cfg, job.module, job.datamodule, job.trainer, result.metrics,
+                                               job.run_dir / "export")
+        job.trainer.strategy.barrier("export")
+        if job.trainer.is_global_zero:
+            result.summary = write_summary(job.run_dir, job.datamodule, job.trainer, result)
+
+
 def run_finetune(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> FinetuneResult:
     """Fit, measure the held-out loss, export. Returns the final metrics (rank 0 has them all)."""
-    apply_torch_threads(cfg.run.torch_threads)
-    run_dir = run_directory(cfg.run)
-    ckpt_path = resolve_resume(run_dir, cfg.run.ckpt_path)
-    changes = check_resume_config(run_dir, cfg, FinetuneMLLMConfig, resume_free_keys(cfg)) if ckpt_path else {}
-    datamodule = EditTripletDataModule(cfg.data, cfg.mllm, skip_dir=run_dir / "skipped",
-                                       progress=bool(cfg.trainer.enable_progress_bar),
-                                       record_path=run_dir / "samples.parquet")
-    module = MLLMFinetuneModule(cfg.mllm, cfg.finetune, cfg.optim, strategy=_value(cfg.trainer.strategy),
-                                seed=cfg.run.seed)
-    logger = RunTensorBoardLogger(run_dir)
-    requeue = slurm_requeue_callback(run_dir)
-    callbacks = build_callbacks(cfg, run_dir) + list(extra_callbacks) + ([requeue] if requeue else [])
-    trainer = build_trainer(cfg, run_dir, callbacks, logger)
-    take_run_lock(run_dir, "img-finetune-mllm train", trainer.global_rank)  # held until this returns
-    if trainer.is_global_zero:
-        write_run_info(run_dir, cfg, {"resumed_from": ckpt_path, "world_size": trainer.world_size,
-                                      "accumulate_grad_batches": trainer.accumulate_grad_batches},
-                       resumed=ckpt_path is not None, changes=changes)
-        if changes:
-            log.info("resuming with config changes (recorded under %s/resumes):\n%s", run_dir, describe_changes(changes))
-        log.info("run directory: %s", run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if requeue is None or requeue.requeued_at is None:
-        datamodule.check_trained()  # no trained sample: an error, never an export of the base model
-
-    result = FinetuneResult(run_dir=run_dir, is_global_zero=trainer.is_global_zero)
-    if requeue is not None and requeue.requeued_at is not None:
-        result.requeued_at = requeue.requeued_at  # the requeued job continues; nothing final yet
-        requeue.requeue_job(trainer)  # the last thing this job does (SLURM ends it)
-        return result
-    trained = weights_fingerprint(module)
-    if datamodule.val_ids is not None and len(datamodule.val_ids) and cfg.trainer.limit_val_batches > 0:
-        validated = trainer.validate(module, datamodule=datamodule, verbose=False)
-        result.metrics = {k: float(v) for k, v in (validated[0] if validated else {}).items()}
-        check_weights_unchanged(module, trained, "the final validation")
-    if trainer.is_global_zero:
-        log_run_hparams(logger, cfg, result.metrics, trainer.global_step)
-    if cfg.run.export:
-        result.export_dir = export_trained(cfg, module, datamodule, trainer, result.metrics, run_dir / "export")
-    trainer.strategy.barrier("export")
-    if trainer.is_global_zero:
-        result.summary = write_summary(run_dir, datamodule, trainer, result)
-    return result
+    return run_job(cfg, FinetuneStage(), extra_callbacks)
 
 
 def write_summary(run_dir: Path, datamodule: EditTripletDataModule, trainer: L.Trainer,
