@@ -14,6 +14,7 @@ from .callbacks import ReferenceSwap, Throughput
 from .config.loading import ConfigError, load_config, to_container
 from .config.train import RESUME_FREE_KEYS, TrainConfig
 from .data import ExpectedFeatures, FeatureCacheDataModule
+from .data.step_counts import SettleAtStep
 from .job import Job, JobResult, Stage, parse_devices, run_job, standard_callbacks
 from .module import AlignerModule, aligner_weights_from_checkpoint
 
@@ -74,6 +75,7 @@ def build_datamodule(cfg: Any) -> FeatureCacheDataModule:
 
 def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
     return [
+        SettleAtStep(),  # read/bad samples summed over ranks at each step, the data.max_bad_fraction rule
         ReferenceSwap(patience=cfg.reference.patience, log_dir=run_dir / "reference_swaps"),
         Throughput(),
         *standard_callbacks(cfg, run_dir),

@@ -9,9 +9,13 @@ half the bytes.
 
 The per-sample NaN/Inf check runs where it is cheap (``data.finite_check``): on the reader thread
 for CPU training (bad samples dropped from their batch), on the device after the copy when training
-on a GPU (:mod:`.device_check`: bad samples masked out of the loss). Either way they are counted in
-``bad_samples`` against ``data.max_bad_fraction`` and named in the log; the device's verdicts are
-read back at the next batch or checkpoint, so that path adds no synchronisation to the step.
+on a GPU (:mod:`.device_check`: bad samples masked out of the loss). Either way they are named in the
+log and counted: each rank notes the samples its training batches read and found bad, and at every
+optimizer step the ranks add up their notes (:mod:`.step_counts`), so ``samples_read`` and
+``bad_samples`` (checkpointed) are totals over all ranks and the ``data.max_bad_fraction`` rule
+decides the same on every rank. The device's verdicts are read back at that step, where the step
+waits for the device anyway (the reference-swap decision reads its distances back at every step,
+the gradient's finite check too outside ``16-mixed``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from ..errors import UserError
 from .device_check import PendingChecks, bad_samples, check_batch
 from .loader import ThreadedBatchLoader
 from .plan import RankPlan
-from .resumable import ResumableDataModule
+from .resumable import AllSum, ResumableDataModule
+from .step_counts import bad_share_bound
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,9 @@ class FeatureCacheDataModule(ResumableDataModule):
         self.expected = expected
         self.train_view: Optional[CacheView] = None
         self.val_view: Optional[CacheView] = None
-        self.bad_samples = 0  # checkpointed
+        self.samples_read = 0  # checkpointed: training samples read, over all ranks (each pass again)
+        self.bad_samples = 0  # checkpointed: of those, failed to decode or held NaN/Inf
+        self._noted = [0, 0]  # this rank's read and bad samples since the last optimizer step
         self._pending = PendingChecks()  # device-side NaN/Inf verdicts of training batches not yet counted
         self._bad_logs: dict[int, BadSampleLog] = {}
 
@@ -179,9 +186,9 @@ class FeatureCacheDataModule(ResumableDataModule):
 
     # ------------------------------------------------------------------ bad samples
     def on_batch(self, batch: dict[str, Any], training: bool) -> dict[str, Any]:
-        if training:
-            self.settle_device_checks()  # the previous step has finished: its verdicts cost no wait
-            self._account_bad(int(batch["num_bad"]))
+        if training:  # the reader dropped ``num_bad`` of the batch's samples (all of them checked there)
+            num_bad = int(batch["num_bad"])
+            self._note(len(batch["index"]) + num_bad, num_bad)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -201,43 +208,66 @@ class FeatureCacheDataModule(ResumableDataModule):
         return batch
 
     def settle_device_checks(self) -> None:
-        """Count and name the bad samples the device found in training batches since the last call
+        """Note and name the bad samples the device found in training batches since the last call
         (reads their verdicts back: the device must be done with those batches, or it waits)."""
         bad = self._pending.settle()
         for i, names in bad:
             self._bad_log(self.train_view).report(i, nonfinite_error(names))
-        self._account_bad(len(bad))
+        self._note(0, len(bad))
 
     def _bad_log(self, view: CacheView) -> BadSampleLog:
         return self._bad_logs.setdefault(id(view), BadSampleLog(view))
 
     def teardown(self, stage: str) -> None:
-        self.settle_device_checks()
+        self.settle_device_checks()  # named in the log; a batch that reached no optimizer step is not counted
         super().teardown(stage)
 
-    def _account_bad(self, n: int) -> None:
-        if n == 0:
-            return
-        self.bad_samples += n
+    def _note(self, read: int, bad: int) -> None:
+        self._noted[0] += read
+        self._noted[1] += bad
+
+    def settle_step(self, all_sum: AllSum) -> int:
+        """At an optimizer step: add every rank's read and bad samples since the last step to the
+        totals and stop when the unusable share passes ``data.max_bad_fraction``; returns the step's
+        bad samples over all ranks."""
+        self.settle_device_checks()
+        read, bad = all_sum(self._noted)
+        self._noted = [0, 0]
+        self.samples_read += read
+        self.bad_samples += bad
+        self._check_bad_share()
+        return bad
+
+    def _check_bad_share(self) -> None:
+        """The rule: samples in skipped shards plus the bad share of what the run reads (a lower bound
+        until the end of the epoch, see :mod:`.step_counts`) of the cache's readable samples, as a
+        share of the whole cache, must not pass ``data.max_bad_fraction``."""
         view = self.train_view
-        total = view.manifest.num_samples if view is not None else 0
-        skipped = view.skipped_samples if view is not None else 0
-        fraction = (self.bad_samples + skipped) / max(total, 1)
-        if fraction > self.cfg.max_bad_fraction:
-            raise DamagedCacheError(
-                f"{self.cfg.cache}: {self.bad_samples} samples failed to decode or held NaN/Inf and {skipped} "
-                f"sit in skipped shards ({fraction:.2%} of the cache), above data.max_bad_fraction="
-                f"{self.cfg.max_bad_fraction}. "
-                f"Run `img-preprocess verify {self.cfg.cache}` and re-create the bad shards."
-            )
+        assert view is not None, "call setup() first"
+        total, skipped = view.manifest.num_samples, view.skipped_samples
+        planned = self.planned_reads()
+        read_share = bad_share_bound(self.bad_samples, self.samples_read, planned)
+        share = (skipped + read_share * (total - skipped)) / max(total, 1)
+        limit = self.cfg.max_bad_fraction
+        if share <= limit:
+            return
+        in_shards = f" and {skipped} of the cache's {total} sit in skipped shards" if skipped else ""
+        raise DamagedCacheError(
+            f"{self.cfg.cache}: {self.bad_samples} of the {self.samples_read} training samples read so far (all "
+            f"ranks) failed to decode or held NaN/Inf{in_shards}. That is at least {share:.2%} of the cache (counted "
+            f"against the {max(self.samples_read, planned)} samples this run reads by the end of its epoch), above "
+            f"data.max_bad_fraction={limit}. "
+            f"Run `img-preprocess verify {self.cfg.cache}` and re-create the bad shards."
+        )
 
     # ------------------------------------------------------------------ checkpoint state
     def extra_state(self) -> dict[str, Any]:
-        self.settle_device_checks()  # a checkpoint counts every batch it has trained on
-        return {"bad_samples": self.bad_samples}
+        # Totals as of the last optimizer step: checkpoints are written after a step, which settled them.
+        return {"bad_samples": self.bad_samples, "samples_read": self.samples_read}
 
     def restore_extra(self, state: dict[str, Any]) -> None:
         self.bad_samples = int(state.get("bad_samples", 0))
+        self.samples_read = int(state.get("samples_read", 0))
 
     def resume_refused(self, problems: list[str]) -> Exception:
         return CacheMismatchError(

@@ -17,7 +17,7 @@ cannot be resumed on its data (:meth:`~ResumableDataModule.resume_problems`).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import numpy as np
@@ -25,6 +25,9 @@ import numpy as np
 from .batch_loader import BatchLoader
 from .plan import Ordering, RankPlan, shuffled
 from .position import DataPosition
+
+# The element-wise sum of a list of integers over all ranks (see :mod:`.step_counts`).
+AllSum = Callable[[list[int]], list[int]]
 
 
 class ResumableDataModule(L.LightningDataModule):
@@ -82,6 +85,22 @@ class ResumableDataModule(L.LightningDataModule):
         """A batch about to be trained on (``training``) or evaluated, before its copy to the device:
         the stage's per-batch accounting."""
         return batch
+
+    def settle_step(self, all_sum: AllSum) -> int:
+        """At an optimizer step (:class:`~.step_counts.SettleAtStep`): add every rank's counts since the
+        last step to the totals and apply the stage's rules on them; returns a stage-defined count of
+        the step over all ranks."""
+        raise NotImplementedError
+
+    def planned_reads(self) -> int:
+        """Training samples the run will have read, over all ranks, by the end of the current data
+        epoch, or of the run when ``max_steps`` ends it first."""
+        per_step = int(self.cfg.batch_size) * self._world_size()
+        planned = self.steps_per_epoch * per_step * (self.position.epoch + 1)
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps > 0:
+            planned = min(planned, int(trainer.max_steps) * int(trainer.accumulate_grad_batches) * per_step)
+        return planned
 
     def teardown(self, stage: str) -> None:
         if self.train_loader is not None:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Optional
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.plan import BatchRequest, RankPlan
-from ..data.resumable import ResumableDataModule
+from ..data.resumable import AllSum, ResumableDataModule
 from ..errors import UserError
 from .accounting import SampleCounts
 from .loader import TripletBatchLoader
@@ -151,7 +151,7 @@ class EditTripletDataModule(ResumableDataModule):
     def skip_counts(self) -> Counter:
         return self.counts.reasons
 
-    def settle_step(self, all_sum) -> int:
+    def settle_step(self, all_sum: AllSum) -> int:
         """At an optimizer step: add every rank's counts since the last step (``all_sum``: element-wise
         sum over ranks), stop when the bad share passes ``data.max_bad_fraction``; returns the step's
         answer tokens over all ranks."""
@@ -167,16 +167,6 @@ class EditTripletDataModule(ResumableDataModule):
                 f"above data.max_bad_fraction={self.cfg.max_bad_fraction}. See {self.skip_dir or 'the log'} for which "
                 f"and why; repair the data, or raise data.max_bad_fraction to train on the rest")
         return tokens
-
-    def planned_reads(self) -> int:
-        """Training samples the run will have read, over all ranks, by the end of the current data
-        epoch, or of the run when ``max_steps`` ends it first."""
-        per_step = int(self.cfg.batch_size) * self._world_size()
-        planned = self.steps_per_epoch * per_step * (self.position.epoch + 1)
-        trainer = self.trainer
-        if trainer is not None and trainer.max_steps > 0:
-            planned = min(planned, int(trainer.max_steps) * int(trainer.accumulate_grad_batches) * per_step)
-        return planned
 
     def check_trained(self) -> None:
         """Refuse a run that ended without one trained sample (its weights are the base model's)."""
