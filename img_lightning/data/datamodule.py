@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..cache.quant import dequantize_batch
 from ..cache.reader import BadSampleLog, CacheView, nonfinite_error
+from ..config.train import DataConfig
 from ..errors import UserError
 from .device_check import PendingChecks, bad_samples, check_batch
 from .loader import ThreadedBatchLoader
@@ -89,8 +90,8 @@ def check_cache(view: CacheView, expected: ExpectedFeatures, max_bad_fraction: f
         raise CacheMismatchError(f"{root}: the cache holds no readable samples")
 
 
-class FeatureCacheDataModule(ResumableDataModule):
-    def __init__(self, cfg: Any, expected: ExpectedFeatures) -> None:
+class FeatureCacheDataModule(ResumableDataModule[DataConfig]):
+    def __init__(self, cfg: DataConfig, expected: ExpectedFeatures) -> None:
         """``cfg`` is the ``data`` block of the training config (see ``config/train.py``)."""
         super().__init__(cfg)
         self.expected = expected
@@ -118,13 +119,19 @@ class FeatureCacheDataModule(ResumableDataModule):
             self.val_view = CacheView.open(cfg.val_cache, verify_checksums=cfg.verify_checksums)
             check_cache(self.val_view, self.expected, cfg.max_bad_fraction)
 
+    def _opened(self) -> CacheView:
+        """The training cache (after :meth:`open_caches`)."""
+        assert self.train_view is not None, "call open_caches() or setup() first"
+        return self.train_view
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_ids is not None:
             return
         self.open_caches()
         cfg = self.cfg
-        all_ids = np.arange(self.train_view.num_samples, dtype=np.int64)
+        all_ids = np.arange(self._opened().num_samples, dtype=np.int64)
         if cfg.val_cache:
+            assert self.val_view is not None  # opened with the training cache
             self.train_ids = all_ids
             self.val_ids = np.arange(self.val_view.num_samples, dtype=np.int64)
         elif cfg.val_fraction > 0:
@@ -145,7 +152,7 @@ class FeatureCacheDataModule(ResumableDataModule):
     def check_fits(self, world_size: int) -> None:
         """Every rank needs at least one full batch per epoch (the caches must be open)."""
         cfg = self.cfg
-        n = self.train_view.num_samples
+        n = self._opened().num_samples
         available = n - self._num_held_out(n) if not cfg.val_cache else n
         if available < cfg.batch_size * world_size:
             raise CacheMismatchError(
@@ -202,7 +209,7 @@ class FeatureCacheDataModule(ResumableDataModule):
         if self.trainer is not None and self.trainer.training:
             self._pending.add(verdicts, batch["index"])
         else:  # validation: name its bad samples now (not counted, as the reader's drops are not)
-            view = self.val_view if self.val_view is not None else self.train_view
+            view = self.val_view if self.val_view is not None else self._opened()
             for i, names in bad_samples(verdicts, batch["index"]):
                 self._bad_log(view).report(i, nonfinite_error(names))
         return batch
@@ -212,7 +219,7 @@ class FeatureCacheDataModule(ResumableDataModule):
         (reads their verdicts back: the device must be done with those batches, or it waits)."""
         bad = self._pending.settle()
         for i, names in bad:
-            self._bad_log(self.train_view).report(i, nonfinite_error(names))
+            self._bad_log(self._opened()).report(i, nonfinite_error(names))
         self._note(0, len(bad))
 
     def _bad_log(self, view: CacheView) -> BadSampleLog:
@@ -242,8 +249,7 @@ class FeatureCacheDataModule(ResumableDataModule):
         """The rule: samples in skipped shards plus the bad share of what the run reads (a lower bound
         until the end of the epoch, see :mod:`.step_counts`) of the cache's readable samples, as a
         share of the whole cache, must not pass ``data.max_bad_fraction``."""
-        view = self.train_view
-        assert view is not None, "call setup() first"
+        view = self._opened()
         total, skipped = view.manifest.num_samples, view.skipped_samples
         planned = self.planned_reads()
         read_share = bad_share_bound(self.bad_samples, self.samples_read, planned)
@@ -279,14 +285,13 @@ class FeatureCacheDataModule(ResumableDataModule):
     # ------------------------------------------------------------------ info
     def describe(self) -> str:
         v = self.train_view
-        if v is None:
+        if v is None or self.train_ids is None:
             return "data not set up"
         world = self._world_size()
         dtype = str(v.guidance_dtype).removeprefix("torch.")
         return (
             f"cache {v.root}: {v.num_samples} pairs in {len(v.shard_paths)} shards "
             f"({len(v.skipped)} skipped), key {v.manifest.cache_key}, guidance {dtype}; "
-            f"train {len(self.train_ids)}, "
-            f"val {0 if self.val_ids is None else len(self.val_ids)}; {self.steps_per_epoch} steps/epoch at "
+            f"train {self.num_train}, val {self.num_val}; {self.steps_per_epoch} steps/epoch at "
             f"{self.cfg.batch_size} x {world} ranks; {math.ceil(v.manifest.num_bytes / 2**20)} MiB"
         )

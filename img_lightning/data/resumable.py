@@ -17,7 +17,8 @@ cannot be resumed on its data (:meth:`~ResumableDataModule.resume_problems`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Generic, Optional, Protocol, TypeVar
 
 import lightning as L
 import numpy as np
@@ -30,10 +31,26 @@ from .position import DataPosition
 AllSum = Callable[[list[int]], list[int]]
 
 
-class ResumableDataModule(L.LightningDataModule):
-    """``cfg``: the stage's ``data`` config block (``batch_size``, ``val_batch_size``, ``seed``)."""
+class DataBlock(Protocol):
+    """What the shared stack reads of a stage's ``data`` config block."""
 
-    def __init__(self, cfg: Any) -> None:
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def val_batch_size(self) -> Optional[int]: ...
+
+    @property
+    def seed(self) -> int: ...
+
+
+D = TypeVar("D", bound=DataBlock)
+
+
+class ResumableDataModule(L.LightningDataModule, Generic[D]):
+    """``cfg``: the stage's ``data`` config block (its schema is the type parameter)."""
+
+    def __init__(self, cfg: D) -> None:
         super().__init__()
         self.cfg = cfg
         self.train_ids: Optional[np.ndarray] = None
@@ -47,6 +64,18 @@ class ResumableDataModule(L.LightningDataModule):
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
+
+    @property
+    def num_train(self) -> int:
+        """Training samples (over all ranks)."""
+        assert self.train_ids is not None, "call setup() first"
+        return len(self.train_ids)
+
+    @property
+    def num_val(self) -> int:
+        """Held-out samples used for validation (0 without any)."""
+        assert self.train_ids is not None, "call setup() first"
+        return 0 if self.val_ids is None else len(self.val_ids)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -17,8 +17,6 @@ stopped, and one above it stops as soon as the counts prove it, from the first s
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -27,14 +25,14 @@ from torch.optim import Optimizer
 from .resumable import AllSum, ResumableDataModule
 
 
-def strategy_sum(strategy: Any, device: torch.device) -> AllSum:
+def strategy_sum(trainer: L.Trainer, device: torch.device) -> AllSum:
     """Element-wise sum over ranks through the trainer's strategy (identity on one process)."""
 
     def all_sum(values: list[int]) -> list[int]:
-        if strategy.world_size <= 1:
+        if trainer.world_size <= 1:
             return list(values)
         tensor = torch.tensor(values, dtype=torch.long, device=device)
-        return [int(v) for v in strategy.reduce(tensor, reduce_op="sum").tolist()]
+        return [int(v) for v in trainer.strategy.reduce(tensor, reduce_op="sum").tolist()]
 
     return all_sum
 
@@ -49,9 +47,9 @@ class SettleAtStep(Callback):
     last step and applies its rules (``settle_step``); :meth:`settled` gets the step's value back."""
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)  # set by Trainer.fit, not declared on Trainer
         assert isinstance(datamodule, ResumableDataModule), "SettleAtStep needs the stage's DataModule"
-        value = datamodule.settle_step(strategy_sum(trainer.strategy, pl_module.device))
+        value = datamodule.settle_step(strategy_sum(trainer, pl_module.device))
         self.settled(trainer, pl_module, value)
 
     def settled(self, trainer: L.Trainer, pl_module: L.LightningModule, value: int) -> None:
