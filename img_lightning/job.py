@@ -21,13 +21,16 @@ from typing import Any, Generic, Optional, TypeVar
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import Strategy
 
 from .callbacks.progress import progress_bar
 from .callbacks.requeue import RequeueOnSignal, slurm_requeue_callback
 from .callbacks.tensorboard import GradNorm, RunTensorBoardLogger, log_run_hparams
 from .checkpoint_io import AtomicCheckpointIO
 from .config.changes import describe_changes
+from .config.stages import StageConfig
 from .data.resumable import ResumableDataModule
 from .run_dir import check_resume_config, lightning_root, resolve_resume, run_directory, write_run_info
 from .run_lock import run_locked, take_run_lock
@@ -55,48 +58,51 @@ class JobResult:
 
 
 R = TypeVar("R", bound=JobResult)
+DM = TypeVar("DM", bound=ResumableDataModule[Any])
+M = TypeVar("M", bound=L.LightningModule)
 
 
 @dataclass
-class Job:
-    """One running job, as the stage's hooks see it."""
+class Job(Generic[StageConfig, DM, M]):
+    """One running job, as the stage's hooks see it: the stage's config, DataModule and module."""
 
-    cfg: Any
+    cfg: StageConfig
     run_dir: Path
     ckpt_path: Optional[str]
-    datamodule: Any
-    module: L.LightningModule
+    datamodule: DM
+    module: M
     trainer: L.Trainer
     callbacks: list[Callback]
     logger: RunTensorBoardLogger
 
 
-class Stage(ABC, Generic[R]):
-    """What one training stage plugs into :func:`run_job`."""
+class Stage(ABC, Generic[StageConfig, DM, M, R]):
+    """What one training stage plugs into :func:`run_job`: for its config schema, the DataModule and
+    module it builds and the result it returns."""
 
     command: str  # names the job in the run lock ("img-train")
-    schema: type  # the config dataclass a resume's config is compared in
+    schema: type[StageConfig]  # the config dataclass a resume's config is compared in
     result_type: type[R]
 
     @abstractmethod
-    def resume_free_keys(self, cfg: Any) -> frozenset[str]:
+    def resume_free_keys(self, cfg: StageConfig) -> frozenset[str]:
         """Config keys that may change on resume."""
 
     @abstractmethod
-    def datamodule(self, cfg: Any, run_dir: Path) -> ResumableDataModule:
+    def datamodule(self, cfg: StageConfig, run_dir: Path) -> DM:
         """The DataModule; checks what it can of its inputs now, before models or DDP processes exist."""
 
     @abstractmethod
-    def module(self, cfg: Any) -> L.LightningModule: ...
+    def module(self, cfg: StageConfig) -> M: ...
 
     @abstractmethod
-    def callbacks(self, cfg: Any, run_dir: Path) -> list[Callback]:
+    def callbacks(self, cfg: StageConfig, run_dir: Path) -> list[Callback]:
         """The stage's callbacks, with :func:`standard_callbacks` where they belong in its order."""
 
-    def strategy(self, cfg: Any) -> Any:
+    def strategy(self, cfg: StageConfig) -> str | Strategy:
         return cfg.trainer.strategy
 
-    def accumulation(self, cfg: Any, world_size: int) -> int:
+    def accumulation(self, cfg: StageConfig, world_size: int) -> int:
         """Gradient accumulation, once the number of processes is known."""
         return int(cfg.trainer.accumulate_grad_batches)
 
@@ -104,19 +110,19 @@ class Stage(ABC, Generic[R]):
         """What ``run_info.json`` records besides the resume point and the world size."""
         return {}
 
-    def after_fit(self, job: Job) -> None:
+    def after_fit(self, job: Job[StageConfig, DM, M]) -> None:
         """Checks on a fit that finished (not on one stopped for a requeue)."""
 
     @abstractmethod
-    def validates(self, job: Job) -> bool:
+    def validates(self, job: Job[StageConfig, DM, M]) -> bool:
         """Whether the finished run is validated once more (its final metrics)."""
 
     @abstractmethod
-    def finish(self, job: Job, result: R) -> None:
+    def finish(self, job: Job[StageConfig, DM, M], result: R) -> None:
         """The end of a finished run: exports, summaries (every rank calls it)."""
 
 
-def parse_devices(value: Any) -> Any:
+def parse_devices(value: object) -> str | int | list[int]:
     text = str(value).strip()
     if text == "auto":
         return "auto"
@@ -133,8 +139,8 @@ def apply_torch_threads(n: Optional[int]) -> None:
         torch.set_num_threads(int(n))
 
 
-def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), logger: Any = False,
-                  strategy: Any = None) -> L.Trainer:
+def build_trainer(cfg: StageConfig, run_dir: Path, callbacks: Sequence[Callback] = (),
+                  logger: Logger | bool = False, strategy: str | Strategy | None = None) -> L.Trainer:
     """The Trainer for ``cfg`` (``strategy``: None for ``cfg.trainer.strategy``). Under SLURM
     (``srun``), Lightning's SLURM environment without its auto-requeue, which saves inside the signal
     handler, mid-step (with gradient accumulation: accumulated gradients lost, their batches counted
@@ -148,7 +154,7 @@ def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), l
         devices=parse_devices(t.devices),
         num_nodes=t.num_nodes,
         strategy=t.strategy if strategy is None else strategy,
-        precision=t.precision,
+        precision=t.precision,  # type: ignore[arg-type]  # a str, checked against Lightning's names at load
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -169,7 +175,7 @@ def build_trainer(cfg: Any, run_dir: Path, callbacks: Sequence[Callback] = (), l
     )
 
 
-def standard_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
+def standard_callbacks(cfg: StageConfig, run_dir: Path) -> list[Callback]:
     """The callbacks every training run has: gradient norm, progress bar, learning rate, and
     ``last.ckpt`` every ``trainer.checkpoint_every_n_steps`` optimizer steps (what exact resume
     restarts from)."""
@@ -183,7 +189,7 @@ def standard_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
 
 
 @run_locked
-def run_job(cfg: Any, stage: Stage[R], extra_callbacks: Sequence[Callback] = ()) -> R:
+def run_job(cfg: StageConfig, stage: Stage[StageConfig, DM, M, R], extra_callbacks: Sequence[Callback] = ()) -> R:
     """Fit, validate, finish. Returns the final metrics (rank 0 has them all)."""
     apply_torch_threads(cfg.run.torch_threads)
     run_dir = run_directory(cfg.run)

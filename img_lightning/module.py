@@ -6,17 +6,20 @@ only accumulates the distances it compares.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from omegaconf import OmegaConf
 from torch import Tensor
+from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
 from .aligner import ImplicitAligner
-from .config.loading import to_container
 from .cache.quant import dequantize_batch
+from .config.loading import to_container
+from .config.train import AlignerConfig, ObjectiveConfig, OptimConfig, ReferenceConfig
 from .errors import NonFiniteError
 from .log_steps import is_logging_step
 from .objective import batch_mean, preference_objective, squared_distance
@@ -24,7 +27,7 @@ from .objective import batch_mean, preference_objective, squared_distance
 _TRAIN_LOGS = ("loss", "base", "pref", "dpo_margin", "spin_margin", "implicit_acc", "closer_to_winner", "ref_acc")
 
 
-def _build_aligner(model_cfg: Any, seed: int) -> ImplicitAligner:
+def _build_aligner(model_cfg: AlignerConfig, seed: int) -> ImplicitAligner:
     # A private RNG stream: the initialisation depends on `seed` only, not on what ran before.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -39,7 +42,12 @@ def _build_aligner(model_cfg: Any, seed: int) -> ImplicitAligner:
 
 
 class AlignerModule(L.LightningModule):
-    def __init__(self, model: Any, objective: Any, reference: Any, optim: Any, seed: int = 42) -> None:
+    # Buffers (registered in __init__), declared so they read as tensors, not as ``Tensor | Module``.
+    swap_distances: Tensor
+    skipped_steps: Tensor
+
+    def __init__(self, model: AlignerConfig, objective: ObjectiveConfig, reference: ReferenceConfig,
+                 optim: OptimConfig, seed: int = 42) -> None:
         """Arguments are the ``model``, ``objective``, ``reference`` and ``optim`` config blocks.
 
         They are saved as plain hyper-parameters (``hparams.yaml``, the checkpoint), so
@@ -51,9 +59,12 @@ class AlignerModule(L.LightningModule):
         self.save_hyperparameters({"model": to_container(model), "objective": to_container(objective),
                                    "reference": to_container(reference), "optim": to_container(optim),
                                    "seed": int(seed)})
-        model, objective, reference, optim = (OmegaConf.create(self.hparams[k])
-                                              for k in ("model", "objective", "reference", "optim"))
-        self.model_cfg, self.objective_cfg, self.reference_cfg, self.optim_cfg = model, objective, reference, optim
+        # The blocks again, rebuilt from those plain hyper-parameters (as a checkpoint load rebuilds them).
+        model = cast(AlignerConfig, OmegaConf.create(self.hparams["model"]))
+        reference = cast(ReferenceConfig, OmegaConf.create(self.hparams["reference"]))
+        self.model_cfg, self.reference_cfg = model, reference
+        self.objective_cfg = cast(ObjectiveConfig, OmegaConf.create(self.hparams["objective"]))
+        self.optim_cfg = cast(OptimConfig, OmegaConf.create(self.hparams["optim"]))
         self.aligner = _build_aligner(model, seed)
         self.reference = _build_aligner(model, reference.seed)
         if reference.init == "copy":
@@ -140,16 +151,21 @@ class AlignerModule(L.LightningModule):
             "ref_base": batch_mean(out["dist_win_ref"], keep),
         }
         for key, value in values.items():
-            self.val_metrics[key].update(value, weight=bs)
+            self._val_metrics()[key].update(value, weight=bs)
+
+    def _val_metrics(self) -> dict[str, MeanMetric]:
+        """The validation metrics as what they are (a ModuleDict hands them out as plain Modules)."""
+        return {k: cast(MeanMetric, m) for k, m in self.val_metrics.items()}
 
     def on_validation_epoch_end(self) -> None:
+        metrics = self._val_metrics()
         if self.trainer.sanity_checking:
-            for metric in self.val_metrics.values():
+            for metric in metrics.values():
                 metric.reset()
             return
         # MeanMetric.compute() reduces sums and counts over ranks: exact with unequal batch counts.
-        values = {k: m.compute() for k, m in self.val_metrics.items()}
-        for metric in self.val_metrics.values():
+        values = {k: m.compute() for k, m in metrics.items()}
+        for metric in metrics.values():
             metric.reset()
         bad = [k for k, v in values.items() if not bool(torch.isfinite(v))]
         if bad:
@@ -161,7 +177,7 @@ class AlignerModule(L.LightningModule):
         for key, value in values.items():
             self.log(f"val/{key}", value, sync_dist=False, rank_zero_only=False)
 
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Stop (or, with ``optim.skip_nonfinite``, skip) a step whose gradient holds NaN/Inf.
 
         Under DDP the gradients are already all-reduced here, so every rank sees the same verdict
@@ -205,12 +221,13 @@ class AlignerModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         cfg = self.optim_cfg
+        beta1, beta2 = cfg.betas  # two, checked when the config loads
         optimizer = torch.optim.AdamW(
             self.aligner.parameters(),
             lr=cfg.lr,
-            betas=tuple(cfg.betas),
+            betas=(beta1, beta2),
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
         )
@@ -225,6 +242,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_step
     constant (the paper) or a cosine from ``lr`` down to ``min_ratio * lr`` at ``total_steps``."""
     from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
 
+    after: torch.optim.lr_scheduler.LRScheduler
     if schedule == "constant":
         after = ConstantLR(optimizer, factor=1.0, total_iters=0)
     elif schedule == "cosine":

@@ -17,6 +17,7 @@ from .atomic import atomic_write, atomic_write_json
 from .checkpoint_files import check_intact, resume_candidate
 from .config.changes import config_changes, describe_changes
 from .config.loading import ConfigError, load_config, to_container, to_yaml
+from .config.stages import RunBlock, StageConfig
 
 CONFIG_NAME = "config.yaml"
 RESUMES_DIR = "resumes"
@@ -25,7 +26,7 @@ REQUEUE_PATTERN = "requeue-*.ckpt"
 LEGACY_REQUEUE_PATTERN = "hpc_ckpt_*.ckpt"  # what older versions wrote at the top of the run directory
 
 
-def run_directory(run_cfg: Any) -> Path:
+def run_directory(run_cfg: RunBlock) -> Path:
     return Path(run_cfg.root) / run_cfg.name
 
 
@@ -51,7 +52,7 @@ def git_revision(start: Path | None = None) -> dict[str, Any]:
         return {"sha": "unknown", "dirty": None}
 
 
-def write_run_info(run_dir: Path, cfg: Any, extra: Optional[dict] = None, resumed: bool = False,
+def write_run_info(run_dir: Path, cfg: object, extra: Optional[dict] = None, resumed: bool = False,
                    changes: Optional[dict] = None) -> Path:
     """Resolved config + provenance, written atomically (rank 0 only).
 
@@ -85,7 +86,7 @@ def write_run_info(run_dir: Path, cfg: Any, extra: Optional[dict] = None, resume
     return target
 
 
-def check_resume_config(run_dir: Path, cfg: Any, schema: type, free_keys: frozenset[str]) -> dict:
+def check_resume_config(run_dir: Path, cfg: StageConfig, schema: type[StageConfig], free_keys: frozenset[str]) -> dict:
     """Refuse to resume ``run_dir`` with a config that changes what the run trains on or how.
 
     Compares ``cfg`` with the run's saved ``config.yaml`` (both completed with ``schema``'s
@@ -98,7 +99,7 @@ def check_resume_config(run_dir: Path, cfg: Any, schema: type, free_keys: frozen
         return {}
     allowed_extra = set(cfg.run.allow_config_change or ())
     try:
-        saved: Any = load_config(schema, [saved_path], require_complete=False)
+        saved = load_config(schema, [saved_path], require_complete=False)
     except ConfigError as err:
         raise ConfigError(
             f"cannot resume {run_dir}: its saved {CONFIG_NAME} does not load with this version ({err}). "

@@ -41,8 +41,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, cast
 
+from .config.stages import AnyStageConfig
 from .errors import UserError
 
 LOCK_NAME = ".run.lock"
@@ -193,7 +194,7 @@ def run_locked(fn: F) -> F:
     from .run_dir import run_directory
 
     @functools.wraps(fn)
-    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(cfg: AnyStageConfig, *args: Any, **kwargs: Any) -> Any:
         if _can_judge(_env_rank()):
             refuse_if_held(run_directory(cfg.run))
         held: list[RunLock] = []
@@ -205,7 +206,7 @@ def run_locked(fn: F) -> F:
             for lock in reversed(held):
                 lock.release()
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)  # fn's own signature (generic ones included), which ParamSpec would lose
 
 
 def take_run_lock(run_dir: Path, command: str, rank: int = 0) -> None:

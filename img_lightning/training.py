@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from .aligner import ImplicitAligner
 from .callbacks import ReferenceSwap, Throughput
 from .config.loading import ConfigError, load_config, to_container
-from .config.train import RESUME_FREE_KEYS, TrainConfig
+from .config.train import RESUME_FREE_KEYS, DataConfig, TrainConfig, TrainerConfig
 from .data import ExpectedFeatures, FeatureCacheDataModule
+from .data.step_counts import SettleAtStep
 from .job import Job, JobResult, Stage, parse_devices, run_job, standard_callbacks
 from .module import AlignerModule, aligner_weights_from_checkpoint
 
@@ -24,7 +26,7 @@ class TrainResult(JobResult):
     best_checkpoint: Optional[str] = None
 
 
-def expected_cache_key(data_cfg: Any) -> str:
+def expected_cache_key(data_cfg: DataConfig) -> str:
     """The key the training cache must carry: from ``data.cache_key`` or the ``data.recipe`` YAML."""
     if data_cfg.cache_key and data_cfg.recipe:
         raise ConfigError("set only one of data.cache_key and data.recipe")
@@ -43,26 +45,26 @@ def expected_cache_key(data_cfg: Any) -> str:
     )
 
 
-def resume_free_keys(cfg: Any) -> frozenset[str]:
+def resume_free_keys(cfg: TrainConfig) -> frozenset[str]:
     """Keys that may change on resume; ``max_steps`` shapes the lr curve of a cosine schedule."""
     if cfg.optim.schedule == "cosine":
         return RESUME_FREE_KEYS - {"trainer.max_steps", "trainer.max_epochs"}
     return RESUME_FREE_KEYS
 
 
-def planned_world_size(trainer_cfg: Any) -> Optional[int]:
+def planned_world_size(trainer_cfg: TrainerConfig) -> Optional[int]:
     """Processes the run will have, when the config says (``devices: auto`` leaves it to Lightning)."""
     devices = parse_devices(trainer_cfg.devices)
-    if devices == "auto" or (isinstance(devices, int) and devices < 0):
+    if isinstance(devices, str) or (isinstance(devices, int) and devices < 0):  # "auto" is the only str
         return None
     return (len(devices) if isinstance(devices, list) else devices) * int(trainer_cfg.num_nodes)
 
 
-def build_module(cfg: Any) -> AlignerModule:
+def build_module(cfg: TrainConfig) -> AlignerModule:
     return AlignerModule(cfg.model, cfg.objective, cfg.reference, cfg.optim, seed=cfg.run.seed)
 
 
-def build_datamodule(cfg: Any) -> FeatureCacheDataModule:
+def build_datamodule(cfg: TrainConfig) -> FeatureCacheDataModule:
     expected = ExpectedFeatures(
         cache_key=expected_cache_key(cfg.data),
         guidance_dim=cfg.model.guidance_dim,
@@ -72,8 +74,9 @@ def build_datamodule(cfg: Any) -> FeatureCacheDataModule:
     return FeatureCacheDataModule(cfg.data, expected)
 
 
-def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
+def build_callbacks(cfg: TrainConfig, run_dir: Path) -> list[Callback]:
     return [
+        SettleAtStep(),  # read/bad samples summed over ranks at each step, the data.max_bad_fraction rule
         ReferenceSwap(patience=cfg.reference.patience, log_dir=run_dir / "reference_swaps"),
         Throughput(),
         *standard_callbacks(cfg, run_dir),
@@ -100,7 +103,10 @@ def export_aligner(aligner: ImplicitAligner, out_dir: Path, stem: str, info: dic
     return {f"{stem}.pth": str(pth), f"{stem}.safetensors": str(st)}
 
 
-class AlignerStage(Stage[TrainResult]):
+AlignerJob = Job[TrainConfig, FeatureCacheDataModule, AlignerModule]
+
+
+class AlignerStage(Stage[TrainConfig, FeatureCacheDataModule, AlignerModule, TrainResult]):
     """``img-train``: the feature-cache DataModule (caches checked before anything starts), the
     AlignerModule with its reference swap, validation when there is held-out data, and the export of
     the final and the best aligner."""
@@ -109,10 +115,10 @@ class AlignerStage(Stage[TrainResult]):
     schema = TrainConfig
     result_type = TrainResult
 
-    def resume_free_keys(self, cfg: Any) -> frozenset[str]:
+    def resume_free_keys(self, cfg: TrainConfig) -> frozenset[str]:
         return resume_free_keys(cfg)
 
-    def datamodule(self, cfg: Any, run_dir: Path) -> FeatureCacheDataModule:
+    def datamodule(self, cfg: TrainConfig, run_dir: Path) -> FeatureCacheDataModule:
         datamodule = build_datamodule(cfg)
         datamodule.open_caches()  # before models, DDP processes or the run directory exist
         world = planned_world_size(cfg.trainer)
@@ -120,23 +126,25 @@ class AlignerStage(Stage[TrainResult]):
             datamodule.check_fits(world)
         return datamodule
 
-    def module(self, cfg: Any) -> AlignerModule:
+    def module(self, cfg: TrainConfig) -> AlignerModule:
         return build_module(cfg)
 
-    def callbacks(self, cfg: Any, run_dir: Path) -> list[Callback]:
+    def callbacks(self, cfg: TrainConfig, run_dir: Path) -> list[Callback]:
         return build_callbacks(cfg, run_dir)
 
-    def validates(self, job: Job) -> bool:
+    def validates(self, job: AlignerJob) -> bool:
         return job.datamodule.val_ids is not None
 
-    def finish(self, job: Job, result: TrainResult) -> None:
+    def finish(self, job: AlignerJob, result: TrainResult) -> None:
         cfg, trainer, module = job.cfg, job.trainer, job.module
         best = next((c.best_model_path for c in job.callbacks
                      if isinstance(c, ModelCheckpoint) and c.monitor and c.best_model_path), None)
         result.best_checkpoint = best or None
         if not (cfg.run.export and trainer.is_global_zero):
             return
-        info = {"cache_key": job.datamodule.train_view.manifest.cache_key, "passes": cfg.model.passes,
+        view = job.datamodule.train_view
+        assert view is not None  # opened before the run started
+        info = {"cache_key": view.manifest.cache_key, "passes": cfg.model.passes,
                 "global_step": trainer.global_step, "config": to_container(cfg)}
         result.exports = export_aligner(module.aligner, job.run_dir / "export", "aligner", info)
         if best:
@@ -145,6 +153,6 @@ class AlignerStage(Stage[TrainResult]):
             result.exports.update(export_aligner(best_aligner, job.run_dir / "export", "aligner_best", info))
 
 
-def run_training(cfg: Any, extra_callbacks: Sequence[Callback] = ()) -> TrainResult:
+def run_training(cfg: TrainConfig, extra_callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Fit, validate, export. Returns the final validation metrics (rank 0 has them all)."""
     return run_job(cfg, AlignerStage(), extra_callbacks)

@@ -34,8 +34,9 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from img_lightning.cli.common import add_common_arguments, parse_command, run_cli, setup_from_args, show_progress
 from img_lightning.config.loading import load_config, resolve_config_path
@@ -50,7 +51,8 @@ PIPELINE_CONFIG = resolve_config_path("configs/pipeline/demo.yaml")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="img-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="img-demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="working directory (default: ./demo_output)")
     p.add_argument("--pairs", type=int, default=640, help="training pairs to draw")
     p.add_argument("--val-pairs", type=int, default=128, help="held-out pairs to draw")

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from img_lightning.config.loading import load_config
-from img_lightning.config.train import RESUME_FREE_KEYS, TrainConfig
+from img_lightning.config.train import RESUME_FREE_KEYS, DataConfig, TrainConfig
 from img_lightning.data.batch_loader import BatchLoader
 from img_lightning.data.plan import PAD, BatchRequest
 from img_lightning.data.resumable import ResumableDataModule
@@ -36,7 +36,7 @@ class NumberLoader(BatchLoader):
         return {"x": x, "y": 2 * x, "real": ids != PAD, "ids": ids}
 
 
-class NumberData(ResumableDataModule):
+class NumberData(ResumableDataModule[DataConfig]):
     def setup(self, stage=None) -> None:
         if self.train_ids is None:
             self.train_ids, self.val_ids = np.arange(18), np.arange(18, 23)
@@ -77,7 +77,7 @@ class NumberResult(JobResult):
     exported: dict[str, float] = field(default_factory=dict)
 
 
-class NumberStage(Stage[NumberResult]):
+class NumberStage(Stage[TrainConfig, NumberData, Regression, NumberResult]):
     command = "number-stage"
     schema = TrainConfig
     result_type = NumberResult

@@ -17,7 +17,7 @@ from img_lightning.cache.synthetic import write_synthetic_cache
 from img_lightning.cli.train import main as train_main
 from img_lightning.job import build_trainer
 from img_lightning.training import run_training
-from train_utils import TINY_CACHE_DIMS, CrashAt, srun_environment, tiny_config, tiny_overrides
+from train_utils import TINY_CACHE_DIMS, CrashAt, poison_cache, srun_environment, tiny_config, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -384,23 +384,9 @@ def test_non_finite_samples_are_dropped_counted_and_stop_the_run_above_the_limit
     """A shard rewritten with NaN features (same size, checksums off): the sample is dropped by the
     reader (or masked out of the loss on the device), named in the log, counted in the checkpoint, and
     the run stops once the bad fraction passes data.max_bad_fraction."""
-    from img_lightning.cache import Manifest
-    from img_lightning.cache.manifest import finalize_manifest
-    from img_lightning.cache.writer import ShardWriter
-
-    dims = TINY_CACHE_DIMS
     root = tmp_path / "nan"
-    manifest = write_synthetic_cache(root, 26, seed=0, **dims)
-    last = manifest.shards[-1].name  # 2 samples
-    with ShardWriter(root / last, manifest.cache_key) as w:
-        for j in range(2):
-            g = torch.randn(4, 16).half()
-            g[1, 3] = float("nan")
-            w.write(f"poisoned{j}",
-                    {"guidance": g, "ip_lose": torch.zeros(4, 8).half(), "ip_win": torch.zeros(4, 8).half()},
-                    {"pair_id": f"poisoned{j}", "caption": "c", "winner_uid": "w", "loser_uid": "l",
-                     "template_id": 0, "num_tokens": 4})
-    finalize_manifest(root, manifest.cache_key, Manifest.load(root).recipe)
+    manifest = write_synthetic_cache(root, 26, seed=0, **TINY_CACHE_DIMS)
+    poison_cache(root, {24, 25})  # the last shard's 2 samples
     ok = tiny_config(root, manifest.cache_key, tmp_path, "tolerant", **{"trainer.max_steps": 6,
                                                                       "data.max_bad_fraction": 0.2,
                                                                       "data.finite_check": finite_check})

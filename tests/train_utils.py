@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from img_lightning.config.loading import load_config
@@ -62,6 +63,35 @@ class CrashAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             raise KeyboardInterrupt("simulated kill")
+
+
+def poison_cache(root: Path, bad: set[int]) -> None:
+    """Rewrite the shards of a tiny synthetic cache (``TINY_CACHE_DIMS``) that hold the sample ids
+    ``bad`` (same sizes, checksums off): those samples, keyed ``poisoned{id}``, hold a NaN in their
+    guidance, the others of the shard are fresh finite samples."""
+    from img_lightning.cache import Manifest
+    from img_lightning.cache.manifest import finalize_manifest
+    from img_lightning.cache.writer import ShardWriter
+
+    manifest = Manifest.load(root)
+    gen = torch.Generator().manual_seed(0)
+    start = 0
+    for shard in manifest.shards:
+        ids = range(start, start + shard.num_samples)
+        start += shard.num_samples
+        if not bad.intersection(ids):
+            continue
+        with ShardWriter(root / shard.name, manifest.cache_key) as w:
+            for i in ids:
+                g = torch.randn(4, 16, generator=gen).half()
+                if i in bad:
+                    g[1, 3] = float("nan")
+                key = f"poisoned{i}" if i in bad else f"refilled{i}"
+                w.write(key, {"guidance": g, "ip_lose": torch.randn(4, 8, generator=gen).half(),
+                              "ip_win": torch.randn(4, 8, generator=gen).half()},
+                        {"pair_id": key, "caption": "c", "winner_uid": "w", "loser_uid": "l", "template_id": 0,
+                         "num_tokens": 4})
+    finalize_manifest(root, manifest.cache_key, manifest.recipe)
 
 
 def srun_environment(monkeypatch, tmp_path: Path, job_name: str, job_id: str) -> Path:

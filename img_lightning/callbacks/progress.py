@@ -15,8 +15,7 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
-from ..config.finetune_mllm import FinetuneTrainerConfig
-from ..config.train import TrainerConfig
+from ..config.stages import TrainerBlock
 
 
 def run_steps(trainer: L.Trainer) -> Optional[int]:
@@ -54,6 +53,6 @@ class StepProgressBar(TQDMProgressBar):
         return {"epoch": trainer.current_epoch, **metrics}
 
 
-def progress_bar(trainer_cfg: TrainerConfig | FinetuneTrainerConfig) -> list[Callback]:
+def progress_bar(trainer_cfg: TrainerBlock) -> list[Callback]:
     """The bar for a job's callbacks: ours when ``trainer.enable_progress_bar``, none otherwise."""
     return [StepProgressBar()] if trainer_cfg.enable_progress_bar else []

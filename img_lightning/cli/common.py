@@ -167,9 +167,10 @@ def setup_from_args(args: argparse.Namespace) -> None:
 def run_cli(body: Callable[[], int], prog: str, debug: bool = False,
             known_errors: Sequence[type[BaseException]] = ()) -> int:
     """Run a CLI body under the error policy in the module docstring; returns the exit code."""
+    handled: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError, *known_errors)
     try:
         return body()
-    except (UserError, FileNotFoundError, FileExistsError, *known_errors) as err:  # type: ignore[misc]
+    except handled as err:
         if debug:
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -70,7 +70,8 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         for key in OmegaConf.missing_keys(other):
             if _written_missing(other, key):  # not an interpolation of a missing key: that stays
                 OmegaConf.update(merged, key, "???", merge=False)
-        return merged  # type: ignore[return-value]
+        assert isinstance(merged, DictConfig)  # two mapping configs merge into one
+        return merged
     except ConfigKeyError as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None) or str(err)
         near = suggest_key(base, _dotted(str(key)), getattr(err, "object_type", None))
@@ -206,7 +207,9 @@ def to_container(cfg: object) -> dict:
     with ``weights_only=True``: enums become their names). A plain mapping is copied as is."""
     if not OmegaConf.is_config(cfg):
         return dict(cast(Mapping[str, Any], cfg))
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+    out = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(out, dict), f"to_container takes a mapping config, not a {type(out).__name__}"
+    return out
 
 
 def split_cli_args(args: Sequence[str]) -> tuple[list[str], list[str]]:

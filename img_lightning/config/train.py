@@ -104,7 +104,8 @@ class DataConfig:
     seed: int = 0  # shuffle seed; the permutation of epoch e uses (seed, e)
     # Shards whose size differs from the manifest are skipped; samples that fail to decode or hold
     # NaN/Inf are dropped from their batch (and named in the log). Above this fraction of the data
-    # the run stops.
+    # the run stops: skipped shards plus the share of bad samples among those the run reads, over all
+    # ranks (docs/training.md, "The bad-sample limit").
     max_bad_fraction: float = 0.01
     # Where each sample is checked for NaN/Inf (docs/performance.md, "Safety off the reader thread"):
     # `reader` costs a reader thread ~30 % of its page-cache throughput; `device` runs one isfinite

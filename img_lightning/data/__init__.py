@@ -5,6 +5,7 @@ aligner's DataModule over a feature cache.
 * :mod:`.readers` - the reader-thread pool: bounded, in order, data-wait accounting;
 * :mod:`.batch_loader` - plan + readers = one rank's loader (a stage fills in what a batch is);
 * :mod:`.position`, :mod:`.resumable` - the checkpointed position and the DataModule base;
+* :mod:`.step_counts` - counts summed over ranks at each optimizer step, the bad-share rule;
 * :mod:`.loader`, :mod:`.datamodule`, :mod:`.device_check` - the aligner's feature-cache stage.
 """
 

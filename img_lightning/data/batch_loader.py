@@ -9,25 +9,25 @@ trained on, which is the whole of exact resume (see :mod:`.resumable`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-from .plan import BatchRequest
+from .plan import BatchRequest, Plan
 from .readers import ReaderPool
 
 
 class BatchLoader(ABC):
-    """Iterable of one rank's batch dicts, in plan order. ``plan``: the requests of one pass (a
-    :class:`~.plan.RankPlan`, or any sized iterable of :class:`~.plan.BatchRequest`)."""
+    """Iterable of one rank's batch dicts, in plan order. ``plan``: the requests of one pass."""
 
-    def __init__(self, plan: Iterable[BatchRequest], *, num_workers: int = 2, prefetch: int = 2,
+    def __init__(self, plan: Plan, *, num_workers: int = 2, prefetch: int = 2,
                  thread_name: str = "img-data-reader") -> None:
         self.plan = plan
         self.readers: ReaderPool[BatchRequest, dict[str, Any]] = ReaderPool(num_workers, prefetch, thread_name)
 
     @property
-    def batch_sampler(self) -> Iterable[BatchRequest]:
+    def batch_sampler(self) -> Plan:
         """The plan, under the name torch's DataLoader gives what yields a batch's indices (Lightning
         looks for a ``set_epoch`` there; the plan has none on purpose: see :class:`~.plan.RankPlan`)."""
         return self.plan
@@ -42,7 +42,7 @@ class BatchLoader(ABC):
         return self.readers.wait_seconds
 
     def __len__(self) -> int:
-        return len(self.plan)  # type: ignore[arg-type]
+        return len(self.plan)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # iter(plan) here, when iteration begins: that is when the plan asks where to start

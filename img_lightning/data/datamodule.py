@@ -9,9 +9,13 @@ half the bytes.
 
 The per-sample NaN/Inf check runs where it is cheap (``data.finite_check``): on the reader thread
 for CPU training (bad samples dropped from their batch), on the device after the copy when training
-on a GPU (:mod:`.device_check`: bad samples masked out of the loss). Either way they are counted in
-``bad_samples`` against ``data.max_bad_fraction`` and named in the log; the device's verdicts are
-read back at the next batch or checkpoint, so that path adds no synchronisation to the step.
+on a GPU (:mod:`.device_check`: bad samples masked out of the loss). Either way they are named in the
+log and counted: each rank notes the samples its training batches read and found bad, and at every
+optimizer step the ranks add up their notes (:mod:`.step_counts`), so ``samples_read`` and
+``bad_samples`` (checkpointed) are totals over all ranks and the ``data.max_bad_fraction`` rule
+decides the same on every rank. The device's verdicts are read back at that step, where the step
+waits for the device anyway (the reference-swap decision reads its distances back at every step,
+the gradient's finite check too outside ``16-mixed``).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..cache.quant import dequantize_batch
 from ..cache.reader import BadSampleLog, CacheView, nonfinite_error
+from ..config.train import DataConfig
 from ..errors import UserError
 from .device_check import PendingChecks, bad_samples, check_batch
 from .loader import ThreadedBatchLoader
 from .plan import RankPlan
-from .resumable import ResumableDataModule
+from .resumable import AllSum, ResumableDataModule
+from .step_counts import bad_share_bound
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +90,16 @@ def check_cache(view: CacheView, expected: ExpectedFeatures, max_bad_fraction: f
         raise CacheMismatchError(f"{root}: the cache holds no readable samples")
 
 
-class FeatureCacheDataModule(ResumableDataModule):
-    def __init__(self, cfg: Any, expected: ExpectedFeatures) -> None:
+class FeatureCacheDataModule(ResumableDataModule[DataConfig]):
+    def __init__(self, cfg: DataConfig, expected: ExpectedFeatures) -> None:
         """``cfg`` is the ``data`` block of the training config (see ``config/train.py``)."""
         super().__init__(cfg)
         self.expected = expected
         self.train_view: Optional[CacheView] = None
         self.val_view: Optional[CacheView] = None
-        self.bad_samples = 0  # checkpointed
+        self.samples_read = 0  # checkpointed: training samples read, over all ranks (each pass again)
+        self.bad_samples = 0  # checkpointed: of those, failed to decode or held NaN/Inf
+        self._noted = [0, 0]  # this rank's read and bad samples since the last optimizer step
         self._pending = PendingChecks()  # device-side NaN/Inf verdicts of training batches not yet counted
         self._bad_logs: dict[int, BadSampleLog] = {}
 
@@ -111,13 +119,19 @@ class FeatureCacheDataModule(ResumableDataModule):
             self.val_view = CacheView.open(cfg.val_cache, verify_checksums=cfg.verify_checksums)
             check_cache(self.val_view, self.expected, cfg.max_bad_fraction)
 
+    def _opened(self) -> CacheView:
+        """The training cache (after :meth:`open_caches`)."""
+        assert self.train_view is not None, "call open_caches() or setup() first"
+        return self.train_view
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_ids is not None:
             return
         self.open_caches()
         cfg = self.cfg
-        all_ids = np.arange(self.train_view.num_samples, dtype=np.int64)
+        all_ids = np.arange(self._opened().num_samples, dtype=np.int64)
         if cfg.val_cache:
+            assert self.val_view is not None  # opened with the training cache
             self.train_ids = all_ids
             self.val_ids = np.arange(self.val_view.num_samples, dtype=np.int64)
         elif cfg.val_fraction > 0:
@@ -138,7 +152,7 @@ class FeatureCacheDataModule(ResumableDataModule):
     def check_fits(self, world_size: int) -> None:
         """Every rank needs at least one full batch per epoch (the caches must be open)."""
         cfg = self.cfg
-        n = self.train_view.num_samples
+        n = self._opened().num_samples
         available = n - self._num_held_out(n) if not cfg.val_cache else n
         if available < cfg.batch_size * world_size:
             raise CacheMismatchError(
@@ -179,9 +193,9 @@ class FeatureCacheDataModule(ResumableDataModule):
 
     # ------------------------------------------------------------------ bad samples
     def on_batch(self, batch: dict[str, Any], training: bool) -> dict[str, Any]:
-        if training:
-            self.settle_device_checks()  # the previous step has finished: its verdicts cost no wait
-            self._account_bad(int(batch["num_bad"]))
+        if training:  # the reader dropped ``num_bad`` of the batch's samples (all of them checked there)
+            num_bad = int(batch["num_bad"])
+            self._note(len(batch["index"]) + num_bad, num_bad)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -195,49 +209,71 @@ class FeatureCacheDataModule(ResumableDataModule):
         if self.trainer is not None and self.trainer.training:
             self._pending.add(verdicts, batch["index"])
         else:  # validation: name its bad samples now (not counted, as the reader's drops are not)
-            view = self.val_view if self.val_view is not None else self.train_view
+            view = self.val_view if self.val_view is not None else self._opened()
             for i, names in bad_samples(verdicts, batch["index"]):
                 self._bad_log(view).report(i, nonfinite_error(names))
         return batch
 
     def settle_device_checks(self) -> None:
-        """Count and name the bad samples the device found in training batches since the last call
+        """Note and name the bad samples the device found in training batches since the last call
         (reads their verdicts back: the device must be done with those batches, or it waits)."""
         bad = self._pending.settle()
         for i, names in bad:
-            self._bad_log(self.train_view).report(i, nonfinite_error(names))
-        self._account_bad(len(bad))
+            self._bad_log(self._opened()).report(i, nonfinite_error(names))
+        self._note(0, len(bad))
 
     def _bad_log(self, view: CacheView) -> BadSampleLog:
         return self._bad_logs.setdefault(id(view), BadSampleLog(view))
 
     def teardown(self, stage: str) -> None:
-        self.settle_device_checks()
+        self.settle_device_checks()  # named in the log; a batch that reached no optimizer step is not counted
         super().teardown(stage)
 
-    def _account_bad(self, n: int) -> None:
-        if n == 0:
+    def _note(self, read: int, bad: int) -> None:
+        self._noted[0] += read
+        self._noted[1] += bad
+
+    def settle_step(self, all_sum: AllSum) -> int:
+        """At an optimizer step: add every rank's read and bad samples since the last step to the
+        totals and stop when the unusable share passes ``data.max_bad_fraction``; returns the step's
+        bad samples over all ranks."""
+        self.settle_device_checks()
+        read, bad = all_sum(self._noted)
+        self._noted = [0, 0]
+        self.samples_read += read
+        self.bad_samples += bad
+        self._check_bad_share()
+        return bad
+
+    def _check_bad_share(self) -> None:
+        """The rule: samples in skipped shards plus the bad share of what the run reads (a lower bound
+        until the end of the epoch, see :mod:`.step_counts`) of the cache's readable samples, as a
+        share of the whole cache, must not pass ``data.max_bad_fraction``."""
+        view = self._opened()
+        total, skipped = view.manifest.num_samples, view.skipped_samples
+        planned = self.planned_reads()
+        read_share = bad_share_bound(self.bad_samples, self.samples_read, planned)
+        share = (skipped + read_share * (total - skipped)) / max(total, 1)
+        limit = self.cfg.max_bad_fraction
+        if share <= limit:
             return
-        self.bad_samples += n
-        view = self.train_view
-        total = view.manifest.num_samples if view is not None else 0
-        skipped = view.skipped_samples if view is not None else 0
-        fraction = (self.bad_samples + skipped) / max(total, 1)
-        if fraction > self.cfg.max_bad_fraction:
-            raise DamagedCacheError(
-                f"{self.cfg.cache}: {self.bad_samples} samples failed to decode or held NaN/Inf and {skipped} "
-                f"sit in skipped shards ({fraction:.2%} of the cache), above data.max_bad_fraction="
-                f"{self.cfg.max_bad_fraction}. "
-                f"Run `img-preprocess verify {self.cfg.cache}` and re-create the bad shards."
-            )
+        in_shards = f" and {skipped} of the cache's {total} sit in skipped shards" if skipped else ""
+        raise DamagedCacheError(
+            f"{self.cfg.cache}: {self.bad_samples} of the {self.samples_read} training samples read so far (all "
+            f"ranks) failed to decode or held NaN/Inf{in_shards}. That is at least {share:.2%} of the cache (counted "
+            f"against the {max(self.samples_read, planned)} samples this run reads by the end of its epoch), above "
+            f"data.max_bad_fraction={limit}. "
+            f"Run `img-preprocess verify {self.cfg.cache}` and re-create the bad shards."
+        )
 
     # ------------------------------------------------------------------ checkpoint state
     def extra_state(self) -> dict[str, Any]:
-        self.settle_device_checks()  # a checkpoint counts every batch it has trained on
-        return {"bad_samples": self.bad_samples}
+        # Totals as of the last optimizer step: checkpoints are written after a step, which settled them.
+        return {"bad_samples": self.bad_samples, "samples_read": self.samples_read}
 
     def restore_extra(self, state: dict[str, Any]) -> None:
         self.bad_samples = int(state.get("bad_samples", 0))
+        self.samples_read = int(state.get("samples_read", 0))
 
     def resume_refused(self, problems: list[str]) -> Exception:
         return CacheMismatchError(
@@ -249,14 +285,13 @@ class FeatureCacheDataModule(ResumableDataModule):
     # ------------------------------------------------------------------ info
     def describe(self) -> str:
         v = self.train_view
-        if v is None:
+        if v is None or self.train_ids is None:
             return "data not set up"
         world = self._world_size()
         dtype = str(v.guidance_dtype).removeprefix("torch.")
         return (
             f"cache {v.root}: {v.num_samples} pairs in {len(v.shard_paths)} shards "
             f"({len(v.skipped)} skipped), key {v.manifest.cache_key}, guidance {dtype}; "
-            f"train {len(self.train_ids)}, "
-            f"val {0 if self.val_ids is None else len(self.val_ids)}; {self.steps_per_epoch} steps/epoch at "
+            f"train {self.num_train}, val {self.num_val}; {self.steps_per_epoch} steps/epoch at "
             f"{self.cfg.batch_size} x {world} ranks; {math.ceil(v.manifest.num_bytes / 2**20)} MiB"
         )

@@ -17,7 +17,8 @@ module answers it right after the copy, without a host-device synchronisation:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,8 +63,8 @@ def bad_samples(verdicts: Tensor, index: Tensor) -> list[tuple[int, list[str]]]:
     """``(sample index, names of its bad tensors)`` for each bad row of one batch's verdicts (reads
     them back to the host: a synchronisation)."""
     bad = []
-    for row, i in zip(verdicts.cpu().tolist(), index.cpu().tolist()):
-        names = [name for name, fine in zip(CHECKED, row) if not fine]
+    for row, i in zip(verdicts.cpu().tolist(), index.cpu().tolist(), strict=True):
+        names = [name for name, fine in zip(CHECKED, row, strict=True) if not fine]
         if names:
             bad.append((int(i), names))
     return bad

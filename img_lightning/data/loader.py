@@ -10,11 +10,11 @@ nothing to copy but the host-to-device transfer.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable
+from typing import Any
 
 from ..cache.reader import BatchReader, BufferPool, CacheView
 from .batch_loader import BatchLoader
-from .plan import BatchRequest
+from .plan import BatchRequest, Plan
 
 
 class ThreadedBatchLoader(BatchLoader):
@@ -25,7 +25,7 @@ class ThreadedBatchLoader(BatchLoader):
     def __init__(
         self,
         view: CacheView,
-        plan: Iterable[BatchRequest],
+        plan: Plan,
         *,
         num_workers: int = 2,
         prefetch: int = 2,

@@ -22,7 +22,8 @@ number of forward passes - FSDP gathers parameters inside the forward.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -38,6 +39,15 @@ class BatchRequest(NamedTuple):
     indices: list[int]  # sample ids (PAD for a placeholder)
     epoch: int
     position: int  # 0-based index of this batch within the rank's epoch
+
+
+class Plan(Protocol):
+    """What a loader reads: the requests of one pass, in order, and how many there are (a
+    :class:`RankPlan`, or a list of requests)."""
+
+    def __iter__(self) -> Iterator[BatchRequest]: ...
+
+    def __len__(self) -> int: ...
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:

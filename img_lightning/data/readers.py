@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Generic, Iterable, Iterator, Optional, TypeVar
+from typing import Generic, Optional, TypeVar
 
 R = TypeVar("R")  # a request
 B = TypeVar("B")  # what reading it gives

@@ -17,7 +17,8 @@ cannot be resumed on its data (:meth:`~ResumableDataModule.resume_problems`).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, Generic, Optional, Protocol, TypeVar
 
 import lightning as L
 import numpy as np
@@ -26,11 +27,30 @@ from .batch_loader import BatchLoader
 from .plan import Ordering, RankPlan, shuffled
 from .position import DataPosition
 
+# The element-wise sum of a list of integers over all ranks (see :mod:`.step_counts`).
+AllSum = Callable[[list[int]], list[int]]
 
-class ResumableDataModule(L.LightningDataModule):
-    """``cfg``: the stage's ``data`` config block (``batch_size``, ``val_batch_size``, ``seed``)."""
 
-    def __init__(self, cfg: Any) -> None:
+class DataBlock(Protocol):
+    """What the shared stack reads of a stage's ``data`` config block."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def val_batch_size(self) -> Optional[int]: ...
+
+    @property
+    def seed(self) -> int: ...
+
+
+D = TypeVar("D", bound=DataBlock)
+
+
+class ResumableDataModule(L.LightningDataModule, Generic[D]):
+    """``cfg``: the stage's ``data`` config block (its schema is the type parameter)."""
+
+    def __init__(self, cfg: D) -> None:
         super().__init__()
         self.cfg = cfg
         self.train_ids: Optional[np.ndarray] = None
@@ -44,6 +64,18 @@ class ResumableDataModule(L.LightningDataModule):
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
+
+    @property
+    def num_train(self) -> int:
+        """Training samples (over all ranks)."""
+        assert self.train_ids is not None, "call setup() first"
+        return len(self.train_ids)
+
+    @property
+    def num_val(self) -> int:
+        """Held-out samples used for validation (0 without any)."""
+        assert self.train_ids is not None, "call setup() first"
+        return 0 if self.val_ids is None else len(self.val_ids)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -82,6 +114,22 @@ class ResumableDataModule(L.LightningDataModule):
         """A batch about to be trained on (``training``) or evaluated, before its copy to the device:
         the stage's per-batch accounting."""
         return batch
+
+    def settle_step(self, all_sum: AllSum) -> int:
+        """At an optimizer step (:class:`~.step_counts.SettleAtStep`): add every rank's counts since the
+        last step to the totals and apply the stage's rules on them; returns a stage-defined count of
+        the step over all ranks."""
+        raise NotImplementedError
+
+    def planned_reads(self) -> int:
+        """Training samples the run will have read, over all ranks, by the end of the current data
+        epoch, or of the run when ``max_steps`` ends it first."""
+        per_step = int(self.cfg.batch_size) * self._world_size()
+        planned = self.steps_per_epoch * per_step * (self.position.epoch + 1)
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps > 0:
+            planned = min(planned, int(trainer.max_steps) * int(trainer.accumulate_grad_batches) * per_step)
+        return planned
 
     def teardown(self, stage: str) -> None:
         if self.train_loader is not None:

@@ -83,7 +83,8 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
 def pad_fill(processor: Any) -> tuple[int, int, int]:
     """LLaVA's padding colour: the image processor's mean, ``int(mean * 255)`` (truncated, as LLaVA)."""
     mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-    return tuple(int(float(m) * 255) for m in mean[:3])  # type: ignore[return-value]
+    r, g, b = (int(float(m) * 255) for m in mean[:3])
+    return r, g, b
 
 
 def prepare_image(image: Image.Image, image_mode: str, fill: tuple[int, int, int]) -> Image.Image:

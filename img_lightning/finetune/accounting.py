@@ -6,14 +6,13 @@ The rules here:
 
 * **Counts are global and exact across resumes.** Each rank notes its training micro-batches
   (samples asked for, skipped by reason, real samples, answer tokens); at every optimizer step the
-  ranks sum what they noted (one all-reduce of a few integers), so the totals are the same on every
-  rank and go into the DataModule's checkpoint state: a resumed run continues them.
+  ranks sum what they noted (:mod:`img_lightning.data.step_counts`, as for the aligner), so the
+  totals are the same on every rank and go into the DataModule's checkpoint state: a resumed run
+  continues them.
 * **The bad fraction applies from the first sample.** ``data.max_bad_fraction`` bounds the share of
-  unusable samples among those the run reads. Before the end of the run that share is not known
-  yet, but a lower bound is: ``skipped / max(read, planned)``, where ``planned`` is what the run
-  will have read by the end of the current epoch (or of the run, when it ends first). The run stops
-  as soon as the bound passes the limit - from the first optimizer step, whatever the data size -
-  and never on data that is within it (the bound only reaches the true share at the end).
+  unusable samples among those the run reads, judged on the lower bound
+  :func:`~img_lightning.data.step_counts.bad_share_bound` from the first optimizer step, whatever
+  the data size, and never on data that is within it.
 * **A step with no supervised token is not a trained step.** When no rank had an answer token in
   an optimizer step's micro-batches, the update is skipped (no parameter has a gradient, so AdamW
   leaves weights and moments alone) and the step is counted in ``empty_steps``, not in the trained
@@ -24,10 +23,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Callable
+from typing import Any
 
-import torch
-from lightning.pytorch.callbacks import Callback
+import lightning as L
+
+from ..data.step_counts import AllSum, SettleAtStep, bad_share_bound
 
 log = logging.getLogger(__name__)
 REASONS = ("corrupt_image", "over_long", "placeholder_in_text")
@@ -58,7 +58,7 @@ class SampleCounts:
         for reason in skipped_reasons:
             p[4 + REASONS.index(reason)] += 1
 
-    def settle(self, all_sum: Callable[[list[int]], list[int]]) -> int:
+    def settle(self, all_sum: AllSum) -> int:
         """Add every rank's notes since the last step to the totals (``all_sum``: the element-wise sum
         over ranks); returns the step's answer tokens over all ranks."""
         window = all_sum(self._pending)
@@ -81,7 +81,7 @@ class SampleCounts:
 
     def bad_share_bound(self, planned: int) -> float:
         """A lower bound of the unusable share of what the run reads (see the module doc)."""
-        return self.skipped / max(1, self.read, planned)
+        return bad_share_bound(self.skipped, self.read, planned)
 
     def state(self) -> dict[str, Any]:
         return {"samples_read": self.read, "samples_skipped": self.skipped, "skip_counts": dict(self.reasons),
@@ -98,26 +98,12 @@ class SampleCounts:
         self.empty_steps = int(state.get("empty_steps", 0))
 
 
-def strategy_sum(strategy: Any, device: torch.device) -> Callable[[list[int]], list[int]]:
-    """Element-wise sum over ranks through the trainer's strategy (identity on one process)."""
-
-    def all_sum(values: list[int]) -> list[int]:
-        if strategy.world_size <= 1:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.long, device=device)
-        return [int(v) for v in strategy.reduce(tensor, reduce_op="sum").tolist()]
-
-    return all_sum
-
-
-class StepAccounting(Callback):
+class StepAccounting(SettleAtStep):
     """At each optimizer step: settle the DataModule's counts over the ranks, stop when the bad
     share passes ``data.max_bad_fraction``, and skip the update of a step without answer tokens."""
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        datamodule = trainer.datamodule
-        tokens = datamodule.settle_step(strategy_sum(trainer.strategy, pl_module.device))
-        if tokens:
+    def settled(self, trainer: L.Trainer, pl_module: L.LightningModule, value: int) -> None:
+        if value:  # the step's answer tokens over all ranks
             return
         for param in pl_module.parameters():
             param.grad = None  # AdamW leaves a parameter without a gradient untouched (moments included)

@@ -23,12 +23,14 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..data.plan import BatchRequest, RankPlan
-from ..data.resumable import ResumableDataModule
+from ..config.encoders import MLLMConfig
+from ..config.finetune_mllm import FinetuneDataConfig
+from ..data.plan import Plan, RankPlan
+from ..data.resumable import AllSum, ResumableDataModule
 from ..errors import UserError
 from .accounting import SampleCounts
 from .loader import TripletBatchLoader
@@ -52,8 +54,8 @@ class NothingTrained(UserError, RuntimeError):
     """The run ended without one trained sample: its weights are the base model's."""
 
 
-class EditTripletDataModule(ResumableDataModule):
-    def __init__(self, data_cfg: Any, mllm_cfg: Any, skip_dir: Optional[Path] = None,
+class EditTripletDataModule(ResumableDataModule[FinetuneDataConfig]):
+    def __init__(self, data_cfg: FinetuneDataConfig, mllm_cfg: MLLMConfig, skip_dir: Optional[Path] = None,
                  encoder: Optional[SampleEncoder] = None, progress: bool = False,
                  record_path: Optional[Path] = None) -> None:
         """``data_cfg``/``mllm_cfg``: the ``data`` and ``mllm`` blocks of the finetuning config;
@@ -97,14 +99,14 @@ class EditTripletDataModule(ResumableDataModule):
         """What the scan kept and why it dropped the rest (the reason a set can be empty)."""
         assert self.index is not None
         s = self.index.stats
-        limit = f" and {len(self.train_ids)} used (data.limit={self.cfg.limit})" if self.cfg.limit is not None else ""
+        limit = f" and {self.num_train} used (data.limit={self.cfg.limit})" if self.cfg.limit is not None else ""
         return (f"{s.rows_read} rows read in {s.files} files: {s.empty_instructions} with an empty edit_prompt, "
                 f"{s.empty_prompts} with an empty edited_prompt and {s.placeholder_in_text} with an image placeholder "
                 f"in their text were dropped; {s.kept} kept, of which {s.heldout} held out "
                 f"(data.heldout_fraction={self.cfg.heldout_fraction}){limit}")
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, plan: Iterable[BatchRequest]) -> TripletBatchLoader:
+    def _loader(self, plan: Plan) -> TripletBatchLoader:
         assert self.index is not None and self.images is not None and self.encoder is not None
         return TripletBatchLoader(self.index, self.images, self.encoder, plan,
                                   num_workers=self.cfg.num_workers, prefetch=self.cfg.prefetch_batches)
@@ -151,7 +153,7 @@ class EditTripletDataModule(ResumableDataModule):
     def skip_counts(self) -> Counter:
         return self.counts.reasons
 
-    def settle_step(self, all_sum) -> int:
+    def settle_step(self, all_sum: AllSum) -> int:
         """At an optimizer step: add every rank's counts since the last step (``all_sum``: element-wise
         sum over ranks), stop when the bad share passes ``data.max_bad_fraction``; returns the step's
         answer tokens over all ranks."""
@@ -167,16 +169,6 @@ class EditTripletDataModule(ResumableDataModule):
                 f"above data.max_bad_fraction={self.cfg.max_bad_fraction}. See {self.skip_dir or 'the log'} for which "
                 f"and why; repair the data, or raise data.max_bad_fraction to train on the rest")
         return tokens
-
-    def planned_reads(self) -> int:
-        """Training samples the run will have read, over all ranks, by the end of the current data
-        epoch, or of the run when ``max_steps`` ends it first."""
-        per_step = int(self.cfg.batch_size) * self._world_size()
-        planned = self.steps_per_epoch * per_step * (self.position.epoch + 1)
-        trainer = self.trainer
-        if trainer is not None and trainer.max_steps > 0:
-            planned = min(planned, int(trainer.max_steps) * int(trainer.accumulate_grad_batches) * per_step)
-        return planned
 
     def check_trained(self) -> None:
         """Refuse a run that ended without one trained sample (its weights are the base model's)."""
@@ -236,8 +228,8 @@ class EditTripletDataModule(ResumableDataModule):
         s = self.index.stats
         return (f"edit triplets {self.cfg.input}: {s.rows_read} rows in {s.files} files, {s.kept} kept "
                 f"({s.empty_instructions} empty instructions, {s.empty_prompts} empty prompts, "
-                f"{s.placeholder_in_text} with an image placeholder dropped); train {len(self.train_ids)}, "
-                f"held-out {s.heldout} ({len(self.val_ids)} for val/loss); {self.steps_per_epoch} batches/epoch at "
+                f"{s.placeholder_in_text} with an image placeholder dropped); train {self.num_train}, "
+                f"held-out {s.heldout} ({self.num_val} for val/loss); {self.steps_per_epoch} batches/epoch at "
                 f"{self.cfg.batch_size} x {self._world_size()} ranks; fingerprint {self.index.fingerprint[:12]}")
 
 

@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, cast
 
 import torch
 from omegaconf import OmegaConf
 
 from ..atomic import atomic_write, atomic_write_json
+from ..config.encoders import MLLMConfig
+from ..config.finetune_mllm import FinetuneDataConfig, FinetuneMLLMConfig
 from ..config.loading import ConfigError, to_container
+from ..encoders.export_manifest import MANIFEST_NAME, read_manifest, verify_export_weights, warn_if_trained_otherwise
 from ..errors import UserError
 from ..run_dir import run_directory
-from ..encoders.export_manifest import MANIFEST_NAME, read_manifest, verify_export_weights, warn_if_trained_otherwise
+from .judge import Transport
 from .metrics import aggregate, score
+from .model import HFModel
 from .samples import SampleEncoder
 from .seed_edit import EvalCase, read_seed_edit_sample
 
@@ -56,7 +61,7 @@ class HeldoutMismatchError(UserError, ValueError):
 
 
 # -- cases ------------------------------------------------------------------------------------------
-def check_heldout_split(data_cfg: Any, manifest: Optional[dict], folder: Path,
+def check_heldout_split(data_cfg: FinetuneDataConfig, manifest: Optional[dict], folder: Path,
                         fingerprint: Optional[str] = None) -> None:
     """Refuse a held-out split other than the export's (its manifest's ``data`` block): another
     fraction, salt or data (fingerprint) would put training triplets among the held-out cases.
@@ -69,8 +74,8 @@ def check_heldout_split(data_cfg: Any, manifest: Optional[dict], folder: Path,
     where = folder / MANIFEST_NAME
     problems = []
     for key in ("heldout_fraction", "heldout_salt"):
-        if key in trained and trained[key] != data_cfg[key]:
-            problems.append(f"data.{key}={data_cfg[key]!r} here, {trained[key]!r} in {where}")
+        if key in trained and trained[key] != getattr(data_cfg, key):
+            problems.append(f"data.{key}={getattr(data_cfg, key)!r} here, {trained[key]!r} in {where}")
     if fingerprint is not None and trained.get("fingerprint") and trained["fingerprint"] != fingerprint:
         problems.append(f"data.input={data_cfg.input} gives index fingerprint {fingerprint[:12]}..., the export was "
                         f"trained on {trained['fingerprint'][:12]}...")
@@ -81,7 +86,7 @@ def check_heldout_split(data_cfg: Any, manifest: Optional[dict], folder: Path,
             "and data.heldout_salt of its training config, or a SEED-Data-Edit sample (eval.source=seed_data_edit)")
 
 
-def heldout_cases(data_cfg: Any, limit: Optional[int], manifest: Optional[dict] = None,
+def heldout_cases(data_cfg: FinetuneDataConfig, limit: Optional[int], manifest: Optional[dict] = None,
                   folder: Optional[Path] = None) -> tuple[list[EvalCase], dict[str, int]]:
     """The held-out triplets of ``data`` (same split as training), ordered by sha256 of their key.
     With ``folder`` (the finetuned export) the split is checked against its ``manifest``."""
@@ -98,7 +103,8 @@ def heldout_cases(data_cfg: Any, limit: Optional[int], manifest: Optional[dict] 
                         f"{data_cfg.heldout_fraction}; raise it or evaluate a SEED-Data-Edit sample "
                         f"(eval.source=seed_data_edit eval.input=FILE)")
     images = RowGroupImages(index.files, capacity=max(1, int(data_cfg.row_group_cache)))
-    cases, skipped = [], {"corrupt_image": 0}
+    cases: list[EvalCase] = []
+    skipped = {"corrupt_image": 0}
     for i in ids:
         if limit is not None and len(cases) >= limit:
             break
@@ -114,7 +120,7 @@ def heldout_cases(data_cfg: Any, limit: Optional[int], manifest: Optional[dict] 
     return cases, skipped
 
 
-def load_cases(cfg: Any, finetuned: Optional[Path] = None) -> tuple[list[EvalCase], dict[str, int]]:
+def load_cases(cfg: FinetuneMLLMConfig, finetuned: Optional[Path] = None) -> tuple[list[EvalCase], dict[str, int]]:
     """The cases of ``eval.source``; held-out ones are checked against the export ``finetuned``."""
     source = _value(cfg.eval.source)
     if source == "seed_data_edit":
@@ -134,7 +140,7 @@ def cut_answer(text: str, end_of_turn: Optional[str]) -> str:
 
 
 @torch.inference_mode()
-def generate_answers(model: torch.nn.Module, encoder: SampleEncoder, cases: Sequence[EvalCase], *,
+def generate_answers(model: HFModel, encoder: SampleEncoder, cases: Sequence[EvalCase], *,
                      batch_size: int = 8, max_new_tokens: int = 64, progress: bool = False) -> list[dict[str, Any]]:
     """Greedy answers (left-padded batches) -> ``[{"text", "question_index", "question"}]``."""
     device = next(model.parameters()).device
@@ -158,7 +164,7 @@ def generate_answers(model: torch.nn.Module, encoder: SampleEncoder, cases: Sequ
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                    pad_token_id=encoder.pad_id, eos_token_id=tokenizer.eos_token_id, **extra)
         new = generated[:, inputs["input_ids"].shape[1]:]
-        for case, sample, ids in zip(chunk, samples, new.tolist()):
+        for case, sample, ids in zip(chunk, samples, new.tolist(), strict=True):
             text = cut_answer(tokenizer.decode(ids, skip_special_tokens=True), stop)
             out.append({"text": text, "question_index": sample.question_index,
                         "question": encoder.questions.question(case.prompt, sample.question_index)})
@@ -169,7 +175,8 @@ def generate_answers(model: torch.nn.Module, encoder: SampleEncoder, cases: Sequ
     return out
 
 
-def model_answers(mllm_cfg: Any, cases: Sequence[EvalCase], cfg: Any, progress: bool) -> list[dict[str, Any]]:
+def model_answers(mllm_cfg: MLLMConfig, cases: Sequence[EvalCase], cfg: FinetuneMLLMConfig,
+                  progress: bool) -> list[dict[str, Any]]:
     """Load one model (``mllm_cfg``), answer every case, free the model."""
     from ..encoders.mllm import load_mllm_model, mllm_folder
     from ..models import compute_dtype, resolve_device
@@ -188,18 +195,19 @@ def model_answers(mllm_cfg: Any, cases: Sequence[EvalCase], cfg: Any, progress: 
             torch.cuda.empty_cache()
 
 
-def finetuned_config(cfg: Any) -> Any:
+def finetuned_config(cfg: FinetuneMLLMConfig) -> MLLMConfig:
     """The ``mllm`` block pointed at the export (``eval.finetuned``, default ``RUN/export``)."""
     folder = Path(cfg.eval.finetuned) if cfg.eval.finetuned else run_directory(cfg.run) / "export"
     if not (folder / "config.json").is_file():
         raise UserError(f"no finetuned export at {folder} (train first, or set eval.finetuned=EXPORT_DIR)")
-    mllm = OmegaConf.create(to_container(cfg.mllm))
+    mllm = cast(MLLMConfig, OmegaConf.create(to_container(cfg.mllm)))
     mllm.path = str(folder)
     return mllm
 
 
 # -- the run ----------------------------------------------------------------------------------------
-def run_eval(cfg: Any, judge_transport: Any = None, progress: bool = False) -> EvalResult:
+def run_eval(cfg: FinetuneMLLMConfig, judge_transport: Optional[Transport] = None,
+             progress: bool = False) -> EvalResult:
     from ..job import apply_torch_threads
 
     apply_torch_threads(cfg.run.torch_threads)
@@ -210,7 +218,7 @@ def run_eval(cfg: Any, judge_transport: Any = None, progress: bool = False) -> E
     verify_export_weights(finetuned)  # the weights scored are the ones the manifest lists
     warn_if_trained_otherwise(models["finetuned"], finetuned)  # prompt format, image mode, question file
     if cfg.eval.base:
-        models = {"base": OmegaConf.create(to_container(cfg.mllm)), **models}
+        models = {"base": cast(MLLMConfig, OmegaConf.create(to_container(cfg.mllm))), **models}
     cases, skipped = load_cases(cfg, finetuned)
     if not cases:
         raise UserError(f"no usable evaluation cases ({source}; skipped: {skipped})")
@@ -243,7 +251,8 @@ def run_eval(cfg: Any, judge_transport: Any = None, progress: bool = False) -> E
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", metrics)
     lines = [{"key": c.key, "source": c.source, "prompt": c.prompt, "original_prompt": c.original_prompt,
-              "reference": c.reference, **{name: row[name] for name in models}} for c, row in zip(cases, rows)]
+              "reference": c.reference, **{name: row[name] for name in models}}
+             for c, row in zip(cases, rows, strict=True)]
     atomic_write(out_dir / "answers.jsonl", "".join(_json_line(x) for x in lines))
     atomic_write_json(out_dir / "eval_info.json", {
         "source": source, "input": cfg.eval.input if source == "seed_data_edit" else cfg.data.input,

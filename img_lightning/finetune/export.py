@@ -17,19 +17,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 
+from ..encoders.export_manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from ..errors import NonFiniteError
 from ..hashing import file_sha256
 from ..models import resolve_dtype
-from ..encoders.export_manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from .merge import is_lora, merge_for_export
+from .model import HFModel
 
 
-def export_model(model: torch.nn.Module, processor: Any, out_dir: str | Path, manifest: Mapping[str, Any],
+def export_model(model: HFModel, processor: Any, out_dir: str | Path, manifest: Mapping[str, Any],
                  dtype: str = "float16", state_dict: Optional[Mapping[str, torch.Tensor]] = None,
                  check_batch: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``model`` (a transformers model, or a PEFT LoRA one, merged here) with ``processor``
@@ -81,7 +83,7 @@ def check_finite(weights: Mapping[str, torch.Tensor], dtype: str) -> None:
                                  f"run.export_dtype=float32 (or bfloat16, float32's range at less precision)")
 
 
-def plain_model(config: Any, backend: str, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+def plain_model(config: Any, backend: str, state: Mapping[str, torch.Tensor]) -> HFModel:
     """A plain transformers model of ``backend`` holding ``state`` (built on the meta device, the
     tensors assigned, not copied): what FSDP's gathered weights are saved from, instead of the
     wrapped training module."""

@@ -15,9 +15,11 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Optional
 
+from ..config.finetune_mllm import JudgeConfig
 from ..errors import UserError
 
 Transport = Callable[[str, dict, dict, float], dict]  # (url, payload, headers, timeout) -> response JSON
@@ -50,7 +52,8 @@ class Verdict:
 
 
 class Judge:
-    def __init__(self, cfg: Any, transport: Optional[Transport] = None, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, cfg: JudgeConfig, transport: Optional[Transport] = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.cfg = cfg
         self.transport = transport or http_transport
         self.sleep = sleep

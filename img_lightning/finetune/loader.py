@@ -14,12 +14,12 @@ one placeholder (no loss), so every rank still runs its step.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 
 from ..data.batch_loader import BatchLoader
-from ..data.plan import PAD, BatchRequest
+from ..data.plan import PAD, BatchRequest, Plan
 from ..encoders.conversation import PromptTextError
 from .samples import EncodedSample, OverLong, SampleEncoder
 from .triplets import CorruptImage, RowGroupImages, TripletIndex, decode_image
@@ -27,7 +27,7 @@ from .triplets import CorruptImage, RowGroupImages, TripletIndex, decode_image
 
 class TripletBatchLoader(BatchLoader):
     def __init__(self, index: TripletIndex, images: RowGroupImages, encoder: SampleEncoder,
-                 plan: Iterable[BatchRequest], *, num_workers: int = 2, prefetch: int = 2) -> None:
+                 plan: Plan, *, num_workers: int = 2, prefetch: int = 2) -> None:
         super().__init__(plan, num_workers=num_workers, prefetch=prefetch, thread_name="img-finetune-data")
         self.index = index
         self.images = images

@@ -15,14 +15,15 @@ records it, so a user can see the exported weights compute what the trained adap
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import nullcontext
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .model import inner
+from .model import HFModel, inner
 from .module import MODEL_INPUTS
 from .samples import IGNORE
 
@@ -35,7 +36,7 @@ def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def merge_lora(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def merge_lora(model: HFModel, dtype: torch.dtype) -> HFModel:
     """The plain transformers model of a PEFT LoRA ``model``: every adapted weight becomes
     ``round_dtype(float32(base) + delta)``; layers without adapters are left as they are."""
     from peft.tuners.lora import LoraLayer

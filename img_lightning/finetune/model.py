@@ -12,10 +12,14 @@ need one dtype per wrapped unit, where everything is float32 and FSDP computes i
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..config.encoders import MLLMConfig
+from ..config.finetune_mllm import FinetuneMethodConfig
 
 # backend -> (vision tower path, projector path) inside the transformers model's ``.model``
 PARTS = {
@@ -24,18 +28,24 @@ PARTS = {
 }
 PROJECTOR_NAMES = ("multi_modal_projector", "visual.merger")
 
-
-def inner(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    if hasattr(model, "peft_config"):  # peft.PeftModel -> LoraModel -> the transformers model
-        return model.base_model.model
-    return model
+# A transformers model, or a PEFT model around one. Any: transformers and peft are read as untyped
+# (pyproject.toml), and what is used of them (``config``, ``save_pretrained``, ``generate``, ``unload``,
+# submodules by name) is not ``nn.Module``'s.
+HFModel = Any
 
 
-def _get(module: nn.Module, dotted: str) -> nn.Module:
+def _get(module: object, dotted: str) -> Any:
+    """The attribute at a dotted path (transformers models are navigated by name)."""
     for part in dotted.split("."):
         module = getattr(module, part)
     return module
+
+
+def inner(model: nn.Module) -> HFModel:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    if hasattr(model, "peft_config"):  # peft.PeftModel -> LoraModel -> the transformers model
+        return _get(model, "base_model.model")
+    return model
 
 
 def vision_tower(model: nn.Module, backend: str) -> nn.Module:
@@ -55,9 +65,9 @@ def vision_layer_classes(model: nn.Module, backend: str) -> set[type[nn.Module]]
     """The vision tower's block class (wrapped too, so the frozen tower is sharded, not replicated)."""
     tower = vision_tower(model, backend)
     if backend == "qwen2_5_vl":
-        blocks = tower.blocks
+        blocks = _get(tower, "blocks")
     else:  # CLIPVisionModel: transformers 5 flattened it (encoder.layers), 4.x nested it in vision_model
-        blocks = getattr(tower, "vision_model", tower).encoder.layers
+        blocks = _get(getattr(tower, "vision_model", tower), "encoder.layers")
     return {type(blocks[0])}
 
 
@@ -76,14 +86,16 @@ def is_projector_parameter(name: str) -> bool:
     return any(p in name for p in PROJECTOR_NAMES)
 
 
-def build_trainable_model(mllm_cfg: Any, ft_cfg: Any, sharded: bool, seed: int = 42) -> nn.Module:
+def build_trainable_model(mllm_cfg: MLLMConfig, ft_cfg: FinetuneMethodConfig, sharded: bool,
+                          seed: int = 42) -> nn.Module:
     """Load the base MLLM (CPU), freeze and wrap it per ``finetune``; ``sharded``: FSDP will wrap it."""
     from ..encoders.mllm import load_mllm_model, mllm_folder
     from ..models import resolve_dtype
 
     method = str(getattr(ft_cfg.method, "value", ft_cfg.method))
     if sharded and method == "lora":
-        raise ValueError("finetune.method=lora runs under DDP (trainer.strategy=ddp or auto); FSDP is for the full finetune")
+        raise ValueError("finetune.method=lora runs under DDP (trainer.strategy=ddp or auto); "
+                         "FSDP is for the full finetune")
     backend = str(mllm_cfg.backend)
     dtype = torch.float32 if sharded else resolve_dtype(str(mllm_cfg.dtype))
     model = load_mllm_model(mllm_cfg, mllm_folder(mllm_cfg, key="mllm"), dtype)

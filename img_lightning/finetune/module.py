@@ -19,34 +19,44 @@ checkpoint (Lightning does not save it).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from omegaconf import OmegaConf
 from torch import Tensor
+from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
+from ..config.encoders import MLLMConfig
+from ..config.finetune_mllm import FinetuneMethodConfig, FinetuneOptimConfig
 from ..config.loading import to_container
 from ..errors import NonFiniteError
 from ..log_steps import is_logging_step
-from .model import build_trainable_model, inner, is_projector_parameter
+from .model import HFModel, build_trainable_model, inner, is_projector_parameter
 from .samples import IGNORE
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 class MLLMFinetuneModule(L.LightningModule):
-    def __init__(self, mllm: Any, finetune: Any, optim: Any, strategy: str = "auto", seed: int = 42) -> None:
+    def __init__(self, mllm: MLLMConfig, finetune: FinetuneMethodConfig, optim: FinetuneOptimConfig,
+                 strategy: str = "auto", seed: int = 42) -> None:
         """``mllm``, ``finetune``, ``optim``: the config blocks of the same names; ``strategy``:
         ``fsdp`` builds the model for FSDP (everything float32, checkpointing by the strategy)."""
         super().__init__()
-        self.save_hyperparameters({"mllm": to_container(mllm), "finetune": to_container(finetune), "optim": to_container(optim),
-                                   "strategy": str(getattr(strategy, "value", strategy)), "seed": int(seed)})
-        self.mllm_cfg = OmegaConf.create(self.hparams["mllm"])
-        self.ft_cfg = OmegaConf.create(self.hparams["finetune"])
-        self.optim_cfg = OmegaConf.create(self.hparams["optim"])
+        self.save_hyperparameters({"mllm": to_container(mllm), "finetune": to_container(finetune),
+                                   "optim": to_container(optim), "strategy": str(getattr(strategy, "value", strategy)),
+                                   "seed": int(seed)})
+        # The blocks again, rebuilt from those plain hyper-parameters (as a checkpoint load rebuilds them).
+        self.mllm_cfg = cast(MLLMConfig, OmegaConf.create(self.hparams["mllm"]))
+        self.ft_cfg = cast(FinetuneMethodConfig, OmegaConf.create(self.hparams["finetune"]))
+        self.optim_cfg = cast(FinetuneOptimConfig, OmegaConf.create(self.hparams["optim"]))
         self.sharded = self.hparams["strategy"] == "fsdp"
         self.backend = str(self.mllm_cfg.backend)
         self.model: Optional[torch.nn.Module] = None
@@ -73,7 +83,7 @@ class MLLMFinetuneModule(L.LightningModule):
                                                seed=int(self.hparams["seed"]))
 
     @property
-    def core(self) -> torch.nn.Module:
+    def core(self) -> HFModel:
         """The transformers model (under a PEFT wrapper, if any)."""
         assert self.model is not None, "configure_model() has not run"
         return inner(self.model)
@@ -95,6 +105,7 @@ class MLLMFinetuneModule(L.LightningModule):
     def _vision_dtype(self) -> torch.dtype:
         from .model import vision_tower
 
+        assert self.model is not None, "configure_model() has not run"
         try:
             return next(vision_tower(self.model, self.backend).parameters()).dtype
         except StopIteration:
@@ -123,11 +134,11 @@ class MLLMFinetuneModule(L.LightningModule):
         value = self.val_loss.compute()
         self.val_loss.reset()
         if not bool(torch.isfinite(value)):
-            raise NonFiniteError(f"held-out loss at step {self.global_step} is {float(value)}: the weights hold NaN/Inf "
-                                 f"(lower optim.lr or set optim.grad_clip); nothing from this step is usable")
+            raise NonFiniteError(f"held-out loss at step {self.global_step} is {float(value)}: the weights hold "
+                                 f"NaN/Inf (lower optim.lr or set optim.grad_clip); nothing from this step is usable")
         self.log("val/loss", value, sync_dist=False, rank_zero_only=False)
 
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Stop on a NaN/Inf gradient, naming the step and this rank's samples. Under FSDP each rank
         holds a shard of the gradient, so the verdict is reduced over ranks (everyone stops together)."""
         if self.trainer.precision == "16-mixed":
@@ -186,7 +197,7 @@ class MLLMFinetuneModule(L.LightningModule):
             raise ValueError("nothing to train: every parameter is frozen (check finetune.train_projector / method)")
         return list(groups.values())
 
-    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
+    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: Optional[float] = None,
                                     gradient_clip_algorithm: Optional[str] = None) -> None:
         """Global-norm clipping. Under FSDP each rank holds a shard of the gradient, so the norm must
         be FSDP's own (``clip_grad_norm_`` of the root module, which all-reduces the shards' norms);
@@ -194,18 +205,20 @@ class MLLMFinetuneModule(L.LightningModule):
         if not gradient_clip_val:
             return
         if self.sharded:
-            self.trainer.strategy.model.clip_grad_norm_(float(gradient_clip_val))
+            root = cast("FullyShardedDataParallel", self.trainer.strategy.model)
+            root.clip_grad_norm_(float(gradient_clip_val))
         else:
             self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                                 gradient_clip_algorithm=gradient_clip_algorithm)
 
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         from ..module import build_scheduler
 
         cfg = self.optim_cfg
         # fused AdamW on GPUs; not over FSDP's views of flat parameters (a rank's view may be empty)
         fused = self.device.type == "cuda" and not self.sharded
-        optimizer = torch.optim.AdamW(self.param_groups(), betas=tuple(cfg.betas), eps=float(cfg.eps), fused=fused)
+        beta1, beta2 = cfg.betas  # two, checked when the config loads
+        optimizer = torch.optim.AdamW(self.param_groups(), betas=(beta1, beta2), eps=float(cfg.eps), fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = math.ceil(float(cfg.warmup_ratio) * total)
         scheduler = build_scheduler(optimizer, str(getattr(cfg.schedule, "value", cfg.schedule)), warmup, total)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -27,16 +27,21 @@ from omegaconf import OmegaConf
 from ..config.changes import config_changes, describe_changes
 from ..config.finetune_mllm import FinetuneMLLMConfig, resume_free_keys
 from ..config.loading import ConfigError, load_config, to_container
+from ..config.node import as_node
 from ..errors import UserError
 from ..run_dir import CONFIG_NAME, resolve_resume, run_directory
 from ..run_lock import holding_run_directory
+
+if TYPE_CHECKING:  # imported where used: the command starts without loading the model stack
+    from .module import MLLMFinetuneModule
 
 log = logging.getLogger(__name__)
 # where the run and the base live, and how this export is written: free to differ from the training config
 EXPORT_FREE_KEYS = frozenset({"run.root", "run.name", "mllm.device", "mllm.batch_size"})
 
 
-def trained_config(cfg: Any, checkpoint: dict[str, Any], run_dir: Path, what: str) -> Any:
+def trained_config(cfg: FinetuneMLLMConfig, checkpoint: dict[str, Any], run_dir: Path,
+                   what: str) -> FinetuneMLLMConfig:
     """The config ``checkpoint`` was trained with, with this command's locations; refuses a ``cfg``
     that differs from it in a key the export records."""
     from .provenance import saved_record
@@ -49,7 +54,7 @@ def trained_config(cfg: Any, checkpoint: dict[str, Any], run_dir: Path, what: st
                             f"config) and {run_dir / CONFIG_NAME} is missing: export it with its run's config")
         saved = to_container(load_config(FinetuneMLLMConfig, [run_dir / CONFIG_NAME], require_complete=False))
         source = f"the run's {CONFIG_NAME}"
-    trained = OmegaConf.merge(OmegaConf.structured(FinetuneMLLMConfig), saved)
+    trained = cast(FinetuneMLLMConfig, OmegaConf.merge(OmegaConf.structured(FinetuneMLLMConfig), saved))
     changes = config_changes(to_container(trained), to_container(cfg))
     free = resume_free_keys(trained) | EXPORT_FREE_KEYS
     refused = [k for k in changes if k not in free]
@@ -58,11 +63,11 @@ def trained_config(cfg: Any, checkpoint: dict[str, Any], run_dir: Path, what: st
                           f"its manifest would describe another run:\n{describe_changes(changes, refused)}\n"
                           f"Drop these overrides: the export describes the run as it was trained.")
     for key in ("mllm.path", "data.input"):  # locations: where the base and the data are now
-        OmegaConf.update(trained, key, OmegaConf.select(cfg, key), merge=False)
+        OmegaConf.update(as_node(trained), key, OmegaConf.select(as_node(cfg), key), merge=False)
     return trained
 
 
-def _load(module: Any, path: Path) -> dict[str, Any]:
+def _load(module: MLLMFinetuneModule, path: Path) -> dict[str, Any]:
     from .export import load_sharded_checkpoint
 
     if path.is_dir():
@@ -76,7 +81,7 @@ def _load(module: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
-def export_checkpoint(cfg: Any, checkpoint: Optional[str] = None, out: Optional[str] = None) -> Path:
+def export_checkpoint(cfg: FinetuneMLLMConfig, checkpoint: Optional[str] = None, out: Optional[str] = None) -> Path:
     from ..job import apply_torch_threads
 
     apply_torch_threads(cfg.run.torch_threads)
@@ -90,7 +95,7 @@ def export_checkpoint(cfg: Any, checkpoint: Optional[str] = None, out: Optional[
         return _export(cfg, Path(path), run_dir, target)
 
 
-def _export(cfg: Any, path: Path, run_dir: Path, target: Path) -> Path:
+def _export(cfg: FinetuneMLLMConfig, path: Path, run_dir: Path, target: Path) -> Path:
     from transformers import AutoProcessor
 
     from ..encoders.mllm import mllm_folder
@@ -114,10 +119,12 @@ def _export(cfg: Any, path: Path, run_dir: Path, target: Path) -> Path:
         raise OtherBaseModel(problem)
     datamodule = EditTripletDataModule(trained.data, trained.mllm)
     datamodule.setup()
+    index = datamodule.index
+    assert index is not None  # set up
     state = meta.get("EditTripletDataModule", {})
-    if state.get("fingerprint") not in (None, datamodule.index.fingerprint):
+    if state.get("fingerprint") not in (None, index.fingerprint):
         raise UserError(f"data.input={cfg.data.input} is not the data {path} was trained on (index fingerprint "
-                        f"{datamodule.index.fingerprint[:12]}..., the checkpoint's {state['fingerprint'][:12]}...): "
+                        f"{index.fingerprint[:12]}..., the checkpoint's {state['fingerprint'][:12]}...): "
                         f"the manifest's split would not be the training split. Point data.input at that data")
     datamodule.counts.restore(state)
     world = int(state.get("world_size") or 1)
@@ -127,7 +134,9 @@ def _export(cfg: Any, path: Path, run_dir: Path, target: Path) -> Path:
     manifest["base"]["weights_sha256"] = base["sha256"]
     manifest["training"]["checkpoint"] = str(path)
     processor = AutoProcessor.from_pretrained(mllm_folder(cfg.mllm, key="mllm"))
-    if is_lora(module.model):  # the merge check runs two forwards: on mllm.device (a GPU when there is one)
-        module.model.to(resolve_device(str(cfg.mllm.device)))
-    return export_model(module.model, processor, target, manifest, dtype=str(cfg.run.export_dtype),
+    model = module.model
+    assert model is not None  # configured above
+    if is_lora(model):  # the merge check runs two forwards: on mllm.device (a GPU when there is one)
+        model.to(resolve_device(str(cfg.mllm.device)))
+    return export_model(model, processor, target, manifest, dtype=str(cfg.run.export_dtype),
                         check_batch=datamodule.check_batch())

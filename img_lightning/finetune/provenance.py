@@ -18,8 +18,11 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from ..config.encoders import MLLMConfig
+from ..config.finetune_mllm import FinetuneMLLMConfig
 from ..config.loading import to_container
 from ..errors import UserError
 from ..hashing import files_sha256
@@ -32,7 +35,7 @@ class OtherBaseModel(UserError):
     """The checkpoint was trained from another base model than ``mllm`` names now."""
 
 
-def base_identity(mllm_cfg: Any) -> dict[str, Any]:
+def base_identity(mllm_cfg: MLLMConfig) -> dict[str, Any]:
     """``{"model", "path", "sha256"}`` of the base model folder: ``sha256`` over the sha256 of its
     ``config.json`` and every weight file (``name:sha256`` lines, sorted by name)."""
     from ..encoders.mllm import mllm_folder
@@ -62,12 +65,12 @@ def base_mismatch(saved: Optional[dict], now: dict, what: str) -> Optional[str]:
 class RunRecord(Callback):
     """Saves ``{"config", "base"}`` with every checkpoint; refuses to resume onto another base."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: FinetuneMLLMConfig) -> None:
         self.config = to_container(cfg)
         self.mllm_cfg = cfg.mllm
         self.base: Optional[dict[str, Any]] = None
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.base is None:
             mine = base_identity(self.mllm_cfg) if trainer.is_global_zero else None
             self.base = trainer.strategy.broadcast(mine)  # one hasher; every rank checks the same identity

@@ -11,13 +11,15 @@ the answer when the template closes the turn without one, as llava-hf's); everyt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from PIL import Image
 from torch import Tensor
 
+from ..config.encoders import MLLMConfig
 from ..encoders.conversation import (
     LLAVA_CONVERSATIONS,
     EncodedConversation,
@@ -77,7 +79,7 @@ class SampleEncoder:
         self.pad_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
 
     @classmethod
-    def from_config(cls, mllm_cfg: Any, max_length: int = 2048) -> "SampleEncoder":
+    def from_config(cls, mllm_cfg: MLLMConfig, max_length: int = 2048) -> SampleEncoder:
         from transformers import AutoConfig
 
         from ..encoders.mllm import load_mllm_processor, mllm_folder

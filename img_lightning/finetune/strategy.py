@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..config.encoders import MLLMConfig
+from ..config.finetune_mllm import FinetuneMLLMConfig
 
-def layer_classes(mllm_cfg: Any) -> tuple[set[type[nn.Module]], set[type[nn.Module]]]:
+if TYPE_CHECKING:  # imported where used: FSDP's modules load slowly
+    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+
+
+def layer_classes(mllm_cfg: MLLMConfig) -> tuple[set[type[nn.Module]], set[type[nn.Module]]]:
     """``(decoder layer classes, vision block classes)`` of the configured MLLM, from its config."""
     import transformers
     from transformers import AutoConfig
@@ -37,7 +43,7 @@ def layer_classes(mllm_cfg: Any) -> tuple[set[type[nn.Module]], set[type[nn.Modu
     return decoder_layer_classes(skeleton), vision_layer_classes(skeleton, backend)
 
 
-def build_strategy(cfg: Any) -> Any:
+def build_strategy(cfg: FinetuneMLLMConfig) -> str | Strategy:
     """The Lightning strategy for ``cfg`` (a string for Lightning's defaults, else a strategy object)."""
     kind = str(getattr(cfg.trainer.strategy, "value", cfg.trainer.strategy))
     if kind == "fsdp":
@@ -50,7 +56,7 @@ def build_strategy(cfg: Any) -> Any:
     return "auto"
 
 
-def fsdp_strategy(cfg: Any) -> Any:
+def fsdp_strategy(cfg: FinetuneMLLMConfig) -> FSDPStrategy:
     method = str(getattr(cfg.finetune.method, "value", cfg.finetune.method))
     if method != "full":
         raise ValueError(f"trainer.strategy=fsdp is for finetune.method=full (got {method}); LoRA runs under ddp")
@@ -59,15 +65,16 @@ def fsdp_strategy(cfg: Any) -> Any:
     return atomic_fsdp_class()(
         auto_wrap_policy=decoder | vision,
         activation_checkpointing_policy=decoder if cfg.finetune.gradient_checkpointing else None,
-        sharding_strategy=str(getattr(f.sharding_strategy, "value", f.sharding_strategy)),
-        state_dict_type=str(getattr(f.state_dict_type, "value", f.state_dict_type)),
+        # Our Choices' values are Lightning's names (a str where it declares their Literal).
+        sharding_strategy=str(getattr(f.sharding_strategy, "value", f.sharding_strategy)),  # type: ignore[arg-type]
+        state_dict_type=str(getattr(f.state_dict_type, "value", f.state_dict_type)),  # type: ignore[arg-type]
         cpu_offload=bool(f.cpu_offload),
         limit_all_gathers=bool(f.limit_all_gathers),
         use_orig_params=True,  # frozen tower + trainable parts, named param groups
     )
 
 
-def atomic_fsdp_class() -> type:
+def atomic_fsdp_class() -> type[FSDPStrategy]:
     """Lightning's ``FSDPStrategy`` whose sharded checkpoints replace the previous one only when
     complete: every rank writes its shard into a hidden staging directory beside the target, then
     rank 0 swaps it in (:func:`~img_lightning.checkpoint_io.replace_directory`). Lightning writes

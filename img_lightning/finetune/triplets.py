@@ -28,10 +28,11 @@ import io
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -115,7 +116,7 @@ def text_group(original: str, instruction: str, edited: str) -> str:
 def is_heldout(group: str, fraction: float, salt: str) -> bool:
     if fraction <= 0:
         return False
-    digest = hashlib.sha256(f"{salt}:{group}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}:{group}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
@@ -299,13 +300,15 @@ class RowGroupImages:
     def row_group(self, fi: int, rg: int) -> list[Optional[bytes]]:
         key = (fi, rg)
         with self._lock:
-            future = self._cache.get(key)
-            owner = future is None
-            if owner:
-                future = self._cache[key] = Future()
+            cached = self._cache.get(key)
+            owner = cached is None
+            if cached is None:
+                future: Future = Future()
+                self._cache[key] = future
                 while len(self._cache) > self.capacity:
                     self._cache.popitem(last=False)
             else:
+                future = cached
                 self._cache.move_to_end(key)
         if owner:
             try:

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from ..config.pipeline import MLLMSource
+from ..config.pipeline import MLLMSource, PipelineConfig
 from ..errors import UserError
 from . import done as checks
 
@@ -50,8 +50,8 @@ def _absolute(path: Optional[str], key: str) -> str:
     return str(Path(path).expanduser().absolute())
 
 
-def plan_pipeline(cfg: Any, scripts: Path) -> list[Stage]:
-    """The stages of ``cfg`` (a :class:`~img_lightning.config.pipeline.PipelineConfig`), in order."""
+def plan_pipeline(cfg: PipelineConfig, scripts: Path) -> list[Stage]:
+    """The stages of ``cfg``, in order."""
     root = Path(cfg.root).expanduser().absolute()
     name = cfg.name
     common = {"IMG_LOG_DIR": str(root / "logs"), "IMG_SBATCH_ARGS": " ".join(cfg.sbatch)}
@@ -112,7 +112,7 @@ def plan_pipeline(cfg: Any, scripts: Path) -> list[Stage]:
     return stages
 
 
-def job_names(cfg: Any) -> list[str]:
+def job_names(cfg: PipelineConfig) -> list[str]:
     """The names of every job a pipeline submits (to find those still queued)."""
     suffixes = ("mllm", "preprocess", "preprocess-final", "train", "eval", "eval-report")
     return [f"{cfg.name}-{s}" for s in suffixes]
