@@ -17,6 +17,7 @@ cannot be resumed on its data (:meth:`~ResumableDataModule.resume_problems`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Generic, Optional, Protocol, TypeVar
 
@@ -47,7 +48,7 @@ class DataBlock(Protocol):
 D = TypeVar("D", bound=DataBlock)
 
 
-class ResumableDataModule(L.LightningDataModule, Generic[D]):
+class ResumableDataModule(L.LightningDataModule, ABC, Generic[D]):
     """``cfg``: the stage's ``data`` config block (its schema is the type parameter)."""
 
     def __init__(self, cfg: D) -> None:
@@ -118,8 +119,8 @@ class ResumableDataModule(L.LightningDataModule, Generic[D]):
     def settle_step(self, all_sum: AllSum) -> int:
         """At an optimizer step (:class:`~.step_counts.SettleAtStep`): add every rank's counts since the
         last step to the totals and apply the stage's rules on them; returns a stage-defined count of
-        the step over all ranks."""
-        raise NotImplementedError
+        the step over all ranks. A DataModule that keeps no per-step counts settles nothing."""
+        return 0
 
     def planned_reads(self) -> int:
         """Training samples the run will have read, over all ranks, by the end of the current data
@@ -158,6 +159,6 @@ class ResumableDataModule(L.LightningDataModule, Generic[D]):
         """Why ``state`` was not counted on this data (empty: it was); the layout is checked here."""
         return []
 
+    @abstractmethod
     def resume_refused(self, problems: list[str]) -> Exception:
         """The error that refuses a resume for ``problems``."""
-        raise NotImplementedError
