@@ -220,15 +220,16 @@ def _bitwise_equal(a: dict, b: dict) -> None:
 
 
 def test_training_requeued_by_its_time_limit_and_by_a_signal_exports_the_uninterrupted_weights(demo_pipeline, tmp_path):
-    """2 DDP ranks under srun. SLURM's own timer (--time=1 --signal=USR1@55: the warning 5-35 s into
-    the job) stops it first, then ``scancel --signal=USR1`` once the requeued job trains again; each
-    time it saves at a step boundary and requeues itself; the third run completes. The export (with
+    """2 DDP ranks under srun. SLURM's own timer (--time=2 --signal=USR1@115: the warning 5-35 s
+    into the job, the time limit 85 s or more after it, room for a slow start on a busy machine)
+    stops it first, then ``scancel --signal=USR1`` once the requeued job trains again; each time it
+    saves at a step boundary and requeues itself; the third run completes. The export (with
     validation on) is the reference run's, bit for bit."""
     p = demo_pipeline
     reference = p.root / "runs" / "train"
     env = {**p.env, "CONFIG": str(reference / "config.yaml"), "CACHE": str(p.root / "cache"),
            "RUN_ROOT": str(tmp_path / "runs")}
-    out = run_ok(["bash", "slurm/train.sbatch", *CPU_TRAINING, "--time=1", "--signal=USR1@55", "--",
+    out = run_ok(["bash", "slurm/train.sbatch", *CPU_TRAINING, "--time=2", "--signal=USR1@115", "--",
                   "trainer.accelerator=cpu"], p.checkout, env)
     (job_id,) = submitted_ids(out)
     run_dir, logs = tmp_path / "runs" / f"img-train-{job_id}", p.checkout / "logs"
