@@ -456,10 +456,13 @@ def test_torch_threads_knob(caches, tmp_path):
         tiny_config(train, key, tmp_path, "bad", **{"run.torch_threads": 0})
 
 
-def test_a_time_limit_signal_while_the_job_starts_is_kept_for_the_first_step(monkeypatch, tmp_path, caches):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_time_limit_signal_while_the_job_starts_is_kept_for_the_first_step(monkeypatch, tmp_path, caches,
+                                                                              accumulate):
     """SIGUSR1 ends a process by default; SLURM may send the warning while the step is still importing
     or opening data. img-train's entry point catches it from the start, and the run saves at its first
-    step boundary and requeues."""
+    step boundary and requeues: after the first optimizer step, never after the first micro-batch of
+    an accumulation window (whose batch the saved position would count as trained without its update)."""
     from img_lightning.time_limit_signal import catch_time_limit_signal
 
     train, _, key = caches
@@ -468,10 +471,14 @@ def test_a_time_limit_signal_while_the_job_starts_is_kept_for_the_first_step(mon
     try:
         catch_time_limit_signal()
         os.kill(os.getpid(), signal.SIGUSR1)  # still alive
-        result = run_training(tiny_config(train, key, tmp_path, "early"))
+        result = run_training(tiny_config(train, key, tmp_path, "early",
+                                          **{"trainer.accumulate_grad_batches": accumulate}))
     finally:
         signal.signal(signal.SIGUSR1, before)
     assert result.requeued_at == 1 and (tmp_path / "early" / "requeue" / "requeue-1.ckpt").is_file()
+    saved = torch.load(tmp_path / "early" / "requeue" / "requeue-1.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 1
+    assert saved["FeatureCacheDataModule"]["batches_done"] == accumulate  # the micro-batches of one step
     assert scontrol_log.read_text().split() == ["requeue", "4242"]
 
 

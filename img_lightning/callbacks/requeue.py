@@ -121,6 +121,11 @@ class RequeueOnSignal(Checkpoint):
             self._installed = False
 
     # -- the decision, at step boundaries -----------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The step training starts at (0, or the resumed one): the first micro-batches of an
+        # accumulation window end at this step too and must not look like a step boundary.
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.global_step == self._last_step:
