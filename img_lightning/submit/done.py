@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..encoders.export_manifest import ExportManifestError, read_manifest
+from ..encoders.export_manifest import ExportManifestError, read_manifest, verify_export_weights
 from ..hashing import file_sha256
 
 
@@ -25,16 +25,12 @@ def mllm_export_done(folder: Path) -> Optional[str]:
     """An ``img-finetune-mllm`` export whose weight files match the sha256 in its manifest."""
     try:
         manifest = read_manifest(folder)
-    except ExportManifestError:
-        return None
-    if manifest is None:
-        return None
-    weights = manifest.get("weights") or {}
-    if not weights:
-        return None
-    for name, sha in weights.items():
-        if not (folder / name).is_file() or file_sha256(folder / name) != sha:
+        if manifest is None or not manifest.get("weights"):
             return None
+        verify_export_weights(folder)  # listed, present, size, sha256 (hashed in parallel, once per process)
+    except ExportManifestError:  # ExportWeightsChanged included
+        return None
+    weights = manifest["weights"]
     step = manifest.get("training", {}).get("global_step")
     return f"export of step {step}, {len(weights)} weight file(s) match their sha256"
 
@@ -78,6 +74,9 @@ def eval_done(eval_dir: Path, aligner: Path) -> Optional[str]:
     report = _json(eval_dir / "report" / "report.json")
     if not isinstance(report, dict) or not (eval_dir / "report" / "index.html").is_file():
         return None
-    if str(report.get("img_settings", {}).get("aligner")) != str(aligner):
+    settings = report.get("img_settings", {})
+    if str(settings.get("aligner")) != str(aligner):
         return None
+    if not aligner.is_file() or settings.get("aligner_sha256") != file_sha256(aligner):
+        return None  # the aligner at that path was retrained since the report
     return f"report of {report.get('num_prompts')} prompts"
