@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from img_lightning.cli import convert_llava, finetune_mllm, train
+from img_lightning.cli import convert_llava, finetune_mllm, generate, submit, train
 from img_lightning.cli import eval as eval_cli
 from img_lightning.cli.common import show_progress
 from img_lightning.config.eval import EvalConfig
@@ -21,6 +21,7 @@ from preprocessing import demo
 
 PARSERS = {"img-train": train.parse_args, "img-eval": eval_cli.parse_args, "img-preprocess": preprocess_cli.parse_args,
            "img-finetune-mllm": finetune_mllm.parse_args, "img-convert-llava": convert_llava.parse_args,
+           "img-generate": generate.parse_args, "img-submit": submit.parse_args,
            "img-demo": lambda argv: demo.parse_command(demo._parser(), argv)}
 
 
@@ -48,6 +49,9 @@ PARSERS = {"img-train": train.parse_args, "img-eval": eval_cli.parse_args, "img-
     ("img-convert-llava", ["-q", "src", "--dtype", "bfloat16", "dst"], {"src": "src", "dst": "dst", "quiet": True,
                                                                          "dtype": "bfloat16"}),
     ("img-demo", ["--no-progress", "--out", "o"], {"no_progress": True}),
+    ("img-generate", ["a.yaml", "--prompt", "p", "x=1", "-q", "--out", "o"],
+     {"config": ["a.yaml", "x=1"], "prompt": ["p"], "quiet": True}),
+    ("img-submit", ["a.yaml", "--dry-run", "root=/x"], {"config": ["a.yaml", "root=/x"], "dry_run": True}),
 ])
 def test_one_shape_options_anywhere_after_the_command(prog, argv, expect):
     args = PARSERS[prog](argv)
@@ -58,6 +62,7 @@ def test_one_shape_options_anywhere_after_the_command(prog, argv, expect):
 def test_every_cli_has_the_same_switches(prog):
     args = PARSERS[prog]({"img-train": ["a.yaml"], "img-eval": ["all", "a.yaml"], "img-preprocess": ["a.yaml"],
                           "img-finetune-mllm": ["train", "a.yaml"], "img-convert-llava": ["s", "d"],
+                          "img-generate": ["a.yaml", "--out", "o"], "img-submit": ["a.yaml"],
                           "img-demo": []}[prog])
     assert {k: getattr(args, k) for k in ("verbose", "quiet", "no_progress", "debug")} == dict.fromkeys(
         ("verbose", "quiet", "no_progress", "debug"), False)

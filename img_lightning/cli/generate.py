@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError
-from .common import CONFIG_EPILOG, add_common_arguments, run_cli, setup_from_args
+from .common import (
+    CONFIG_EPILOG,
+    add_common_arguments,
+    add_config_arguments,
+    parse_command,
+    print_config,
+    run_cli,
+    setup_from_args,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out out/ img.aligner.checkpoint=aligner_sdxl.pth encoders.mllm.path=/models/IMG/llava-hf. "
         + CONFIG_EPILOG,
     )
-    p.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value",
-                   help="img-eval configs (configs/eval/backbones/*.yaml) and key=value overrides, in merge order")
+    add_config_arguments(p)  # img-eval's configs (configs/eval/backbones/*.yaml) and key=value overrides
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts", type=Path, help="a text file, one prompt per line (blank lines are skipped)")
     p.add_argument("--image", type=Path, help="refine this image instead of generating the base image")
@@ -40,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generator seed (repeat for several images per prompt; default: generation.seed)")
     p.add_argument("--rounds", type=int, default=None, help="IMG rounds (default: img.rounds of the config)")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; existing files are kept)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     add_common_arguments(p)
     return p
 
@@ -60,19 +66,21 @@ def read_prompts(prompt: Sequence[str], prompts_file: Optional[Path]) -> list[st
     return texts
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parse_command(build_parser(), argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ns = build_parser().parse_intermixed_args(argv)
+    ns = parse_args(argv)
     setup_from_args(ns)
 
     def body() -> int:
         from ..config.eval_loading import load_eval_config
-        from ..config.loading import to_yaml
 
-        cfg = load_eval_config(ns.args + ([f"img.rounds={ns.rounds}"] if ns.rounds is not None else []),
+        cfg = load_eval_config(ns.config + ([f"img.rounds={ns.rounds}"] if ns.rounds is not None else []),
                                allow_missing=True)
         if ns.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
+            return print_config(cfg)
         texts = read_prompts(ns.prompt, ns.prompts)
         from ..generation.refine_outputs import write_refinements
         from ..generation.refiner import IMGRefiner, load_image

@@ -22,6 +22,7 @@ from .common import (
     CONFIG_EPILOG,
     add_common_arguments,
     add_config_arguments,
+    parse_command,
     print_config,
     resolve_config,
     run_cli,
@@ -40,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parse_command(build_parser(), argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_from_args(args)
 
     def body() -> int:

@@ -14,16 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
-import yaml
 from omegaconf import OmegaConf
 
 from .eval import EvalConfig
-from .loading import ConfigError, load_config, missing_keys, missing_message, split_cli_args, validate
-from .node import as_node
-
-
-def _is_indexed(override: str) -> bool:
-    return any(part.isdigit() for part in override.split("=", 1)[0].split("."))
+from .loading import ConfigError, load_config, missing_keys, missing_message, split_cli_args
 
 
 def apply_recipe(cfg: EvalConfig, overrides: Sequence[str] = ()) -> EvalConfig:
@@ -47,20 +41,8 @@ def load_eval_config(args: Sequence[str], allow_missing: bool = False) -> EvalCo
     :class:`~img_lightning.config.eval.EvalConfig`. A key left ``???`` (lists included) is an error
     unless ``allow_missing`` (the checks before a run then report it with every other problem)."""
     files, overrides = split_cli_args(args)
-    # OmegaConf's dotlist merge cannot index into lists (scorers.0.path=...): apply those afterwards.
-    indexed = [o for o in overrides if _is_indexed(o)]
-    cfg = load_config(EvalConfig, files, [o for o in overrides if o not in indexed], require_complete=False)
-    for o in indexed:
-        key, value = o.split("=", 1)
-        try:
-            OmegaConf.update(as_node(cfg), key, yaml.safe_load(value) if value else None, merge=True)
-        except Exception as err:
-            raise ConfigError(f"command-line override '{o}': {err}") from None
-    cfg = apply_recipe(cfg, overrides)
+    cfg = apply_recipe(load_config(EvalConfig, files, overrides, require_complete=False), overrides)
     missing = missing_keys(cfg)
     if missing and not allow_missing:
         raise ConfigError(missing_message(cfg, missing))
-    if cfg.img.rounds < 0 or cfg.img.aligner.passes < 1:
-        raise ConfigError("img.rounds must be >= 0 and img.aligner.passes >= 1")
-    validate(cfg, EvalConfig)  # again: the indexed overrides (scorers.N.key=...) came after load_config's
     return cfg

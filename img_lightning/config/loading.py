@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, TypeVar, cast
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -87,6 +88,11 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {err}") from None
 
 
+def _is_indexed(override: str) -> bool:
+    """``scorers.0.path=...``: a key that indexes into a list."""
+    return any(part.isdigit() for part in override.split("=", 1)[0].split("."))
+
+
 def _dotted(key: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", key)
 
@@ -151,11 +157,19 @@ def load_config(
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got: {bad}")
+        # OmegaConf's dotlist merge cannot index into lists (scorers.0.path=...): those go afterwards.
+        indexed = [o for o in overrides if _is_indexed(o)]
         try:
-            dotlist = OmegaConf.from_dotlist(list(overrides))
+            dotlist = OmegaConf.from_dotlist([o for o in overrides if o not in indexed])
         except OmegaConfBaseException as err:
             raise ConfigError(f"command-line override: {err}") from None
         cfg = _merge(cfg, dotlist, "command line")
+        for o in indexed:
+            key, value = o.split("=", 1)
+            try:
+                OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)
+            except Exception as err:
+                raise ConfigError(f"command-line override '{o}': {err}") from None
     if require_complete:
         missing = missing_keys(cfg)
         if missing:
