@@ -27,6 +27,7 @@ from ..atomic import append_jsonl, atomic_write
 from ..config.eval import EvalConfig
 from ..errors import NonFiniteError
 from ..eval_run import ImageStore, PromptRecord
+from ..hashing import file_sha256_once
 from .scorers import Scorer, build_scorers, scorer_name
 
 _COSMETIC = ("label",)  # description keys that do not change a score
@@ -40,9 +41,7 @@ def scorer_fingerprint(description: Mapping[str, Any]) -> str:
 
 def image_hashes(store: ImageStore, uids: Sequence[str]) -> dict[str, str]:
     """sha256 of each stored image file of ``uids`` (those that exist)."""
-    from ..generation.provenance import sha256_of
-
-    return {u: sha256_of(store.path_for(u)) for u in uids if store.path_for(u).is_file()}
+    return {u: file_sha256_once(store.path_for(u)) for u in uids if store.path_for(u).is_file()}
 
 
 def _records(folder: Path, pattern: str) -> Iterator[dict[str, Any]]:

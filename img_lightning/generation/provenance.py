@@ -18,11 +18,10 @@ from typing import Any, Optional
 from ..config.eval import EvalConfig
 from ..config.loading import ConfigError
 from ..eval_run import ImageStore, PromptRecord, arm_names, source_arm
-from ..hashing import file_sha256
+from ..hashing import file_sha256_once
 from .seeds import seed_for
 
 _ABSENT = "<not recorded>"
-_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 class StaleRunError(ConfigError):
@@ -33,19 +32,9 @@ def _name(value: Any) -> str:
     return value.value if hasattr(value, "value") else value
 
 
-def sha256_of(path: str | Path) -> str:
-    """sha256 of a file, cached per (path, size, mtime) within the process."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = file_sha256(p)
-    return _HASHES[key]
-
-
 def aligner_sha256(cfg: EvalConfig) -> Optional[str]:
     path = Path(str(cfg.img.aligner.checkpoint)).expanduser()
-    return sha256_of(path) if path.is_file() else None
+    return file_sha256_once(path) if path.is_file() else None
 
 
 def common_meta(cfg: EvalConfig, text: str, seed: int) -> dict[str, Any]:

@@ -33,8 +33,9 @@ from ..config.eval import EvalConfig
 from ..config.loading import ConfigError, missing_keys, missing_message
 from ..errors import Problems, UserError
 from ..eval_run import img_arm
+from ..hashing import file_sha256_once
 from .generator import IMGGenerator
-from .provenance import aligner_sha256, common_meta, img_meta, sha256_of
+from .provenance import aligner_sha256, common_meta, img_meta
 from .strip import side_by_side
 
 # Keys only img-eval needs: where its run goes and which prompt file it reads.
@@ -180,7 +181,7 @@ class IMGRefiner:
         jobs = _jobs(prompt, self.cfg.generation.seed if seed is None else seed)
         if (self.cfg.img.rounds if rounds is None else rounds) < 1:
             raise InputError("refining an image needs at least one IMG round (rounds >= 1)")
-        given = {"source_image": path, "source_sha256": sha256_of(path) if path else None,
+        given = {"source_image": path, "source_sha256": file_sha256_once(path) if path else None,
                  "pixels_sha256": _pixels_sha256(picture), "size": list(picture.size)}
         records = [{"prompt": p, "seed": s, "arm": "base", "label": "given image", **given} for p, s in jobs]
         results = self._refine(jobs, [picture] * len(jobs), records, rounds)

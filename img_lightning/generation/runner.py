@@ -34,8 +34,9 @@ from ..aligner import ImplicitAligner
 from ..atomic import atomic_path
 from ..config.eval import EvalConfig
 from ..eval_run import ImageStore, PromptRecord, arm_names, chunk_tag, img_arm, safe_uid, source_arm
+from ..hashing import file_sha256_once
 from .generator import IMGGenerator, enum_value
-from .provenance import aligner_sha256, common_meta, img_meta, regen_meta, same_images_as, sha256_of
+from .provenance import aligner_sha256, common_meta, img_meta, regen_meta, same_images_as
 from .requirements import check_generation_config
 from .seeds import seed_for
 
@@ -100,7 +101,7 @@ class GenerationRun(IMGGenerator):
         src = source_arm(round_index)
         prompt = self.by_uid[uid].text
         return {"prompt": prompt, "template_id": str(self.question(prompt, self.seed(uid), round_index)),
-                "source_arm": src, "source_sha256": sha256_of(self.stores[src].path_for(uid)),
+                "source_arm": src, "source_sha256": file_sha256_once(self.stores[src].path_for(uid)),
                 "passes": str(self.cfg.img.aligner.passes), "aligner_sha256": str(self.aligner_hash)}
 
     def _stored_feature_meta(self, arm: str, uid: str) -> Optional[dict[str, Optional[str]]]:
